@@ -41,7 +41,7 @@ test:
 	"$$venv/bin/python" -m pytest $(PYTEST_ARGS)
 
 demo:
-	$(PY) -m fednested demo $(DEMO_ARGS)
+	$(PY) manage.py demo $(DEMO_ARGS)
 
 bench-edge:
 	$(PY) -m bench.edge
