@@ -11,7 +11,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv test lint typecheck djangocheck pytest demo bench-edge services-start services-stop clean
+.PHONY: venv test lint typecheck djangocheck pytest demo bench-edge services-start services-stop services-status clean
 
 venv:
 	@echo "virtualenv: $(VENV)"
@@ -27,18 +27,30 @@ djangocheck:
 	$(PY) manage.py check --fail-level WARNING
 	$(PY) manage.py makemigrations --check --dry-run
 
-# Starts PostgreSQL, Redis and Kafka on 127.0.0.1, runs every check against them, and stops them again — also
-# when a check fails (the trap runs on any exit).
+# Starts PostgreSQL, Redis and Kafka on 127.0.0.1 (installing missing Debian packages first), runs every check
+# against them, and stops them again — also when a check fails or the run is interrupted (the trap runs on any
+# exit). Every stage runs even after one fails, so one lint error does not hide the test results; the summary at
+# the end names the stages that failed.
 test:
-	venv="$(VENV)"
 	export FEDNESTED_SERVICES_ENV="$(CURDIR)/var/services/env.sh"
 	trap 'scripts/services.sh stop' EXIT
+	trap 'exit 130' INT
+	trap 'exit 143' TERM
 	scripts/services.sh start
 	source "$$FEDNESTED_SERVICES_ENV"
-	$(MAKE) --no-print-directory lint typecheck
-	"$$venv/bin/python" manage.py check --fail-level WARNING
-	"$$venv/bin/python" manage.py makemigrations --check --dry-run
-	"$$venv/bin/python" -m pytest $(PYTEST_ARGS)
+	venv=$$(scripts/venv.sh dev)
+	failed=()
+	stage() { local name=$$1; shift; echo "== make test: $$name" >&2; "$$@" || failed+=("$$name"); }
+	stage lint $(MAKE) --no-print-directory lint
+	stage typecheck $(MAKE) --no-print-directory typecheck
+	stage "django check" "$$venv/bin/python" manage.py check --fail-level WARNING
+	stage "migrations check" "$$venv/bin/python" manage.py makemigrations --check --dry-run
+	stage pytest "$$venv/bin/python" -m pytest $(PYTEST_ARGS)
+	if [ "$${#failed[@]}" -gt 0 ]; then
+	  printf '== make test: FAILED: %s\n' "$${failed[*]}" >&2
+	  exit 1
+	fi
+	echo "== make test: all stages passed" >&2
 
 demo:
 	$(PY) manage.py demo $(DEMO_ARGS)
@@ -46,11 +58,15 @@ demo:
 bench-edge:
 	$(PY) -m bench.edge
 
+# The test services on their own, for running single tests by hand (docs/operations/services.md).
 services-start:
 	scripts/services.sh start
 
 services-stop:
 	scripts/services.sh stop
+
+services-status:
+	scripts/services.sh status
 
 clean:
 	rm -rf var .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,1 @@
+"""Django apps of the control plane, one per domain: accounts, registry, federation, governance."""

@@ -1,6 +1,247 @@
-"""Django settings for the fednested control plane (placeholder until the control-plane foundation lands)."""
+"""Django settings for the fednested control plane: one module, every deployment choice read from the environment.
 
-SECRET_KEY = "placeholder"
-INSTALLED_APPS: list[str] = []
-DATABASES = {"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}}
+Unset variables give the embedded single-machine mode (`make demo`): SQLite, in-memory channel layer, eager Celery,
+embedded event bus, artifacts under var/. Deployments and CI set DATABASE_URL, REDIS_URL, CELERY_BROKER_URL and
+FEDNESTED_BUS=kafka.
+"""
+
+import os
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+from django.core.exceptions import ImproperlyConfigured
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+VAR_DIR = BASE_DIR / "var"
+
+_TRUE_WORDS = {"1", "true", "yes", "on"}
+_FALSE_WORDS = {"0", "false", "no", "off"}
+
+
+def envstr(name: str, default: str) -> str:
+    """The variable `name`, or the stripped contents of the file named by `name_FILE` (Docker/K8s secrets)."""
+    file_path = os.environ.get(f"{name}_FILE")
+    if file_path:
+        try:
+            return Path(file_path).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ImproperlyConfigured(f"{name}_FILE={file_path!r} cannot be read: {exc}") from exc
+    return os.environ.get(name, default)
+
+
+def envbool(name: str, default: bool) -> bool:
+    raw = envstr(name, "").strip().lower()
+    if raw == "":
+        return default
+    if raw in _TRUE_WORDS:
+        return True
+    if raw in _FALSE_WORDS:
+        return False
+    raise ImproperlyConfigured(f"{name}={raw!r} is not a boolean: use one of {sorted(_TRUE_WORDS | _FALSE_WORDS)}")
+
+
+def envint(name: str, default: int) -> int:
+    raw = envstr(name, "").strip()
+    if raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise ImproperlyConfigured(f"{name}={raw!r} is not an integer") from exc
+
+
+def envlist(name: str, default: str) -> list[str]:
+    return [item.strip() for item in envstr(name, default).split(",") if item.strip()]
+
+
+def database_from_url(url: str) -> dict[str, Any]:
+    """Django DATABASES entry for `postgres://user:pass@host:port/name?opt=v` or `sqlite:///path` (`sqlite://:memory:`).
+
+    PostgreSQL goes through psycopg 3 (Django's postgresql backend picks it when installed).
+    """
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme in {"postgres", "postgresql", "pgsql"}:
+        name = unquote(parts.path.lstrip("/"))
+        if not name:
+            raise ImproperlyConfigured(f"DATABASE_URL {url!r} names no database: expected postgres://…/<name>")
+        return {
+            "ENGINE": "django.db.backends.postgresql",
+            "NAME": name,
+            "USER": unquote(parts.username or ""),
+            "PASSWORD": unquote(parts.password or ""),
+            "HOST": unquote(parts.hostname or ""),
+            "PORT": str(parts.port or ""),
+            "OPTIONS": dict(parse_qsl(parts.query)),
+            "CONN_MAX_AGE": 0,
+        }
+    if scheme == "sqlite":
+        # sqlite:///relative/path, sqlite:////absolute/path, sqlite://:memory:
+        if parts.netloc == ":memory:" or parts.path in {"", "/", "/:memory:"}:
+            return {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}
+        return {"ENGINE": "django.db.backends.sqlite3", "NAME": unquote(parts.path[1:])}
+    raise ImproperlyConfigured(f"DATABASE_URL scheme {scheme!r} is not supported: use postgres:// or sqlite://")
+
+
+# --- core ----------------------------------------------------------------------------------------------------------
+
+# DEBUG defaults to on so that `make demo` needs no configuration; deployments set DEBUG=false and a SECRET_KEY.
+DEBUG = envbool("DEBUG", True)
+SECRET_KEY = envstr("SECRET_KEY", "")
+if not SECRET_KEY:
+    if not DEBUG:
+        raise ImproperlyConfigured("SECRET_KEY (or SECRET_KEY_FILE) must be set when DEBUG is off")
+    SECRET_KEY = "dev-only-insecure-key-fednested-do-not-use-in-deployments"  # dev default, DEBUG only
+ALLOWED_HOSTS = envlist("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]")
+CSRF_TRUSTED_ORIGINS = envlist("CSRF_TRUSTED_ORIGINS", "")
+
+INSTALLED_APPS = [
+    # daphne first: its runserver serves the ASGI application (HTTP + websockets).
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "django_filters",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
+    "channels",
+    "apps.accounts",
+    "apps.registry",
+    "apps.federation",
+    "apps.governance",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "controlplane.urls"
+WSGI_APPLICATION = "controlplane.wsgi.application"
+ASGI_APPLICATION = "controlplane.asgi.application"
+AUTH_USER_MODEL = "accounts.User"
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# --- database ------------------------------------------------------------------------------------------------------
+
+_DEFAULT_SQLITE = VAR_DIR / "db.sqlite3"
+DATABASES = {"default": database_from_url(envstr("DATABASE_URL", f"sqlite:///{_DEFAULT_SQLITE}"))}
+if DATABASES["default"]["NAME"] == str(_DEFAULT_SQLITE):
+    # SQLite cannot create the folder of its file, and var/ is not in the checkout.
+    VAR_DIR.mkdir(exist_ok=True)
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
 USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = Path(envstr("STATIC_ROOT", str(VAR_DIR / "static")))
+STATICFILES_DIRS = [BASE_DIR / "static"]
+
+LOGIN_URL = "/api-auth/login/"
+
+# --- channels (websockets) -----------------------------------------------------------------------------------------
+
+REDIS_URL = envstr("REDIS_URL", "")
+if REDIS_URL:
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [REDIS_URL]}}}
+else:
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+
+# --- Celery --------------------------------------------------------------------------------------------------------
+
+# Without CELERY_BROKER_URL there is no broker to talk to: tasks run eagerly, in the process that enqueues them
+# (after the enqueuing transaction commits), so the demo needs no Redis. With a broker they go to their queue.
+CELERY_BROKER_URL = envstr("CELERY_BROKER_URL", "")
+CELERY_TASK_ALWAYS_EAGER = not CELERY_BROKER_URL
+CELERY_TASK_EAGER_PROPAGATES = True
+if not CELERY_BROKER_URL:
+    CELERY_BROKER_URL = "memory://"
+# The database holds job state (TrainingTask.status); the Celery result backend is not used.
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_TASK_ACKS_LATE = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_DEFAULT_QUEUE = "training"
+
+# --- fednested -----------------------------------------------------------------------------------------------------
+
+FEDNESTED_BUS = envstr("FEDNESTED_BUS", "embedded")
+if FEDNESTED_BUS not in {"embedded", "kafka"}:
+    raise ImproperlyConfigured(f"FEDNESTED_BUS={FEDNESTED_BUS!r} is not supported: use 'embedded' or 'kafka'")
+FEDNESTED_BUS_PATH = Path(envstr("FEDNESTED_BUS_PATH", str(VAR_DIR / "bus.sqlite3")))
+FEDNESTED_KAFKA_BOOTSTRAP = envstr("FEDNESTED_KAFKA_BOOTSTRAP", "")
+if FEDNESTED_BUS == "kafka" and not FEDNESTED_KAFKA_BOOTSTRAP:
+    raise ImproperlyConfigured("FEDNESTED_BUS=kafka needs FEDNESTED_KAFKA_BOOTSTRAP (host:port of the brokers)")
+# Prepended to every topic name, so deployments (or test runs) can share one broker.
+FEDNESTED_TOPIC_PREFIX = envstr("FEDNESTED_TOPIC_PREFIX", "")
+FEDNESTED_ARTIFACT_ROOT = Path(envstr("FEDNESTED_ARTIFACT_ROOT", str(VAR_DIR / "artifacts")))
+# How long an enrollment token stays valid when the issuer does not say.
+FEDNESTED_ENROLLMENT_TOKEN_TTL_S = envint("FEDNESTED_ENROLLMENT_TOKEN_TTL_S", 24 * 3600)
+
+# --- REST API ------------------------------------------------------------------------------------------------------
+
+REST_FRAMEWORK = {
+    # Token first: its WWW-Authenticate header makes missing credentials a 401 rather than a 403.
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "apps.accounts.authentication.ApiTokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["apps.accounts.permissions.RolePermission"],
+    "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
+    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
+    "PAGE_SIZE": envint("API_PAGE_SIZE", 50),
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "EXCEPTION_HANDLER": "controlplane.api_errors.exception_handler",
+}
+
+SPECTACULAR_SETTINGS = {
+    "TITLE": "fednested control plane API",
+    "DESCRIPTION": "Model registry, federated rounds, edge enrollment, approvals and audit.",
+    "VERSION": "1",
+    "SERVE_INCLUDE_SCHEMA": False,
+    # Swagger UI assets are served from drf-spectacular-sidecar: nothing is fetched from a CDN.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "COMPONENT_SPLIT_REQUEST": True,
+}
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "root": {"handlers": ["console"], "level": envstr("LOG_LEVEL", "INFO")},
+}

@@ -1,0 +1,1 @@
+"""Accounts: users with one role each (officer, engineer, device, admin) and hashed API tokens."""

@@ -1,0 +1,1 @@
+"""Governance: the append-only audit trail and officers' approvals of model versions."""

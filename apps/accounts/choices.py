@@ -1,0 +1,12 @@
+"""Choices of the accounts app: the roles that decide what a user may do."""
+
+from django.db import models
+
+
+class Role(models.TextChoices):
+    """What a user is; a user without a role (an "outsider") may do nothing."""
+
+    OFFICER = "officer", "Governance officer"
+    ENGINEER = "engineer", "ML engineer"
+    DEVICE = "device", "Edge device"
+    ADMIN = "admin", "Administrator"

@@ -1,0 +1,116 @@
+"""Accounts services: every write to users and API tokens, each audited."""
+
+from datetime import timedelta
+from typing import Any
+
+from django.core.exceptions import ValidationError
+from django.db import transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from apps.accounts.choices import Role
+from apps.accounts.models import ApiToken, User
+from apps.accounts.tokens import new_secret, secret_sha256
+from apps.governance.audit import record_audit_event
+
+API_TOKEN_PREFIX = "fna"
+
+
+def _check_role(role: str) -> Role | str:
+    """A valid role, or '' for none (a user with no role may do nothing until given one)."""
+    if role == "":
+        return ""
+    if role not in Role.values:
+        raise ValidationError({"role": f"unknown role {role!r}: use one of {', '.join(Role.values)} (or '' for none)"})
+    return Role(role)
+
+
+@transaction.atomic
+def create_user_with_role(
+    *, username: str, role: str, actor: Any, email: str = "", password: str | None = None, actor_label: str = ""
+) -> User:
+    """A new active user with `role` ('' for none); without a password it can only authenticate with API tokens."""
+    checked_role = _check_role(role)
+    if User.objects.filter(username=username).exists():
+        raise ValidationError({"username": f"user {username!r} already exists"})
+    user = User(username=username, email=email, role=checked_role)
+    if password:
+        user.set_password(password)
+    else:
+        user.set_unusable_password()
+    user.full_clean()
+    user.save()
+    record_audit_event(
+        actor=actor, actor_label=actor_label, verb="accounts.user.created", target=user, data={"role": checked_role}
+    )
+    return user
+
+
+@transaction.atomic
+def set_user_role(user: User, role: str, *, actor: Any) -> User:
+    """Give `user` another role ('' removes every right)."""
+    new_role = _check_role(role)
+    old_role = user.role
+    User.objects.filter(pk=user.pk).update(role=new_role)
+    user.refresh_from_db(fields=["role"])
+    record_audit_event(
+        actor=actor, verb="accounts.user.role_changed", target=user, data={"from": old_role, "to": new_role}
+    )
+    return user
+
+
+@transaction.atomic
+def issue_api_token(user: User, *, actor: Any, name: str, actor_label: str = "") -> tuple[ApiToken, str]:
+    """A new API token for `user`: the row and the plaintext, which is never stored and cannot be shown again."""
+    if not name.strip():
+        raise ValidationError({"name": "an API token needs a name saying what it is for"})
+    plaintext = new_secret(API_TOKEN_PREFIX)
+    token = ApiToken.objects.create(
+        user=user, name=name.strip()[:100], key_prefix=plaintext[:12], key_sha256=secret_sha256(plaintext)
+    )
+    record_audit_event(
+        actor=actor,
+        actor_label=actor_label,
+        verb="accounts.api_token.issued",
+        target=token,
+        data={"user": user.username, "name": token.name, "key_prefix": token.key_prefix},
+    )
+    return token, plaintext
+
+
+@transaction.atomic
+def revoke_api_token(token: ApiToken, *, actor: Any, actor_label: str = "") -> bool:
+    """Revoke one token; False (and no audit row) when it was already revoked."""
+    revoked = ApiToken.objects.filter(pk=token.pk, revoked_at__isnull=True).update(revoked_at=timezone.now())
+    token.refresh_from_db(fields=["revoked_at"])
+    if revoked:
+        record_audit_event(
+            actor=actor,
+            actor_label=actor_label,
+            verb="accounts.api_token.revoked",
+            target=token,
+            data={"user": token.user.username, "key_prefix": token.key_prefix},
+        )
+    return bool(revoked)
+
+
+@transaction.atomic
+def deactivate_user(user: User, *, actor: Any, reason: str, actor_label: str = "") -> User:
+    """Sign `user` out for good: inactive, every API token revoked."""
+    User.objects.filter(pk=user.pk).update(is_active=False)
+    user.refresh_from_db(fields=["is_active"])
+    for token in ApiToken.objects.filter(user=user, revoked_at__isnull=True):
+        revoke_api_token(token, actor=actor, actor_label=actor_label)
+    record_audit_event(
+        actor=actor, actor_label=actor_label, verb="accounts.user.deactivated", target=user, data={"reason": reason}
+    )
+    return user
+
+
+def record_api_token_use(token: ApiToken, *, min_interval_s: int = 60) -> None:
+    """Bookkeeping, not a state change (no audit): refresh last_used_at, at most once a minute per token."""
+    now = timezone.now()
+    stale_before = now - timedelta(seconds=min_interval_s)
+    ApiToken.objects.filter(pk=token.pk).filter(Q(last_used_at__isnull=True) | Q(last_used_at__lt=stale_before)).update(
+        last_used_at=now
+    )

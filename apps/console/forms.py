@@ -1,0 +1,32 @@
+"""Forms of the console: an officer's decision on an approval request, and the list filters."""
+
+from django import forms
+
+from apps.federation.choices import UpdateStatus
+
+
+class DecisionForm(forms.Form):
+    """Approve or reject a pending approval request; the console asks for a reason either way, for the audit trail."""
+
+    decision = forms.ChoiceField(choices=[("approve", "Approve"), ("reject", "Reject")])
+    reason = forms.CharField(
+        widget=forms.Textarea(attrs={"rows": 3}),
+        max_length=2000,
+        help_text="Recorded in the audit log and shown to the requester.",
+        error_messages={"required": "Give a reason for the decision: it is recorded in the audit log."},
+    )
+
+
+class UpdateFilterForm(forms.Form):
+    """Filters of the update list; every field optional."""
+
+    status = forms.ChoiceField(choices=[("", "any status"), *UpdateStatus.choices], required=False)
+    device = forms.CharField(required=False, max_length=128, label="Device client id")
+    code = forms.CharField(required=False, max_length=64, label="Rejection code")
+
+
+class AuditFilterForm(forms.Form):
+    """Filters of the audit log; every field optional."""
+
+    verb = forms.CharField(required=False, max_length=100, label="Action contains")
+    actor = forms.CharField(required=False, max_length=200, label="Actor contains")

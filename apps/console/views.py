@@ -1,0 +1,299 @@
+"""Console pages. Reads come straight from the apps' models; every write goes through a governance service."""
+
+from collections.abc import Iterable
+from typing import Any
+
+from django.contrib import messages
+from django.contrib.auth.views import LoginView, LogoutView
+from django.core.exceptions import PermissionDenied, ValidationError
+from django.core.paginator import Page, Paginator
+from django.db.models import Count, Prefetch, Q
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.shortcuts import get_object_or_404
+from django.urls import reverse
+from django.views.decorators.http import require_POST
+
+from apps.accounts.choices import Role
+from apps.accounts.roles import role_of
+from apps.console.access import AUDIT_READER_ROLES, console_page, forbidden, render_page
+from apps.console.evaluation import compare_domains, evaluation_of
+from apps.console.forms import AuditFilterForm, DecisionForm, UpdateFilterForm
+from apps.federation.choices import UpdateStatus
+from apps.federation.models import EdgeDevice, Round, Update
+from apps.governance.choices import ApprovalStatus
+from apps.governance.models import ApprovalRequest, AuditEvent
+from apps.governance.services import approve_version, reject_version
+from apps.registry.choices import CHAMPION_ALIAS, LineageKind
+from apps.registry.models import Alias, LineageEdge, ModelVersion
+
+PAGE_SIZE = 50
+DASHBOARD_ROWS = 15
+
+
+class SignInView(LoginView):
+    """Username and password sign-in; the session then authenticates every console page (and the browsable API)."""
+
+    template_name = "console/sign_in.html"
+    redirect_authenticated_user = True
+
+    def get_default_redirect_url(self) -> str:
+        return reverse("console:dashboard")
+
+
+class SignOutView(LogoutView):
+    """Sign out (POST only, so a link on another site cannot sign anyone out)."""
+
+    def get_default_redirect_url(self) -> str:
+        return reverse("console:sign-in")
+
+
+def _page(request: HttpRequest, rows: Any) -> Page[Any]:
+    return Paginator(rows, PAGE_SIZE).get_page(request.GET.get("page"))
+
+
+def _query_without_page(request: HttpRequest) -> str:
+    query = request.GET.copy()
+    query.pop("page", None)
+    return query.urlencode()
+
+
+def _may_decide(user: Any, approval: ApprovalRequest) -> bool:
+    """Mirrors governance.services' rule for showing the buttons; the service itself still decides on POST."""
+    return (
+        approval.status == ApprovalStatus.PENDING
+        and role_of(user) == Role.OFFICER
+        and approval.requested_by_id != user.pk
+    )
+
+
+def _why_not_decide(user: Any, approval: ApprovalRequest) -> str:
+    if approval.status != ApprovalStatus.PENDING:
+        return ""
+    if approval.requested_by_id == user.pk:
+        return "You requested this approval, so another officer must decide it."
+    if role_of(user) != Role.OFFICER:
+        return "Only governance officers decide approval requests."
+    return ""
+
+
+@console_page()
+def dashboard(request: HttpRequest) -> HttpResponse:
+    versions = (
+        ModelVersion.objects.select_related("family", "parent")
+        .prefetch_related(Prefetch("aliases", queryset=Alias.objects.order_by("name")))
+        .annotate(applied_count=Count("applied_updates"))[:DASHBOARD_ROWS]
+    )
+    devices = EdgeDevice.objects.select_related("current_version").order_by("client_id")
+    updates = Update.objects.select_related("device", "base_version", "applied_in")[:DASHBOARD_ROWS]
+    pending = (
+        ApprovalRequest.objects.filter(status=ApprovalStatus.PENDING)
+        .select_related("version", "requested_by")
+        .order_by("created_at")
+    )
+    champion = Alias.objects.filter(name=CHAMPION_ALIAS).select_related("version").first()
+    rounds = Round.objects.select_related("base_version").annotate(update_count=Count("updates"))[:5]
+    counts = Update.objects.aggregate(total=Count("id"), rejected=Count("id", filter=Q(status=UpdateStatus.REJECTED)))
+    return render_page(
+        request,
+        "console/dashboard.html",
+        {
+            "versions": versions,
+            "devices": devices,
+            "updates": updates,
+            "pending": pending,
+            "champion": champion.version if champion else None,
+            "rounds": rounds,
+            "update_counts": counts,
+        },
+        nav="dashboard",
+    )
+
+
+def _manifest_summary(manifest: dict[str, Any]) -> list[tuple[str, str]]:
+    """The manifest facts an officer reads; the full JSON stays available through the API."""
+    architecture = manifest.get("architecture")
+    config: dict[str, Any] = {}
+    facts: list[tuple[str, str]] = []
+    if isinstance(architecture, dict):
+        config = architecture.get("config") if isinstance(architecture.get("config"), dict) else {}  # type: ignore[assignment]
+        family = architecture.get("family") or architecture.get("model_type")
+        if family:
+            facts.append(("Architecture", str(family)))
+    elif architecture:
+        facts.append(("Architecture", str(architecture)))
+    for label, keys in (
+        ("Layers", ("num_hidden_layers", "n_layer")),
+        ("Experts per layer", ("num_local_experts", "num_experts")),
+        ("Experts per token", ("num_experts_per_tok", "top_k")),
+        ("Hidden size", ("hidden_size", "d_model")),
+        ("Vocabulary", ("vocab_size",)),
+    ):
+        for key in keys:
+            if key in config:
+                facts.append((label, str(config[key])))
+                break
+    for label, key in (("Manifest format", "format_version"), ("Created (manifest)", "created_at")):
+        if manifest.get(key) is not None:
+            facts.append((label, str(manifest[key])))
+    return facts
+
+
+def _lineage(version: ModelVersion) -> dict[str, Any]:
+    edges = list(LineageEdge.objects.filter(version=version).order_by("kind", "source_ref"))
+    update_refs = [edge.source_ref for edge in edges if edge.kind == LineageKind.UPDATE]
+    known = {
+        update.update_id: update
+        for update in Update.objects.filter(Q(update_id__in=update_refs) | Q(applied_in=version)).select_related(
+            "device"
+        )
+    }
+    contributing = [(ref, known.get(ref)) for ref in update_refs]
+    # Updates marked applied in this version but missing from its lineage edges would be a bookkeeping bug:
+    # show them too, so an officer sees everything that went in.
+    contributing += [(ref, update) for ref, update in known.items() if ref not in update_refs]
+    return {
+        "contributing": contributing,
+        "datasets": [edge.source_ref for edge in edges if edge.kind == LineageKind.DATASET],
+        "runs": [edge.source_ref for edge in edges if edge.kind == LineageKind.RUN],
+        "children": list(version.children.order_by("created_at")),
+    }
+
+
+def _version_page(
+    request: HttpRequest, version: ModelVersion, *, form: DecisionForm | None = None, status: int = 200
+) -> HttpResponse:
+    approvals = list(
+        ApprovalRequest.objects.filter(version=version)
+        .select_related("requested_by", "decision", "decision__decided_by")
+        .order_by("-created_at")
+    )
+    pending = next((a for a in approvals if a.status == ApprovalStatus.PENDING), None)
+    artifacts = list(version.artifacts.all())
+    parent = version.parent
+    rows = compare_domains(evaluation_of(version), evaluation_of(parent) if parent else None)
+    return render_page(
+        request,
+        "console/version_detail.html",
+        {
+            "version": version,
+            "aliases": [alias.name for alias in version.aliases.order_by("name")],
+            "manifest_facts": _manifest_summary(version.manifest),
+            "artifacts": artifacts,
+            "artifact_bytes": sum(a.size_bytes for a in artifacts),
+            "lineage": _lineage(version),
+            "domain_rows": rows,
+            "evaluated": any(row.loss is not None for row in rows),
+            "approvals": approvals,
+            "pending": pending,
+            "may_decide": pending is not None and _may_decide(request.user, pending),
+            "why_not_decide": _why_not_decide(request.user, pending) if pending else "",
+            "form": form or DecisionForm(),
+        },
+        nav="dashboard",
+        status=status,
+    )
+
+
+@console_page()
+def version_detail(request: HttpRequest, version_id: str) -> HttpResponse:
+    version = get_object_or_404(ModelVersion.objects.select_related("family", "parent"), version_id=version_id)
+    return _version_page(request, version)
+
+
+def _validation_text(exc: ValidationError) -> str:
+    parts: Iterable[str]
+    if hasattr(exc, "message_dict"):
+        parts = (f"{field}: {'; '.join(msgs)}" for field, msgs in exc.message_dict.items())
+    else:
+        parts = exc.messages
+    return " ".join(parts)
+
+
+@require_POST
+@console_page()
+def decide_approval(request: HttpRequest, request_pk: int) -> HttpResponse:
+    """An officer's approve/reject. The governance service enforces who may decide; this view reports its answer."""
+    approval = get_object_or_404(ApprovalRequest.objects.select_related("version"), pk=request_pk)
+    version_url = reverse("console:version-detail", args=[approval.version.version_id])
+    form = DecisionForm(request.POST)
+    if not form.is_valid():
+        return _version_page(request, approval.version, form=form, status=400)
+    decision, reason = form.cleaned_data["decision"], form.cleaned_data["reason"]
+    decide = approve_version if decision == "approve" else reject_version
+    try:
+        decide(approval, actor=request.user, reason=reason)
+    except PermissionDenied as exc:
+        return forbidden(request, f"Not decided: {exc}", back_url=version_url)
+    except ValidationError as exc:
+        messages.error(request, f"Not decided: {_validation_text(exc)}")
+        return HttpResponseRedirect(version_url, status=303)
+    if decision == "approve":
+        messages.success(
+            request, f"Approved {approval.version.version_id}: it is now the champion and devices are told to move."
+        )
+    else:
+        messages.success(request, f"Rejected {approval.version.version_id}.")
+    return HttpResponseRedirect(version_url, status=303)
+
+
+@console_page()
+def update_list(request: HttpRequest) -> HttpResponse:
+    form = UpdateFilterForm(request.GET or None)
+    updates = Update.objects.select_related("device", "base_version", "applied_in", "round")
+    if form.is_valid():
+        if form.cleaned_data["status"]:
+            updates = updates.filter(status=form.cleaned_data["status"])
+        if form.cleaned_data["device"]:
+            updates = updates.filter(device__client_id=form.cleaned_data["device"])
+        if form.cleaned_data["code"]:
+            updates = updates.filter(rejection_code=form.cleaned_data["code"])
+    by_status = dict(Update.objects.values_list("status").annotate(n=Count("id")).values_list("status", "n"))
+    return render_page(
+        request,
+        "console/update_list.html",
+        {
+            "form": form,
+            "page": _page(request, updates),
+            "query": _query_without_page(request),
+            "by_status": [(value, label, by_status.get(value, 0)) for value, label in UpdateStatus.choices],
+        },
+        nav="updates",
+    )
+
+
+@console_page()
+def update_detail(request: HttpRequest, update_id: str) -> HttpResponse:
+    update = get_object_or_404(
+        Update.objects.select_related("device", "base_version", "applied_in", "round"), update_id=update_id
+    )
+    history = AuditEvent.objects.filter(object_type="federation.update", object_id=str(update.pk)).order_by(
+        "created_at", "id"
+    )
+    return render_page(
+        request,
+        "console/update_detail.html",
+        {
+            "update": update,
+            "routed_tokens": sorted(update.routed_tokens.items()) if isinstance(update.routed_tokens, dict) else [],
+            "metrics": sorted(update.metrics.items()) if isinstance(update.metrics, dict) else [],
+            "history": history,
+        },
+        nav="updates",
+    )
+
+
+@console_page(AUDIT_READER_ROLES)
+def audit_log(request: HttpRequest) -> HttpResponse:
+    form = AuditFilterForm(request.GET or None)
+    events = AuditEvent.objects.select_related("actor")
+    if form.is_valid():
+        if form.cleaned_data["verb"]:
+            events = events.filter(verb__icontains=form.cleaned_data["verb"])
+        if form.cleaned_data["actor"]:
+            events = events.filter(actor_label__icontains=form.cleaned_data["actor"])
+    return render_page(
+        request,
+        "console/audit_log.html",
+        {"form": form, "page": _page(request, events), "query": _query_without_page(request)},
+        nav="audit",
+    )

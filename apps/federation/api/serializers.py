@@ -1,0 +1,179 @@
+"""REST serializers of the federation app: devices, enrollment, rounds, training tasks, updates."""
+
+from typing import Any
+
+from rest_framework import serializers
+
+from apps.accounts.models import User
+
+from apps.federation.choices import TaskKind
+from apps.federation.models import EdgeDevice, EnrollmentToken, Round, TrainingTask, Update
+from apps.registry.models import ModelVersion
+
+
+class EdgeDeviceSerializer(serializers.ModelSerializer[EdgeDevice]):
+    current_version = serializers.SlugRelatedField[ModelVersion](slug_field="version_id", read_only=True)
+
+    class Meta:
+        model = EdgeDevice
+        fields = (
+            "client_id",
+            "display_name",
+            "domain",
+            "labels",
+            "status",
+            "enrolled_at",
+            "last_seen",
+            "revoked_at",
+            "current_version",
+        )
+        read_only_fields = fields
+
+
+class RevokeDeviceSerializer(serializers.Serializer[dict[str, Any]]):
+    reason = serializers.CharField(max_length=500)
+
+
+class EnrollmentTokenSerializer(serializers.ModelSerializer[EnrollmentToken]):
+    created_by = serializers.SlugRelatedField[User](slug_field="username", read_only=True)
+
+    class Meta:
+        model = EnrollmentToken
+        fields: tuple[str, ...] = (
+            "id",
+            "token_prefix",
+            "note",
+            "domain",
+            "expires_at",
+            "used_at",
+            "used_by_client_id",
+            "created_by",
+            "created_at",
+        )
+        read_only_fields = fields
+
+
+class EnrollmentTokenCreateSerializer(serializers.Serializer[dict[str, Any]]):
+    note = serializers.CharField(max_length=200, required=False, default="", allow_blank=True)
+    domain = serializers.CharField(max_length=100, required=False, default="", allow_blank=True)
+    ttl_seconds = serializers.IntegerField(
+        min_value=1, required=False, allow_null=True, default=None, help_text="Lifetime; default from settings."
+    )
+
+
+class IssuedEnrollmentTokenSerializer(EnrollmentTokenSerializer):
+    token = serializers.CharField(read_only=True, help_text="The one-time secret; shown only in this response.")
+
+    class Meta(EnrollmentTokenSerializer.Meta):
+        fields: tuple[str, ...] = (*EnrollmentTokenSerializer.Meta.fields, "token")
+        read_only_fields = fields
+
+
+class EnrollSerializer(serializers.Serializer[dict[str, Any]]):
+    token = serializers.CharField(max_length=200)
+    client_id = serializers.CharField(max_length=128)
+    display_name = serializers.CharField(max_length=200, required=False, default="", allow_blank=True)
+    domain = serializers.CharField(max_length=100, required=False, default="", allow_blank=True)
+    labels = serializers.ListField(child=serializers.CharField(max_length=100), required=False, default=list)
+
+
+class EnrollmentResultSerializer(serializers.Serializer[dict[str, Any]]):
+    device = EdgeDeviceSerializer()
+    api_token = serializers.CharField(help_text="The device's API token; shown only in this response.")
+
+
+class RoundSerializer(serializers.ModelSerializer[Round]):
+    base_version = serializers.SlugRelatedField[ModelVersion](
+        slug_field="version_id", queryset=ModelVersion.objects.all()
+    )
+    opened_by = serializers.SlugRelatedField[User](slug_field="username", read_only=True)
+    round_id = serializers.CharField(max_length=64, required=False)
+
+    class Meta:
+        model = Round
+        fields = (
+            "round_id",
+            "base_version",
+            "status",
+            "buffer_size_k",
+            "deadline_at",
+            "config",
+            "opened_by",
+            "opened_at",
+            "closed_at",
+        )
+        read_only_fields = ("status", "opened_by", "opened_at", "closed_at")
+
+
+class CloseRoundSerializer(serializers.Serializer[dict[str, Any]]):
+    cancel = serializers.BooleanField(default=False, help_text="Cancel instead of close.")
+    reason = serializers.CharField(max_length=500, required=False, default="", allow_blank=True)
+
+
+class TrainingTaskSerializer(serializers.ModelSerializer[TrainingTask]):
+    round = serializers.SlugRelatedField[Round](
+        slug_field="round_id", queryset=Round.objects.all(), required=False, allow_null=True, default=None
+    )
+    kind = serializers.ChoiceField(choices=TaskKind.choices)
+    created_by = serializers.SlugRelatedField[User](slug_field="username", read_only=True)
+
+    class Meta:
+        model = TrainingTask
+        fields = (
+            "id",
+            "kind",
+            "status",
+            "params",
+            "round",
+            "created_by",
+            "created_at",
+            "started_at",
+            "finished_at",
+            "error",
+        )
+        read_only_fields = ("id", "status", "created_by", "created_at", "started_at", "finished_at", "error")
+
+
+class UpdateSerializer(serializers.ModelSerializer[Update]):
+    client_id = serializers.CharField(source="device.client_id", read_only=True)
+    base_version = serializers.SlugRelatedField[ModelVersion](slug_field="version_id", read_only=True)
+    round = serializers.SlugRelatedField[Round](slug_field="round_id", read_only=True)
+    applied_in = serializers.SlugRelatedField[ModelVersion](slug_field="version_id", read_only=True)
+    rejection = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Update
+        fields = (
+            "update_id",
+            "client_id",
+            "base_version",
+            "round",
+            "status",
+            "rejection",
+            "payload_uri",
+            "payload_sha256",
+            "payload_bytes",
+            "examples",
+            "routed_tokens",
+            "metrics",
+            "received_at",
+            "status_changed_at",
+            "applied_in",
+        )
+        read_only_fields = fields
+
+    def get_rejection(self, update: Update) -> dict[str, str] | None:
+        if not update.rejection_code:
+            return None
+        return {"code": update.rejection_code, "message": update.rejection_message}
+
+
+class UpdateEnvelopeInputSerializer(serializers.Serializer[dict[str, Any]]):
+    """An UpdateEnvelope (wire schema v1) as JSON; validated field by field by the service."""
+
+    def to_internal_value(self, data: Any) -> dict[str, Any]:
+        if not isinstance(data, dict):
+            raise serializers.ValidationError(
+                {"envelope": "the request body must be a JSON object (an UpdateEnvelope)"}
+            )
+        return data

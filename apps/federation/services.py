@@ -1,0 +1,506 @@
+"""Federation services: enrollment, device revocation, rounds, training tasks and edge updates — each audited.
+
+Claims (an enrollment token used once, a round aggregated once, an update moved along once) are conditional
+updates whose row count is checked, so concurrent callers cannot both win.
+"""
+
+import json
+import re
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.conf import settings
+from django.core.exceptions import PermissionDenied, ValidationError
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from apps.accounts.choices import Role
+from apps.accounts.models import User
+from apps.accounts.services import deactivate_user, issue_api_token
+from apps.accounts.tokens import new_secret, secret_sha256
+from apps.federation.choices import DeviceStatus, RoundStatus, TaskKind, TaskStatus, UpdateStatus
+from apps.federation.events import publish_round_start_on_commit
+from apps.federation.jobs import send_training_task_on_commit
+from apps.federation.models import EdgeDevice, EnrollmentToken, Round, TrainingTask, Update
+from apps.governance.audit import record_audit_event
+from apps.registry.choices import VersionStatus
+from apps.registry.models import ModelVersion
+from fednested.messaging import SchemaError, UpdateEnvelope, decode
+
+ENROLLMENT_TOKEN_PREFIX = "fne"
+# The same alphabet as the wire schemas' ClientId: a client id is also a certificate CN and a Kafka principal.
+CLIENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+ROUND_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+REJECTION_CODE_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+MAX_ENROLLMENT_TOKEN_TTL = timedelta(days=30)
+
+
+def device_actor_label(client_id: str) -> str:
+    return f"device:{client_id}"
+
+
+def device_username(client_id: str) -> str:
+    """The device's account name; ':' (allowed in client ids, not in usernames) becomes '+', which client ids lack."""
+    return "device-" + client_id.replace(":", "+")
+
+
+# --- enrollment ----------------------------------------------------------------------------------------------------
+
+
+@transaction.atomic
+def issue_enrollment_token(
+    *, actor: Any, note: str = "", domain: str = "", ttl: timedelta | None = None
+) -> tuple[EnrollmentToken, str]:
+    """A one-time enrollment token: the row, and the plaintext (shown once, never stored)."""
+    ttl = ttl if ttl is not None else timedelta(seconds=settings.FEDNESTED_ENROLLMENT_TOKEN_TTL_S)
+    if ttl <= timedelta(0) or ttl > MAX_ENROLLMENT_TOKEN_TTL:
+        raise ValidationError({"ttl": f"token lifetime must be between 1 s and {MAX_ENROLLMENT_TOKEN_TTL.days} days"})
+    plaintext = new_secret(ENROLLMENT_TOKEN_PREFIX)
+    token = EnrollmentToken.objects.create(
+        token_sha256=secret_sha256(plaintext),
+        token_prefix=plaintext[:12],
+        note=note[:200],
+        domain=domain[:100],
+        expires_at=timezone.now() + ttl,
+        created_by=actor if getattr(actor, "is_authenticated", False) else None,
+    )
+    record_audit_event(
+        actor=actor,
+        verb="federation.enrollment_token.issued",
+        target=token,
+        data={"token_prefix": token.token_prefix, "expires_at": token.expires_at.isoformat(), "domain": domain},
+    )
+    return token, plaintext
+
+
+@dataclass(frozen=True)
+class Enrollment:
+    """What enrolling returns: the device, and its API token's plaintext (shown once)."""
+
+    device: EdgeDevice
+    api_token: str
+
+
+def _check_labels(labels: Iterable[Any]) -> list[str]:
+    checked = list(labels)
+    for position, label in enumerate(checked):
+        if not isinstance(label, str) or not label.strip() or len(label) > 100:
+            raise ValidationError(
+                {"labels": f"labels[{position}] must be a non-empty string of at most 100 characters"}
+            )
+    return checked
+
+
+@transaction.atomic
+def enroll_device(
+    *, token: str, client_id: str, display_name: str = "", domain: str = "", labels: Sequence[str] = ()
+) -> Enrollment:
+    """Enroll `client_id` with a one-time token: creates its account, device record and API token.
+
+    The token is claimed with a conditional update, so of two enrollments racing for one token exactly one wins;
+    unknown, expired and used tokens are refused with a message saying which.
+    """
+    if not CLIENT_ID_PATTERN.match(client_id):
+        raise ValidationError(
+            {"client_id": f"{client_id!r} must start with a letter or digit and use only A-Z a-z 0-9 . _ : - (≤128)"}
+        )
+    checked_labels = _check_labels(labels)
+    row = EnrollmentToken.objects.filter(token_sha256=secret_sha256(token)).first()
+    if row is None:
+        raise ValidationError({"token": "unknown enrollment token; ask an engineer for a new one"})
+    now = timezone.now()
+    if row.used_at is not None:
+        raise ValidationError(
+            {"token": f"enrollment token {row.token_prefix}… was already used at {row.used_at:%Y-%m-%d %H:%M:%S} UTC"}
+        )
+    if row.expires_at <= now:
+        raise ValidationError(
+            {"token": f"enrollment token {row.token_prefix}… expired at {row.expires_at:%Y-%m-%d %H:%M:%S} UTC"}
+        )
+    if EdgeDevice.objects.filter(client_id=client_id).exists():
+        raise ValidationError({"client_id": f"client id {client_id!r} is already enrolled"})
+    claimed = EnrollmentToken.objects.filter(pk=row.pk, used_at__isnull=True, expires_at__gt=now).update(
+        used_at=now, used_by_client_id=client_id
+    )
+    if claimed != 1:
+        # Another enrollment claimed it between our read and our update.
+        raise ValidationError({"token": f"enrollment token {row.token_prefix}… was already used"})
+    label = device_actor_label(client_id)
+    try:
+        with transaction.atomic():
+            user = User(username=device_username(client_id), role=Role.DEVICE)
+            user.set_unusable_password()
+            user.save()
+            device = EdgeDevice.objects.create(
+                client_id=client_id,
+                user=user,
+                display_name=display_name[:200],
+                domain=(row.domain or domain)[:100],
+                labels=checked_labels,
+                enrollment_token=row,
+                last_seen=now,
+            )
+    except IntegrityError as exc:
+        raise ValidationError({"client_id": f"client id {client_id!r} is already enrolled"}) from exc
+    _, api_token = issue_api_token(user, actor=None, actor_label=label, name="enrollment")
+    record_audit_event(
+        actor=None,
+        actor_label=label,
+        verb="federation.device.enrolled",
+        target=device,
+        data={"client_id": client_id, "domain": device.domain, "token_prefix": row.token_prefix},
+    )
+    return Enrollment(device=device, api_token=api_token)
+
+
+@transaction.atomic
+def revoke_device(device: EdgeDevice, *, actor: Any, reason: str) -> EdgeDevice:
+    """Revoke a device: it can no longer authenticate or submit updates. Revoking twice is an error."""
+    if not reason.strip():
+        raise ValidationError({"reason": "say why the device is revoked"})
+    now = timezone.now()
+    revoked = EdgeDevice.objects.filter(pk=device.pk, status=DeviceStatus.ACTIVE).update(
+        status=DeviceStatus.REVOKED, revoked_at=now
+    )
+    if revoked != 1:
+        raise ValidationError({"status": f"device {device.client_id!r} is already revoked"})
+    device.refresh_from_db()
+    deactivate_user(device.user, actor=actor, reason=f"device revoked: {reason}")
+    record_audit_event(
+        actor=actor,
+        verb="federation.device.revoked",
+        target=device,
+        data={"client_id": device.client_id, "reason": reason},
+    )
+    return device
+
+
+# --- rounds --------------------------------------------------------------------------------------------------------
+
+
+@transaction.atomic
+def open_round(
+    *,
+    base_version: ModelVersion,
+    buffer_size_k: int,
+    deadline_at: datetime,
+    actor: Any,
+    config: dict[str, Any] | None = None,
+    round_id: str | None = None,
+) -> Round:
+    """Open a round on `base_version` and announce it (RoundStart) once committed."""
+    round_id = round_id or f"round-{uuid.uuid4().hex[:12]}"
+    if not ROUND_ID_PATTERN.match(round_id):
+        raise ValidationError({"round_id": f"{round_id!r} must use only A-Z a-z 0-9 . _ - (≤64)"})
+    if buffer_size_k < 1:
+        raise ValidationError({"buffer_size_k": f"K must be at least 1, got {buffer_size_k}"})
+    now = timezone.now()
+    if deadline_at <= now:
+        raise ValidationError({"deadline_at": f"deadline {deadline_at.isoformat()} is not in the future"})
+    if base_version.status in (VersionStatus.REJECTED, VersionStatus.ARCHIVED):
+        raise ValidationError(
+            {"base_version": f"version {base_version.version_id!r} is {base_version.status}; rounds need a live one"}
+        )
+    if config is not None and not isinstance(config, dict):
+        raise ValidationError({"config": "config must be a JSON object"})
+    if Round.objects.filter(round_id=round_id).exists():
+        raise ValidationError({"round_id": f"round {round_id!r} already exists"})
+    round_ = Round.objects.create(
+        round_id=round_id,
+        base_version=base_version,
+        buffer_size_k=buffer_size_k,
+        deadline_at=deadline_at,
+        config=config or {},
+        opened_by=actor if getattr(actor, "is_authenticated", False) else None,
+    )
+    record_audit_event(
+        actor=actor,
+        verb="federation.round.opened",
+        target=round_,
+        data={"round_id": round_id, "base_version": base_version.version_id, "k": buffer_size_k},
+    )
+    publish_round_start_on_commit(
+        round_id=round_id,
+        base_version=base_version.version_id,
+        deadline=deadline_at,
+        config=round_.config,
+        started_at=round_.opened_at,
+    )
+    return round_
+
+
+@transaction.atomic
+def claim_round_for_aggregation(round_: Round, *, actor_label: str) -> bool:
+    """open → aggregating, once: True for the one caller that claimed it, False for everyone else."""
+    claimed = Round.objects.filter(pk=round_.pk, status=RoundStatus.OPEN).update(status=RoundStatus.AGGREGATING)
+    round_.refresh_from_db(fields=["status"])
+    if claimed:
+        record_audit_event(
+            actor=None, actor_label=actor_label, verb="federation.round.aggregating", target=round_, data={}
+        )
+    return bool(claimed)
+
+
+@transaction.atomic
+def close_round(
+    round_: Round, *, actor: Any, actor_label: str = "", status: str = RoundStatus.CLOSED, reason: str = ""
+) -> Round:
+    """Close (or cancel) an open or aggregating round."""
+    if status not in (RoundStatus.CLOSED, RoundStatus.CANCELLED):
+        raise ValidationError({"status": f"a round is closed as 'closed' or 'cancelled', not {status!r}"})
+    closed = Round.objects.filter(pk=round_.pk, status__in=[RoundStatus.OPEN, RoundStatus.AGGREGATING]).update(
+        status=status, closed_at=timezone.now()
+    )
+    round_.refresh_from_db()
+    if closed != 1:
+        raise ValidationError({"status": f"round {round_.round_id!r} is already {round_.status}"})
+    record_audit_event(
+        actor=actor,
+        actor_label=actor_label,
+        verb=f"federation.round.{status}",
+        target=round_,
+        data={"round_id": round_.round_id, "reason": reason},
+    )
+    return round_
+
+
+# --- training tasks ------------------------------------------------------------------------------------------------
+
+
+@transaction.atomic
+def create_training_task(
+    *, kind: str, actor: Any, params: dict[str, Any] | None = None, round_: Round | None = None
+) -> TrainingTask:
+    """A pending Tier-1 job, sent to its worker queue once committed."""
+    if kind not in TaskKind.values:
+        raise ValidationError({"kind": f"unknown task kind {kind!r}: use one of {TaskKind.values}"})
+    if params is not None and not isinstance(params, dict):
+        raise ValidationError({"params": "params must be a JSON object"})
+    task = TrainingTask.objects.create(
+        kind=kind,
+        params=params or {},
+        round=round_,
+        created_by=actor if getattr(actor, "is_authenticated", False) else None,
+    )
+    record_audit_event(
+        actor=actor,
+        verb="federation.task.created",
+        target=task,
+        data={"kind": kind, "round": round_.round_id if round_ else None},
+    )
+    send_training_task_on_commit(task.pk, kind)
+    return task
+
+
+def _move_task(task_pk: int, *, to: str, from_statuses: Sequence[str], actor_label: str, **fields: Any) -> bool:
+    moved = TrainingTask.objects.filter(pk=task_pk, status__in=from_statuses).update(status=to, **fields)
+    if moved:
+        task = TrainingTask.objects.get(pk=task_pk)
+        data = {"kind": task.kind, "error": fields.get("error", "")}
+        record_audit_event(actor=None, actor_label=actor_label, verb=f"federation.task.{to}", target=task, data=data)
+    return bool(moved)
+
+
+@transaction.atomic
+def start_training_task(task_pk: int, *, actor_label: str) -> bool:
+    """pending → running; False when another worker already claimed it (the caller then does nothing)."""
+    return _move_task(
+        task_pk,
+        to=TaskStatus.RUNNING,
+        from_statuses=[TaskStatus.PENDING],
+        actor_label=actor_label,
+        started_at=timezone.now(),
+    )
+
+
+@transaction.atomic
+def finish_training_task(task_pk: int, *, actor_label: str, error: str = "") -> bool:
+    """running → succeeded, or → failed with `error`."""
+    return _move_task(
+        task_pk,
+        to=TaskStatus.FAILED if error else TaskStatus.SUCCEEDED,
+        from_statuses=[TaskStatus.RUNNING],
+        actor_label=actor_label,
+        finished_at=timezone.now(),
+        error=error,
+    )
+
+
+@transaction.atomic
+def fail_training_task(task_pk: int, *, error: str, actor_label: str = "system") -> bool:
+    """pending/running → failed with `error` (e.g. the job could not even be started)."""
+    if not error.strip():
+        raise ValidationError({"error": "a failed task needs an error message"})
+    return _move_task(
+        task_pk,
+        to=TaskStatus.FAILED,
+        from_statuses=[TaskStatus.PENDING, TaskStatus.RUNNING],
+        actor_label=actor_label,
+        finished_at=timezone.now(),
+        error=error,
+    )
+
+
+# --- edge updates --------------------------------------------------------------------------------------------------
+
+
+def parse_update_envelope(envelope: Mapping[str, Any]) -> UpdateEnvelope:
+    """Validate a JSON-shaped envelope against the UpdateEnvelope wire schema; errors name every bad field."""
+    try:
+        raw = json.dumps(envelope, allow_nan=False).encode("utf-8")
+    except (TypeError, ValueError) as exc:
+        raise ValidationError({"envelope": f"envelope is not JSON-serialisable: {exc}"}) from exc
+    try:
+        event = decode(raw)
+    except SchemaError as exc:
+        raise ValidationError({"envelope": [exc.summary, *exc.problems]}) from exc
+    if not isinstance(event, UpdateEnvelope):
+        raise ValidationError({"envelope": f"expected an UpdateEnvelope, got a {event.SCHEMA} event"})
+    return event
+
+
+@transaction.atomic
+def receive_update(envelope: Mapping[str, Any], *, device: EdgeDevice) -> tuple[Update, bool]:
+    """Record an update envelope sent by `device`: (row, True) when new, (existing row, False) for a resend.
+
+    Idempotent on `update_id`: resending the same envelope changes nothing. A different envelope under a used
+    `update_id` is refused. A device submits updates for itself only.
+    """
+    device.refresh_from_db(fields=["status"])
+    if device.status != DeviceStatus.ACTIVE:
+        raise PermissionDenied(f"device {device.client_id!r} is {device.status} and may not submit updates")
+    event = parse_update_envelope(envelope)
+    if event.client_id != device.client_id:
+        raise PermissionDenied(
+            f"envelope client_id {event.client_id!r} is not the authenticated device {device.client_id!r}; "
+            "a device submits updates for itself only"
+        )
+    update_id = str(event.update_id)
+    existing = Update.objects.filter(update_id=update_id).first()
+    if existing is not None:
+        return _resent(existing, event, device), False
+    base_version = ModelVersion.objects.filter(version_id=event.base_version).first()
+    if base_version is None:
+        raise ValidationError({"base_version": f"unknown model version {event.base_version!r}"})
+    round_ = None
+    if event.round_id is not None:
+        round_ = Round.objects.filter(round_id=event.round_id).first()
+        if round_ is None:
+            raise ValidationError({"round_id": f"unknown round {event.round_id!r}"})
+        if round_.status != RoundStatus.OPEN:
+            raise ValidationError({"round_id": f"round {event.round_id!r} is {round_.status}, not open"})
+        if round_.base_version_id != base_version.pk:
+            trained = round_.base_version.version_id
+            raise ValidationError(
+                {"base_version": f"round {round_.round_id!r} trains {trained!r}, not {base_version.version_id!r}"}
+            )
+    now = timezone.now()
+    try:
+        with transaction.atomic():
+            update = Update.objects.create(
+                update_id=update_id,
+                device=device,
+                base_version=base_version,
+                round=round_,
+                payload_uri=event.payload.uri,
+                payload_sha256=event.payload.sha256,
+                payload_bytes=event.payload.size_bytes,
+                examples=event.examples,
+                routed_tokens=dict(event.routed_tokens),
+                metrics=dict(event.metrics),
+                envelope=event.model_dump(mode="json"),
+                status_changed_at=now,
+            )
+    except IntegrityError:
+        # The same update id arrived twice at once; the other request stored it.
+        return _resent(Update.objects.get(update_id=update_id), event, device), False
+    EdgeDevice.objects.filter(pk=device.pk).update(last_seen=now)
+    record_audit_event(
+        actor=device.user,
+        actor_label=device_actor_label(device.client_id),
+        verb="federation.update.received",
+        target=update,
+        data={"update_id": update_id, "base_version": base_version.version_id, "payload_sha256": update.payload_sha256},
+    )
+    return update, True
+
+
+def _resent(existing: Update, event: UpdateEnvelope, device: EdgeDevice) -> Update:
+    if existing.device_id != device.pk or existing.envelope != event.model_dump(mode="json"):
+        raise ValidationError(
+            {"update_id": f"update id {existing.update_id} was already used for a different envelope; use a new one"}
+        )
+    return existing
+
+
+def _move_update(
+    update: Update, *, to: str, from_statuses: Sequence[str], actor_label: str, data: dict[str, Any], **fields: Any
+) -> Update:
+    moved = Update.objects.filter(pk=update.pk, status__in=from_statuses).update(
+        status=to, status_changed_at=timezone.now(), **fields
+    )
+    previous = update.status
+    update.refresh_from_db()
+    if moved != 1:
+        raise ValidationError(
+            {"status": f"update {update.update_id} is {update.status}; only {'/'.join(from_statuses)} can become {to}"}
+        )
+    record_audit_event(
+        actor=None,
+        actor_label=actor_label,
+        verb=f"federation.update.{to}",
+        target=update,
+        data={"update_id": update.update_id, "from": previous, **data},
+    )
+    return update
+
+
+@transaction.atomic
+def mark_update_validated(update: Update, *, actor_label: str = "system") -> Update:
+    """received → validated (identity, signature, shapes and norms checked by the ingestion worker)."""
+    return _move_update(
+        update, to=UpdateStatus.VALIDATED, from_statuses=[UpdateStatus.RECEIVED], actor_label=actor_label, data={}
+    )
+
+
+@transaction.atomic
+def buffer_update(update: Update, *, actor_label: str = "system") -> Update:
+    """validated → buffered (waiting for K updates or the round deadline)."""
+    return _move_update(
+        update, to=UpdateStatus.BUFFERED, from_statuses=[UpdateStatus.VALIDATED], actor_label=actor_label, data={}
+    )
+
+
+@transaction.atomic
+def mark_updates_applied(updates: Sequence[Update], *, version: ModelVersion, actor_label: str = "system") -> None:
+    """buffered → applied in `version`, for each of `updates`; all or nothing."""
+    for update in updates:
+        _move_update(
+            update,
+            to=UpdateStatus.APPLIED,
+            from_statuses=[UpdateStatus.BUFFERED],
+            actor_label=actor_label,
+            data={"applied_in": version.version_id},
+            applied_in=version,
+        )
+
+
+@transaction.atomic
+def reject_update(update: Update, code: str, message: str, *, actor_label: str = "system") -> Update:
+    """Reject an update that is not yet applied, with a machine code (e.g. 'stale_base') and a human message."""
+    if not REJECTION_CODE_PATTERN.match(code):
+        raise ValidationError({"code": f"rejection code {code!r} must be a lowercase identifier like 'stale_base'"})
+    if not message.strip():
+        raise ValidationError({"message": "a rejection needs a message saying what was wrong"})
+    return _move_update(
+        update,
+        to=UpdateStatus.REJECTED,
+        from_statuses=[UpdateStatus.RECEIVED, UpdateStatus.VALIDATED, UpdateStatus.BUFFERED],
+        actor_label=actor_label,
+        data={"code": code, "message": message},
+        rejection_code=code,
+        rejection_message=message,
+    )

@@ -1,0 +1,71 @@
+"""Governance models: the audit trail (append-only) and approvals of model versions by officers."""
+
+from django.conf import settings
+from django.db import models
+
+from apps.governance.choices import ApprovalStatus, Decision
+
+
+class AuditEvent(models.Model):
+    """One state change: who did what to which object, when. Append-only: no service updates or deletes a row."""
+
+    actor = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="audit_events"
+    )
+    # Kept even when the user row goes; names non-user actors too ("system", "device:<client id>", a worker).
+    actor_label = models.CharField(max_length=200)
+    verb = models.CharField(max_length=100, db_index=True, help_text="Dotted action name, e.g. 'registry.alias.moved'.")
+    object_type = models.CharField(max_length=100, blank=True, db_index=True, help_text="app_label.model")
+    object_id = models.CharField(max_length=200, blank=True, db_index=True)
+    data = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        ordering = ("-created_at", "-id")
+
+    def __str__(self) -> str:
+        return f"{self.created_at:%Y-%m-%d %H:%M:%S} {self.actor_label} {self.verb} {self.object_type}:{self.object_id}"
+
+
+class ApprovalRequest(models.Model):
+    """A request that a governance officer approve a candidate version for promotion to champion."""
+
+    version = models.ForeignKey("registry.ModelVersion", on_delete=models.PROTECT, related_name="approval_requests")
+    requested_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="approval_requests"
+    )
+    note = models.TextField(blank=True)
+    status = models.CharField(
+        max_length=16, choices=ApprovalStatus.choices, default=ApprovalStatus.PENDING, db_index=True
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ("-created_at", "-id")
+        constraints = (
+            # At most one open request per version, so two officers never decide the same question twice.
+            models.UniqueConstraint(
+                fields=["version"],
+                condition=models.Q(status="pending"),
+                name="governance_one_pending_request_per_version",
+            ),
+        )
+
+    def __str__(self) -> str:
+        return f"approval #{self.pk} of {self.version_id} ({self.status})"
+
+
+class ApprovalDecision(models.Model):
+    """An officer's decision on one approval request, with the reason; one per request."""
+
+    request = models.OneToOneField(ApprovalRequest, on_delete=models.PROTECT, related_name="decision")
+    decided_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="decisions")
+    decision = models.CharField(max_length=16, choices=Decision.choices)
+    reason = models.TextField(blank=True)
+    decided_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ("-decided_at", "-id")
+
+    def __str__(self) -> str:
+        return f"{self.decision} #{self.request_id} by {self.decided_by_id}"

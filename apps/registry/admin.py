@@ -1,0 +1,50 @@
+"""Admin of the registry: everything read-only (versions are immutable; aliases move through approvals)."""
+
+from django.contrib import admin
+
+from apps.governance.admin_mixins import ReadOnlyAdminMixin
+from apps.registry.models import Alias, LineageEdge, ModelFamily, ModelVersion, VersionArtifact
+
+
+@admin.register(ModelFamily)
+class ModelFamilyAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):  # type: ignore[type-arg]
+    list_display = ("name", "architecture", "created_by", "created_at")
+    list_filter = ("architecture",)
+    search_fields = ("name", "architecture", "description")
+
+
+class VersionArtifactInline(ReadOnlyAdminMixin, admin.TabularInline):  # type: ignore[type-arg]
+    model = VersionArtifact
+
+
+class LineageEdgeInline(ReadOnlyAdminMixin, admin.TabularInline):  # type: ignore[type-arg]
+    model = LineageEdge
+    fk_name = "version"
+
+
+@admin.register(ModelVersion)
+class ModelVersionAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):  # type: ignore[type-arg]
+    list_display = ("version_id", "family", "status", "parent", "created_by_label", "created_at")
+    list_filter = ("status", "family", "created_at")
+    search_fields = ("version_id", "manifest_sha256", "created_by_label")
+    inlines = (VersionArtifactInline, LineageEdgeInline)
+
+
+@admin.register(VersionArtifact)
+class VersionArtifactAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):  # type: ignore[type-arg]
+    list_display = ("version", "file_name", "partition", "layer", "expert_index", "size_bytes", "sha256")
+    list_filter = ("partition",)
+    search_fields = ("version__version_id", "file_name", "sha256")
+
+
+@admin.register(LineageEdge)
+class LineageEdgeAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):  # type: ignore[type-arg]
+    list_display = ("version", "kind", "source_ref", "source_version")
+    list_filter = ("kind",)
+    search_fields = ("version__version_id", "source_ref")
+
+
+@admin.register(Alias)
+class AliasAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):  # type: ignore[type-arg]
+    list_display = ("name", "version", "updated_by", "updated_at")
+    search_fields = ("name", "version__version_id")

@@ -1,0 +1,9 @@
+"""App configuration for apps.registry."""
+
+from django.apps import AppConfig
+
+
+class RegistryConfig(AppConfig):
+    name = "apps.registry"
+    label = "registry"
+    verbose_name = "Model registry"

@@ -1,0 +1,19 @@
+"""REST API error mapping: services raise Django's ValidationError; clients get a 400 naming the field and problem."""
+
+from typing import Any
+
+from django.core.exceptions import ValidationError as DjangoValidationError
+from rest_framework.exceptions import ValidationError as DrfValidationError
+from rest_framework.response import Response
+from rest_framework.views import exception_handler as drf_exception_handler
+
+
+def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
+    """DRF's handler, plus service-layer `django.core.exceptions.ValidationError` → 400 with the same messages."""
+    if isinstance(exc, DjangoValidationError):
+        if hasattr(exc, "error_dict"):
+            detail: Any = {field: [str(m) for m in errors] for field, errors in exc.message_dict.items()}
+        else:
+            detail = {"detail": exc.messages}
+        exc = DrfValidationError(detail=detail, code=getattr(exc, "code", None) or "invalid")
+    return drf_exception_handler(exc, context)

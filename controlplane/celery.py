@@ -1,0 +1,20 @@
+"""The Celery app `controlplane`: configured from Django settings (CELERY_*), one queue per job kind."""
+
+import os
+
+from celery import Celery
+from kombu.entity import Queue
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "controlplane.settings")
+
+# One queue per job kind, so a deployment can give GPU workers `training` and small workers `aggregation`.
+JOB_QUEUES = ("training", "aggregation", "evaluation", "promotion")
+
+app = Celery("controlplane")
+app.config_from_object("django.conf:settings", namespace="CELERY")
+app.conf.task_queues = tuple(Queue(name, routing_key=name) for name in JOB_QUEUES)  # type: ignore[no-untyped-call]
+# A task declared in workers/<kind>.py goes to the queue of its kind unless it names one itself.
+app.conf.task_routes = {f"workers.{name}.*": {"queue": name} for name in JOB_QUEUES}
+for _module in JOB_QUEUES:
+    # workers/ has one module per job kind (workers/training.py, …), not Django's tasks.py convention.
+    app.autodiscover_tasks(["workers"], related_name=_module)

@@ -1,0 +1,21 @@
+"""URL routes: admin, the REST API under /api/v1/ (one router per app), its OpenAPI schema and Swagger UI."""
+
+from django.contrib import admin
+from django.urls import URLPattern, URLResolver, include, path
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+
+api_v1: list[URLPattern | URLResolver] = [
+    path("", include("apps.accounts.api.urls")),
+    path("", include("apps.registry.api.urls")),
+    path("", include("apps.federation.api.urls")),
+    path("", include("apps.governance.api.urls")),
+    path("schema/", SpectacularAPIView.as_view(), name="schema"),
+    path("docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),
+]
+
+urlpatterns = [
+    path("admin/", admin.site.urls),
+    path("api/v1/", include(api_v1)),
+    # Session login/logout for the browsable API.
+    path("api-auth/", include("rest_framework.urls")),
+]

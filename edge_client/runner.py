@@ -1,0 +1,454 @@
+"""The edge client's main loop: resume the spool, enroll, move to the champion, train once per base version, spool
+and send the update and telemetry, then follow `ModelAvailable` events to each new version. `run_client` runs it
+in-process (tests, demo); the CLI wraps it."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from fednested.checkpoints import ADAPTERS_NAME, save_update
+
+from edge_client.enrollment import ensure_enrolled
+from edge_client.errors import EdgeClientError
+from edge_client.local_training import LocalTrainingResult, adapter_summary, train_local_adapters
+from edge_client.sidecar import AuditLog, Sidecar, load_policy
+from edge_client.sidecar.audit import head_path_for
+from edge_client.snapshots import LoadedBase, PulledVersion, QuantizeBits, load_base, pull_champion
+from edge_client.spool import KIND_TELEMETRY, KIND_UPDATE, Deliverer, DeliveryReport, Outbox
+from edge_client.state import StateDir
+from edge_client.transport.bus import EventPublisher
+from edge_client.transport.http import ChampionInfo, ControlPlaneClient, ControlPlaneRejected, ControlPlaneUnavailable
+from edge_client.transport.retry import RetriesExhausted, RetryPolicy, call_with_retries
+from fednested.adapters import ExpertLoraConfig, attach_expert_adapters
+from fednested.data.jsonl import JsonlFormatError, read_jsonl_files
+from fednested.data.records import Record
+from fednested.messaging.bus import Consumer, Message, make_bus
+from fednested.messaging.schemas import ModelAvailable, RoundStart
+from fednested.messaging.settings import EmbeddedBusSettings, KafkaBusSettings
+from fednested.messaging.topics import Topic
+from fednested.training.edge import EdgeTrainConfig
+
+StopReason = Literal["goals_met", "max_wait", "interrupted"]
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """Everything one device run needs, resolved to concrete values (built from the tier2 config file)."""
+
+    client_id: str
+    control_plane_url: str
+    token_file: Path
+    state_dir: Path
+    policy_file: Path
+    data_files: tuple[Path, ...]
+    bus: KafkaBusSettings | EmbeddedBusSettings
+    adapter: ExpertLoraConfig = field(default_factory=ExpertLoraConfig)
+    training: EdgeTrainConfig = field(default_factory=EdgeTrainConfig)
+    quantize_bits: QuantizeBits = 0
+    display_name: str | None = None
+    spool_dir: Path | None = None
+    audit_log: Path | None = None
+    strict_data: bool = False
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    http_timeout_s: float = 30.0
+    poll_interval_s: float = 0.5
+
+    @property
+    def resolved_spool_dir(self) -> Path:
+        return self.spool_dir or self.state_dir / "spool"
+
+    @property
+    def resolved_audit_log(self) -> Path:
+        return self.audit_log or self.state_dir / "audit" / "audit.jsonl"
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """When a run ends. With no goal the client runs until interrupted; with goals it stops once all are met and
+    nothing is left in the spool; `max_wait_s` ends it early regardless (the report says so)."""
+
+    rounds: int | None = None
+    until_version: str | None = None
+    max_wait_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.rounds is not None and self.rounds < 0:
+            raise ValueError(f"rounds must be >= 0, got {self.rounds}")
+        if self.max_wait_s is not None and self.max_wait_s <= 0:
+            raise ValueError(f"max_wait_s must be positive, got {self.max_wait_s}")
+
+
+@dataclass
+class ClientRunReport:
+    """What one run did."""
+
+    client_id: str
+    current_version: str | None = None
+    versions: list[str] = field(default_factory=list)
+    trained_on: list[str] = field(default_factory=list)
+    updates_delivered: list[str] = field(default_factory=list)
+    telemetry_delivered: int = 0
+    updates_failed: list[tuple[str, str]] = field(default_factory=list)
+    pending: int = 0
+    bad_data_lines: int = 0
+    rejected_events: int = 0
+    last_error: str | None = None
+    stopped_because: StopReason = "goals_met"
+    duration_s: float = 0.0
+
+    def summary(self) -> str:
+        return (
+            f"client {self.client_id}: version {self.current_version}, trained on {self.trained_on}, "
+            f"{len(self.updates_delivered)} update(s) delivered, {self.pending} pending, "
+            f"{len(self.updates_failed)} failed; stopped: {self.stopped_because}"
+        )
+
+
+class ClientRun:
+    """State of one run; `run_client` drives it. Split into steps so each can be read (and tested) on its own."""
+
+    def __init__(self, settings: ClientSettings, options: RunOptions, sleep: Callable[[float], None] = time.sleep):
+        self.settings = settings
+        self.options = options
+        self.sleep = sleep
+        self.started = time.monotonic()
+        self.deadline = self.started + options.max_wait_s if options.max_wait_s is not None else None
+        self.report = ClientRunReport(client_id=settings.client_id)
+        self.state = StateDir(settings.state_dir)
+        self.base: LoadedBase | None = None
+        self.reported_version: str | None = None
+        self.round_for_base: dict[str, str] = {}
+        self.updates_this_run = 0
+
+    # -- setup ---------------------------------------------------------------------------------------------------
+
+    def open_sidecar(self) -> Sidecar:
+        audit_path = self.settings.resolved_audit_log
+        # The audit log, its head anchor and the credential never leave the device, whatever the policy file says.
+        policy = load_policy(self.settings.policy_file).with_local_only(
+            audit_path, head_path_for(audit_path), self.state.credential_file
+        )
+        return Sidecar(policy=policy, audit=AuditLog(audit_path))
+
+    def retrying(self, what: str, action: Callable[[], Any]) -> Any:
+        return call_with_retries(
+            what,
+            action,
+            self.settings.retry,
+            retry_on=(ControlPlaneUnavailable,),
+            sleep=self.sleep,
+            deadline=self.deadline,
+        )
+
+    # -- versions ------------------------------------------------------------------------------------------------
+
+    def champion_info(self, api: ControlPlaneClient) -> ChampionInfo | None:
+        try:
+            info: ChampionInfo = self.retrying("ask for the champion", api.champion)
+        except ControlPlaneRejected as exc:
+            if exc.status == 404:
+                return None  # nothing promoted yet: wait for ModelAvailable
+            raise
+        return info
+
+    def move_to(self, api: ControlPlaneClient, info: ChampionInfo, sidecar: Sidecar) -> None:
+        if self.base is not None and self.base.version.version_id == info.version_id:
+            return
+        pulled: PulledVersion = pull_champion(api, self.state, self.settings.retry, info=info, deadline=self.deadline)
+        previous = self.base.version.version_id if self.base is not None else None
+        self.base = None  # drop the old model before loading the next: one frozen base in memory at a time
+        self.base = load_base(pulled, quantize_bits=self.settings.quantize_bits)
+        self.state.set_current_version(pulled.version_id)
+        self.report.current_version = pulled.version_id
+        self.report.versions.append(pulled.version_id)
+        sidecar.record("version.loaded", {"version_id": pulled.version_id, "previous": previous})
+
+    def report_version(self, api: ControlPlaneClient) -> None:
+        current = self.report.current_version
+        if current is None or current == self.reported_version:
+            return
+        try:
+            api.report_version(self.settings.client_id, current)
+        except ControlPlaneUnavailable as exc:
+            self.report.last_error = str(exc)  # reported again on the next loop turn
+            return
+        self.reported_version = current
+
+    # -- training ------------------------------------------------------------------------------------------------
+
+    def read_records(self, sidecar: Sidecar) -> list[Record]:
+        missing = [str(path) for path in self.settings.data_files if not path.is_file()]
+        if missing or not self.settings.data_files:
+            raise EdgeClientError(f"local data files not found: {missing or 'none configured'}; check data_files")
+        try:
+            result = read_jsonl_files(list(self.settings.data_files), strict=self.settings.strict_data)
+        except JsonlFormatError as exc:
+            raise EdgeClientError(f"local data: {exc} (strict mode stops at the first bad line)") from exc
+        self.report.bad_data_lines = result.skipped
+        if result.skipped:
+            # Where the bad lines are (file:line and what is wrong), never their content.
+            sidecar.record(
+                "data.bad_lines", {"count": result.skipped, "where": [str(bad)[:200] for bad in result.bad_lines[:20]]}
+            )
+        return list(result.records)
+
+    def train_and_spool(self, outbox: Outbox, sidecar: Sidecar) -> None:
+        assert self.base is not None
+        base_version = self.base.version.version_id
+        records = self.read_records(sidecar)
+        started_at = datetime.now(UTC)
+        try:
+            # Attached in place: this base now carries trained adapters, which is fine because a base version is
+            # trained on once; the next version is loaded fresh by move_to.
+            model = attach_expert_adapters(self.base.model, self.settings.adapter)
+            result = train_local_adapters(model, self.base.tokenizer, records, self.settings.training)
+        except Exception as exc:
+            self.spool_telemetry(outbox, base_version, None, started_at, outcome="failed")
+            sidecar.record("training.failed", {"base_version": base_version, "error": f"{type(exc).__name__}: {exc}"})
+            raise
+        self.spool_update(outbox, base_version, result)
+        self.spool_telemetry(outbox, base_version, result, started_at, outcome="succeeded")
+        self.report.trained_on.append(base_version)
+        self.updates_this_run += 1
+        sidecar.record(
+            "training.finished",
+            {
+                "base_version": base_version,
+                "examples": result.examples,
+                "steps": result.metrics.steps,
+                "tokens": result.metrics.tokens,
+                "adapter_tensors": len(result.adapters),
+            },
+        )
+
+    def spool_update(self, outbox: Outbox, base_version: str, result: LocalTrainingResult) -> str:
+        update_id = str(uuid.uuid4())
+        metrics = {
+            "train_loss": float(result.metrics.final_loss),
+            "steps": float(result.metrics.steps),
+            "tokens": float(result.metrics.tokens),
+            "duration_s": float(result.metrics.duration_s),
+        }
+        envelope_fields: dict[str, Any] = {
+            "schema": "UpdateEnvelope",
+            "schema_version": 1,
+            "update_id": update_id,
+            "client_id": self.settings.client_id,
+            "base_version": base_version,
+            "round_id": self.round_for_base.get(base_version),
+            "examples": result.examples,
+            "routed_tokens": result.routed_tokens,
+            "metrics": metrics,
+            "adapter": adapter_summary(self.settings.adapter),
+            "created_at": result.finished_at.isoformat(),
+        }
+
+        def write_payload(directory: Path) -> Path:
+            save_update(
+                result.adapters,
+                directory / "update",
+                base_version=base_version,
+                adapter_config=self.settings.adapter,
+                metadata={"client_id": self.settings.client_id},
+                update_id=update_id,
+            )
+            return directory / "update" / ADAPTERS_NAME
+
+        outbox.add(
+            update_id, KIND_UPDATE, Topic.UPDATES, self.settings.client_id, envelope_fields, write_payload=write_payload
+        )
+        return update_id
+
+    def spool_telemetry(
+        self,
+        outbox: Outbox,
+        base_version: str,
+        result: LocalTrainingResult | None,
+        started_at: datetime,
+        *,
+        outcome: Literal["succeeded", "failed"],
+    ) -> None:
+        finished_at = result.finished_at if result is not None else datetime.now(UTC)
+        loss = result.metrics.final_loss if result is not None else None
+        event = {
+            "schema": "Telemetry",
+            "schema_version": 1,
+            "client_id": self.settings.client_id,
+            "base_version": base_version,
+            "round_id": self.round_for_base.get(base_version),
+            "loss": loss if loss is None or loss == loss else None,  # NaN (no step ran) is not a loss
+            "steps": result.metrics.steps if result is not None else 0,
+            "duration_s": max(0.0, (finished_at - started_at).total_seconds()),
+            "outcome": outcome,
+            "dp_noised": False,
+            "started_at": started_at.isoformat(),
+            "finished_at": finished_at.isoformat(),
+        }
+        outbox.add(str(uuid.uuid4()), KIND_TELEMETRY, Topic.TELEMETRY, self.settings.client_id, event)
+
+    # -- loop ----------------------------------------------------------------------------------------------------
+
+    def needs_training(self, outbox: Outbox) -> bool:
+        if self.base is None:
+            return False
+        if self.options.rounds is not None and self.updates_this_run >= self.options.rounds:
+            return False
+        # One update per base version, remembered across restarts through the spool itself.
+        return self.base.version.version_id not in outbox.base_versions()
+
+    def goals_met(self, outbox: Outbox) -> bool:
+        if self.options.rounds is None and self.options.until_version is None:
+            return False
+        if outbox.pending():
+            return False
+        if self.options.rounds is not None and len(self.report.updates_delivered) < self.options.rounds:
+            return False
+        if self.options.until_version is not None:
+            if self.report.current_version != self.options.until_version:
+                return False
+            if self.reported_version != self.options.until_version:
+                return False
+        return True
+
+    def absorb(self, delivery: DeliveryReport, outbox: Outbox) -> None:
+        kinds = outbox.kinds()
+        for item_id in delivery.delivered:
+            if kinds.get(item_id) == KIND_UPDATE:
+                self.report.updates_delivered.append(item_id)
+            else:
+                self.report.telemetry_delivered += 1
+        self.report.updates_failed += delivery.failed
+        self.report.pending = delivery.pending
+        if delivery.last_error:
+            self.report.last_error = delivery.last_error
+
+    def handle_control(self, message: Message, api: ControlPlaneClient, sidecar: Sidecar) -> None:
+        if not message.valid:
+            self.report.rejected_events += 1
+            sidecar.record("control.rejected_event", {"where": message.where(), "error": str(message.error)[:300]})
+            return
+        event = message.event
+        if isinstance(event, RoundStart):
+            self.round_for_base[event.base_version] = event.round_id
+        elif isinstance(event, ModelAvailable) and event.alias == "champion":
+            current = self.report.current_version
+            if event.version_id == current:
+                return
+            info = self.champion_info(api)
+            if info is None:
+                return
+            if info.version_id == event.version_id and info.manifest_sha256 != event.manifest_sha256:
+                sidecar.record(
+                    "control.manifest_mismatch", {"version_id": event.version_id, "event": event.manifest_sha256}
+                )
+                raise EdgeClientError(
+                    f"ModelAvailable for {event.version_id} at {message.where()} announces manifest sha256 "
+                    f"{event.manifest_sha256}, but the API says {info.manifest_sha256}; not moving to it"
+                )
+            self.move_to(api, info, sidecar)
+
+    def remaining(self) -> float | None:
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
+    def run(self) -> ClientRunReport:
+        with self.state.locked():
+            sidecar = self.open_sidecar()
+            sidecar.record("client.started", {"client_id": self.settings.client_id, "options": self.options.__dict__})
+            try:
+                self._run(sidecar)
+            except KeyboardInterrupt:
+                self.report.stopped_because = "interrupted"
+            finally:
+                self.report.duration_s = time.monotonic() - self.started
+                sidecar.record(
+                    "client.stopped",
+                    {
+                        "stopped_because": self.report.stopped_because,
+                        "pending": self.report.pending,
+                        "current_version": self.report.current_version,
+                    },
+                )
+        return self.report
+
+    def _run(self, sidecar: Sidecar) -> None:
+        settings = self.settings
+        outbox = Outbox(settings.resolved_spool_dir)
+        self.report.pending = len(outbox.pending())
+        with (
+            ControlPlaneClient(settings.control_plane_url, sidecar, timeout_s=settings.http_timeout_s) as api,
+            make_bus(settings.bus) as bus,
+        ):
+            credential = self.retrying(
+                "enroll",
+                lambda: ensure_enrolled(
+                    self.state,
+                    api,
+                    sidecar,
+                    client_id=settings.client_id,
+                    token_file=settings.token_file,
+                    display_name=settings.display_name,
+                ),
+            )
+            api.api_token = credential.api_token
+            deliverer = Deliverer(
+                outbox,
+                api,
+                EventPublisher(bus, settings.bus, sidecar),
+                signing_key=credential.api_token.encode(),
+                retry=settings.retry,
+                sleep=self.sleep,
+                on_event=sidecar.record,
+            )
+            # Whatever a previous run left in the spool goes first: it was trained and promised already.
+            self.absorb(deliverer.deliver_pending(deadline=self.deadline), outbox)
+            with bus.consumer(f"edge-{settings.client_id}", [Topic.CONTROL_ROUNDS]) as consumer:
+                self._loop(api, sidecar, outbox, deliverer, consumer)
+
+    def _loop(
+        self, api: ControlPlaneClient, sidecar: Sidecar, outbox: Outbox, deliverer: Deliverer, consumer: Consumer
+    ) -> None:
+        champion_checked = False
+        while True:
+            if not champion_checked:
+                try:
+                    info = self.champion_info(api)
+                except RetriesExhausted as exc:
+                    self.report.last_error = str(exc)
+                else:
+                    champion_checked = True
+                    if info is not None:
+                        self.move_to(api, info, sidecar)
+            self.report_version(api)
+            if self.needs_training(outbox):
+                self.train_and_spool(outbox, sidecar)
+            if outbox.pending():
+                self.absorb(deliverer.deliver_pending(deadline=self.deadline), outbox)
+            if self.goals_met(outbox):
+                self.report.stopped_because = "goals_met"
+                return
+            remaining = self.remaining()
+            if remaining is not None and remaining <= 0:
+                self.report.stopped_because = "max_wait"
+                self.report.pending = len(outbox.pending())
+                return
+            timeout = (
+                self.settings.poll_interval_s if remaining is None else min(self.settings.poll_interval_s, remaining)
+            )
+            message = consumer.poll(max(0.0, timeout))
+            if message is not None:
+                self.handle_control(message, api, sidecar)
+                # Commit only after the switch (or the decision to ignore) is done: a crash here replays the event.
+                consumer.commit(message)
+
+
+def run_client(
+    settings: ClientSettings, options: RunOptions | None = None, *, sleep: Callable[[float], None] = time.sleep
+) -> ClientRunReport:
+    """Run one edge client until its goals are met (see RunOptions); returns what it did."""
+    return ClientRun(settings, options or RunOptions(), sleep=sleep).run()

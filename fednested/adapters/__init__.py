@@ -1,0 +1,37 @@
+"""Per-expert LoRA adapters on fused MoE expert weights (through PEFT) and the routed-token expert forward."""
+
+from fednested.adapters.lora import (
+    AdapterError,
+    ExpertLoraConfig,
+    ExpertLoraLayer,
+    adapter_key,
+    adapter_state_dict,
+    attach_expert_adapters,
+    expected_adapter_shapes,
+    expert_lora_config,
+    expert_lora_layers,
+    expert_stacks,
+    load_adapter_state_dict,
+    parse_adapter_key,
+    trainable_parameters,
+)
+from fednested.adapters.routed import EXPERT_TARGETS, FrozenExpertLinear, routed_experts_forward
+
+__all__ = [
+    "EXPERT_TARGETS",
+    "AdapterError",
+    "ExpertLoraConfig",
+    "ExpertLoraLayer",
+    "FrozenExpertLinear",
+    "adapter_key",
+    "adapter_state_dict",
+    "attach_expert_adapters",
+    "expected_adapter_shapes",
+    "expert_lora_config",
+    "expert_lora_layers",
+    "expert_stacks",
+    "load_adapter_state_dict",
+    "parse_adapter_key",
+    "routed_experts_forward",
+    "trainable_parameters",
+]

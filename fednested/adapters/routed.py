@@ -1,0 +1,152 @@
+"""Forward of a fused MoE expert stack over routed tokens only, with optional per-expert LoRA on top.
+
+Used by the adapter layer (fp or quantized base) and by quantized expert stacks without adapters. Tokens are sorted
+by expert once per layer; each expert then runs two contiguous matmuls on just its tokens, and LoRA adds
+`scale·(x·Aᵀ)·Bᵀ` on those same rows, so no dense ΔW is ever built in the forward and no base-weight gradient is
+computed in the backward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# The two fused expert tensors of transformers 5 MoE families: gate_up_proj [E, 2I, H] and down_proj [E, H, I].
+GATE_UP = "gate_up_proj"
+DOWN = "down_proj"
+EXPERT_TARGETS: tuple[str, ...] = (GATE_UP, DOWN)
+
+
+@runtime_checkable
+class FrozenExpertLinear(Protocol):
+    """An expert stack whose weights are not plain tensors (e.g. quantized): it applies expert `e`'s weight itself."""
+
+    num_experts: int
+
+    def expert_linear(self, target: str, expert: int, inputs: torch.Tensor) -> torch.Tensor:
+        """inputs @ W[target][expert]ᵀ, differentiable in `inputs` only."""
+        ...
+
+    def expert_shape(self, target: str) -> tuple[int, int, int]:
+        """[num_experts, out_features, in_features] of `target`."""
+        ...
+
+
+@dataclass(frozen=True)
+class ExpertLora:
+    """One adapter's factors for one expert and target: ΔW = scale · B · A, A [r, in], B [out, r]."""
+
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+    scale: float
+    dropout: nn.Module | None = None
+
+
+# expert index -> target name -> factors of each active adapter on it
+LoraByExpert = Mapping[int, Mapping[str, Sequence[ExpertLora]]]
+
+
+def expert_shape(experts: nn.Module, target: str) -> tuple[int, int, int]:
+    """[num_experts, out_features, in_features] of a fused target on an fp or quantized expert stack."""
+    if isinstance(experts, FrozenExpertLinear):
+        return experts.expert_shape(target)
+    weight = getattr(experts, target)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 3:
+        raise TypeError(f"{type(experts).__name__}.{target} is not a fused 3-D expert tensor")
+    num, out_features, in_features = weight.shape
+    return int(num), int(out_features), int(in_features)
+
+
+def num_experts(experts: nn.Module) -> int:
+    value = getattr(experts, "num_experts", None)
+    if isinstance(value, int):
+        return value
+    return expert_shape(experts, GATE_UP)[0]
+
+
+def _base_linear(experts: nn.Module) -> Callable[[str, int, torch.Tensor], torch.Tensor]:
+    if isinstance(experts, FrozenExpertLinear):
+        return experts.expert_linear
+
+    def linear(target: str, expert: int, inputs: torch.Tensor) -> torch.Tensor:
+        weight = getattr(experts, target)[expert]
+        return F.linear(inputs, weight.to(inputs.dtype))
+
+    return linear
+
+
+def _apply_gate(experts: nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
+    # transformers' experts classes carry `_apply_gate` (concatenated [gate; up] halves); fall back to that rule.
+    apply_gate = getattr(experts, "_apply_gate", None)
+    if callable(apply_gate):
+        result = apply_gate(gate_up)
+        assert isinstance(result, torch.Tensor)
+        return result
+    gate, up = gate_up.chunk(2, dim=-1)
+    act_fn = experts.act_fn
+    assert callable(act_fn)
+    activated = act_fn(gate)
+    assert isinstance(activated, torch.Tensor)
+    return activated * up
+
+
+def _with_lora(base_out: torch.Tensor, inputs: torch.Tensor, loras: Sequence[ExpertLora]) -> torch.Tensor:
+    out = base_out
+    for lora in loras:
+        lora_in = lora.dropout(inputs) if lora.dropout is not None else inputs
+        # adapters may be kept in fp32 under a bf16 base; compute in the activation dtype, grads reach the fp32 copy
+        down = F.linear(lora_in, lora.lora_a.to(inputs.dtype))
+        out = torch.addmm(out, down, lora.lora_b.to(inputs.dtype).t(), alpha=lora.scale)
+    return out
+
+
+def routed_experts_forward(
+    experts: nn.Module,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    loras: LoraByExpert | None = None,
+) -> torch.Tensor:
+    """Σ_k weight_k · expert_k(x) for every token, with `loras[e][target]` added on expert e's projections.
+
+    Same contract as transformers' experts modules: hidden_states [T, H], top_k_index/top_k_weights [T, K].
+    """
+    num_tokens, hidden = hidden_states.shape
+    top_k = top_k_index.shape[-1]
+    count = num_experts(experts)
+    linear = _base_linear(experts)
+    flat_experts = top_k_index.reshape(-1)
+    order = torch.argsort(flat_experts, stable=True)
+    # one host sync for all per-expert row counts instead of one per expert
+    rows_per_expert = torch.bincount(flat_experts, minlength=count).tolist()
+    if len(rows_per_expert) > count:
+        raise IndexError(f"router selected expert {len(rows_per_expert) - 1} but the stack has {count} experts")
+    sorted_inputs = hidden_states[order // top_k]
+    pieces: list[torch.Tensor] = []
+    start = 0
+    for expert, rows in enumerate(rows_per_expert):
+        if rows == 0:
+            continue
+        inputs = sorted_inputs[start : start + rows]
+        start += rows
+        expert_loras = loras.get(expert, {}) if loras is not None else {}
+        gate_up = linear(GATE_UP, expert, inputs)
+        if GATE_UP in expert_loras:
+            gate_up = _with_lora(gate_up, inputs, expert_loras[GATE_UP])
+        activated = _apply_gate(experts, gate_up)
+        out = linear(DOWN, expert, activated)
+        if DOWN in expert_loras:
+            out = _with_lora(out, activated, expert_loras[DOWN])
+        pieces.append(out)
+    sorted_out = torch.cat(pieces) if pieces else hidden_states.new_zeros(0, hidden)
+    sorted_out = sorted_out * top_k_weights.reshape(-1)[order].unsqueeze(-1).to(sorted_out.dtype)
+    # back to (token, k) order, then a fixed-order sum over k: deterministic, unlike scatter-add with duplicates
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    unsorted = sorted_out[inverse]
+    return unsorted.view(num_tokens, top_k, hidden).sum(dim=1).to(hidden_states.dtype)

@@ -1,0 +1,69 @@
+"""When a buffer of edge updates is ready to aggregate: K updates, or a deadline after the first one arrived.
+
+Pure logic on counts and timestamps (FedBuff-style buffering); the caller owns the clock and the storage, so the
+same policy serves the ingest worker (reading the database) and tests (passing fixed times).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+
+
+class ReadyReason(StrEnum):
+    """Why a buffer was declared ready (recorded with the aggregation so operators see what triggered it)."""
+
+    FULL = "full"
+    DEADLINE = "deadline"
+
+
+@dataclass(frozen=True)
+class BufferDecision:
+    """Outcome of one check: `ready` with its reason, or when to check again (`check_again_at`, None = on arrival)."""
+
+    ready: bool
+    reason: ReadyReason | None
+    check_again_at: datetime | None
+
+
+@dataclass(frozen=True)
+class BufferPolicy:
+    """Aggregate once `size` updates are buffered, or once `max_wait` has passed since the oldest buffered update
+    arrived and at least `min_size_at_deadline` are there (a lone straggler need not wait forever, nor trigger a
+    round by itself when that minimum is above 1)."""
+
+    size: int
+    max_wait: timedelta
+    min_size_at_deadline: int = 1
+
+    def __post_init__(self) -> None:
+        if self.size < 1:
+            raise ValueError(f"buffer size must be >= 1, got {self.size}")
+        if self.max_wait <= timedelta(0):
+            raise ValueError(f"max_wait must be positive, got {self.max_wait}")
+        if not (1 <= self.min_size_at_deadline <= self.size):
+            raise ValueError(f"min_size_at_deadline must lie in [1, size={self.size}], got {self.min_size_at_deadline}")
+
+    def decide(self, *, buffered: int, oldest_received_at: datetime | None, now: datetime) -> BufferDecision:
+        """Whether `buffered` updates, the oldest received at `oldest_received_at`, are ready at `now`.
+
+        Timestamps must be timezone-aware so that workers in different zones agree on the deadline.
+        """
+        if buffered < 0:
+            raise ValueError(f"buffered count must be >= 0, got {buffered}")
+        if now.tzinfo is None or (oldest_received_at is not None and oldest_received_at.tzinfo is None):
+            raise ValueError("buffer timestamps must be timezone-aware")
+        if buffered == 0:
+            return BufferDecision(ready=False, reason=None, check_again_at=None)
+        if oldest_received_at is None:
+            raise ValueError(f"{buffered} buffered updates need the oldest one's arrival time")
+        if buffered >= self.size:
+            return BufferDecision(ready=True, reason=ReadyReason.FULL, check_again_at=None)
+        deadline = oldest_received_at + self.max_wait
+        if now >= deadline:
+            if buffered >= self.min_size_at_deadline:
+                return BufferDecision(ready=True, reason=ReadyReason.DEADLINE, check_again_at=None)
+            # Past the deadline but too few: only a new arrival can change the answer.
+            return BufferDecision(ready=False, reason=None, check_again_at=None)
+        return BufferDecision(ready=False, reason=None, check_again_at=deadline)

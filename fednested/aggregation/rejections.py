@@ -1,0 +1,61 @@
+"""Why an edge update was refused: one fixed set of codes shared by validation, the ingest worker and the API.
+
+The codes are stored in the database and shown to operators, so they only ever grow; never rename or reuse one.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class RejectionCode(StrEnum):
+    """Reason an update envelope or its payload was refused (stored as the update's rejection reason)."""
+
+    MALFORMED = "malformed"
+    UNKNOWN_CLIENT = "unknown_client"
+    REVOKED_CLIENT = "revoked_client"
+    BAD_SIGNATURE = "bad_signature"
+    UNKNOWN_BASE_VERSION = "unknown_base_version"
+    TOO_STALE = "too_stale"
+    REPLAYED = "replayed"
+    SHA256_MISMATCH = "sha256_mismatch"
+    OVERSIZED = "oversized"
+    BAD_TENSOR_NAMES = "bad_tensor_names"
+    BAD_SHAPES = "bad_shapes"
+    BAD_DTYPE = "bad_dtype"
+    NON_FINITE = "non_finite"
+    NORM_EXCEEDED = "norm_exceeded"
+
+    @property
+    def description(self) -> str:
+        """One line for operators: what the code means and what the client should do about it."""
+        return REJECTION_DESCRIPTIONS[self]
+
+
+REJECTION_DESCRIPTIONS: dict[RejectionCode, str] = {
+    RejectionCode.MALFORMED: "the envelope or payload could not be decoded or does not match its schema",
+    RejectionCode.UNKNOWN_CLIENT: "no enrolled device has this client id; enroll the device first",
+    RejectionCode.REVOKED_CLIENT: "the device's enrollment was revoked; its updates are no longer accepted",
+    RejectionCode.BAD_SIGNATURE: "the envelope signature does not verify against the device's enrolled key",
+    RejectionCode.UNKNOWN_BASE_VERSION: "the update was trained on a model version the registry does not know",
+    RejectionCode.TOO_STALE: "the base version is too many versions behind the champion; pull the new snapshot",
+    RejectionCode.REPLAYED: "an update with this update id was already received; it is applied at most once",
+    RejectionCode.SHA256_MISMATCH: "the downloaded payload's sha256 differs from the one in the envelope",
+    RejectionCode.OVERSIZED: "the payload is larger than the size limit",
+    RejectionCode.BAD_TENSOR_NAMES: "the payload holds tensors that are not adapters of existing experts",
+    RejectionCode.BAD_SHAPES: "an adapter tensor's shape does not match the base model and adapter config",
+    RejectionCode.BAD_DTYPE: "an adapter tensor has a dtype that is not accepted",
+    RejectionCode.NON_FINITE: "an adapter tensor holds NaN or infinite values",
+    RejectionCode.NORM_EXCEEDED: "the update's delta norm is above the per-tensor or total limit",
+}
+
+
+class UpdateRejected(Exception):
+    """An update refused for `code`; `message` says what was wrong and where (tensor name, field, client id)."""
+
+    def __init__(self, code: RejectionCode, message: str, *, client_id: str | None = None) -> None:
+        self.code = code
+        self.message = message
+        self.client_id = client_id
+        where = f"client {client_id}: " if client_id else ""
+        super().__init__(f"{code.value}: {where}{message}")

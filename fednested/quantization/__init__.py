@@ -1,0 +1,29 @@
+"""Quantized (int8 / NF4) frozen edge snapshots through bitsandbytes; adapters train on top of them."""
+
+from fednested.quantization.snapshot import (
+    BLOCKSIZE,
+    BlockwiseQuantized,
+    Bits,
+    QuantizationError,
+    QuantizedExperts,
+    QuantizedLinear,
+    load_quantized_version,
+    model_memory_bytes,
+    quantization_error,
+    quantize_base,
+    quantized_bits,
+)
+
+__all__ = [
+    "BLOCKSIZE",
+    "Bits",
+    "BlockwiseQuantized",
+    "QuantizationError",
+    "QuantizedExperts",
+    "QuantizedLinear",
+    "load_quantized_version",
+    "model_memory_bytes",
+    "quantization_error",
+    "quantize_base",
+    "quantized_bits",
+]

@@ -1,0 +1,342 @@
+"""Frozen int8 / 4-bit (NF4) edge snapshots of a MoE model through bitsandbytes, with adapters trainable on top.
+
+Expert stacks and linear layers keep only packed bytes plus per-block scales in memory; a weight is dequantized
+for one matmul at a time (forward, and again in backward instead of being saved), so no full-precision copy lives
+on. Embeddings, norms and routers stay in full precision. docs/adr/0002-edge-quantization.md records the choice.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, cast
+
+import torch
+from torch import nn
+
+from fednested.adapters.lora import expert_stacks
+from fednested.adapters.routed import EXPERT_TARGETS, routed_experts_forward
+from fednested.checkpoints.errors import CheckpointError
+from fednested.checkpoints.manifest import Manifest
+
+# bitsandbytes logs a warning at import when the optional `kernels` package (a faster CPU 4-bit GEMV we do not use)
+# is missing; keep it out of every edge log.
+os.environ.setdefault("BITSANDBYTES_NOWELCOME", "1")
+import bitsandbytes.functional as bnb_functional  # noqa: E402
+from bitsandbytes.functional import QuantState  # noqa: E402
+
+Bits = Literal[8, 4]
+# 4-bit: NF4 (the QLoRA data type, best for normally distributed weights) in blocks of 64 values;
+# 8-bit: bitsandbytes' dynamic 8-bit map in blocks of 256. Both keep one fp32 absmax per block.
+BLOCKSIZE: dict[int, int] = {4: 64, 8: 256}
+_ATTRIBUTE = "_fednested_quantized_bits"
+
+
+class QuantizationError(ValueError):
+    """A model, bit width or tensor that this module cannot quantize (says which)."""
+
+
+@dataclass(frozen=True)
+class _Layout:
+    bits: Bits
+    shape: tuple[int, int]  # one slice: [out_features, in_features]
+    blocksize: int
+
+
+class BlockwiseQuantized(nn.Module):
+    """A stack of N 2-D weights [N, out, in] held as packed bytes + per-block absmax, dequantized one slice at a time."""
+
+    def __init__(self, weight: torch.Tensor, bits: Bits) -> None:
+        super().__init__()
+        if bits not in BLOCKSIZE:
+            raise QuantizationError(f"bits must be 8 or 4, got {bits!r}")
+        if weight.dim() != 3:
+            raise QuantizationError(f"expected a [N, out, in] stack, got shape {list(weight.shape)}")
+        if not weight.is_floating_point():
+            raise QuantizationError(f"cannot quantize a {weight.dtype} tensor")
+        count, out_features, in_features = (int(size) for size in weight.shape)
+        self.layout = _Layout(bits, (out_features, in_features), BLOCKSIZE[bits])
+        packed: list[torch.Tensor] = []
+        scales: list[torch.Tensor] = []
+        code: torch.Tensor | None = None
+        with torch.no_grad():
+            for index in range(count):
+                # one slice at a time: the transient fp32 copy is one expert, not the stack
+                source = weight[index].detach().to("cpu", torch.float32).contiguous()
+                if bits == 4:
+                    data, state = bnb_functional.quantize_4bit(source, blocksize=self.layout.blocksize, quant_type="nf4")
+                else:
+                    data, state = bnb_functional.quantize_blockwise(source, blocksize=self.layout.blocksize)
+                    code = state.code
+                packed.append(data.reshape(-1))
+                scales.append(state.absmax.reshape(-1).float())
+        self.packed: torch.Tensor
+        self.absmax: torch.Tensor
+        self.register_buffer("packed", torch.stack(packed))
+        self.register_buffer("absmax", torch.stack(scales))
+        self.code: torch.Tensor | None
+        self.register_buffer("code", code)
+
+    @property
+    def count(self) -> int:
+        return int(self.packed.shape[0])
+
+    def dequantize(self, index: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Slice `index` as a fresh [out, in] tensor of `dtype`."""
+        layout = self.layout
+        if layout.bits == 4:
+            state = QuantState(
+                absmax=self.absmax[index],
+                shape=torch.Size(layout.shape),
+                code=None,
+                blocksize=layout.blocksize,
+                quant_type="nf4",
+                dtype=dtype if dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32,
+            )
+            result = bnb_functional.dequantize_4bit(self.packed[index], state, quant_type="nf4")
+        else:
+            state = QuantState(absmax=self.absmax[index], code=self.code, blocksize=layout.blocksize, dtype=torch.float32)
+            result = bnb_functional.dequantize_blockwise(self.packed[index], state).reshape(layout.shape)
+        return result.to(dtype)
+
+    def storage_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.buffers())
+
+
+class _DequantizedLinear(torch.autograd.Function):
+    """y = x · W_iᵀ with W_i dequantized in forward and again in backward, so no dequantized weight is saved."""
+
+    @staticmethod
+    def forward(ctx: Any, inputs: torch.Tensor, weights: BlockwiseQuantized, index: int) -> torch.Tensor:
+        ctx.weights = weights
+        ctx.index = index
+        ctx.dtype = inputs.dtype
+        return inputs @ weights.dequantize(index, inputs.dtype).t()
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        weight = ctx.weights.dequantize(ctx.index, grad_output.dtype)
+        return grad_output @ weight, None, None
+
+
+def quantized_linear(inputs: torch.Tensor, weights: BlockwiseQuantized, index: int) -> torch.Tensor:
+    """inputs @ W[index]ᵀ for any leading shape; differentiable in `inputs` only (the weight is frozen)."""
+    leading = inputs.shape[:-1]
+    flat = inputs.reshape(-1, inputs.shape[-1])
+    out = _DequantizedLinear.apply(flat, weights, index)
+    assert isinstance(out, torch.Tensor)
+    return out.reshape(*leading, out.shape[-1])
+
+
+class QuantizedExperts(nn.Module):
+    """A fused expert stack (gate_up_proj [E, 2I, H], down_proj [E, H, I]) in int8 or NF4; frozen.
+
+    Same call contract as transformers' experts modules (hidden, top_k_index, top_k_weights) and the
+    `FrozenExpertLinear` protocol, so expert LoRA layers wrap it like a full-precision stack.
+    """
+
+    def __init__(self, source: nn.Module, bits: Bits) -> None:
+        super().__init__()
+        self.bits: Bits = bits
+        self.num_experts = int(getattr(source, GATE_UP_NAME).shape[0])
+        self.act_fn = source.act_fn
+        self.stacks = nn.ModuleDict({target: BlockwiseQuantized(getattr(source, target), bits) for target in EXPERT_TARGETS})
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor], act_fn: nn.Module, bits: Bits) -> QuantizedExperts:
+        holder = nn.Module()
+        for target in EXPERT_TARGETS:
+            setattr(holder, target, tensors[target])
+        holder.act_fn = act_fn
+        return cls(holder, bits)
+
+    @property
+    def qweight(self) -> torch.Tensor:
+        # PEFT looks for `qweight` to learn which device a quantized layer lives on
+        return cast(BlockwiseQuantized, self.stacks[GATE_UP_NAME]).packed
+
+    def expert_shape(self, target: str) -> tuple[int, int, int]:
+        out_features, in_features = cast(BlockwiseQuantized, self.stacks[target]).layout.shape
+        return self.num_experts, out_features, in_features
+
+    def expert_linear(self, target: str, expert: int, inputs: torch.Tensor) -> torch.Tensor:
+        return quantized_linear(inputs, cast(BlockwiseQuantized, self.stacks[target]), expert)
+
+    def dequantized(self, target: str) -> torch.Tensor:
+        """The whole stack of `target` in fp32 (for inspection and error measurement, not for the forward)."""
+        stack = cast(BlockwiseQuantized, self.stacks[target])
+        return torch.stack([stack.dequantize(index) for index in range(stack.count)])
+
+    def _apply_gate(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        activated = self.act_fn(gate)
+        assert isinstance(activated, torch.Tensor)
+        return activated * up
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        return routed_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+
+
+GATE_UP_NAME = EXPERT_TARGETS[0]
+
+
+class QuantizedLinear(nn.Module):
+    """A frozen nn.Linear in int8 or NF4 (bias, if any, kept in full precision)."""
+
+    def __init__(self, source: nn.Linear, bits: Bits) -> None:
+        super().__init__()
+        self.in_features = source.in_features
+        self.out_features = source.out_features
+        self.weights = BlockwiseQuantized(source.weight.detach().unsqueeze(0), bits)
+        self.bias: torch.Tensor | None
+        self.register_buffer("bias", None if source.bias is None else source.bias.detach().clone())
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        out = quantized_linear(inputs, self.weights, 0)
+        return out + self.bias.to(out.dtype) if self.bias is not None else out
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def _quantizable_linears(model: nn.Module) -> list[str]:
+    # routers and the shared-expert gate stay in full precision: they are tiny and decide the routing
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and not name.endswith(("mlp.gate", "shared_expert_gate"))
+    ]
+
+
+def quantize_base(model: nn.Module, bits: Bits, *, quantize_linears: bool = True) -> nn.Module:
+    """Freeze `model` and replace its expert stacks (and, by default, its linear layers) by int8 / NF4 versions.
+
+    In place; returns the same model. The full-precision weights are released as each module is replaced.
+    Attach adapters afterwards with `fednested.adapters.attach_expert_adapters`.
+    """
+    if bits not in BLOCKSIZE:
+        raise QuantizationError(f"bits must be 8 or 4, got {bits!r}")
+    if hasattr(model, "peft_config"):
+        raise QuantizationError("quantize the plain base model first, then attach adapters")
+    if getattr(model, _ATTRIBUTE, None) is not None:
+        raise QuantizationError(f"model is already quantized to {getattr(model, _ATTRIBUTE)} bits")
+    stacks = expert_stacks(model)
+    if not stacks:
+        raise QuantizationError(f"{type(model).__name__} has no fused expert stacks to quantize")
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for name, stack in stacks.items():
+        _set_submodule(model, name, QuantizedExperts(stack, bits))
+    if quantize_linears:
+        for name in _quantizable_linears(model):
+            linear = model.get_submodule(name)
+            assert isinstance(linear, nn.Linear)
+            _set_submodule(model, name, QuantizedLinear(linear, bits))
+    setattr(model, _ATTRIBUTE, bits)
+    model.eval()
+    return model
+
+
+def quantized_bits(model: nn.Module) -> int | None:
+    """8 or 4 for a model made by `quantize_base` / `load_quantized_version` (PEFT-wrapped or not), else None."""
+    for module in model.modules():
+        value = getattr(module, _ATTRIBUTE, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def model_memory_bytes(model: nn.Module) -> int:
+    """Bytes held by the model's parameters and buffers (packed bytes for quantized weights), each tensor once."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def load_quantized_version(
+    directory: str | Path, bits: Bits, *, expected_version: str | None = None, quantize_linears: bool = True
+) -> tuple[nn.Module, Manifest]:
+    """A version directory loaded straight into an int8 / NF4 snapshot, one expert tensor at a time.
+
+    Same verification as `load_version` (sha256 of every file first, names, shapes). The full-precision expert
+    stacks are never all resident: each is read, quantized and dropped before the next, which keeps peak memory
+    near the quantized size.
+    """
+    from safetensors import SafetensorError, safe_open
+    from transformers import AutoModelForCausalLM, PreTrainedModel
+    from transformers.initialization import no_init_weights
+
+    from fednested.checkpoints.versions import PARTITION_FILES, check_loaded, load_partition_file, open_version
+
+    root = Path(directory)
+    manifest, config = open_version(root, expected_version=expected_version)
+    # untouched torch.empty storage is never paged in, so the fp32 expert placeholders cost no resident memory
+    with no_init_weights():
+        model: PreTrainedModel = AutoModelForCausalLM.from_config(config)
+    loaded: set[str] = set()
+    for kind in ("core", "gate"):
+        if PARTITION_FILES[kind] in manifest.files:  # type: ignore[index]
+            loaded |= load_partition_file(model, root, kind)  # type: ignore[arg-type]
+    stacks = expert_stacks(model)
+    path = root / PARTITION_FILES["expert"]
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            names = set(handle.keys())
+            for module_name, stack in stacks.items():
+                tensors: dict[str, torch.Tensor] = {}
+                for target in EXPERT_TARGETS:
+                    key = f"{module_name}.{target}"
+                    if key not in names:
+                        raise CheckpointError(path, "missing", f"tensor {key!r} is not in the file")
+                    tensor = handle.get_tensor(key)
+                    expected = tuple(getattr(stack, target).shape)
+                    if tuple(tensor.shape) != expected:
+                        raise CheckpointError(
+                            path, "other shapes", f"tensor {key!r} has shape {list(tensor.shape)}, the config needs {list(expected)}"
+                        )
+                    tensors[target] = tensor
+                    loaded.add(key)
+                _set_submodule(model, module_name, QuantizedExperts.from_tensors(tensors, stack.act_fn, bits))
+                del tensors
+            extra = sorted(names - loaded)
+            if extra:
+                raise CheckpointError(path, "other architecture", f"tensor(s) {extra[:3]} do not exist in this model")
+    except SafetensorError as error:
+        raise CheckpointError(path, "corrupt", f"unreadable safetensors file: {error}") from error
+    check_loaded(model, root, loaded, skip_prefixes=tuple(f"{name}." for name in stacks))
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if quantize_linears:
+        for name in _quantizable_linears(model):
+            linear = model.get_submodule(name)
+            assert isinstance(linear, nn.Linear)
+            _set_submodule(model, name, QuantizedLinear(linear, bits))
+    setattr(model, _ATTRIBUTE, bits)
+    model.eval()
+    return model, manifest
+
+
+def quantization_error(reference: nn.Module, quantized: nn.Module) -> dict[str, float]:
+    """Relative Frobenius error ‖W_q − W‖ / ‖W‖ per quantized expert tensor (to report what a bit width costs)."""
+    errors: dict[str, float] = {}
+    reference_params = dict(reference.named_parameters())
+    for name, module in quantized.named_modules():
+        if isinstance(module, QuantizedExperts):
+            for target in EXPERT_TARGETS:
+                original = reference_params[f"{name}.{target}"].detach().float()
+                diff = torch.linalg.vector_norm(module.dequantized(target) - original).item()
+                errors[f"{name}.{target}"] = diff / max(torch.linalg.vector_norm(original).item(), math.ulp(1.0))
+    return errors

@@ -1,0 +1,249 @@
+"""The edge training loop: LoRA adapters only, on packed local records, within a step and wall-clock budget.
+
+The frozen base is never touched: only parameters that require grad reach the optimizer. The same seed, data,
+model and thread count give bitwise-identical adapters.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Literal, TypeAlias
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from fednested.data.encoding import EncodedExample, encode_records
+from fednested.data.packing import PackedBatch, iter_batches, pack_examples
+from fednested.data.records import ChatRecord, PromptCompletionRecord, Record, TextRecord
+from fednested.training.forward import Precision, model_device, packed_loss_sum, resolve_precision
+
+StopReason: TypeAlias = Literal["max_steps", "max_seconds", "max_epochs"]
+
+
+@dataclass(frozen=True)
+class EdgeTrainConfig:
+    """Everything that decides an edge training run; `max_steps`, `max_epochs` and `max_seconds` are budgets and
+    the first one reached ends the run (at least one must be set)."""
+
+    seq_len: int = 256
+    rows_per_batch: int = 4
+    grad_accum_steps: int = 1
+    learning_rate: float = 2e-3
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0
+    max_grad_norm: float | None = 1.0
+    max_steps: int | None = 100
+    max_epochs: float | None = None
+    max_seconds: float | None = None
+    seed: int = 0
+    precision: Precision = "auto"
+    num_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_steps is None and self.max_epochs is None and self.max_seconds is None:
+            raise ValueError("set at least one budget: max_steps, max_epochs or max_seconds")
+        positive = {"seq_len": self.seq_len, "rows_per_batch": self.rows_per_batch}
+        positive |= {"grad_accum_steps": self.grad_accum_steps}
+        for name, value in positive.items():
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        for name, budget in (("max_steps", self.max_steps), ("max_epochs", self.max_epochs)):
+            if budget is not None and budget <= 0:
+                raise ValueError(f"{name} must be positive when set, got {budget}")
+        if self.max_seconds is not None and self.max_seconds <= 0:
+            raise ValueError(f"max_seconds must be positive when set, got {self.max_seconds}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+
+
+@dataclass
+class TrainMetrics:
+    """What a run did. `tokens` counts real (non-padding) input tokens; `tokens_per_s` is that over the run's
+    wall-clock duration (encoding and packing included), i.e. the effective training throughput."""
+
+    steps: int = 0
+    micro_batches: int = 0
+    tokens: int = 0
+    target_tokens: int = 0
+    padding_tokens: int = 0
+    epochs: float = 0.0
+    duration_s: float = 0.0
+    tokens_per_s: float = 0.0
+    loss_curve: list[float] = field(default_factory=list)
+    stop_reason: StopReason = "max_steps"
+    precision: Literal["fp32", "bf16"] = "fp32"
+    trainable_parameters: int = 0
+    num_threads: int = 0
+
+    @property
+    def final_loss(self) -> float:
+        return self.loss_curve[-1] if self.loss_curve else math.nan
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters that training may change: exactly those that require grad (the adapters)."""
+    return [parameter for parameter in model.parameters() if parameter.requires_grad]
+
+
+def _as_examples(
+    data: Sequence[Record] | Sequence[EncodedExample], tokenizer: PreTrainedTokenizerBase
+) -> list[EncodedExample]:
+    if all(isinstance(item, EncodedExample) for item in data):
+        return [item for item in data if isinstance(item, EncodedExample)]
+    records = [item for item in data if isinstance(item, (TextRecord, PromptCompletionRecord, ChatRecord))]
+    if len(records) != len(data):
+        raise TypeError("training data must be all records or all encoded examples, not a mix")
+    return encode_records(records, tokenizer)
+
+
+def _epoch_windows(
+    examples: Sequence[EncodedExample], config: EdgeTrainConfig, pad_id: int, rng: random.Random
+) -> list[list[PackedBatch]]:
+    """One epoch, shuffled and packed, grouped into optimizer steps of `grad_accum_steps` micro-batches."""
+    order = list(range(len(examples)))
+    rng.shuffle(order)
+    rows = pack_examples([examples[index] for index in order], config.seq_len, pad_id=pad_id)
+    batches = list(iter_batches(rows, config.rows_per_batch))
+    step = config.grad_accum_steps
+    return [batches[start : start + step] for start in range(0, len(batches), step)]
+
+
+@contextmanager
+def _torch_threads(count: int | None) -> Iterator[int]:
+    previous = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _learning_rate_scale(step: int, warmup_steps: int) -> float:
+    return min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+
+
+def train_adapters(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    data: Sequence[Record] | Sequence[EncodedExample],
+    config: EdgeTrainConfig,
+) -> TrainMetrics:
+    """Train the model's adapters (its parameters that require grad) on `data`; returns what the run did.
+
+    Each optimizer step averages the loss over every target token of its `grad_accum_steps` micro-batches, so
+    accumulating two micro-batches of b rows is the same step as one batch of 2b rows. The wall-clock budget is
+    checked before each step against the slowest recent step, so a run does not start a step it cannot finish.
+    """
+    started = time.perf_counter()
+    parameters = trainable_parameters(model)
+    if not parameters:
+        raise ValueError("the model has no trainable parameters; attach adapters first (fednested.adapters)")
+    if not data:
+        raise ValueError("no training data: the record list is empty")
+    pad_id = tokenizer.pad_token_id if isinstance(tokenizer.pad_token_id, int) else tokenizer.eos_token_id
+    if not isinstance(pad_id, int):
+        raise ValueError("the tokenizer has neither a pad nor an eos token to pad the last packed row with")
+
+    device = model_device(model)
+    precision = resolve_precision(config.precision, device)
+    metrics = TrainMetrics(precision=precision, trainable_parameters=sum(p.numel() for p in parameters))
+    with _torch_threads(config.num_threads) as threads:
+        metrics.num_threads = threads
+        torch.manual_seed(config.seed)  # adapter dropout, if any, draws from the global generator
+        rng = random.Random(config.seed)
+        examples = _as_examples(data, tokenizer)
+        optimizer = torch.optim.AdamW(
+            parameters,
+            lr=config.learning_rate,
+            betas=config.adam_betas,
+            weight_decay=config.weight_decay,
+            foreach=device.type != "cpu",
+            # The fused CPU kernel updates all adapter tensors in one pass instead of a dozen ops per tensor.
+            fused=device.type == "cpu" or None,
+        )
+        was_training = model.training
+        model.train()
+        step_times: list[float] = []
+        epoch = 0
+        try:
+            while True:
+                windows = _epoch_windows(examples, config, pad_id, rng)
+                for window_index, window in enumerate(windows):
+                    reason = _budget_reached(metrics, config, started, step_times)
+                    if reason is not None:
+                        metrics.stop_reason = reason
+                        return metrics
+                    step_started = time.perf_counter()
+                    loss = _optimizer_step(model, optimizer, parameters, window, config, precision, metrics)
+                    metrics.loss_curve.append(loss)
+                    metrics.steps += 1
+                    metrics.epochs = epoch + (window_index + 1) / len(windows)
+                    step_times.append(time.perf_counter() - step_started)
+                epoch += 1
+                if config.max_epochs is not None and epoch >= config.max_epochs:
+                    metrics.stop_reason = "max_epochs"
+                    return metrics
+        finally:
+            model.train(was_training)
+            optimizer.zero_grad(set_to_none=True)
+            metrics.duration_s = time.perf_counter() - started
+            metrics.tokens_per_s = metrics.tokens / metrics.duration_s if metrics.duration_s > 0 else 0.0
+
+
+def _budget_reached(
+    metrics: TrainMetrics, config: EdgeTrainConfig, started: float, step_times: list[float]
+) -> StopReason | None:
+    if config.max_steps is not None and metrics.steps >= config.max_steps:
+        return "max_steps"
+    if config.max_epochs is not None and metrics.epochs >= config.max_epochs:
+        return "max_epochs"
+    if config.max_seconds is not None:
+        # The slowest of the last few steps is the forecast: a single fast step must not talk us into overrunning.
+        forecast = max(step_times[-3:]) if step_times else 0.0
+        if time.perf_counter() - started + forecast > config.max_seconds:
+            return "max_seconds"
+    return None
+
+
+def _optimizer_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    parameters: list[nn.Parameter],
+    window: list[PackedBatch],
+    config: EdgeTrainConfig,
+    precision: Literal["fp32", "bf16"],
+    metrics: TrainMetrics,
+) -> float:
+    """Forward and backward every micro-batch of the window, then one optimizer update; returns the mean loss."""
+    for group in optimizer.param_groups:
+        group["lr"] = config.learning_rate * _learning_rate_scale(metrics.steps, config.warmup_steps)
+    window_targets = sum(batch.target_tokens for batch in window)
+    device = model_device(model)
+    loss_total = 0.0
+    for batch in window:
+        if batch.target_tokens == 0:
+            continue  # nothing to learn in this micro-batch (possible only for a tail of padding)
+        on_device = batch.to(device)
+        loss_sum, _ = packed_loss_sum(model, on_device, precision=precision)
+        # Dividing by the window's target count (not the micro-batch's) makes accumulation exact.
+        torch.autograd.backward(loss_sum / window_targets)
+        loss_total += float(loss_sum.detach())
+        metrics.micro_batches += 1
+        metrics.tokens += batch.real_tokens
+        metrics.target_tokens += batch.target_tokens
+        metrics.padding_tokens += batch.input_ids.numel() - batch.real_tokens
+    if config.max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_total / max(window_targets, 1)

@@ -1,0 +1,112 @@
+"""The packed forward pass and its token-level loss, shared by training and evaluation.
+
+The LM head runs only on positions that have a target: prompt tokens, chat context and padding never pay for the
+vocabulary projection. Losses are returned as a sum with a token count, so callers can weight micro-batches and
+domains exactly by tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, TypeAlias
+
+import torch
+from torch import nn
+
+from fednested.data.encoding import IGNORE_INDEX
+from fednested.data.packing import PackedBatch
+
+Precision: TypeAlias = Literal["auto", "fp32", "bf16"]
+
+
+@dataclass(frozen=True)
+class _CausalLmParts:
+    decoder: nn.Module
+    head: nn.Module
+    config: Any
+
+
+def _unwrap_peft(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT wrapper (LoRA layers are injected into it in place), or `model` itself."""
+    get_base_model = getattr(model, "get_base_model", None)
+    if callable(get_base_model):
+        base = get_base_model()
+        if isinstance(base, nn.Module):
+            return base
+    return model
+
+
+def causal_lm_parts(model: nn.Module) -> _CausalLmParts:
+    """Split a transformers causal LM (optionally PEFT-wrapped) into decoder stack and LM head."""
+    base = _unwrap_peft(model)
+    get_decoder = getattr(base, "get_decoder", None)
+    get_head = getattr(base, "get_output_embeddings", None)
+    decoder = get_decoder() if callable(get_decoder) else None
+    head = get_head() if callable(get_head) else None
+    if not isinstance(decoder, nn.Module) or not isinstance(head, nn.Module):
+        raise TypeError(
+            f"{type(base).__name__} is not a transformers causal LM with a decoder and an output embedding "
+            "(get_decoder()/get_output_embeddings())"
+        )
+    return _CausalLmParts(decoder=decoder, head=head, config=getattr(base, "config", None))
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for parameter in model.parameters():
+        return parameter.device
+    return torch.device("cpu")
+
+
+def _cpu_supports_fast_bf16() -> bool:
+    # oneDNN runs bf16 matmuls natively only with AVX512-BF16 or AMX; elsewhere bf16 is emulated and slower than fp32.
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
+            flags = cpuinfo.read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags
+
+
+def resolve_precision(precision: Precision, device: torch.device) -> Literal["fp32", "bf16"]:
+    """Pick the compute precision: `auto` means bf16 autocast where it is faster than fp32.
+
+    On CUDA that is any device with bf16 support. On CPU it is only where the CPU has AMX tiles: measured on an
+    AVX512-BF16 EPYC (docs/benchmarks.md), bf16 autocast was slower than fp32 for our model sizes, because the
+    casts around every small matmul cost more than the narrower math saves.
+    """
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu":
+        return "bf16" if _cpu_supports_fast_bf16() else "fp32"
+    return "fp32"
+
+
+def packed_loss_sum(
+    model: nn.Module, batch: PackedBatch, *, precision: Literal["fp32", "bf16"] = "fp32"
+) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropy over the batch's targets, and how many targets there were.
+
+    `attention_mask` stays None so transformers builds a block-diagonal causal mask from the restarting position
+    ids: attention never crosses a record boundary inside a packed row.
+    """
+    parts = causal_lm_parts(model)
+    with torch.autocast(device_type=batch.input_ids.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        outputs = parts.decoder(
+            input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=None, use_cache=False
+        )
+        hidden = outputs[0] if isinstance(outputs, tuple) else outputs.last_hidden_state
+        has_target = batch.targets != IGNORE_INDEX
+        targets = batch.targets[has_target]
+        # Boolean indexing is a host sync, but it removes the vocabulary projection for every non-target position.
+        logits = parts.head(hidden[has_target])
+    logits = logits.float()
+    scaling = getattr(parts.config, "logits_scaling", None)  # Granite-family models divide logits by this
+    if isinstance(scaling, (int, float)) and scaling not in (0, 1):
+        logits = logits / scaling
+    softcap = getattr(parts.config, "final_logit_softcapping", None)  # Gemma-family models cap logits
+    if isinstance(softcap, (int, float)) and softcap > 0:
+        logits = torch.tanh(logits / softcap) * softcap
+    loss_sum = nn.functional.cross_entropy(logits, targets, reduction="sum")
+    return loss_sum, int(targets.numel())

@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# Starts, stops and reports the real services the tests run against — PostgreSQL, Redis and a single-node Apache
+# Kafka (KRaft) — all on 127.0.0.1 at free ports, with state and logs under var/services/ of this checkout.
+#
+#   scripts/services.sh start      install missing Debian packages, start every service, write var/services/env.sh
+#   scripts/services.sh stop       stop every service (idempotent; also after a partial or aborted start)
+#   scripts/services.sh status     say which services run, where, and which version
+#   scripts/services.sh packages   only install missing Debian packages
+#
+# Each service is a module scripts/services/<name>.sh defining <name>_start, <name>_stop and <name>_status;
+# <name>_start leaves var/services/<name>/{env,port,version}. Adding one (HAProxy in front of the control plane,
+# say) means adding a module and its name to SERVICES. See docs/operations/services.md.
+set -euo pipefail
+shopt -s inherit_errexit
+
+SERVICES_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+SERVICES_LIB="$SERVICES_ROOT/scripts/services"
+SERVICES_STATE="$SERVICES_ROOT/var/services"
+SERVICES_ENV="$SERVICES_STATE/env.sh"
+# Start order; stop runs in reverse.
+SERVICES=(postgres redis kafka)
+
+# shellcheck source=services/lib.sh
+source "$SERVICES_LIB/lib.sh"
+for service in "${SERVICES[@]}"; do
+  # shellcheck source=/dev/null
+  source "$SERVICES_LIB/$service.sh"
+done
+
+# One services.sh at a time per checkout: a `stop` from a trap must not interleave with a `start` elsewhere.
+lock_state() {
+  mkdir -p "$SERVICES_STATE"
+  exec 9>"$SERVICES_STATE/.lock"
+  flock -w 300 9 || die "another scripts/services.sh has held $SERVICES_STATE/.lock for 5 minutes"
+}
+
+write_env() {
+  local service versions=()
+  for service in "${SERVICES[@]}"; do
+    versions+=("$service=$(<"$SERVICES_STATE/$service/version")")
+  done
+  (
+    umask 077
+    {
+      echo "# Written by scripts/services.sh start on $(date -u +%Y-%m-%dT%H:%M:%SZ); removed by stop."
+      echo "# Source it to run a test by hand against the running services."
+      for service in "${SERVICES[@]}"; do
+        cat "$SERVICES_STATE/$service/env"
+      done
+      # Tests that need a service fail instead of skipping while this is set.
+      echo "export FEDNESTED_REQUIRE_SERVICES='1'"
+      echo "export FEDNESTED_SERVICES_VERSIONS='${versions[*]}'"
+      echo "export FEDNESTED_SERVICES_DIR='$SERVICES_STATE'"
+    } >"$SERVICES_ENV.tmp"
+    mv "$SERVICES_ENV.tmp" "$SERVICES_ENV"
+  )
+}
+
+cmd_start() {
+  local service start total_start=$EPOCHREALTIME
+  lock_state
+  ensure_debian_packages
+  rm -f "$SERVICES_ENV"
+  for service in "${SERVICES[@]}"; do
+    start=$EPOCHREALTIME
+    if "${service}_status"; then
+      say "$service $(<"$SERVICES_STATE/$service/version") already running on 127.0.0.1:$(<"$SERVICES_STATE/$service/port")"
+      continue
+    fi
+    "${service}_start"
+    say "$service $(<"$SERVICES_STATE/$service/version") on 127.0.0.1:$(<"$SERVICES_STATE/$service/port")" \
+      "started in $(elapsed_since "$start")s (log: var/services/$service/)"
+  done
+  write_env
+  say "all services up in $(elapsed_since "$total_start")s; environment in $SERVICES_ENV"
+}
+
+cmd_stop() {
+  local i service start=$EPOCHREALTIME
+  lock_state
+  rm -f "$SERVICES_ENV"
+  for ((i = ${#SERVICES[@]} - 1; i >= 0; i--)); do
+    service=${SERVICES[i]}
+    "${service}_stop"
+  done
+  say "all services stopped in $(elapsed_since "$start")s (logs kept in $SERVICES_STATE)"
+}
+
+cmd_status() {
+  local service down=0
+  for service in "${SERVICES[@]}"; do
+    if "${service}_status"; then
+      printf '%-9s running  127.0.0.1:%s  version %s\n' "$service" \
+        "$(<"$SERVICES_STATE/$service/port")" "$(<"$SERVICES_STATE/$service/version")"
+    else
+      printf '%-9s stopped\n' "$service"
+      down=1
+    fi
+  done
+  return "$down"
+}
+
+case "${1:-}" in
+  start) cmd_start ;;
+  stop) cmd_stop ;;
+  status) cmd_status ;;
+  packages) ensure_debian_packages ;;
+  *)
+    echo "usage: $0 start|stop|status|packages" >&2
+    exit 2
+    ;;
+esac

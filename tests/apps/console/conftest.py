@@ -1,0 +1,70 @@
+"""Console fixtures: a registry scene with a champion, a candidate awaiting approval and a rejected update."""
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from apps.federation.services import receive_update, reject_update
+from apps.governance.services import request_approval
+from apps.registry.choices import CHAMPION_ALIAS, VersionStatus
+from apps.registry.models import ModelFamily, ModelVersion
+from apps.registry.services import move_alias, register_version, set_version_status
+from tests.conftest import Member, make_artifacts, make_manifest
+
+PASSWORD = "console-test-password-1"
+
+PARENT_SCORES = {
+    "cooking": {"loss": 3.0, "perplexity": 20.09},
+    "legal": {"loss": 2.5, "perplexity": 12.18},
+    "medical": {"loss": 2.0, "perplexity": 7.39},
+}
+CANDIDATE_SCORES = {
+    "cooking": {"loss": 2.4, "perplexity": 11.02},
+    "legal": {"loss": 2.75, "perplexity": 15.64},
+    "medical": {"loss": 2.001, "perplexity": 7.40},
+}
+
+
+def _register(
+    family: ModelFamily, version_id: str, *, parent: ModelVersion | None, scores: dict[str, Any], updates: list[str]
+) -> ModelVersion:
+    artifacts = make_artifacts(version_id)
+    manifest = make_manifest(version_id, parent.version_id if parent else None, artifacts)
+    manifest["evaluation"] = scores
+    return register_version(
+        family=family,
+        version_id=version_id,
+        manifest=manifest,
+        artifacts=artifacts,
+        artifact_uri=f"file:///artifacts/{version_id}",
+        parent=parent,
+        contributing_updates=updates,
+        actor=None,
+        actor_label="tests",
+    )
+
+
+@pytest.fixture
+def scene(
+    cast: dict[str, Member], family_factory: Callable[..., ModelFamily], envelope_factory: Callable[..., Any]
+) -> dict[str, Any]:
+    """v1 champion; v2 a candidate built from one applied-looking update, awaiting approval the engineer requested;
+    one update rejected with a reason."""
+    for member in ("officer", "engineer"):
+        user = cast[member].user
+        assert user is not None
+        user.set_password(PASSWORD)
+        user.save()
+    family = family_factory()
+    v1 = _register(family, "v1", parent=None, scores=PARENT_SCORES, updates=[])
+    set_version_status(v1, VersionStatus.CHAMPION, actor=None, actor_label="tests")
+    move_alias(name=CHAMPION_ALIAS, version=v1, actor=None, actor_label="tests")
+    device = cast["device"].device
+    assert device is not None
+    good, _ = receive_update(envelope_factory(client_id=device.client_id, base_version="v1"), device=device)
+    bad, _ = receive_update(envelope_factory(client_id=device.client_id, base_version="v1"), device=device)
+    reject_update(bad, "non_finite", "tensor 'lora_A.expert3' has 12 NaN values", actor_label="tests")
+    v2 = _register(family, "v2", parent=v1, scores=CANDIDATE_SCORES, updates=[good.update_id])
+    approval = request_approval(v2, actor=cast["engineer"].user, note="round 1 of the demo")
+    return {"v1": v1, "v2": v2, "approval": approval, "good": good, "bad": bad, "device": device, "password": PASSWORD}

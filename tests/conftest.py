@@ -1,0 +1,201 @@
+"""Shared fixtures: the fixed cast of users (officer, engineer, device, outsider, anonymous) and explicit factories.
+
+Every factory builds rows through the real services, so fixtures obey the same rules (and write the same audit
+rows) as production code.
+"""
+
+import hashlib
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import pytest
+from django.utils import timezone
+from rest_framework.test import APIClient
+
+from apps.accounts.choices import Role
+from apps.accounts.models import User
+from apps.accounts.services import create_user_with_role, issue_api_token
+from apps.federation.models import EdgeDevice, Round
+from apps.federation.services import enroll_device, issue_enrollment_token, open_round
+from apps.registry.choices import ArtifactPartition
+from apps.registry.models import ModelFamily, ModelVersion
+from apps.registry.services import ArtifactSpec, create_model_family, register_version
+
+CAST = ("officer", "engineer", "device", "outsider", "anonymous")
+
+
+@dataclass
+class Member:
+    """One member of the cast: the user (None for anonymous) and an API client authenticated as that user."""
+
+    name: str
+    user: User | None
+    token: str
+    client: APIClient
+    device: EdgeDevice | None = None
+
+
+def _client(token: str) -> APIClient:
+    client = APIClient()
+    if token:
+        client.credentials(HTTP_AUTHORIZATION=f"Token {token}")
+    return client
+
+
+def make_user(username: str, role: str) -> tuple[User, str]:
+    user = create_user_with_role(username=username, role=role, actor=None, actor_label="tests")
+    _, token = issue_api_token(user, actor=None, actor_label="tests", name="tests")
+    return user, token
+
+
+def make_device(engineer: User, client_id: str, *, domain: str = "automotive") -> tuple[EdgeDevice, str]:
+    _, enrollment_token = issue_enrollment_token(actor=engineer, note=f"for {client_id}")
+    enrollment = enroll_device(token=enrollment_token, client_id=client_id, display_name=client_id, domain=domain)
+    return enrollment.device, enrollment.api_token
+
+
+@pytest.fixture
+def cast(db: Any) -> dict[str, Member]:
+    """The fixed cast, each with an authenticated API client; the device is enrolled through the real service."""
+    officer, officer_token = make_user("olivia-officer", Role.OFFICER)
+    engineer, engineer_token = make_user("eric-engineer", Role.ENGINEER)
+    # An outsider is an authenticated user with no role at all.
+    outsider, outsider_token = make_user("oscar-outsider", "")
+    device, device_token = make_device(engineer, "car-0001")
+    return {
+        "officer": Member("officer", officer, officer_token, _client(officer_token)),
+        "engineer": Member("engineer", engineer, engineer_token, _client(engineer_token)),
+        "device": Member("device", device.user, device_token, _client(device_token), device=device),
+        "outsider": Member("outsider", outsider, outsider_token, _client(outsider_token)),
+        "anonymous": Member("anonymous", None, "", _client("")),
+    }
+
+
+def artifact_bytes(version_id: str, file_name: str) -> bytes:
+    """Deterministic stand-in file contents, so sha256 and sizes in the registry are real digests of real bytes."""
+    return f"{version_id}/{file_name}".encode() * 16
+
+
+def make_artifacts(version_id: str) -> list[ArtifactSpec]:
+    files = [
+        ("core.safetensors", ArtifactPartition.CORE, None, None),
+        ("gate.safetensors", ArtifactPartition.GATE, None, None),
+        ("experts/layer0_expert0.safetensors", ArtifactPartition.EXPERT, 0, 0),
+        ("experts/layer0_expert1.safetensors", ArtifactPartition.EXPERT, 0, 1),
+        ("config.json", ArtifactPartition.CONFIG, None, None),
+    ]
+    specs = []
+    for name, partition, layer, expert in files:
+        content = artifact_bytes(version_id, name)
+        specs.append(
+            ArtifactSpec(
+                file_name=name,
+                sha256=hashlib.sha256(content).hexdigest(),
+                size_bytes=len(content),
+                partition=partition,
+                layer=layer,
+                expert_index=expert,
+            )
+        )
+    return specs
+
+
+def make_manifest(version_id: str, parent: str | None, artifacts: list[ArtifactSpec]) -> dict[str, Any]:
+    return {
+        "version_id": version_id,
+        "architecture": "MixtralForCausalLM",
+        "parent": parent,
+        "files": {spec.file_name: {"sha256": spec.sha256, "bytes": spec.size_bytes} for spec in artifacts},
+        "partition_map": {"core": ["model.embed_tokens"], "gate": ["model.layers.0.mlp.gate"]},
+    }
+
+
+@pytest.fixture
+def family_factory(db: Any) -> Callable[..., ModelFamily]:
+    def build(name: str = "tiny-moe", actor: User | None = None) -> ModelFamily:
+        return create_model_family(
+            name=name, architecture="MixtralForCausalLM", config={"num_local_experts": 2}, actor=actor
+        )
+
+    return build
+
+
+@pytest.fixture
+def version_factory(db: Any) -> Callable[..., ModelVersion]:
+    def build(
+        family: ModelFamily, version_id: str, *, parent: ModelVersion | None = None, actor: User | None = None
+    ) -> ModelVersion:
+        artifacts = make_artifacts(version_id)
+        return register_version(
+            family=family,
+            version_id=version_id,
+            manifest=make_manifest(version_id, parent.version_id if parent else None, artifacts),
+            artifacts=artifacts,
+            artifact_uri=f"file:///artifacts/{version_id}",
+            parent=parent,
+            datasets=["synthetic-automotive-v1"],
+            runs=[f"run-{version_id}"],
+            actor=actor,
+            actor_label="tests" if actor is None else "",
+        )
+
+    return build
+
+
+@pytest.fixture
+def round_factory(db: Any) -> Callable[..., Round]:
+    def build(
+        base_version: ModelVersion, *, actor: User | None = None, k: int = 2, round_id: str | None = None
+    ) -> Round:
+        deadline: datetime = timezone.now() + timedelta(hours=1)
+        return open_round(
+            base_version=base_version, buffer_size_k=k, deadline_at=deadline, actor=actor, round_id=round_id
+        )
+
+    return build
+
+
+@pytest.fixture
+def envelope_factory() -> Callable[..., dict[str, Any]]:
+    return make_envelope
+
+
+@pytest.fixture
+def user_factory(db: Any) -> Callable[[str, str], tuple[User, str]]:
+    """(user, API token plaintext) for a new user with the given role ('' for none)."""
+    return make_user
+
+
+@pytest.fixture
+def device_factory(db: Any) -> Callable[..., tuple[EdgeDevice, str]]:
+    """(device, API token plaintext) for a device enrolled through the real enrollment service."""
+    return make_device
+
+
+def make_envelope(
+    *, client_id: str, base_version: str, round_id: str | None = None, update_id: str | None = None, examples: int = 12
+) -> dict[str, Any]:
+    """A valid UpdateEnvelope (wire schema v1) as the JSON a device would send."""
+    payload = f"delta-{update_id or 'x'}".encode()
+    return {
+        "schema": "UpdateEnvelope",
+        "schema_version": 1,
+        "update_id": update_id or str(uuid.uuid4()),
+        "client_id": client_id,
+        "base_version": base_version,
+        "round_id": round_id,
+        "examples": examples,
+        "routed_tokens": {"0.0": 300, "0.1": 124},
+        "metrics": {"loss": 1.25},
+        "payload": {
+            "uri": f"file:///artifacts/updates/{client_id}/{update_id or 'x'}.safetensors",
+            "sha256": hashlib.sha256(payload).hexdigest(),
+            "size_bytes": len(payload),
+        },
+        "adapter": {"rank": 4, "alpha": 8.0, "target_modules": ["w1", "w2", "w3"]},
+        "created_at": "2026-01-01T00:00:00Z",
+        "signature": "",
+    }

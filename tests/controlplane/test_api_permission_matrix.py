@@ -1,0 +1,220 @@
+"""The permission matrix: every endpoint and method, for each member of the fixed cast, driven by one table.
+
+Each row names the request and the status code each member gets; a refused write must leave the database as it was.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from django.utils import timezone
+
+from apps.accounts.models import ApiToken, User
+from apps.federation.models import EdgeDevice, EnrollmentToken, Round, TrainingTask, Update
+from apps.federation.services import create_training_task, issue_enrollment_token, receive_update
+from apps.governance.models import ApprovalDecision, ApprovalRequest, AuditEvent
+from apps.governance.services import approve_version, request_approval
+from apps.registry.models import Alias, LineageEdge, ModelFamily, ModelVersion, VersionArtifact
+
+World = dict[str, Any]
+Body = Callable[[World], dict[str, Any]] | None
+
+
+@dataclass(frozen=True)
+class Row:
+    """One request and the status code for officer, engineer, device, outsider, anonymous (in that order)."""
+
+    method: str
+    path: str
+    codes: tuple[int, int, int, int, int]
+    body: Body = None
+    note: str = field(default="", compare=False)
+
+
+READ_ALL_BUT_DEVICE = (200, 200, 403, 403, 401)
+READ_WITH_DEVICE = (200, 200, 200, 403, 401)
+ENGINEER_WRITES = (403, 201, 403, 403, 401)
+ENGINEER_ACTS = (403, 200, 403, 403, 401)
+OFFICER_ACTS = (200, 403, 403, 403, 401)
+
+
+def version_body(world: World) -> dict[str, Any]:
+    sha = "ab" * 32
+    return {
+        "family": "tiny-moe",
+        "version_id": "tiny-moe-v9",
+        "parent": "tiny-moe-v1",
+        "manifest": {"version_id": "tiny-moe-v9", "files": {"core.safetensors": sha}},
+        "artifact_uri": "file:///artifacts/tiny-moe-v9",
+        "artifacts": [{"file_name": "core.safetensors", "sha256": sha, "size_bytes": 10, "partition": "core"}],
+        "datasets": ["synthetic-v2"],
+    }
+
+
+def envelope_body(world: World) -> dict[str, Any]:
+    return world["envelope_factory"](client_id="car-0001", base_version="tiny-moe-v1", round_id="round-a")
+
+
+ROWS = [
+    Row("get", "/api/v1/me/", (200, 200, 200, 403, 401)),
+    # registry
+    Row("get", "/api/v1/families/", READ_ALL_BUT_DEVICE),
+    Row("post", "/api/v1/families/", ENGINEER_WRITES, lambda w: {"name": "other-moe", "architecture": "Qwen2Moe"}),
+    Row("get", "/api/v1/families/tiny-moe/", READ_ALL_BUT_DEVICE),
+    Row("put", "/api/v1/families/tiny-moe/", (405, 405, 403, 403, 401), lambda w: {"name": "x", "architecture": "y"}),
+    Row("delete", "/api/v1/families/tiny-moe/", (405, 405, 403, 403, 401)),
+    Row("get", "/api/v1/versions/", READ_ALL_BUT_DEVICE),
+    Row("post", "/api/v1/versions/", ENGINEER_WRITES, version_body),
+    Row("get", "/api/v1/versions/tiny-moe-v1/", READ_ALL_BUT_DEVICE),
+    Row("get", "/api/v1/versions/tiny-moe-v1/lineage/", READ_ALL_BUT_DEVICE),
+    Row("patch", "/api/v1/versions/tiny-moe-v1/", (405, 405, 403, 403, 401), lambda w: {"manifest": {"x": 1}}),
+    Row("delete", "/api/v1/versions/tiny-moe-v1/", (405, 405, 403, 403, 401)),
+    Row("get", "/api/v1/aliases/", READ_WITH_DEVICE),
+    Row("get", "/api/v1/aliases/champion/", READ_WITH_DEVICE),
+    Row("get", "/api/v1/aliases/candidate/", (200, 200, 404, 403, 401), note="devices see only champion"),
+    Row("post", "/api/v1/aliases/candidate/move/", ENGINEER_ACTS, lambda w: {"version": "tiny-moe-v2"}),
+    Row("post", "/api/v1/aliases/champion/move/", (403, 403, 403, 403, 401), lambda w: {"version": "tiny-moe-v2"}),
+    # federation
+    Row("get", "/api/v1/devices/", READ_WITH_DEVICE),
+    Row("get", "/api/v1/devices/car-0001/", READ_WITH_DEVICE),
+    Row("get", "/api/v1/devices/car-0002/", (200, 200, 404, 403, 401), note="a device sees only itself"),
+    Row("post", "/api/v1/devices/car-0002/revoke/", ENGINEER_ACTS, lambda w: {"reason": "lost"}),
+    Row("delete", "/api/v1/devices/car-0002/", (405, 405, 405, 403, 401)),
+    Row("get", "/api/v1/enrollment-tokens/", READ_ALL_BUT_DEVICE),
+    Row("post", "/api/v1/enrollment-tokens/", ENGINEER_WRITES, lambda w: {"note": "for car-0100"}),
+    Row("get", "/api/v1/enrollment-tokens/{enrollment_token}/", READ_ALL_BUT_DEVICE),
+    Row(
+        "post",
+        "/api/v1/enroll/",
+        (201, 201, 201, 201, 201),
+        lambda w: {"token": w["enrollment_plaintext"], "client_id": "car-0099"},
+        note="the token is the credential",
+    ),
+    Row("get", "/api/v1/rounds/", READ_WITH_DEVICE),
+    Row(
+        "post",
+        "/api/v1/rounds/",
+        ENGINEER_WRITES,
+        lambda w: {
+            "base_version": "tiny-moe-v1",
+            "buffer_size_k": 3,
+            "deadline_at": (timezone.now() + timedelta(hours=2)).isoformat(),
+        },
+    ),
+    Row("get", "/api/v1/rounds/round-a/", READ_WITH_DEVICE),
+    Row("post", "/api/v1/rounds/round-a/close/", ENGINEER_ACTS, lambda w: {"reason": "enough"}),
+    Row("get", "/api/v1/tasks/", READ_ALL_BUT_DEVICE),
+    Row("post", "/api/v1/tasks/", ENGINEER_WRITES, lambda w: {"kind": "evaluation", "params": {"version": "v1"}}),
+    Row("get", "/api/v1/tasks/{task}/", READ_ALL_BUT_DEVICE),
+    Row("get", "/api/v1/updates/", READ_WITH_DEVICE),
+    Row("get", "/api/v1/updates/{own_update}/", READ_WITH_DEVICE),
+    Row("get", "/api/v1/updates/{other_update}/", (200, 200, 404, 403, 401), note="a device sees only its updates"),
+    Row("post", "/api/v1/updates/", (403, 403, 201, 403, 401), envelope_body),
+    Row("delete", "/api/v1/updates/{own_update}/", (405, 405, 405, 403, 401)),
+    # governance
+    Row("get", "/api/v1/approvals/", READ_ALL_BUT_DEVICE),
+    Row("post", "/api/v1/approvals/", ENGINEER_WRITES, lambda w: {"version": "tiny-moe-v3", "note": "please"}),
+    Row("get", "/api/v1/approvals/{approval}/", READ_ALL_BUT_DEVICE),
+    Row("post", "/api/v1/approvals/{approval}/approve/", OFFICER_ACTS, lambda w: {"reason": "evaluated"}),
+    Row("post", "/api/v1/approvals/{approval}/reject/", OFFICER_ACTS, lambda w: {"reason": "regresses medical"}),
+    Row("delete", "/api/v1/approvals/{approval}/", (405, 405, 403, 403, 401)),
+    Row("get", "/api/v1/audit-events/", (200, 403, 403, 403, 401)),
+    Row("get", "/api/v1/audit-events/{audit_event}/", (200, 403, 403, 403, 401)),
+    Row("delete", "/api/v1/audit-events/{audit_event}/", (405, 403, 403, 403, 401)),
+    # schema and docs are public
+    Row("get", "/api/v1/schema/", (200, 200, 200, 200, 200)),
+    Row("get", "/api/v1/docs/", (200, 200, 200, 200, 200)),
+]
+
+CAST_ORDER = ("officer", "engineer", "device", "outsider", "anonymous")
+CASES = [
+    pytest.param(row, member, row.codes[index], id=f"{row.method.upper()} {row.path} as {member}")
+    for row in ROWS
+    for index, member in enumerate(CAST_ORDER)
+]
+
+SNAPSHOT_MODELS = [
+    User,
+    ModelFamily,
+    ModelVersion,
+    VersionArtifact,
+    LineageEdge,
+    Alias,
+    EdgeDevice,
+    EnrollmentToken,
+    Round,
+    TrainingTask,
+    Update,
+    ApprovalRequest,
+    ApprovalDecision,
+    AuditEvent,
+]
+
+
+def snapshot() -> dict[str, list[dict[str, Any]]]:
+    """Every row of every domain table (API tokens without last_used_at, which authentication touches)."""
+    rows = {model.__name__: list(model.objects.order_by("pk").values()) for model in SNAPSHOT_MODELS}
+    rows["ApiToken"] = list(ApiToken.objects.order_by("pk").values("id", "user_id", "key_sha256", "revoked_at"))
+    return rows
+
+
+@pytest.fixture
+def world(
+    cast: dict[str, Any],
+    family_factory: Callable[..., Any],
+    version_factory: Callable[..., Any],
+    round_factory: Callable[..., Any],
+    device_factory: Callable[..., Any],
+    envelope_factory: Callable[..., Any],
+) -> World:
+    """One of everything, so every detail and action endpoint has a target."""
+    engineer, officer = cast["engineer"].user, cast["officer"].user
+    family = family_factory("tiny-moe", actor=engineer)
+    v1 = version_factory(family, "tiny-moe-v1", actor=engineer)
+    approve_version(request_approval(v1, actor=engineer), actor=officer, reason="first champion")
+    v2 = version_factory(family, "tiny-moe-v2", parent=v1, actor=engineer)
+    version_factory(family, "tiny-moe-v3", parent=v1, actor=engineer)
+    from apps.registry.services import move_alias
+
+    move_alias(name="candidate", version=v1, actor=engineer)
+    approval = request_approval(v2, actor=engineer)
+    round_factory(v1, actor=engineer, round_id="round-a")
+    other_device, _ = device_factory(engineer, "car-0002")
+    own_update, _ = receive_update(
+        envelope_factory(client_id="car-0001", base_version="tiny-moe-v1", round_id="round-a"),
+        device=cast["device"].device,
+    )
+    other_update, _ = receive_update(
+        envelope_factory(client_id="car-0002", base_version="tiny-moe-v1", round_id="round-a"), device=other_device
+    )
+    task = create_training_task(kind="evaluation", actor=engineer, params={"version": "tiny-moe-v2"})
+    token, plaintext = issue_enrollment_token(actor=engineer, note="spare")
+    return {
+        "cast": cast,
+        "envelope_factory": envelope_factory,
+        "approval": approval.pk,
+        "task": task.pk,
+        "own_update": own_update.update_id,
+        "other_update": other_update.update_id,
+        "enrollment_token": token.pk,
+        "enrollment_plaintext": plaintext,
+        "audit_event": AuditEvent.objects.order_by("pk").first().pk,  # type: ignore[union-attr]
+    }
+
+
+@pytest.mark.parametrize(("row", "member", "expected"), CASES)
+def test_permission_matrix(world: World, row: Row, member: str, expected: int) -> None:
+    client = world["cast"][member].client
+    path = row.path.format(**world)
+    body = row.body(world) if row.body is not None else None
+    before = snapshot()
+    response = (
+        getattr(client, row.method)(path, data=body, format="json")
+        if body is not None
+        else getattr(client, row.method)(path)
+    )
+    assert response.status_code == expected, f"{row.method.upper()} {path} as {member}: {response.content[:300]!r}"
+    if row.method != "get" and expected >= 400:
+        assert snapshot() == before, f"refused {row.method.upper()} {path} as {member} changed the database"

@@ -1,0 +1,117 @@
+"""Settings helpers, system checks, migrations, Celery queues, ASGI routing and the served OpenAPI docs."""
+
+from io import StringIO
+from pathlib import Path
+
+import pytest
+from django.core.exceptions import ImproperlyConfigured
+from django.core.management import call_command
+
+from controlplane.settings import database_from_url, envbool, envint, envlist, envstr
+
+
+def test_envstr_reads_secret_from_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("s3cr3t\n", encoding="utf-8")
+    monkeypatch.setenv("FN_TEST_SECRET", "from-env")
+    monkeypatch.setenv("FN_TEST_SECRET_FILE", str(secret))
+    assert envstr("FN_TEST_SECRET", "default") == "s3cr3t"
+
+
+def test_envstr_file_that_cannot_be_read_names_the_variable(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("FN_TEST_SECRET_FILE", str(tmp_path / "missing"))
+    with pytest.raises(ImproperlyConfigured, match="FN_TEST_SECRET_FILE"):
+        envstr("FN_TEST_SECRET", "")
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"), [("1", True), ("yes", True), ("False", False), ("off", False), ("", True)]
+)
+def test_envbool_words(monkeypatch: pytest.MonkeyPatch, raw: str, expected: bool) -> None:
+    monkeypatch.setenv("FN_TEST_FLAG", raw)
+    assert envbool("FN_TEST_FLAG", True) is expected
+
+
+def test_envbool_and_envint_reject_garbage_with_the_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FN_TEST_FLAG", "maybe")
+    monkeypatch.setenv("FN_TEST_INT", "12x")
+    with pytest.raises(ImproperlyConfigured, match="FN_TEST_FLAG='maybe'"):
+        envbool("FN_TEST_FLAG", False)
+    with pytest.raises(ImproperlyConfigured, match="FN_TEST_INT='12x'"):
+        envint("FN_TEST_INT", 3)
+
+
+def test_envint_and_envlist(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FN_TEST_INT", " 42 ")
+    monkeypatch.setenv("FN_TEST_LIST", "a.example, b.example,,")
+    assert envint("FN_TEST_INT", 1) == 42
+    assert envint("FN_TEST_UNSET_INT", 7) == 7
+    assert envlist("FN_TEST_LIST", "") == ["a.example", "b.example"]
+
+
+def test_database_from_url_postgres() -> None:
+    config = database_from_url("postgres://fed:p%40ss@db.internal:5433/fednested?sslmode=require")
+    assert config["ENGINE"] == "django.db.backends.postgresql"
+    assert (config["NAME"], config["USER"], config["PASSWORD"]) == ("fednested", "fed", "p@ss")
+    assert (config["HOST"], config["PORT"]) == ("db.internal", "5433")
+    assert config["OPTIONS"] == {"sslmode": "require"}
+
+
+def test_database_from_url_sqlite_and_errors() -> None:
+    assert database_from_url("sqlite:///var/db.sqlite3") == {
+        "ENGINE": "django.db.backends.sqlite3",
+        "NAME": "var/db.sqlite3",
+    }
+    assert database_from_url("sqlite:////tmp/x.sqlite3")["NAME"] == "/tmp/x.sqlite3"
+    assert database_from_url("sqlite://:memory:")["NAME"] == ":memory:"
+    with pytest.raises(ImproperlyConfigured, match="names no database"):
+        database_from_url("postgres://u@h:5432/")
+    with pytest.raises(ImproperlyConfigured, match="'mysql' is not supported"):
+        database_from_url("mysql://u@h/db")
+
+
+def test_system_checks_are_clean_at_warning_level() -> None:
+    call_command("check", fail_level="WARNING", stdout=StringIO())
+
+
+@pytest.mark.django_db
+def test_migrations_match_models() -> None:
+    # Exits non-zero (SystemExit) when a model change has no migration.
+    call_command("makemigrations", check=True, dry_run=True, stdout=StringIO())
+
+
+def test_celery_has_one_queue_per_job_kind_and_routes_worker_modules() -> None:
+    from controlplane.celery import app
+
+    assert {queue.name for queue in app.conf.task_queues} == {"training", "aggregation", "evaluation", "promotion"}
+    router = app.amqp.router
+    route = router.route({}, "workers.aggregation.aggregate_round_task", args=(1,), kwargs={})
+    assert route["queue"].name == "aggregation"
+
+
+def test_asgi_routes_http_and_websocket() -> None:
+    from controlplane.asgi import application
+
+    assert set(application.application_mapping) == {"http", "websocket"}
+
+
+@pytest.mark.django_db
+def test_openapi_schema_and_swagger_ui_are_served_to_anonymous_without_a_cdn(client: object) -> None:
+    from django.test import Client
+
+    assert isinstance(client, Client)
+    schema = client.get("/api/v1/schema/", HTTP_ACCEPT="application/vnd.oai.openapi+json")
+    assert schema.status_code == 200
+    paths = schema.json()["paths"]
+    for expected in (
+        "/api/v1/versions/",
+        "/api/v1/enroll/",
+        "/api/v1/approvals/{id}/approve/",
+        "/api/v1/audit-events/",
+    ):
+        assert expected in paths
+    docs = client.get("/api/v1/docs/")
+    assert docs.status_code == 200
+    html = docs.content.decode()
+    assert "drf_spectacular_sidecar" in html
+    assert "cdn" not in html.lower()

@@ -1,0 +1,34 @@
+"""Kafka bus specifics beyond the shared contract: missing topics are reported, never auto-created."""
+
+import os
+import uuid
+from datetime import UTC, datetime
+
+import pytest
+
+from fednested.messaging import BusError, KafkaBusSettings, Telemetry, Topic, TopicsConfig, make_bus
+
+pytestmark = pytest.mark.kafka
+NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def unbootstrapped() -> KafkaBusSettings:
+    servers = os.environ.get("FEDNESTED_KAFKA_BOOTSTRAP")
+    if not servers:
+        if os.environ.get("FEDNESTED_REQUIRE_SERVICES") == "1":
+            pytest.fail("FEDNESTED_REQUIRE_SERVICES=1 but FEDNESTED_KAFKA_BOOTSTRAP is not set: Kafka is not running")
+        pytest.skip("Kafka not running: `scripts/services.sh start && source var/services/env.sh`")
+    return KafkaBusSettings(bootstrap_servers=servers, topics=TopicsConfig(prefix=f"missing-{uuid.uuid4().hex[:10]}."))
+
+
+def test_publish_and_consume_on_topics_never_bootstrapped_say_what_to_run(unbootstrapped: KafkaBusSettings) -> None:
+    event = Telemetry(
+        client_id="edge-1", loss=1.0, steps=1, duration_s=1.0, outcome="succeeded", started_at=NOW, finished_at=NOW
+    )
+    name = unbootstrapped.topics.physical_name(Topic.TELEMETRY)
+    with make_bus(unbootstrapped) as bus:
+        with pytest.raises(BusError, match=f"topic '{name}' does not exist on Kafka at .*bootstrap-topics"):
+            bus.publish(Topic.TELEMETRY, event)
+        with pytest.raises(BusError, match=rf"topic\(s\) {name} do not exist on Kafka at .*bootstrap-topics"):
+            bus.consumer("g", [Topic.TELEMETRY])
