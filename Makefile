@@ -32,7 +32,7 @@ djangocheck:
 # exit). Every stage runs even after one fails, so one lint error does not hide the test results; the summary at
 # the end names the stages that failed.
 test:
-	export FEDNESTED_SERVICES_ENV="$(CURDIR)/var/services/env.sh"
+	@export FEDNESTED_SERVICES_ENV="$(CURDIR)/var/services/env.sh"
 	trap 'scripts/services.sh stop' EXIT
 	trap 'exit 130' INT
 	trap 'exit 143' TERM

@@ -12,8 +12,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from fednested.checkpoints import ADAPTERS_NAME, save_update
-
 from edge_client.enrollment import ensure_enrolled
 from edge_client.errors import EdgeClientError
 from edge_client.local_training import LocalTrainingResult, adapter_summary, train_local_adapters
@@ -26,6 +24,8 @@ from edge_client.transport.bus import EventPublisher
 from edge_client.transport.http import ChampionInfo, ControlPlaneClient, ControlPlaneRejected, ControlPlaneUnavailable
 from edge_client.transport.retry import RetriesExhausted, RetryPolicy, call_with_retries
 from fednested.adapters import ExpertLoraConfig, attach_expert_adapters
+from fednested.checkpoints import ADAPTERS_NAME, save_update
+from fednested.config import Tier2Config
 from fednested.data.jsonl import JsonlFormatError, read_jsonl_files
 from fednested.data.records import Record
 from fednested.messaging.bus import Consumer, Message, make_bus
@@ -39,7 +39,8 @@ StopReason = Literal["goals_met", "max_wait", "interrupted"]
 
 @dataclass(frozen=True)
 class ClientSettings:
-    """Everything one device run needs, resolved to concrete values (built from the tier2 config file)."""
+    """Everything one device run needs, resolved to concrete values; `from_config` builds it from a tier2 config
+    file (fednested.config.Tier2Config), tests may build it directly."""
 
     client_id: str
     control_plane_url: str
@@ -66,6 +67,29 @@ class ClientSettings:
     @property
     def resolved_audit_log(self) -> Path:
         return self.audit_log or self.state_dir / "audit" / "audit.jsonl"
+
+    @classmethod
+    def from_config(cls, config: Tier2Config) -> ClientSettings:
+        """Map the tier2 config (paths already resolved against the config file's directory by load_config)."""
+        return cls(
+            client_id=config.client_id,
+            control_plane_url=config.control_plane_url,
+            token_file=config.enrollment_token_file,
+            state_dir=config.state_dir,
+            policy_file=config.sidecar_policy_path,
+            data_files=tuple(config.data.train_files),
+            strict_data=config.data.strict,
+            bus=config.bus,
+            adapter=ExpertLoraConfig(**config.adapter.model_dump()),
+            training=EdgeTrainConfig(**config.training.model_dump()),
+            quantize_bits=config.model.quantize_bits,
+            display_name=config.display_name,
+            spool_dir=config.spool_dir,
+            audit_log=config.audit_log_path,
+            retry=RetryPolicy(**config.retry.model_dump()),
+            http_timeout_s=config.http_timeout_s,
+            poll_interval_s=config.poll_interval_s,
+        )
 
 
 @dataclass(frozen=True)
@@ -448,7 +472,12 @@ class ClientRun:
 
 
 def run_client(
-    settings: ClientSettings, options: RunOptions | None = None, *, sleep: Callable[[float], None] = time.sleep
+    config: Tier2Config | ClientSettings,
+    options: RunOptions | None = None,
+    *,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> ClientRunReport:
-    """Run one edge client until its goals are met (see RunOptions); returns what it did."""
+    """Run one edge client until its goals are met (see RunOptions); returns what it did. Raises EdgeClientError
+    (with a message naming what was wrong and where) when it cannot go on."""
+    settings = config if isinstance(config, ClientSettings) else ClientSettings.from_config(config)
     return ClientRun(settings, options or RunOptions(), sleep=sleep).run()

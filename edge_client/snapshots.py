@@ -13,10 +13,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from typing import Literal
 
-from fednested.checkpoints import CheckpointError, Manifest, load_version, verify_version
-from fednested.quantization import quantize_base
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from edge_client.errors import EdgeClientError
@@ -29,7 +27,9 @@ from edge_client.transport.http import (
     DownloadCorrupt,
 )
 from edge_client.transport.retry import RetryPolicy, call_with_retries
+from fednested.checkpoints import CheckpointError, Manifest, load_version, verify_version
 from fednested.data.tokenizer import load_tokenizer
+from fednested.quantization import quantize_base
 
 QuantizeBits = Literal[0, 4, 8]
 
@@ -194,10 +194,7 @@ def load_base(version: PulledVersion, *, quantize_bits: QuantizeBits = 0) -> Loa
         raise SnapshotError(f"version {version.version_id} in {version.directory} does not load: {exc}") from exc
     tokenizer = load_tokenizer(version.directory)
     if quantize_bits:
-        model = quantize_base(model, bits=quantize_bits)
-    model.eval()
+        # In place (the fp weights are released as each module is replaced); the same model object comes back.
+        quantize_base(model, bits=quantize_bits)
+    model.train(False)
     return LoadedBase(version=version, model=model, tokenizer=tokenizer, quantize_bits=quantize_bits)
-
-
-def describe(version: PulledVersion) -> dict[str, Any]:
-    return {"version_id": version.version_id, "manifest_sha256": version.manifest_sha256}

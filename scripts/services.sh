@@ -7,8 +7,9 @@
 #   scripts/services.sh status     say which services run, where, and which version
 #   scripts/services.sh packages   only install missing Debian packages
 #
-# Each service is a module scripts/services/<name>.sh defining <name>_start, <name>_stop and <name>_status;
-# <name>_start leaves var/services/<name>/{env,port,version}. Adding one (HAProxy in front of the control plane,
+# Each service is a module scripts/services/<name>.sh defining <name>_start, <name>_stop and <name>_status, and
+# optionally <name>_prepare (checks and downloads, run for all services before any starts); <name>_start leaves
+# var/services/<name>/{env,port,version}. Adding one (HAProxy in front of the control plane,
 # say) means adding a module and its name to SERVICES. See docs/operations/services.md.
 set -euo pipefail
 shopt -s inherit_errexit
@@ -20,7 +21,7 @@ SERVICES_ENV="$SERVICES_STATE/env.sh"
 # Start order; stop runs in reverse.
 SERVICES=(postgres redis kafka)
 
-# shellcheck source=services/lib.sh
+# shellcheck source=scripts/services/lib.sh
 source "$SERVICES_LIB/lib.sh"
 for service in "${SERVICES[@]}"; do
   # shellcheck source=/dev/null
@@ -61,6 +62,11 @@ cmd_start() {
   lock_state
   ensure_debian_packages
   rm -f "$SERVICES_ENV"
+  for service in "${SERVICES[@]}"; do
+    if declare -F "${service}_prepare" >/dev/null; then
+      "${service}_prepare"
+    fi
+  done
   for service in "${SERVICES[@]}"; do
     start=$EPOCHREALTIME
     if "${service}_status"; then

@@ -26,7 +26,9 @@ def service_setting(name: str) -> str:
     if value:
         return value
     if os.environ.get("FEDNESTED_REQUIRE_SERVICES") == "1":
-        pytest.fail(f"{name} is not set but FEDNESTED_REQUIRE_SERVICES=1 says the services must be there; {HOW_TO_START}")
+        pytest.fail(
+            f"{name} is not set but FEDNESTED_REQUIRE_SERVICES=1 says the services must be there; {HOW_TO_START}"
+        )
     pytest.skip(f"{name} is not set: the services are not running; {HOW_TO_START}")
 
 
@@ -146,7 +148,7 @@ def test_kafka_round_trips_a_message_through_a_consumer_group(kafka_bootstrap: s
         if message.error():
             raise KafkaException(message.error())
         assert (message.key(), message.value()) == (b"smoke", payload)
-        consumer.commit(message, asynchronous=False)
+        consumer.commit(message=message, asynchronous=False)
     finally:
         consumer.close()
 

@@ -41,7 +41,7 @@ class ApiTokenAuthentication(BaseAuthentication):
         return "Token"
 
 
-class ApiTokenAuthenticationScheme(OpenApiAuthenticationExtension):
+class ApiTokenAuthenticationScheme(OpenApiAuthenticationExtension):  # type: ignore[no-untyped-call]
     """Describes ApiTokenAuthentication in the OpenAPI schema (an `Authorization: Token …` API key)."""
 
     target_class = "apps.accounts.authentication.ApiTokenAuthentication"

@@ -1,4 +1,5 @@
-"""When a buffer of edge updates is ready to aggregate: K updates, or a deadline after the first one arrived.
+"""When a buffer of edge updates is ready to aggregate: K updates, or a deadline (a fixed time, or a wait after the
+first arrival), whichever comes first.
 
 Pure logic on counts and timestamps (FedBuff-style buffering); the caller owns the clock and the storage, so the
 same policy serves the ingest worker (reading the database) and tests (passing fixed times).
@@ -29,21 +30,36 @@ class BufferDecision:
 
 @dataclass(frozen=True)
 class BufferPolicy:
-    """Aggregate once `size` updates are buffered, or once `max_wait` has passed since the oldest buffered update
-    arrived and at least `min_size_at_deadline` are there (a lone straggler need not wait forever, nor trigger a
-    round by itself when that minimum is above 1)."""
+    """Ready once `size` updates are buffered, or at the deadline with at least `min_size_at_deadline` buffered.
+
+    The deadline is the earlier of `deadline_at` (e.g. a round's closing time) and the oldest buffered update's
+    arrival plus `max_wait`; either may be None, not both. A lone straggler thus never waits forever, and with
+    `min_size_at_deadline` above 1 never triggers an aggregation by itself either.
+    """
 
     size: int
-    max_wait: timedelta
+    max_wait: timedelta | None = None
+    deadline_at: datetime | None = None
     min_size_at_deadline: int = 1
 
     def __post_init__(self) -> None:
         if self.size < 1:
             raise ValueError(f"buffer size must be >= 1, got {self.size}")
-        if self.max_wait <= timedelta(0):
+        if self.max_wait is None and self.deadline_at is None:
+            raise ValueError("a buffer policy needs max_wait, deadline_at, or both")
+        if self.max_wait is not None and self.max_wait <= timedelta(0):
             raise ValueError(f"max_wait must be positive, got {self.max_wait}")
+        if self.deadline_at is not None and self.deadline_at.tzinfo is None:
+            raise ValueError("deadline_at must be timezone-aware")
         if not (1 <= self.min_size_at_deadline <= self.size):
             raise ValueError(f"min_size_at_deadline must lie in [1, size={self.size}], got {self.min_size_at_deadline}")
+
+    def deadline(self, oldest_received_at: datetime) -> datetime:
+        """When a buffer whose oldest update arrived at `oldest_received_at` is due at the latest."""
+        candidates = [self.deadline_at] if self.deadline_at is not None else []
+        if self.max_wait is not None:
+            candidates.append(oldest_received_at + self.max_wait)
+        return min(candidates)
 
     def decide(self, *, buffered: int, oldest_received_at: datetime | None, now: datetime) -> BufferDecision:
         """Whether `buffered` updates, the oldest received at `oldest_received_at`, are ready at `now`.
@@ -60,7 +76,7 @@ class BufferPolicy:
             raise ValueError(f"{buffered} buffered updates need the oldest one's arrival time")
         if buffered >= self.size:
             return BufferDecision(ready=True, reason=ReadyReason.FULL, check_again_at=None)
-        deadline = oldest_received_at + self.max_wait
+        deadline = self.deadline(oldest_received_at)
         if now >= deadline:
             if buffered >= self.min_size_at_deadline:
                 return BufferDecision(ready=True, reason=ReadyReason.DEADLINE, check_again_at=None)

@@ -165,12 +165,20 @@ def _line_of(root: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
 
 def _problem(root: yaml.Node | None, item: Any) -> ConfigProblem:
     loc = tuple(part for part in item["loc"] if isinstance(part, int | str))
-    line, field = _walk(root, loc)
     kind = item["type"]
-    if kind == "missing":
+    context = item.get("ctx") or {}
+    if kind in {"union_tag_not_found", "union_tag_invalid"}:
+        # A tagged section (bus: kind: kafka|embedded): the problem is the tag key itself, not the whole section.
+        loc = (*loc, str(context.get("discriminator", "kind")).strip("'"))
+    line, field = _walk(root, loc)
+    if kind in {"missing", "union_tag_not_found"}:
         message = "required setting is missing"
+        if kind == "union_tag_not_found":
+            message += " (kafka or embedded)"
     elif kind == "extra_forbidden":
         message = "unknown setting (check the spelling; `fednested init-config` writes every valid one)"
+    elif kind == "union_tag_invalid":
+        message = f"must be one of {context.get('expected_tags')} (got {context.get('tag')!r})"
     else:
         message = str(item["msg"]).removeprefix("Value error, ")
         value = item.get("input")

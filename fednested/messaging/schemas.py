@@ -26,6 +26,8 @@ from pydantic import (
 # A client id is the CN of the device certificate, so it stays within what a CN and a Kafka principal can hold.
 ClientId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")]
 Identifier = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^\S+$")]
+# Artifact and payload locations (s3://, file://, https://): no whitespace, bounded so a message stays small.
+Uri = Annotated[str, StringConstraints(min_length=1, max_length=2048, pattern=r"^\S+$")]
 Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 # "layer.expert", e.g. "3.7": the partition map's name for expert 7 of MoE layer 3.
 ExpertKey = Annotated[str, StringConstraints(pattern=r"^(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)$")]
@@ -100,7 +102,7 @@ class ModelAvailable(EventModel):
     version_id: Identifier
     alias: Identifier
     manifest_sha256: Sha256Hex
-    artifact_uri: Identifier
+    artifact_uri: Uri
     published_at: AwareDatetime
 
 
@@ -120,7 +122,7 @@ class ConfigChange(EventModel):
 class PayloadRef(EventModel):
     """Claim check for an adapter delta kept in the artifact store, verified by sha256 on download."""
 
-    uri: Identifier
+    uri: Uri
     sha256: Sha256Hex
     size_bytes: Annotated[int, Field(gt=0)]
 

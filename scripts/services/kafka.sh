@@ -1,6 +1,7 @@
+# shellcheck shell=bash
 # Apache Kafka for the tests: one KRaft node (broker and controller in one JVM) on 127.0.0.1, from jars that Maven
 # fetches into the cache and that are checked against scripts/services/kafka/jars.sha256 before every start.
-# Sourced by scripts/services.sh; defines kafka_start, kafka_stop, kafka_status.
+# Sourced by scripts/services.sh; defines kafka_prepare, kafka_start, kafka_stop, kafka_status.
 
 kafka_pinned_version() {
   local version
@@ -9,8 +10,10 @@ kafka_pinned_version() {
   echo "$version"
 }
 
+# Outside the checkout, so every clone on a machine shares one fetch. FEDNESTED_KAFKA_CACHE moves only this cache
+# (FEDNESTED_CACHE moves the virtualenv too).
 kafka_cache_dir() {
-  echo "${FEDNESTED_CACHE:-$HOME/.cache/fednested}/kafka-$1"
+  echo "${FEDNESTED_KAFKA_CACHE:-${FEDNESTED_CACHE:-$HOME/.cache/fednested}}/kafka-$1"
 }
 
 # Checks that directory $1 holds exactly the jars of the lock file, each with its locked sha256; dies naming every
@@ -24,7 +27,7 @@ kafka_verify_jars() {
   [ "$locked_version" = "$version" ] \
     || die "$lock pins Kafka $locked_version but pom.xml asks for $version; run scripts/services/kafka/lock.sh"
   while read -r sum name; do
-    [ -n "$sum" ] && [ "${sum:0:1}" != "#" ] || continue
+    if [ -z "$sum" ] || [ "${sum:0:1}" = "#" ]; then continue; fi
     locked[$name]=$sum
   done <"$lock"
   for name in "${!locked[@]}"; do
@@ -107,23 +110,29 @@ kafka_stop() {
   rm -f "$dir/env" "$dir/port" "$dir/version"
 }
 
-kafka_start() {
-  local dir="$SERVICES_STATE/kafka" version jars java python attempt started
-  mkdir -p "$dir"
-  version=$(kafka_pinned_version)
-  jars=$(kafka_jars "$version")
-  java=$(kafka_java)
+# Everything that can fail before a server runs: jars fetched and verified, Java found, the probe's Python ready.
+# Run for every service before any starts, so a rejected jar does not cost a PostgreSQL start and stop.
+kafka_prepare() {
+  KAFKA_VERSION=$(kafka_pinned_version)
+  KAFKA_JARS=$(kafka_jars "$KAFKA_VERSION")
+  KAFKA_JAVA=$(kafka_java)
   # Resolved before the broker starts, so a first-time virtualenv build does not eat into the start-up timeout.
-  python="$("$SERVICES_ROOT/scripts/venv.sh" dev)/bin/python"
+  KAFKA_PYTHON="$("$SERVICES_ROOT/scripts/venv.sh" dev)/bin/python"
+}
+
+kafka_start() {
+  local dir="$SERVICES_STATE/kafka" attempt started
+  mkdir -p "$dir"
   for attempt in 1 2 3; do
-    kafka_start_once "$dir" "$jars" "$java" "$python"
+    kafka_start_once "$dir" "$KAFKA_JARS" "$KAFKA_JAVA" "$KAFKA_PYTHON"
     [ "$PORT_TAKEN" -eq 1 ] || break
     say "kafka: a port was taken before the broker bound it; retrying with others ($attempt/3)"
   done
   [ "$PORT_TAKEN" -eq 0 ] || die "kafka: could not bind free ports in 3 attempts (see $dir/server.log)"
   started=$(sed -n 's/.*Kafka version: \([^ ]*\) .*/\1/p' "$dir/server.log" | tail -n 1)
-  [ "$started" = "$version" ] || die "kafka: the broker reports version '${started}', expected $version ($dir/server.log)"
-  echo "$version" >"$dir/version"
+  [ "$started" = "$KAFKA_VERSION" ] \
+    || die "kafka: the broker reports version '${started}', expected $KAFKA_VERSION ($dir/server.log)"
+  echo "$KAFKA_VERSION" >"$dir/version"
 }
 
 # Sets PORT_TAKEN=1 when a chosen port was taken in the meantime (see postgres_start_once).

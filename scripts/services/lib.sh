@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared helpers for scripts/services.sh and its per-service modules (sourced, never run).
 # Every process a module starts carries a marker path unique to this checkout in its command line, so a stray one
 # from an aborted run is found and stopped even when its pid file is gone.
@@ -97,6 +98,7 @@ spawn_detached() {
   shift 2
   rm -f "$pidfile"
   # fd 9 holds services.sh's lock; the server must not inherit it or the lock would outlive this script.
+  # shellcheck disable=SC2016 # $$ and "$@" are meant for the inner bash.
   setsid --fork bash -c 'cd / && echo $$ >"$0" && exec "$@"' "$pidfile" "$@" </dev/null >>"$log" 2>&1 9>&-
   local waited=0
   while [ ! -s "$pidfile" ]; do

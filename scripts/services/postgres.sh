@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # PostgreSQL for the tests: a throwaway cluster (Debian's server binaries, our own initdb) on 127.0.0.1, fsync off.
 # Sourced by scripts/services.sh; defines postgres_start, postgres_stop, postgres_status.
 #

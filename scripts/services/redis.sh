@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Redis for the tests (Celery broker, channel layer, caches): daemonized on 127.0.0.1, nothing persisted.
 # Sourced by scripts/services.sh; defines redis_start, redis_stop, redis_status.
 

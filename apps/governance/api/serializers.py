@@ -28,6 +28,8 @@ class ApprovalRequestSerializer(serializers.ModelSerializer[ApprovalRequest]):
         model = ApprovalRequest
         fields = ("id", "version", "note", "status", "requested_by", "created_at", "decision")
         read_only_fields = ("id", "status", "requested_by", "created_at", "decision")
+        # One pending request per version is request_approval's check, with a message naming the version.
+        validators = ()
 
     def get_decision(self, request: ApprovalRequest) -> dict[str, Any] | None:
         decision = getattr(request, "decision", None)

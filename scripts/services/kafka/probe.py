@@ -29,7 +29,7 @@ def wait_for_broker(bootstrap: str, cluster_id: str, pid: int, timeout_s: float)
     quiet = logging.getLogger("fednested.services.kafka_probe")
     quiet.addHandler(logging.NullHandler())
     quiet.propagate = False
-    admin = AdminClient({"bootstrap.servers": bootstrap, "logger": quiet})
+    admin = AdminClient({"bootstrap.servers": bootstrap}, logger=quiet)
     deadline = time.monotonic() + timeout_s
     last_error = "no answer yet"
     while time.monotonic() < deadline:

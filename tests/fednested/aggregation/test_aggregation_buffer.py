@@ -54,14 +54,34 @@ def test_count_without_arrival_time_is_refused() -> None:
         policy.decide(buffered=1, oldest_received_at=None, now=T0)
 
 
+def test_fixed_deadline_fires_whatever_the_arrival_time() -> None:
+    policy = BufferPolicy(size=5, deadline_at=T0 + timedelta(minutes=30))
+    late_arrival = T0 + timedelta(minutes=29)
+    waiting = policy.decide(buffered=1, oldest_received_at=late_arrival, now=late_arrival)
+    assert waiting.check_again_at == T0 + timedelta(minutes=30)
+    due = policy.decide(buffered=1, oldest_received_at=late_arrival, now=T0 + timedelta(minutes=30))
+    assert due.reason is ReadyReason.DEADLINE
+
+
+def test_the_earlier_of_both_deadlines_counts() -> None:
+    policy = BufferPolicy(size=5, max_wait=timedelta(minutes=10), deadline_at=T0 + timedelta(minutes=30))
+    assert policy.deadline(T0) == T0 + timedelta(minutes=10)
+    assert policy.deadline(T0 + timedelta(minutes=25)) == T0 + timedelta(minutes=30)
+
+
 @pytest.mark.parametrize(
-    ("size", "max_wait", "minimum", "message"),
+    ("kwargs", "message"),
     [
-        (0, timedelta(minutes=1), 1, "buffer size must be >= 1"),
-        (2, timedelta(0), 1, "max_wait must be positive"),
-        (2, timedelta(minutes=1), 3, r"min_size_at_deadline must lie in \[1, size=2\]"),
+        ({"size": 0, "max_wait": timedelta(minutes=1)}, "buffer size must be >= 1"),
+        ({"size": 2, "max_wait": timedelta(0)}, "max_wait must be positive"),
+        ({"size": 2}, "needs max_wait, deadline_at, or both"),
+        ({"size": 2, "deadline_at": datetime(2025, 1, 1)}, "deadline_at must be timezone-aware"),
+        (
+            {"size": 2, "max_wait": timedelta(minutes=1), "min_size_at_deadline": 3},
+            r"min_size_at_deadline must lie in \[1, size=2\]",
+        ),
     ],
 )
-def test_policy_rejects_bad_settings(size: int, max_wait: timedelta, minimum: int, message: str) -> None:
+def test_policy_rejects_bad_settings(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        BufferPolicy(size=size, max_wait=max_wait, min_size_at_deadline=minimum)
+        BufferPolicy(**kwargs)  # type: ignore[arg-type]

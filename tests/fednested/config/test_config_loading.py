@@ -65,8 +65,8 @@ def count_fields(model: type[BaseModel], instance: BaseModel) -> int:
 
 
 def test_relative_paths_resolve_against_the_config_directory(tmp_path: Path) -> None:
-    path = write(tmp_path / "site", MINIMAL_TIER2) if (tmp_path / "site").mkdir() is None else None
-    assert path is not None
+    (tmp_path / "site").mkdir()
+    path = write(tmp_path / "site", MINIMAL_TIER2)
     config = load_config(path, "tier2")
     assert isinstance(config, Tier2Config)
     assert config.enrollment_token_file == tmp_path / "site" / "secrets" / "token"
@@ -126,27 +126,41 @@ def test_cross_field_rules_say_what_to_change(tmp_path: Path) -> None:
         + "training: {max_steps: null}\nretry: {initial_delay_s: 10, max_delay_s: 1}\nbus: {kind: rabbitmq}\n",
     )
     lines = error_lines(path)
-    assert lines[0] == f"{path}:3: field 'control_plane_url': must be an http:// or https:// URL with a host, got 'ftp://cp'"
+    assert (
+        lines[0]
+        == f"{path}:3: field 'control_plane_url': must be an http:// or https:// URL with a host, got 'ftp://cp'"
+    )
     assert lines[1].startswith(f"{path}:8: field 'training': set at least one of max_steps, max_epochs, max_seconds")
     assert lines[2].startswith(f"{path}:9: field 'retry': max_delay_s 1.0 is below initial_delay_s 10.0")
-    assert lines[3].startswith(f"{path}:10: field 'bus': Input tag 'rabbitmq' found using 'kind' does not match")
+    assert lines[3] == f"{path}:10: field 'bus.kind': must be one of 'kafka', 'embedded' (got 'rabbitmq')"
 
 
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("kind: tier2\nclient_id: [unclosed\n", ":3: YAML syntax error, column 1: expected ',' or ']', but got '<stream end>'"),
+        (
+            "kind: tier2\nclient_id: [unclosed\n",
+            ":3: YAML syntax error, column 1: expected ',' or ']', but got '<stream end>'",
+        ),
         ("kind: tier1\n  model: x\n", ":2: YAML syntax error, column 8: mapping values are not allowed here"),
         ("", ":1: expected a mapping of settings, got an empty file"),
         ("- tier1\n", ":1: expected a mapping of settings, got a list"),
         ("kind: tier1\nmodel: {seed: 1}\nmodel: {seed: 2}\n", ":3: field 'model': duplicate key (first set on line 2)"),
-        ("model: {seed: 1}\n", ":1: field 'kind': missing: set kind: tier1 or kind: tier2 (or pass the kind explicitly)"),
+        (
+            "model: {seed: 1}\n",
+            ":1: field 'kind': missing: set kind: tier1 or kind: tier2 (or pass the kind explicitly)",
+        ),
         ("kind: tier3\n", ":1: field 'kind': must be 'tier1' or 'tier2', got 'tier3'"),
     ],
 )
 def test_unreadable_documents_are_reported_with_position(tmp_path: Path, text: str, expected: str) -> None:
     path = write(tmp_path, text)
     assert error_lines(path) == [f"{path}{expected}"]
+
+
+def test_bus_section_must_say_which_bus(tmp_path: Path) -> None:
+    path = write(tmp_path, "kind: tier1\nbus:\n  path: events.db\n")
+    assert error_lines(path) == [f"{path}:2: field 'bus.kind': required setting is missing (kafka or embedded)"]
 
 
 def test_kind_in_file_must_match_the_kind_asked_for(tmp_path: Path) -> None:

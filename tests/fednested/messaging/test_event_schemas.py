@@ -53,7 +53,9 @@ def envelope_json(**changes: Any) -> bytes:
 
 ALL_EVENTS = [
     RoundStart(round_id="r-1", base_version="v3", deadline=NOW + timedelta(hours=2), config={"k": 4}, started_at=NOW),
-    ModelAvailable(version_id="v4", alias="champion", manifest_sha256="a1" * 32, artifact_uri="s3://m/v4", published_at=NOW),
+    ModelAvailable(
+        version_id="v4", alias="champion", manifest_sha256="a1" * 32, artifact_uri="s3://m/v4", published_at=NOW
+    ),
     ConfigChange(change_id="c-1", settings={"clip_norm": 1.5}, reason="tighter clipping", effective_at=NOW),
     make_envelope(),
     Telemetry(
@@ -100,7 +102,10 @@ def test_registry_maps_each_schema_and_version_to_its_model() -> None:
         (b'{"schema_version": 1}', "field 'schema' is missing or not a string"),
         (b'{"schema": "Telemetry", "schema_version": "1"}', "field 'schema_version' is missing or not an integer"),
         (b'{"schema": "Gossip", "schema_version": 1}', "unknown schema 'Gossip' (known: ConfigChange, ModelAvailable"),
-        (b'{"schema": "Telemetry", "schema_version": 2}', "unknown version 2 of schema 'Telemetry' (known versions: 1)"),
+        (
+            b'{"schema": "Telemetry", "schema_version": 2}',
+            "unknown version 2 of schema 'Telemetry' (known versions: 1)",
+        ),
     ],
 )
 def test_decode_says_what_is_wrong_with_the_payload(raw: bytes, message: str) -> None:
@@ -143,7 +148,9 @@ def test_nested_fields_and_non_finite_numbers_are_rejected() -> None:
     with pytest.raises(SchemaError) as caught:
         decode(json.dumps(document).encode())
     assert any(line.startswith("field 'payload.sha256': String should match pattern") for line in caught.value.problems)
-    assert any(line.startswith("field 'metrics.loss': Input should be a finite number") for line in caught.value.problems)
+    assert any(
+        line.startswith("field 'metrics.loss': Input should be a finite number") for line in caught.value.problems
+    )
 
 
 def test_telemetry_cannot_finish_before_it_started() -> None:
@@ -161,9 +168,17 @@ def test_telemetry_cannot_finish_before_it_started() -> None:
 
 def test_training_task_kind_is_one_of_the_three() -> None:
     raw = json.dumps(
-        {"schema": "TrainingTask", "schema_version": 1, "task_id": "t", "kind": "mine_bitcoin", "created_at": "2025-06-01T12:00:00Z"}
+        {
+            "schema": "TrainingTask",
+            "schema_version": 1,
+            "task_id": "t",
+            "kind": "mine_bitcoin",
+            "created_at": "2025-06-01T12:00:00Z",
+        }
     ).encode()
-    with pytest.raises(SchemaError, match="field 'kind': Input should be 'core_update', 'expert_aggregation' or 'evaluation'"):
+    with pytest.raises(
+        SchemaError, match="field 'kind': Input should be 'core_update', 'expert_aggregation' or 'evaluation'"
+    ):
         decode(raw)
 
 

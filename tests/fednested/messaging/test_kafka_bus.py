@@ -1,6 +1,5 @@
 """Kafka bus specifics beyond the shared contract: missing topics are reported, never auto-created."""
 
-import os
 import uuid
 from datetime import UTC, datetime
 
@@ -13,13 +12,9 @@ NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
 
 
 @pytest.fixture
-def unbootstrapped() -> KafkaBusSettings:
-    servers = os.environ.get("FEDNESTED_KAFKA_BOOTSTRAP")
-    if not servers:
-        if os.environ.get("FEDNESTED_REQUIRE_SERVICES") == "1":
-            pytest.fail("FEDNESTED_REQUIRE_SERVICES=1 but FEDNESTED_KAFKA_BOOTSTRAP is not set: Kafka is not running")
-        pytest.skip("Kafka not running: `scripts/services.sh start && source var/services/env.sh`")
-    return KafkaBusSettings(bootstrap_servers=servers, topics=TopicsConfig(prefix=f"missing-{uuid.uuid4().hex[:10]}."))
+def unbootstrapped(kafka_bootstrap_servers: str) -> KafkaBusSettings:
+    prefix = f"missing-{uuid.uuid4().hex[:10]}."
+    return KafkaBusSettings(bootstrap_servers=kafka_bootstrap_servers, topics=TopicsConfig(prefix=prefix))
 
 
 def test_publish_and_consume_on_topics_never_bootstrapped_say_what_to_run(unbootstrapped: KafkaBusSettings) -> None:

@@ -1,0 +1,85 @@
+"""Where the demo keeps its state (var/demo/, wiped at each start) and the environment that selects the embedded
+mode for it and every process it starts: SQLite, the embedded bus, broker-less Celery."""
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+# Set in the demo's own environment; its presence means "the settings were loaded for var/demo already".
+DEMO_DIR_VARIABLE = "FEDNESTED_DEMO_DIR"
+# Variables that would point the demo at real services; the demo runs without any of them.
+SERVICE_VARIABLES = (
+    "DATABASE_URL",
+    "REDIS_URL",
+    "CELERY_BROKER_URL",
+    "FEDNESTED_KAFKA_BOOTSTRAP",
+    "FEDNESTED_TOPIC_PREFIX",
+    "FEDNESTED_REQUIRE_SERVICES",
+)
+# Several processes write one SQLite file: WAL lets readers run beside the writer, IMMEDIATE transactions take the
+# write lock up front (no deadlock when two read-then-write transactions meet), and a busy writer is waited for.
+SQLITE_OPTIONS = {
+    "transaction_mode": "IMMEDIATE",
+    "init_command": "PRAGMA journal_mode=WAL;PRAGMA synchronous=NORMAL;PRAGMA busy_timeout=30000",
+}
+
+
+@dataclass(frozen=True)
+class DemoPaths:
+    """Every file the demo writes lies under `root`."""
+
+    root: Path
+
+    @property
+    def database(self) -> Path:
+        return self.root / "db.sqlite3"
+
+    @property
+    def bus(self) -> Path:
+        return self.root / "bus.sqlite3"
+
+    @property
+    def artifacts(self) -> Path:
+        return self.root / "artifacts"
+
+    @property
+    def devices(self) -> Path:
+        return self.root / "devices"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def static(self) -> Path:
+        return self.root / "static"
+
+
+def database_url(path: Path) -> str:
+    query = "&".join(f"{key}={quote(value)}" for key, value in SQLITE_OPTIONS.items())
+    return f"sqlite:///{path}?{query}"
+
+
+def demo_environment(base: Mapping[str, str], paths: DemoPaths) -> dict[str, str]:
+    """`base` with the service variables removed and the embedded mode pointed at `paths`."""
+    env = {key: value for key, value in base.items() if key not in SERVICE_VARIABLES}
+    env.update(
+        {
+            DEMO_DIR_VARIABLE: str(paths.root),
+            "DATABASE_URL": database_url(paths.database),
+            "FEDNESTED_BUS": "embedded",
+            "FEDNESTED_BUS_PATH": str(paths.bus),
+            "FEDNESTED_ARTIFACT_ROOT": str(paths.artifacts),
+            "STATIC_ROOT": str(paths.static),
+            "DEBUG": "true",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    return env
+
+
+def running_in_demo_environment(paths: DemoPaths) -> bool:
+    """True in the process that `demo` re-executed with `demo_environment` (its settings point at var/demo)."""
+    return os.environ.get(DEMO_DIR_VARIABLE) == str(paths.root)

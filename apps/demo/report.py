@@ -1,0 +1,47 @@
+"""The demo's closing table: per-domain held-out loss of each version beside its parent's. Pure formatting."""
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class VersionScores:
+    """One version's per-domain held-out loss, and the version it was built from."""
+
+    version_id: str
+    parent_id: str | None
+    loss_by_domain: Mapping[str, float]
+
+
+def loss_table(versions: Sequence[VersionScores], *, trained_domains: Sequence[str] = ()) -> str:
+    """A fixed-width table: one row per domain, one column per version, each child's change against its parent.
+
+    Domains the devices trained on are marked with '*', so a reader sees where the loss should fall and where
+    forgetting would show.
+    """
+    if not versions:
+        return "(no versions evaluated)"
+    by_id = {version.version_id: version for version in versions}
+    domains = sorted({domain for version in versions for domain in version.loss_by_domain})
+    header = ["domain", *(version.version_id for version in versions)]
+    rows = []
+    for domain in domains:
+        cells = [f"{domain}{' *' if domain in trained_domains else ''}"]
+        for version in versions:
+            loss = version.loss_by_domain.get(domain)
+            parent = by_id.get(version.parent_id or "")
+            parent_loss = parent.loss_by_domain.get(domain) if parent is not None else None
+            if loss is None:
+                cells.append("—")
+            elif parent_loss is None:
+                cells.append(f"{loss:.3f}")
+            else:
+                cells.append(f"{loss:.3f} ({loss - parent_loss:+.3f})")
+        rows.append(cells)
+    widths = [max(len(row[column]) for row in [header, *rows]) for column in range(len(header))]
+    lines = [
+        "  ".join(cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(row))
+        for row in [header, *rows]
+    ]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
