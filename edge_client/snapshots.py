@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 from edge_client.errors import EdgeClientError
 from edge_client.state import StateDir, fsync_dir
@@ -29,7 +30,7 @@ from edge_client.transport.http import (
 from edge_client.transport.retry import RetryPolicy, call_with_retries
 from fednested.checkpoints import CheckpointError, Manifest, load_version, verify_version
 from fednested.data.tokenizer import load_tokenizer
-from fednested.quantization import quantize_base
+from fednested.quantization import load_quantized_version
 
 QuantizeBits = Literal[0, 4, 8]
 
@@ -181,20 +182,22 @@ class LoadedBase:
     """The frozen base ready for adapters: model (quantized if asked), tokenizer, and which version it is."""
 
     version: PulledVersion
-    model: PreTrainedModel
+    model: nn.Module
     tokenizer: PreTrainedTokenizerBase
     quantize_bits: int
 
 
 def load_base(version: PulledVersion, *, quantize_bits: QuantizeBits = 0) -> LoadedBase:
-    """Load a pulled version (load_version re-verifies every sha256 first) and quantize it if asked."""
+    """Load a pulled version (every sha256 is verified again first). A quantized base is loaded straight into
+    int8/NF4 one expert tensor at a time, so the full-precision experts are never all resident on the device."""
+    model: nn.Module
     try:
-        model, _manifest = load_version(version.directory, expected_version=version.version_id)
+        if quantize_bits:
+            model, _ = load_quantized_version(version.directory, quantize_bits, expected_version=version.version_id)
+        else:
+            model, _ = load_version(version.directory, expected_version=version.version_id)
     except CheckpointError as exc:
         raise SnapshotError(f"version {version.version_id} in {version.directory} does not load: {exc}") from exc
     tokenizer = load_tokenizer(version.directory)
-    if quantize_bits:
-        # In place (the fp weights are released as each module is replaced); the same model object comes back.
-        quantize_base(model, bits=quantize_bits)
     model.train(False)
     return LoadedBase(version=version, model=model, tokenizer=tokenizer, quantize_bits=quantize_bits)

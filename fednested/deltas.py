@@ -14,8 +14,10 @@ import torch
 from torch import nn
 
 from fednested.adapters.lora import (
+    LORA_FACTORS,
     AdapterError,
     ExpertLoraConfig,
+    ExpertLoraLayer,
     adapter_key,
     adapter_state_dict,
     expert_lora_config,
@@ -53,7 +55,7 @@ def expert_param_shapes(model: nn.Module) -> dict[str, tuple[int, int, int]]:
     """Fused expert parameter name -> [num_experts, out, in], from a plain, quantized or PEFT-wrapped model."""
     shapes: dict[str, tuple[int, int, int]] = {}
     for module_name, stack in expert_stacks(model).items():
-        base = stack.get_base_layer() if hasattr(stack, "get_base_layer") else stack
+        base = stack.get_base_layer() if isinstance(stack, ExpertLoraLayer) else stack
         for target in ("gate_up_proj", "down_proj"):
             shapes[f"{module_name}.{target}"] = expert_shape(base, target)
     return shapes
@@ -78,13 +80,15 @@ def expert_deltas_from_adapters(
     deltas: ExpertDeltas = {}
     for (param_name, expert), factors in sorted(pairs.items()):
         if param_name not in shapes:
-            raise DeltaError(f"adapter {param_name!r}/expert={expert}: the base model has no fused expert tensor of that name")
+            raise DeltaError(
+                f"adapter {param_name!r}/expert={expert}: the base model has no fused expert tensor of that name"
+            )
         num, out_features, in_features = (int(size) for size in shapes[param_name])
         if not 0 <= expert < num:
             raise DeltaError(f"adapter {param_name!r}/expert={expert}: expert out of range, the base has {num} experts")
-        for factor in ("lora_A", "lora_B"):
+        for factor in LORA_FACTORS:
             if factor not in factors:
-                raise DeltaError(f"adapter {adapter_key(param_name, expert, factor)!r} is missing")  # type: ignore[arg-type]
+                raise DeltaError(f"adapter {adapter_key(param_name, expert, factor)!r} is missing")
         lora_a, lora_b = factors["lora_A"], factors["lora_B"]
         if tuple(lora_a.shape) != (config.rank, in_features):
             raise DeltaError(
@@ -115,7 +119,7 @@ def merge_expert_deltas(model: nn.Module, deltas: Mapping[DeltaKey, torch.Tensor
     if hasattr(model, "peft_config"):
         raise DeltaError("merge into the plain base model, not a PEFT-wrapped one (adapters would double-count)")
     params = dict(model.named_parameters())
-    targets: list[tuple[torch.Tensor, int, torch.Tensor]] = []
+    targets: list[tuple[nn.Parameter, int, torch.Tensor]] = []
     for key, delta in sorted(deltas.items()):
         param_name, expert = parse_delta_key(key)
         if param_name not in params:

@@ -71,7 +71,7 @@ class PartitionKey:
         kind = parts[0]
         if kind not in _KINDS:
             raise PartitionError(f"malformed partition key {text!r}: kind must be one of {_KINDS}")
-        return cls(kind, fields.get("layer"), fields.get("expert"))  # type: ignore[arg-type]
+        return cls(kind, fields.get("layer"), fields.get("expert"))
 
 
 CORE = PartitionKey("core")
@@ -89,7 +89,7 @@ class ParamPartition:
     def is_fused_experts(self) -> bool:
         return self.key is None
 
-    def keys(self) -> list[PartitionKey]:
+    def partition_keys(self) -> list[PartitionKey]:
         """The partitions this parameter contributes to (one, or one per expert slice)."""
         if self.key is not None:
             return [self.key]
@@ -139,9 +139,9 @@ class PartitionMap:
             raise PartitionError(f"{name!r} is a fused expert tensor; give an expert index in [0, {entry.shape[0]})")
         return PartitionKey("expert", entry.expert_layer, expert_index)
 
-    def keys(self) -> list[PartitionKey]:
+    def partition_keys(self) -> list[PartitionKey]:
         """Every partition that holds at least one parameter, sorted (core, expert..., gate...)."""
-        return sorted({key for entry in self.params.values() for key in entry.keys()})
+        return sorted({key for entry in self.params.values() for key in entry.partition_keys()})
 
     def members(self, key: PartitionKey) -> list[ParamRef]:
         """The parameters (or expert slices) that make up partition `key`, in name order."""
@@ -150,9 +150,14 @@ class PartitionMap:
             entry = self.params[name]
             if entry.key == key:
                 refs.append(ParamRef(name))
-            elif entry.key is None and key.kind == "expert" and key.layer == entry.expert_layer:
-                if key.expert is not None and 0 <= key.expert < entry.shape[0]:
-                    refs.append(ParamRef(name, key.expert))
+            elif (
+                entry.key is None
+                and key.kind == "expert"
+                and key.layer == entry.expert_layer
+                and key.expert is not None
+                and 0 <= key.expert < entry.shape[0]
+            ):
+                refs.append(ParamRef(name, key.expert))
         return refs
 
     def kind_of_file(self, name: str) -> PartitionKind:
@@ -167,7 +172,7 @@ class PartitionMap:
         """Number of scalars per partition; they add up to `total_parameters()`."""
         counts: dict[PartitionKey, int] = {}
         for entry in self.params.values():
-            for key in entry.keys():
+            for key in entry.partition_keys():
                 counts[key] = counts.get(key, 0) + entry.numel_per_key()
         return dict(sorted(counts.items()))
 
@@ -183,7 +188,7 @@ class PartitionMap:
     def expert_layers(self) -> dict[int, int]:
         """Layer index -> number of experts, for every MoE layer."""
         layers: dict[int, int] = {}
-        for key in self.keys():
+        for key in self.partition_keys():
             if key.kind == "expert" and key.layer is not None and key.expert is not None:
                 layers[key.layer] = max(layers.get(key.layer, 0), key.expert + 1)
         return dict(sorted(layers.items()))

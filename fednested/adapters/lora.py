@@ -18,12 +18,13 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora.layer import LoraLayer
 from torch import nn
+from transformers import PreTrainedModel
 
 from fednested.adapters.routed import (
     EXPERT_TARGETS,
@@ -35,6 +36,7 @@ from fednested.adapters.routed import (
 )
 
 LoraFactor = Literal["lora_A", "lora_B"]
+LORA_FACTORS: tuple[LoraFactor, ...] = ("lora_A", "lora_B")
 _ADAPTER_KEY = re.compile(r"^(?P<param>.+)/expert=(?P<expert>\d+)/(?P<factor>lora_A|lora_B)$")
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _CONFIG_ATTRIBUTE = "_fednested_expert_lora_config"
@@ -79,7 +81,9 @@ class ExpertLoraConfig:
             raise AdapterError(f"ExpertLoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
         unknown = [t for t in self.targets if t not in EXPERT_TARGETS]
         if unknown or not self.targets:
-            raise AdapterError(f"ExpertLoraConfig.targets must be a non-empty subset of {EXPERT_TARGETS}, got {unknown}")
+            raise AdapterError(
+                f"ExpertLoraConfig.targets must be a non-empty subset of {EXPERT_TARGETS}, got {unknown}"
+            )
         for name, indexes in (("layers", self.layers), ("experts", self.experts)):
             if indexes is not None and (not indexes or min(indexes) < 0):
                 raise AdapterError(f"ExpertLoraConfig.{name} must be None or non-negative indexes, got {indexes}")
@@ -129,7 +133,7 @@ def layer_index(module_name: str) -> int:
     return int(match.group(1))
 
 
-class ExpertLoraLayer(nn.Module, LoraLayer):  # type: ignore[misc]
+class ExpertLoraLayer(nn.Module, LoraLayer):
     """PEFT LoRA layer around a fused expert stack: factors for selected experts only, LoRA on routed tokens.
 
     lora_A[adapter][target]: [n_selected, r, in]; lora_B[adapter][target]: [n_selected, out, r]. Adapters are kept
@@ -165,7 +169,7 @@ class ExpertLoraLayer(nn.Module, LoraLayer):  # type: ignore[misc]
         _, out_features, in_features = expert_shape(module, EXPERT_TARGETS[0])
         return in_features, out_features
 
-    def update_layer(  # type: ignore[override]
+    def update_layer(
         self,
         adapter_name: str,
         r: int,
@@ -218,8 +222,8 @@ class ExpertLoraLayer(nn.Module, LoraLayer):  # type: ignore[misc]
                 continue
             dropout = self.lora_dropout[adapter]
             dropout_module = None if isinstance(dropout, nn.Identity) else dropout
-            factors_a = self.lora_A[adapter]
-            factors_b = self.lora_B[adapter]
+            factors_a = _factors(self.lora_A, adapter)
+            factors_b = _factors(self.lora_B, adapter)
             for slot, expert in enumerate(self.lora_experts[adapter]):
                 per_target = loras.setdefault(expert, {})
                 for target in self.lora_targets[adapter]:
@@ -241,9 +245,10 @@ class ExpertLoraLayer(nn.Module, LoraLayer):  # type: ignore[misc]
 
     def delta_weight(self, adapter_name: str, target: str) -> torch.Tensor:
         """Dense fp32 ΔW for every selected expert of `target`: [n_selected, out, in] = scale · B · A."""
-        lora_a = self.lora_A[adapter_name][target].detach().float()
-        lora_b = self.lora_B[adapter_name][target].detach().float()
-        return torch.bmm(lora_b, lora_a) * self.scaling[adapter_name]
+        lora_a = _factors(self.lora_A, adapter_name)[target].detach().float()
+        lora_b = _factors(self.lora_B, adapter_name)[target].detach().float()
+        scale = float(self.scaling[adapter_name])
+        return torch.bmm(lora_b, lora_a) * scale
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         base = self.get_base_layer()
@@ -271,8 +276,20 @@ class ExpertLoraLayer(nn.Module, LoraLayer):  # type: ignore[misc]
                 delta = self.delta_weight(adapter, target).to(weight.device)
                 updated = weight[index].float() + sign * delta
                 if check_finite and not torch.isfinite(updated).all():
-                    raise AdapterError(f"{self.module_name}.{target}: merging adapter {adapter!r} gives non-finite weights")
+                    raise AdapterError(
+                        f"{self.module_name}.{target}: merging adapter {adapter!r} gives non-finite weights"
+                    )
                 weight[index] = updated.to(weight.dtype)
+
+
+def _factors(container: nn.ModuleDict, adapter: str) -> nn.ParameterDict:
+    factors = container[adapter]
+    assert isinstance(factors, nn.ParameterDict)
+    return factors
+
+
+def _factor_stacks(layer: ExpertLoraLayer, adapter: str, target: str) -> list[tuple[LoraFactor, torch.Tensor]]:
+    return [("lora_A", _factors(layer.lora_A, adapter)[target]), ("lora_B", _factors(layer.lora_B, adapter)[target])]
 
 
 def _routing_args(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -282,7 +299,8 @@ def _routing_args(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tuple[tor
             raise TypeError(f"expert stack called without {name}")
         values.append(kwargs[name])
     index, weights = values
-    assert isinstance(index, torch.Tensor) and isinstance(weights, torch.Tensor)
+    assert isinstance(index, torch.Tensor)
+    assert isinstance(weights, torch.Tensor)
     return index, weights
 
 
@@ -298,12 +316,17 @@ def expert_stacks(model: nn.Module) -> dict[str, nn.Module]:
     for name, module in model.named_modules():
         if isinstance(module, ExpertLoraLayer):
             stacks[module.module_name] = module
-        elif name.endswith(".mlp.experts") and not isinstance(module, nn.ModuleList) and ".base_layer" not in name:
-            if isinstance(module, FrozenExpertLinear) or all(
-                isinstance(getattr(module, t, None), torch.Tensor) for t in EXPERT_TARGETS
-            ):
-                stacks[_strip_peft_prefix(name)] = module
+        elif _is_expert_stack(name, module):
+            stacks[_strip_peft_prefix(name)] = module
     return dict(sorted(stacks.items(), key=lambda item: layer_index(item[0])))
+
+
+def _is_expert_stack(name: str, module: nn.Module) -> bool:
+    if not name.endswith(".mlp.experts") or ".base_layer" in name or isinstance(module, nn.ModuleList):
+        return False
+    if isinstance(module, FrozenExpertLinear):
+        return True
+    return all(isinstance(getattr(module, target, None), torch.Tensor) for target in EXPERT_TARGETS)
 
 
 def _strip_peft_prefix(name: str) -> str:
@@ -341,9 +364,13 @@ def attach_expert_adapters(model: nn.Module, config: ExpertLoraConfig) -> PeftMo
         task_type="CAUSAL_LM",
     )
     factory = functools.partial(ExpertLoraLayer, fednested_config=config)
-    lora_config._register_custom_module({type(stacks[by_layer[i]]): factory for i in chosen})  # type: ignore[dict-item]
+    # PEFT calls the mapped value like a class: factory(target, adapter_name, config=..., r=..., ...)
+    custom_layers: dict[type[nn.Module], Any] = {type(stacks[by_layer[i]]): factory for i in chosen}
+    lora_config._register_custom_module(custom_layers)
     # PEFT casts adapters to the base dtype unless told otherwise; fp32 adapters keep small updates from rounding away
-    peft_model = get_peft_model(model, lora_config, adapter_name=config.adapter_name, autocast_adapter_dtype=False)  # type: ignore[arg-type]
+    peft_model = get_peft_model(
+        cast(PreTrainedModel, model), lora_config, adapter_name=config.adapter_name, autocast_adapter_dtype=False
+    )
     setattr(peft_model, _CONFIG_ATTRIBUTE, config)
     return peft_model
 
@@ -379,9 +406,8 @@ def adapter_state_dict(model: nn.Module, adapter_name: str | None = None) -> dic
         for target in layer.lora_targets[adapter]:
             param_name = f"{layer.module_name}.{target}"
             for slot, expert in enumerate(layer.lora_experts[adapter]):
-                factors = (("lora_A", layer.lora_A[adapter][target]), ("lora_B", layer.lora_B[adapter][target]))
-                for factor, stacked in factors:
-                    key = adapter_key(param_name, expert, factor)  # type: ignore[arg-type]
+                for factor, stacked in _factor_stacks(layer, adapter, target):
+                    key = adapter_key(param_name, expert, factor)
                     state[key] = stacked[slot].detach().to("cpu", torch.float32).clone().contiguous()
     return state
 
@@ -392,9 +418,9 @@ def expected_adapter_shapes(model: nn.Module, adapter_name: str | None = None) -
     for layer in _layers_or_error(model):
         adapter = adapter_name or layer.active_adapters[0]
         for target in layer.lora_targets[adapter]:
-            for factor, stacked in (("lora_A", layer.lora_A[adapter][target]), ("lora_B", layer.lora_B[adapter][target])):
+            for factor, stacked in _factor_stacks(layer, adapter, target):
                 for slot, expert in enumerate(layer.lora_experts[adapter]):
-                    key = adapter_key(f"{layer.module_name}.{target}", expert, factor)  # type: ignore[arg-type]
+                    key = adapter_key(f"{layer.module_name}.{target}", expert, factor)
                     shapes[key] = tuple(stacked[slot].shape)
     return shapes
 
@@ -424,7 +450,7 @@ def load_adapter_state_dict(
             adapter = adapter_name or layer.active_adapters[0]
             slot = layer.lora_experts[adapter].index(expert)
             container = layer.lora_A if factor == "lora_A" else layer.lora_B
-            stacked = container[adapter][target]
+            stacked = _factors(container, adapter)[target]
             stacked[slot].copy_(tensor.to(stacked.dtype))
 
 

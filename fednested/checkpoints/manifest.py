@@ -101,7 +101,9 @@ class Manifest:
         try:
             format_version = int(data["format_version"])
             if format_version != FORMAT_VERSION:
-                raise CheckpointError(path, "invalid", f"format_version {format_version}, this code reads {FORMAT_VERSION}")
+                raise CheckpointError(
+                    path, "invalid", f"format_version {format_version}, this code reads {FORMAT_VERSION}"
+                )
             kind = data["kind"]
             if kind not in ("version", "update"):
                 raise CheckpointError(path, "invalid", f"kind must be 'version' or 'update', got {kind!r}")
@@ -190,7 +192,7 @@ def read_manifest(directory: str | Path) -> Manifest:
 
 
 def verify_files(directory: str | Path, manifest: Manifest) -> None:
-    """Every file the manifest lists exists with its recorded size and sha256 (sizes first: a cheap truncation check)."""
+    """Every listed file exists with its recorded size and sha256 (sizes first: a cheap truncation check)."""
     root = Path(directory)
     for name, entry in sorted(manifest.files.items()):
         path = root / name

@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from fednested.adapters.lora import AdapterError, ExpertLoraConfig, adapter_key, parse_adapter_key
+from fednested.adapters.lora import LORA_FACTORS, AdapterError, ExpertLoraConfig, adapter_key, parse_adapter_key
 from fednested.checkpoints.errors import CheckpointError
 from fednested.checkpoints.manifest import (
     MANIFEST_NAME,
@@ -48,24 +48,32 @@ def _check_adapters(
         except AdapterError as error:
             raise CheckpointError(path, "invalid", str(error)) from error
         if tensor.dim() != 2 or not tensor.is_floating_point():
-            raise CheckpointError(path, "invalid", f"tensor {key!r} must be a 2-D float tensor, got {tensor.dtype} {list(tensor.shape)}")
+            raise CheckpointError(
+                path, "invalid", f"tensor {key!r} must be a 2-D float tensor, got {tensor.dtype} {list(tensor.shape)}"
+            )
         if not torch.isfinite(tensor).all():
             raise CheckpointError(path, "invalid", f"tensor {key!r} holds NaN or infinite values")
         experts.setdefault((param_name, expert), set()).add(factor)
         if partition is None:
             continue
         if param_name not in partition.params or not partition.params[param_name].is_fused_experts:
-            raise CheckpointError(path, "other architecture", f"tensor {key!r}: the base has no fused expert tensor {param_name!r}")
+            raise CheckpointError(
+                path, "other architecture", f"tensor {key!r}: the base has no fused expert tensor {param_name!r}"
+            )
         num, out_features, in_features = partition.params[param_name].shape
         if expert >= num:
-            raise CheckpointError(path, "other architecture", f"tensor {key!r}: the base has {num} experts in {param_name}")
+            raise CheckpointError(
+                path, "other architecture", f"tensor {key!r}: the base has {num} experts in {param_name}"
+            )
         wanted = (config.rank, in_features) if factor == "lora_A" else (out_features, config.rank)
         if tuple(tensor.shape) != wanted:
-            raise CheckpointError(path, "other shapes", f"tensor {key!r} has shape {list(tensor.shape)}, the base needs {list(wanted)}")
+            raise CheckpointError(
+                path, "other shapes", f"tensor {key!r} has shape {list(tensor.shape)}, the base needs {list(wanted)}"
+            )
     for (param_name, expert), factors in sorted(experts.items()):
-        for factor in ("lora_A", "lora_B"):
+        for factor in LORA_FACTORS:
             if factor not in factors:
-                raise CheckpointError(path, "invalid", f"tensor {adapter_key(param_name, expert, factor)!r} is missing")  # type: ignore[arg-type]
+                raise CheckpointError(path, "invalid", f"tensor {adapter_key(param_name, expert, factor)!r} is missing")
 
 
 def save_update(
@@ -88,9 +96,13 @@ def save_update(
         raise CheckpointError(target, "exists", "an update directory is written once; choose a new directory")
     if base_manifest is not None and base_manifest.version_id != base_version:
         raise CheckpointError(
-            target, "other base version", f"base_version {base_version!r} but base_manifest is {base_manifest.version_id!r}"
+            target,
+            "other base version",
+            f"base_version {base_version!r} but base_manifest is {base_manifest.version_id!r}",
         )
-    _check_adapters(adapters, adapter_config, base_manifest.partition if base_manifest else None, target / ADAPTERS_NAME)
+    _check_adapters(
+        adapters, adapter_config, base_manifest.partition if base_manifest else None, target / ADAPTERS_NAME
+    )
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
@@ -149,7 +161,8 @@ def load_update(
             raise CheckpointError(
                 manifest_path,
                 "other architecture",
-                f"update records architecture {manifest.architecture_id[:12]}, base is {base_manifest.architecture_id[:12]}",
+                f"update records architecture {manifest.architecture_id[:12]}, "
+                f"base is {base_manifest.architecture_id[:12]}",
             )
     path = root / ADAPTERS_NAME
     try:
@@ -158,4 +171,3 @@ def load_update(
         raise CheckpointError(path, "corrupt", f"unreadable safetensors file: {error}") from error
     _check_adapters(adapters, config, base_manifest.partition if base_manifest is not None else None, path)
     return adapters, config, manifest
-

@@ -12,11 +12,12 @@ import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.initialization import no_init_weights
 
@@ -195,7 +196,7 @@ def load_partition_file(model: PreTrainedModel, directory: str | Path, kind: Par
     loaded: set[str] = set()
     try:
         with safe_open(str(path), framework="pt") as handle:
-            for key in handle.keys():
+            for key in handle.keys():  # noqa: SIM118 (safe_open handles are not iterable)
                 if key not in expected:
                     raise CheckpointError(path, "other architecture", f"tensor {key!r} does not exist in this model")
                 if key in partition.params and partition.kind_of_file(key) != kind:
@@ -224,21 +225,29 @@ def check_loaded(
         raise CheckpointError(directory, "missing", f"{len(missing)} tensor(s) are in no file, e.g. {missing[:3]}")
 
 
-def load_version(
-    directory: str | Path, *, expected_version: str | None = None
-) -> tuple[PreTrainedModel, Manifest]:
+def build_empty_model(config: PretrainedConfig) -> PreTrainedModel:
+    """A model of `config` with uninitialised weights, for loading into (skips seconds of random initialisation).
+
+    Untouched storage is never paged in, so the weights cost no resident memory until they are written.
+    """
+    with no_init_weights():
+        model = cast(Any, AutoModelForCausalLM).from_config(config)
+    assert isinstance(model, PreTrainedModel)
+    return model
+
+
+def load_version(directory: str | Path, *, expected_version: str | None = None) -> tuple[PreTrainedModel, Manifest]:
     """(model in eval mode, manifest) of a version directory; every sha256 is verified before anything is read."""
     root = Path(directory)
     manifest, config = open_version(root, expected_version=expected_version)
     # weights are overwritten from the files below, so skip the (seconds-long) random initialisation
-    with no_init_weights():
-        model: PreTrainedModel = AutoModelForCausalLM.from_config(config)
+    model = build_empty_model(config)
     loaded: set[str] = set()
     for kind, name in PARTITION_FILES.items():
         if name in manifest.files:
             loaded |= load_partition_file(model, root, kind)
     check_loaded(model, root, loaded)
-    model.eval()
+    nn.Module.eval(model)
     return model, manifest
 
 

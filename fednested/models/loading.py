@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from fednested.models.presets import family_of
@@ -45,7 +46,7 @@ def load_model(path: str | Path, *, dtype: torch.dtype | None = None) -> PreTrai
     model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
         directory, local_files_only=True, dtype=dtype if dtype is not None else torch.float32
     )
-    model.eval()
+    nn.Module.eval(model)
     return model
 
 

@@ -9,8 +9,15 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import torch
-from transformers import MixtralConfig, MixtralForCausalLM, PretrainedConfig, PreTrainedModel, Qwen2MoeConfig
-from transformers import Qwen2MoeForCausalLM
+from torch import nn
+from transformers import (
+    MixtralConfig,
+    MixtralForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
+)
 
 Family = Literal["mixtral", "qwen2_moe"]
 # Mixtral-style (routed experts only) and Qwen2-MoE (routed experts plus an always-on shared expert with its own
@@ -78,7 +85,9 @@ def get_preset(name: str) -> ModelPreset:
         raise UnknownPresetError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}") from None
 
 
-def build_config(preset: str | ModelPreset = "tiny", family: str = "mixtral", *, vocab_size: int | None = None) -> PretrainedConfig:
+def build_config(
+    preset: str | ModelPreset = "tiny", family: str = "mixtral", *, vocab_size: int | None = None
+) -> PretrainedConfig:
     """The transformers config of `family` with the shape of `preset` (vocab_size overrides the preset's)."""
     shape = get_preset(preset) if isinstance(preset, str) else preset
     vocab = shape.vocab_size if vocab_size is None else vocab_size
@@ -130,14 +139,14 @@ def family_of(config: PretrainedConfig) -> Family:
 def build_model(
     preset: str = "tiny", family: str = "mixtral", *, vocab_size: int | None = None, seed: int = 0
 ) -> PreTrainedModel:
-    """A freshly initialised fp32 model of `family` shaped like `preset`; the same seed gives bitwise the same weights."""
+    """A freshly initialised fp32 model of `family` shaped like `preset`; one seed gives bitwise one set of weights."""
     config = build_config(preset, family, vocab_size=vocab_size)
     model_class: type[PreTrainedModel] = MixtralForCausalLM if family == "mixtral" else Qwen2MoeForCausalLM
     # fork_rng keeps the caller's global RNG stream untouched, so building a model never shifts their randomness.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = model_class(config)
-    model.eval()
+    nn.Module.eval(model)
     return model
 
 

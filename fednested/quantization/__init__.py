@@ -2,8 +2,8 @@
 
 from fednested.quantization.snapshot import (
     BLOCKSIZE,
-    BlockwiseQuantized,
     Bits,
+    BlockwiseQuantized,
     QuantizationError,
     QuantizedExperts,
     QuantizedLinear,

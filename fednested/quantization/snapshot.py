@@ -7,26 +7,47 @@ on. Embeddings, norms and routers stay in full precision. docs/adr/0002-edge-qua
 
 from __future__ import annotations
 
+import logging
 import math
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from fednested.adapters.lora import expert_stacks
 from fednested.adapters.routed import EXPERT_TARGETS, routed_experts_forward
 from fednested.checkpoints.errors import CheckpointError
 from fednested.checkpoints.manifest import Manifest
+from fednested.checkpoints.versions import (
+    PARTITION_FILES,
+    build_empty_model,
+    check_loaded,
+    load_partition_file,
+    open_version,
+)
+from fednested.partition import PartitionKind
 
-# bitsandbytes logs a warning at import when the optional `kernels` package (a faster CPU 4-bit GEMV we do not use)
-# is missing; keep it out of every edge log.
-os.environ.setdefault("BITSANDBYTES_NOWELCOME", "1")
-import bitsandbytes.functional as bnb_functional  # noqa: E402
-from bitsandbytes.functional import QuantState  # noqa: E402
+
+def _import_bitsandbytes() -> Any:
+    # bitsandbytes warns at import that the optional `kernels` package (a CPU 4-bit GEMV we do not call) is missing;
+    # that line would otherwise open every edge log, so it is silenced for the import only.
+    cpu_ops_logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    previous = cpu_ops_logger.level
+    cpu_ops_logger.setLevel(logging.ERROR)
+    try:
+        import bitsandbytes.functional as functional
+    finally:
+        cpu_ops_logger.setLevel(previous)
+    return functional
+
+
+# bitsandbytes ships no type hints; QuantState is a plain record of the quantization parameters
+bnb_functional = _import_bitsandbytes()
+_QuantState: Any = bnb_functional.QuantState
 
 Bits = Literal[8, 4]
 # 4-bit: NF4 (the QLoRA data type, best for normally distributed weights) in blocks of 64 values;
@@ -47,7 +68,7 @@ class _Layout:
 
 
 class BlockwiseQuantized(nn.Module):
-    """A stack of N 2-D weights [N, out, in] held as packed bytes + per-block absmax, dequantized one slice at a time."""
+    """N 2-D weights [N, out, in] held as packed bytes + per-block absmax, dequantized one slice at a time."""
 
     def __init__(self, weight: torch.Tensor, bits: Bits) -> None:
         super().__init__()
@@ -67,7 +88,9 @@ class BlockwiseQuantized(nn.Module):
                 # one slice at a time: the transient fp32 copy is one expert, not the stack
                 source = weight[index].detach().to("cpu", torch.float32).contiguous()
                 if bits == 4:
-                    data, state = bnb_functional.quantize_4bit(source, blocksize=self.layout.blocksize, quant_type="nf4")
+                    data, state = bnb_functional.quantize_4bit(
+                        source, blocksize=self.layout.blocksize, quant_type="nf4"
+                    )
                 else:
                     data, state = bnb_functional.quantize_blockwise(source, blocksize=self.layout.blocksize)
                     code = state.code
@@ -87,18 +110,20 @@ class BlockwiseQuantized(nn.Module):
     def dequantize(self, index: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Slice `index` as a fresh [out, in] tensor of `dtype`."""
         layout = self.layout
+        # bitsandbytes writes fp32/bf16/fp16 directly; anything else goes through fp32
+        native = dtype if dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
+        result: torch.Tensor
         if layout.bits == 4:
-            state = QuantState(
+            state = _QuantState(
                 absmax=self.absmax[index],
                 shape=torch.Size(layout.shape),
-                code=None,
                 blocksize=layout.blocksize,
                 quant_type="nf4",
-                dtype=dtype if dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32,
+                dtype=native,
             )
             result = bnb_functional.dequantize_4bit(self.packed[index], state, quant_type="nf4")
         else:
-            state = QuantState(absmax=self.absmax[index], code=self.code, blocksize=layout.blocksize, dtype=torch.float32)
+            state = _QuantState(absmax=self.absmax[index], code=self.code, blocksize=layout.blocksize, dtype=native)
             result = bnb_functional.dequantize_blockwise(self.packed[index], state).reshape(layout.shape)
         return result.to(dtype)
 
@@ -145,7 +170,9 @@ class QuantizedExperts(nn.Module):
         self.bits: Bits = bits
         self.num_experts = int(getattr(source, GATE_UP_NAME).shape[0])
         self.act_fn = source.act_fn
-        self.stacks = nn.ModuleDict({target: BlockwiseQuantized(getattr(source, target), bits) for target in EXPERT_TARGETS})
+        self.stacks = nn.ModuleDict(
+            {target: BlockwiseQuantized(getattr(source, target), bits) for target in EXPERT_TARGETS}
+        )
 
     @classmethod
     def from_tensors(cls, tensors: Mapping[str, torch.Tensor], act_fn: nn.Module, bits: Bits) -> QuantizedExperts:
@@ -174,11 +201,14 @@ class QuantizedExperts(nn.Module):
 
     def _apply_gate(self, gate_up: torch.Tensor) -> torch.Tensor:
         gate, up = gate_up.chunk(2, dim=-1)
-        activated = self.act_fn(gate)
+        act_fn: Any = self.act_fn
+        activated = act_fn(gate)
         assert isinstance(activated, torch.Tensor)
         return activated * up
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
         return routed_experts_forward(self, hidden_states, top_k_index, top_k_weights)
 
 
@@ -241,7 +271,7 @@ def quantize_base(model: nn.Module, bits: Bits, *, quantize_linears: bool = True
             assert isinstance(linear, nn.Linear)
             _set_submodule(model, name, QuantizedLinear(linear, bits))
     setattr(model, _ATTRIBUTE, bits)
-    model.eval()
+    nn.Module.eval(model)
     return model
 
 
@@ -275,21 +305,15 @@ def load_quantized_version(
     stacks are never all resident: each is read, quantized and dropped before the next, which keeps peak memory
     near the quantized size.
     """
-    from safetensors import SafetensorError, safe_open
-    from transformers import AutoModelForCausalLM, PreTrainedModel
-    from transformers.initialization import no_init_weights
-
-    from fednested.checkpoints.versions import PARTITION_FILES, check_loaded, load_partition_file, open_version
-
     root = Path(directory)
     manifest, config = open_version(root, expected_version=expected_version)
     # untouched torch.empty storage is never paged in, so the fp32 expert placeholders cost no resident memory
-    with no_init_weights():
-        model: PreTrainedModel = AutoModelForCausalLM.from_config(config)
+    model = build_empty_model(config)
     loaded: set[str] = set()
-    for kind in ("core", "gate"):
-        if PARTITION_FILES[kind] in manifest.files:  # type: ignore[index]
-            loaded |= load_partition_file(model, root, kind)  # type: ignore[arg-type]
+    kinds: tuple[PartitionKind, ...] = ("core", "gate")
+    for kind in kinds:
+        if PARTITION_FILES[kind] in manifest.files:
+            loaded |= load_partition_file(model, root, kind)
     stacks = expert_stacks(model)
     path = root / PARTITION_FILES["expert"]
     try:
@@ -305,11 +329,15 @@ def load_quantized_version(
                     expected = tuple(getattr(stack, target).shape)
                     if tuple(tensor.shape) != expected:
                         raise CheckpointError(
-                            path, "other shapes", f"tensor {key!r} has shape {list(tensor.shape)}, the config needs {list(expected)}"
+                            path,
+                            "other shapes",
+                            f"tensor {key!r} has shape {list(tensor.shape)}, the config needs {list(expected)}",
                         )
                     tensors[target] = tensor
                     loaded.add(key)
-                _set_submodule(model, module_name, QuantizedExperts.from_tensors(tensors, stack.act_fn, bits))
+                act_fn = stack.act_fn
+                assert isinstance(act_fn, nn.Module)
+                _set_submodule(model, module_name, QuantizedExperts.from_tensors(tensors, act_fn, bits))
                 del tensors
             extra = sorted(names - loaded)
             if extra:
@@ -325,7 +353,7 @@ def load_quantized_version(
             assert isinstance(linear, nn.Linear)
             _set_submodule(model, name, QuantizedLinear(linear, bits))
     setattr(model, _ATTRIBUTE, bits)
-    model.eval()
+    nn.Module.eval(model)
     return model, manifest
 
 

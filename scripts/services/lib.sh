@@ -41,9 +41,10 @@ pids_matching() {
   for dir in /proc/[0-9]*; do
     pid=${dir#/proc/}
     [ "$pid" != "$$" ] || continue
-    name=$(<"$dir/comm") 2>/dev/null || continue
+    # stderr is redirected first: a process that exits mid-scan must not print "No such file" on the way out.
+    read -r name 2>/dev/null <"$dir/comm" || continue
     [ "$name" = "$comm" ] || continue
-    mapfile -d '' args <"$dir/cmdline" 2>/dev/null || continue
+    mapfile -d '' args 2>/dev/null <"$dir/cmdline" || continue
     [[ " ${args[*]} " == *"$marker"* ]] && echo "$pid"
   done
   return 0
@@ -53,9 +54,9 @@ pids_matching() {
 pid_is_ours() {
   local pid=$1 comm=$2 marker=$3 name args
   [ -n "$pid" ] && [ -d "/proc/$pid" ] || return 1
-  name=$(<"/proc/$pid/comm") 2>/dev/null || return 1
+  read -r name 2>/dev/null <"/proc/$pid/comm" || return 1
   [ "$name" = "$comm" ] || return 1
-  mapfile -d '' args <"/proc/$pid/cmdline" 2>/dev/null || return 1
+  mapfile -d '' args 2>/dev/null <"/proc/$pid/cmdline" || return 1
   [[ " ${args[*]} " == *"$marker"* ]]
 }
 

@@ -23,6 +23,9 @@ import pytest
 import torch
 import yaml
 
+from edge_client.runner import ClientSettings
+from edge_client.sidecar import example_policy
+from edge_client.transport.retry import RetryPolicy
 from fednested.adapters import ExpertLoraConfig
 from fednested.checkpoints import save_version
 from fednested.data import CorpusConfig, generate_corpus, record_texts, train_bpe_tokenizer, write_jsonl
@@ -33,10 +36,6 @@ from fednested.messaging.settings import EmbeddedBusSettings, KafkaBusSettings
 from fednested.messaging.topics import Topic, TopicsConfig
 from fednested.models import build_model
 from fednested.training.edge import EdgeTrainConfig
-
-from edge_client.runner import ClientSettings
-from edge_client.sidecar import example_policy
-from edge_client.transport.retry import RetryPolicy
 
 BusSettings = KafkaBusSettings | EmbeddedBusSettings
 

@@ -10,11 +10,10 @@ from typing import Any
 import pytest
 from safetensors.torch import load
 
-from fednested.messaging.schemas import Telemetry, UpdateEnvelope
-from fednested.messaging.topics import Topic
-
 from edge_client.runner import ClientRunReport, RunOptions, run_client
 from edge_client.sidecar import verify_chain
+from fednested.messaging.schemas import Telemetry, UpdateEnvelope
+from fednested.messaging.topics import Topic
 
 
 @pytest.mark.parametrize("bus_kind", ["embedded", pytest.param("kafka", marks=pytest.mark.kafka)])

@@ -5,7 +5,6 @@ from typing import Any
 from rest_framework import serializers
 
 from apps.accounts.models import User
-
 from apps.federation.choices import TaskKind
 from apps.federation.models import EdgeDevice, EnrollmentToken, Round, TrainingTask, Update
 from apps.registry.models import ModelVersion

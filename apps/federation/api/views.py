@@ -1,7 +1,7 @@
 """REST views of the federation app. Devices see only their own records; every write goes through services."""
 
 from datetime import timedelta
-from typing import Any, cast, ClassVar
+from typing import Any, ClassVar, cast
 
 from django.core.exceptions import PermissionDenied
 from django.db.models import QuerySet

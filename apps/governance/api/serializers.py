@@ -5,7 +5,6 @@ from typing import Any
 from rest_framework import serializers
 
 from apps.accounts.models import User
-
 from apps.governance.models import ApprovalDecision, ApprovalRequest, AuditEvent
 from apps.registry.models import ModelVersion
 

@@ -5,7 +5,6 @@ from typing import Any, ClassVar
 from rest_framework import serializers
 
 from apps.accounts.models import User
-
 from apps.registry.choices import ArtifactPartition
 from apps.registry.models import Alias, LineageEdge, ModelFamily, ModelVersion, VersionArtifact
 

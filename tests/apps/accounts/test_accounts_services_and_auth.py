@@ -63,7 +63,8 @@ def test_set_user_role_records_old_and_new_role() -> None:
 def test_api_token_is_stored_hashed_and_shown_once() -> None:
     user = create_user_with_role(username="eve", role=Role.ENGINEER, actor=None)
     token, plaintext = issue_api_token(user, actor=user, name="laptop")
-    assert plaintext.startswith("fna_") and len(plaintext) > 40
+    assert plaintext.startswith("fna_")
+    assert len(plaintext) > 40
     row = ApiToken.objects.get(pk=token.pk)
     assert row.key_sha256 == secret_sha256(plaintext)
     assert plaintext not in str(ApiToken.objects.filter(pk=token.pk).values().get())
@@ -120,12 +121,21 @@ def test_create_user_command_prints_only_the_token(tmp_path: Any) -> None:
     password_file.write_text("a-long-enough-passphrase\n", encoding="utf-8")
     out, err = StringIO(), StringIO()
     call_command(
-        "create_user", "olga", "--role", "officer", "--password-file", str(password_file), "--token", "cli",
-        stdout=out, stderr=err,
+        "create_user",
+        "olga",
+        "--role",
+        "officer",
+        "--password-file",
+        str(password_file),
+        "--token",
+        "cli",
+        stdout=out,
+        stderr=err,
     )
     plaintext = out.getvalue().strip()
     user = User.objects.get(username="olga")
-    assert user.role == Role.OFFICER and user.check_password("a-long-enough-passphrase")
+    assert user.role == Role.OFFICER
+    assert user.check_password("a-long-enough-passphrase")
     assert ApiToken.objects.get(user=user).key_sha256 == secret_sha256(plaintext)
     assert AuditEvent.objects.filter(actor_label="manage.py create_user").count() == 2
     with pytest.raises(CommandError, match="already exists"):

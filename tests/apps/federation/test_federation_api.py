@@ -48,16 +48,20 @@ def test_engineer_opens_and_closes_rounds_and_creates_tasks(cast: dict[str, Any]
     bad = engineer.post(
         "/api/v1/rounds/", {"base_version": "tiny-moe-v1", "buffer_size_k": 0, "deadline_at": deadline}, format="json"
     )
-    assert bad.status_code == 400 and "buffer_size_k" in bad.json()
-    assert [r["round_id"] for r in cast["device"].client.get("/api/v1/rounds/", {"status": "open"}).json()["results"]] == [
-        "round-1"
-    ]
+    assert bad.status_code == 400
+    assert "buffer_size_k" in bad.json()
+    assert [
+        r["round_id"] for r in cast["device"].client.get("/api/v1/rounds/", {"status": "open"}).json()["results"]
+    ] == ["round-1"]
     task = engineer.post("/api/v1/tasks/", {"kind": "expert_aggregation", "round": "round-1"}, format="json")
-    assert task.status_code == 201 and task.json()["status"] == "pending" and task.json()["round"] == "round-1"
+    assert task.status_code == 201
+    assert task.json()["status"] == "pending"
+    assert task.json()["round"] == "round-1"
     closed = engineer.post("/api/v1/rounds/round-1/close/", {"cancel": True, "reason": "bad data"}, format="json")
     assert closed.json()["status"] == "cancelled"
     again = engineer.post("/api/v1/rounds/round-1/close/", {}, format="json")
-    assert again.status_code == 400 and "already cancelled" in again.json()["status"][0]
+    assert again.status_code == 400
+    assert "already cancelled" in again.json()["status"][0]
 
 
 def test_device_submits_its_updates_and_sees_rejections(
@@ -67,15 +71,19 @@ def test_device_submits_its_updates_and_sees_rejections(
     envelope = envelope_factory(client_id="car-0001", base_version="tiny-moe-v1")
     first = device.post("/api/v1/updates/", envelope, format="json")
     assert first.status_code == 201, first.content
-    assert first.json()["status"] == "received" and first.json()["rejection"] is None
+    assert first.json()["status"] == "received"
+    assert first.json()["rejection"] is None
     resend = device.post("/api/v1/updates/", envelope, format="json")
-    assert resend.status_code == 200 and resend.json()["update_id"] == first.json()["update_id"]
+    assert resend.status_code == 200
+    assert resend.json()["update_id"] == first.json()["update_id"]
 
     other = envelope_factory(client_id="car-0002", base_version="tiny-moe-v1")
     impersonation = device.post("/api/v1/updates/", other, format="json")
-    assert impersonation.status_code == 403 and "for itself only" in impersonation.json()["detail"]
+    assert impersonation.status_code == 403
+    assert "for itself only" in impersonation.json()["detail"]
     broken = device.post("/api/v1/updates/", dict(envelope, payload={"uri": "x"}), format="json")
-    assert broken.status_code == 400 and "payload.sha256" in str(broken.json()["envelope"])
+    assert broken.status_code == 400
+    assert "payload.sha256" in str(broken.json()["envelope"])
     assert device.post("/api/v1/updates/", [1, 2], format="json").status_code == 400
 
     update = Update.objects.get(update_id=first.json()["update_id"])
@@ -91,7 +99,9 @@ def test_device_submits_its_updates_and_sees_rejections(
 
 def test_engineer_revokes_a_device_which_then_cannot_authenticate(cast: dict[str, Any]) -> None:
     response = cast["engineer"].client.post("/api/v1/devices/car-0001/revoke/", {"reason": "stolen"}, format="json")
-    assert response.status_code == 200 and response.json()["status"] == "revoked"
+    assert response.status_code == 200
+    assert response.json()["status"] == "revoked"
     assert cast["device"].client.get("/api/v1/me/").status_code == 401
     missing_reason = cast["engineer"].client.post("/api/v1/devices/car-0001/revoke/", {}, format="json")
-    assert missing_reason.status_code == 400 and "reason" in missing_reason.json()
+    assert missing_reason.status_code == 400
+    assert "reason" in missing_reason.json()

@@ -83,7 +83,8 @@ def test_round_lifecycle_claims_once_and_is_audited(engineer: User, base: ModelV
     assert claim_round_for_aggregation(round_, actor_label="worker:aggregation-2") is False
     assert AuditEvent.objects.filter(verb="federation.round.aggregating").count() == 1
     close_round(round_, actor=None, actor_label="worker:aggregation")
-    assert round_.status == RoundStatus.CLOSED and round_.closed_at is not None
+    assert round_.status == RoundStatus.CLOSED
+    assert round_.closed_at is not None
     with pytest.raises(ValidationError, match="already closed"):
         close_round(round_, actor=engineer)
 
@@ -96,7 +97,9 @@ def test_round_lifecycle_claims_once_and_is_audited(engineer: User, base: ModelV
         ({"round_id": "bad id"}, "must use only"),
     ],
 )
-def test_open_round_rejects_bad_settings(engineer: User, base: ModelVersion, changes: dict[str, Any], message: str) -> None:
+def test_open_round_rejects_bad_settings(
+    engineer: User, base: ModelVersion, changes: dict[str, Any], message: str
+) -> None:
     arguments: dict[str, Any] = {
         "base_version": base,
         "buffer_size_k": 2,
@@ -111,9 +114,8 @@ def test_open_round_rejects_bad_settings(engineer: User, base: ModelVersion, cha
 def test_round_start_is_published_after_commit_only(
     engineer: User, base: ModelVersion, django_capture_on_commit_callbacks: Any, settings: Any, tmp_path: Any
 ) -> None:
-    from fednested.messaging import Topic, make_bus
-
     from apps.federation.events import bus_settings
+    from fednested.messaging import Topic, make_bus
 
     settings.FEDNESTED_BUS = "embedded"
     settings.FEDNESTED_BUS_PATH = tmp_path / "bus.sqlite3"
@@ -123,7 +125,8 @@ def test_round_start_is_published_after_commit_only(
     assert len(callbacks) == 1
     with make_bus(bus_settings()) as bus, bus.consumer("tests-round-start", [Topic.CONTROL_ROUNDS]) as consumer:
         message = consumer.poll(5.0)
-    assert message is not None and message.event is not None
+    assert message is not None
+    assert message.event is not None
     assert message.key == "round-7"
     assert message.event.model_dump()["round_id"] == "round-7"
     assert message.event.model_dump()["base_version"] == "tiny-moe-v1"
@@ -163,7 +166,11 @@ def test_training_task_status_moves_once(engineer: User) -> None:
     assert finish_training_task(task.pk, actor_label="worker:training") is True
     assert TrainingTask.objects.get(pk=task.pk).status == TaskStatus.SUCCEEDED
     assert fail_training_task(task.pk, error="late failure") is False
-    verbs = list(AuditEvent.objects.filter(object_id=str(task.pk), object_type="federation.trainingtask").values_list("verb", flat=True))
+    verbs = list(
+        AuditEvent.objects.filter(object_id=str(task.pk), object_type="federation.trainingtask").values_list(
+            "verb", flat=True
+        )
+    )
     assert sorted(verbs) == ["federation.task.created", "federation.task.running", "federation.task.succeeded"]
     with pytest.raises(ValidationError, match="unknown task kind 'dance'"):
         create_training_task(kind="dance", actor=engineer)
@@ -233,7 +240,9 @@ def test_update_to_a_closed_round_is_refused(
     device, _ = device_factory(engineer, "car-1")
     close_round(round_factory(base, actor=engineer, round_id="round-1"), actor=engineer)
     with pytest.raises(ValidationError, match="round 'round-1' is closed, not open"):
-        receive_update(envelope_factory(client_id="car-1", base_version="tiny-moe-v1", round_id="round-1"), device=device)
+        receive_update(
+            envelope_factory(client_id="car-1", base_version="tiny-moe-v1", round_id="round-1"), device=device
+        )
 
 
 def test_update_status_transitions_and_rejection_are_audited(
@@ -262,10 +271,16 @@ def test_update_status_transitions_and_rejection_are_audited(
         "expert 0.1 delta has NaN at row 3",
     )
     rejected = AuditEvent.objects.get(verb="federation.update.rejected")
-    assert (rejected.actor_label, rejected.data["code"], rejected.data["from"]) == ("worker:ingest", "non_finite", "received")
+    assert (rejected.actor_label, rejected.data["code"], rejected.data["from"]) == (
+        "worker:ingest",
+        "non_finite",
+        "received",
+    )
     with pytest.raises(ValidationError, match="lowercase identifier"):
         reject_update(second, "Bad Code", "x")
-    applied_verbs = AuditEvent.objects.filter(object_id=str(first.pk), object_type="federation.update").values_list("verb", flat=True)
+    applied_verbs = AuditEvent.objects.filter(object_id=str(first.pk), object_type="federation.update").values_list(
+        "verb", flat=True
+    )
     assert sorted(applied_verbs) == [
         "federation.update.applied",
         "federation.update.buffered",

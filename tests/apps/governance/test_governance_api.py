@@ -20,14 +20,16 @@ def test_request_then_officer_approves_through_the_api(
     approval = created.json()
     assert (approval["status"], approval["requested_by"], approval["decision"]) == ("pending", "eric-engineer", None)
     twice = engineer.post("/api/v1/approvals/", {"version": "tiny-moe-v1"}, format="json")
-    assert twice.status_code == 400 and "already has a pending approval request" in str(twice.json())
+    assert twice.status_code == 400
+    assert "already has a pending approval request" in str(twice.json())
 
     decided = officer.post(f"/api/v1/approvals/{approval['id']}/approve/", {"reason": "gates green"}, format="json")
     assert decided.status_code == 200
     assert decided.json()["decision"]["decided_by"] == "olivia-officer"
     assert Alias.objects.get(name="champion").version.version_id == "tiny-moe-v1"
     again = officer.post(f"/api/v1/approvals/{approval['id']}/reject/", {"reason": "changed my mind"}, format="json")
-    assert again.status_code == 400 and "already approved" in str(again.json())
+    assert again.status_code == 400
+    assert "already approved" in str(again.json())
 
     trail = officer.get("/api/v1/audit-events/", {"verb_prefix": "governance."}).json()
     assert [e["verb"] for e in trail["results"]] == ["governance.approval.approved", "governance.approval.requested"]

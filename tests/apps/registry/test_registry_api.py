@@ -38,17 +38,22 @@ def version_payload(version_id: str, **changes: Any) -> dict[str, Any]:
 
 def test_engineer_registers_family_and_versions_and_reads_lineage(cast: dict[str, Any]) -> None:
     engineer = cast["engineer"].client
-    family = engineer.post("/api/v1/families/", {"name": "tiny-moe", "architecture": "MixtralForCausalLM"}, format="json")
-    assert family.status_code == 201 and family.json()["created_by"] == "eric-engineer"
+    family = engineer.post(
+        "/api/v1/families/", {"name": "tiny-moe", "architecture": "MixtralForCausalLM"}, format="json"
+    )
+    assert family.status_code == 201
+    assert family.json()["created_by"] == "eric-engineer"
     duplicate = engineer.post("/api/v1/families/", {"name": "tiny-moe", "architecture": "X"}, format="json")
-    assert duplicate.status_code == 400 and "already exists" in duplicate.json()["name"][0]
+    assert duplicate.status_code == 400
+    assert "already exists" in duplicate.json()["name"][0]
 
     v1 = engineer.post("/api/v1/versions/", version_payload("tiny-moe-v1"), format="json")
     assert v1.status_code == 201, v1.content
     body = v1.json()
     assert (body["status"], body["family"], body["parent"]) == ("candidate", "tiny-moe", None)
     assert [a["file_name"] for a in body["artifacts"]] == ["core.safetensors", "experts/l1e3.safetensors"]
-    assert body["created_by_label"] == "eric-engineer" and len(body["manifest_sha256"]) == 64
+    assert body["created_by_label"] == "eric-engineer"
+    assert len(body["manifest_sha256"]) == 64
 
     v2 = engineer.post("/api/v1/versions/", version_payload("tiny-moe.v2", parent="tiny-moe-v1"), format="json")
     assert v2.status_code == 201, v2.content
@@ -61,13 +66,18 @@ def test_engineer_registers_family_and_versions_and_reads_lineage(cast: dict[str
     assert engineer.get("/api/v1/versions/tiny-moe-v1/lineage/").json()["children"] == ["tiny-moe.v2"]
 
     listed = engineer.get("/api/v1/versions/", {"family": "tiny-moe", "parent": "tiny-moe-v1"}).json()
-    assert listed["count"] == 1 and listed["results"][0]["version_id"] == "tiny-moe.v2"
+    assert listed["count"] == 1
+    assert listed["results"][0]["version_id"] == "tiny-moe.v2"
 
 
 @pytest.mark.parametrize(
     ("changes", "field", "message"),
     [
-        ({"artifacts": [{"file_name": "a", "sha256": "nothex", "size_bytes": 1, "partition": "core"}]}, "artifacts", ""),
+        (
+            {"artifacts": [{"file_name": "a", "sha256": "nothex", "size_bytes": 1, "partition": "core"}]},
+            "artifacts",
+            "",
+        ),
         ({"family": "no-such-family"}, "family", "does not exist"),
         ({"parent": "tiny-moe-v404"}, "parent", "does not exist"),
         (
@@ -81,7 +91,9 @@ def test_bad_version_registration_names_the_field_and_creates_nothing(
     cast: dict[str, Any], family_factory: Callable[..., ModelFamily], changes: dict[str, Any], field: str, message: str
 ) -> None:
     family_factory("tiny-moe")
-    response = cast["engineer"].client.post("/api/v1/versions/", version_payload("tiny-moe-v1", **changes), format="json")
+    response = cast["engineer"].client.post(
+        "/api/v1/versions/", version_payload("tiny-moe-v1", **changes), format="json"
+    )
     assert response.status_code == 400
     assert field in response.json()
     assert message in str(response.json()[field])

@@ -53,7 +53,8 @@ def test_register_version_stores_files_lineage_and_audit(
     stored = ModelVersion.objects.get(version_id="tiny-moe-v2")
     assert stored.status == VersionStatus.CANDIDATE
     assert stored.manifest_sha256 == manifest_sha256(stored.manifest)
-    assert stored.created_by == engineer and stored.created_by_label == "eve"
+    assert stored.created_by == engineer
+    assert stored.created_by_label == "eve"
     files = {a.file_name: a for a in VersionArtifact.objects.filter(version=v2)}
     assert len(files) == 5
     expert = files["experts/layer0_expert1.safetensors"]
@@ -68,7 +69,8 @@ def test_register_version_stores_files_lineage_and_audit(
     assert v2.ancestors() == [v1]
     event = AuditEvent.objects.get(verb="registry.version.registered", object_id=str(v2.pk))
     assert event.actor == engineer
-    assert event.data["manifest_sha256"] == stored.manifest_sha256 and event.data["parent"] == "tiny-moe-v1"
+    assert event.data["manifest_sha256"] == stored.manifest_sha256
+    assert event.data["parent"] == "tiny-moe-v1"
 
 
 def test_registering_an_existing_version_id_fails_and_keeps_the_original(

@@ -30,7 +30,8 @@ def test_issued_token_is_hashed_audited_and_expires_by_default_setting(engineer:
     settings.FEDNESTED_ENROLLMENT_TOKEN_TTL_S = 600
     token, plaintext = issue_enrollment_token(actor=engineer, note="for car-7", domain="automotive")
     row = EnrollmentToken.objects.get(pk=token.pk)
-    assert row.token_sha256 == secret_sha256(plaintext) and plaintext.startswith("fne_")
+    assert row.token_sha256 == secret_sha256(plaintext)
+    assert plaintext.startswith("fne_")
     assert timedelta(seconds=590) < row.expires_at - timezone.now() <= timedelta(seconds=600)
     event = AuditEvent.objects.get(verb="federation.enrollment_token.issued")
     assert (event.actor, event.object_id, event.data["domain"]) == (engineer, str(token.pk), "automotive")
@@ -47,12 +48,15 @@ def test_enrollment_creates_a_device_account_with_a_working_token(engineer: User
     device = EdgeDevice.objects.get(client_id="scanner:42")
     assert device == enrollment.device
     assert device.domain == "medical"  # the token's domain wins over what the device claims
-    assert device.labels == ["ward-3"] and device.status == "active"
-    assert device.user.role == Role.DEVICE and device.user.username == device_username("scanner:42")
+    assert device.labels == ["ward-3"]
+    assert device.status == "active"
+    assert device.user.role == Role.DEVICE
+    assert device.user.username == device_username("scanner:42")
     assert not device.user.has_usable_password()
     assert ApiToken.objects.get(user=device.user).key_sha256 == secret_sha256(enrollment.api_token)
     token_row = EnrollmentToken.objects.get(token_sha256=secret_sha256(plaintext))
-    assert token_row.used_at is not None and token_row.used_by_client_id == "scanner:42"
+    assert token_row.used_at is not None
+    assert token_row.used_by_client_id == "scanner:42"
     enrolled = AuditEvent.objects.get(verb="federation.device.enrolled")
     assert (enrolled.actor_label, enrolled.object_id) == ("device:scanner:42", str(device.pk))
 
@@ -102,10 +106,12 @@ def test_enroll_endpoint_reports_what_was_wrong(engineer: User) -> None:
     _, plaintext = issue_enrollment_token(actor=engineer)
     client = APIClient()
     missing = client.post("/api/v1/enroll/", {"client_id": "car-1"}, format="json")
-    assert missing.status_code == 400 and "token" in missing.json()
+    assert missing.status_code == 400
+    assert "token" in missing.json()
     created = client.post("/api/v1/enroll/", {"token": plaintext, "client_id": "car-1"}, format="json")
     assert created.status_code == 201
-    assert created.json()["device"]["client_id"] == "car-1" and created.json()["api_token"].startswith("fna_")
+    assert created.json()["device"]["client_id"] == "car-1"
+    assert created.json()["api_token"].startswith("fna_")
     reused = client.post("/api/v1/enroll/", {"token": plaintext, "client_id": "car-2"}, format="json")
     assert reused.status_code == 400
     assert "already used" in reused.json()["token"][0]
@@ -139,7 +145,8 @@ def test_two_enrollments_racing_for_one_token_on_postgresql_exactly_one_wins(eng
     for thread in threads:
         thread.join(timeout=60)
     winners = [client_id for client_id, outcome in outcomes.items() if outcome == "enrolled"]
-    assert len(outcomes) == 8 and len(winners) == 1, outcomes
+    assert len(outcomes) == 8, outcomes
+    assert len(winners) == 1, outcomes
     assert all("already used" in outcome for client_id, outcome in outcomes.items() if client_id != winners[0])
     assert list(EdgeDevice.objects.values_list("client_id", flat=True)) == winners
     assert AuditEvent.objects.filter(verb="federation.device.enrolled").count() == 1

@@ -29,7 +29,9 @@ def people(user_factory: Callable[[str, str], tuple[User, str]]) -> dict[str, Us
 
 
 @pytest.fixture
-def versions(family_factory: Callable[..., ModelFamily], version_factory: Callable[..., ModelVersion]) -> list[ModelVersion]:
+def versions(
+    family_factory: Callable[..., ModelFamily], version_factory: Callable[..., ModelVersion]
+) -> list[ModelVersion]:
     family = family_factory()
     v1 = version_factory(family, "tiny-moe-v1")
     return [v1, version_factory(family, "tiny-moe-v2", parent=v1)]
@@ -42,9 +44,8 @@ def test_approve_moves_champion_archives_the_old_one_and_publishes_after_commit(
     settings: Any,
     tmp_path: Any,
 ) -> None:
-    from fednested.messaging import ModelAvailable, Topic, make_bus
-
     from apps.federation.events import bus_settings
+    from fednested.messaging import ModelAvailable, Topic, make_bus
 
     settings.FEDNESTED_BUS = "embedded"
     settings.FEDNESTED_BUS_PATH = tmp_path / "bus.sqlite3"
@@ -77,7 +78,8 @@ def test_approve_moves_champion_archives_the_old_one_and_publishes_after_commit(
         events = [consumer.poll(5.0), consumer.poll(5.0)]
     available = [m.event for m in events if m is not None and isinstance(m.event, ModelAvailable)]
     assert [(e.version_id, e.alias) for e in available] == [("tiny-moe-v1", "champion"), ("tiny-moe-v2", "champion")]
-    assert available[1].manifest_sha256 == v2.manifest_sha256 and available[1].artifact_uri == v2.artifact_uri
+    assert available[1].manifest_sha256 == v2.manifest_sha256
+    assert available[1].artifact_uri == v2.artifact_uri
 
 
 def test_nothing_is_published_when_the_transaction_rolls_back(
@@ -105,7 +107,9 @@ def test_reject_needs_a_reason_and_marks_the_version_rejected(
         request_approval(versions[0], actor=people["engineer"])
 
 
-def test_only_officers_decide_and_never_their_own_request(people: dict[str, User], versions: list[ModelVersion]) -> None:
+def test_only_officers_decide_and_never_their_own_request(
+    people: dict[str, User], versions: list[ModelVersion]
+) -> None:
     request = request_approval(versions[0], actor=people["engineer"])
     for who in ("engineer", "admin"):
         with pytest.raises(PermissionDenied, match="only governance officers decide"):

@@ -1,0 +1,121 @@
+"""A round's aggregation settings, read from the plain JSON object stored with the round (`Round.config`).
+
+Framework-free so that the control plane can check a round's config when the round is opened, and the workers read
+the same settings the same way. Keys this module does not know are left alone: the same object also carries
+settings for the devices (it is broadcast in RoundStart).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from fednested.aggregation.aggregate import AGGREGATION_METHODS, AggregationConfig
+from fednested.aggregation.validation import UpdateLimits
+from fednested.aggregation.weights import WeightingConfig
+
+# key → what the value must be; errors about a key quote it.
+ROUND_SETTING_KEYS: dict[str, str] = {
+    "aggregation_method": f"one of {', '.join(AGGREGATION_METHODS)}",
+    "clip_norm": "a number > 0, or null for no clipping",
+    "trim_fraction": "a number in [0, 0.5)",
+    "server_learning_rate": "a finite number (η in W ← W + η·ΔW)",
+    "staleness_exponent": "a number >= 0 (a in (1 + τ)^-a)",
+    "weight_by_routed_tokens": "true or false",
+    "weight_by_examples": "true or false",
+    "weight_by_reliability": "true or false",
+    "max_staleness": "an integer >= 0 (versions behind the champion)",
+    "max_payload_bytes": "an integer > 0",
+    "max_delta_norm": "a number > 0, or null",
+    "max_total_norm": "a number > 0, or null",
+    "max_wait_s": "a number of seconds > 0, or null (then only the round deadline counts)",
+    "min_updates_at_deadline": "an integer >= 1",
+}
+
+
+class RoundSettingsError(ValueError):
+    """A round config value that cannot be used; the message names the key, the value and what is expected."""
+
+
+@dataclass(frozen=True)
+class RoundAggregationSettings:
+    """Everything a round decides about validating, buffering and combining its updates."""
+
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    limits: UpdateLimits = field(default_factory=UpdateLimits)
+    max_staleness: int = 4
+    max_wait: timedelta | None = None
+    min_updates_at_deadline: int = 1
+
+    @classmethod
+    def from_mapping(cls, config: Mapping[str, Any], *, where: str = "round config") -> RoundAggregationSettings:
+        """Parse the known keys of `config` (see ROUND_SETTING_KEYS); absent keys keep their defaults."""
+        defaults = cls()
+        aggregation = defaults.aggregation
+        limits = defaults.limits
+        weighting = aggregation.weighting
+
+        def value(key: str, kind: type | tuple[type, ...], default: Any, *, nullable: bool = False) -> Any:
+            if key not in config:
+                return default
+            raw = config[key]
+            if raw is None and nullable:
+                return None
+            # bool is an int to Python, but `true` is no size or count.
+            if isinstance(raw, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+                raise RoundSettingsError(f"{where}: {key!r} must be {ROUND_SETTING_KEYS[key]}, got {raw!r}")
+            if not isinstance(raw, kind):
+                raise RoundSettingsError(f"{where}: {key!r} must be {ROUND_SETTING_KEYS[key]}, got {raw!r}")
+            if isinstance(raw, float) and not math.isfinite(raw):
+                raise RoundSettingsError(f"{where}: {key!r} must be {ROUND_SETTING_KEYS[key]}, got {raw!r}")
+            return raw
+
+        number = (int, float)
+        try:
+            weighting = WeightingConfig(
+                staleness_exponent=float(value("staleness_exponent", number, weighting.staleness_exponent)),
+                by_routed_tokens=value("weight_by_routed_tokens", bool, weighting.by_routed_tokens),
+                by_examples=value("weight_by_examples", bool, weighting.by_examples),
+                by_reliability=value("weight_by_reliability", bool, weighting.by_reliability),
+            )
+            clip_norm = value("clip_norm", number, aggregation.clip_norm, nullable=True)
+            aggregation = AggregationConfig(
+                weighting=weighting,
+                method=value("aggregation_method", str, aggregation.method),
+                clip_norm=float(clip_norm) if clip_norm is not None else None,
+                trim_fraction=float(value("trim_fraction", number, aggregation.trim_fraction)),
+                server_learning_rate=float(value("server_learning_rate", number, aggregation.server_learning_rate)),
+            )
+            max_delta_norm = value("max_delta_norm", number, limits.max_delta_norm, nullable=True)
+            max_total_norm = value("max_total_norm", number, limits.max_total_norm, nullable=True)
+            limits = UpdateLimits(
+                max_bytes=value("max_payload_bytes", int, limits.max_bytes),
+                max_delta_norm=float(max_delta_norm) if max_delta_norm is not None else None,
+                max_total_norm=float(max_total_norm) if max_total_norm is not None else None,
+                allowed_dtypes=limits.allowed_dtypes,
+            )
+        except RoundSettingsError:
+            raise
+        except ValueError as error:
+            raise RoundSettingsError(f"{where}: {error}") from error
+        max_staleness = value("max_staleness", int, defaults.max_staleness)
+        if max_staleness < 0:
+            raise RoundSettingsError(f"{where}: 'max_staleness' must be {ROUND_SETTING_KEYS['max_staleness']}")
+        max_wait_s = value("max_wait_s", number, None, nullable=True)
+        if max_wait_s is not None and max_wait_s <= 0:
+            raise RoundSettingsError(f"{where}: 'max_wait_s' must be {ROUND_SETTING_KEYS['max_wait_s']}")
+        minimum = value("min_updates_at_deadline", int, defaults.min_updates_at_deadline)
+        if minimum < 1:
+            raise RoundSettingsError(
+                f"{where}: 'min_updates_at_deadline' must be {ROUND_SETTING_KEYS['min_updates_at_deadline']}"
+            )
+        return cls(
+            aggregation=aggregation,
+            limits=limits,
+            max_staleness=max_staleness,
+            max_wait=timedelta(seconds=max_wait_s) if max_wait_s is not None else None,
+            min_updates_at_deadline=minimum,
+        )

@@ -1,0 +1,96 @@
+"""Update payloads in the artifact store (claim checks): resolve the URI, check size and sha256, decode the tensors.
+
+Shared by the ingest worker (first check) and the aggregation task (which reads the payload again and re-checks it,
+since the store may have changed in between). Problems with the payload itself are `UpdateRejected`; a store that
+cannot be read at all is an OSError, so the caller retries instead of rejecting a valid update.
+"""
+
+import hashlib
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from torch import Tensor
+
+from fednested.adapters.lora import AdapterError, ExpertLoraConfig
+from fednested.aggregation import RejectionCode, UpdateRejected
+from fednested.messaging import AdapterSummary
+
+
+def artifact_path(uri: str, root: Path) -> Path:
+    """The file a `file://` URI or a root-relative path names; it must lie inside the artifact root `root`.
+
+    Raises ValueError for other schemes and for paths that leave the root (e.g. through '..' or a symlink).
+    """
+    parts = urlsplit(uri)
+    if parts.scheme == "file":
+        if parts.netloc not in ("", "localhost"):
+            raise ValueError(f"{uri!r}: file URIs on other hosts ({parts.netloc!r}) are not supported")
+        candidate = Path(unquote(parts.path))
+    elif parts.scheme == "":
+        candidate = root / unquote(uri)
+    else:
+        raise ValueError(f"{uri!r}: only file:// URIs and paths inside the artifact store are supported")
+    resolved = candidate.resolve()
+    if not resolved.is_relative_to(root.resolve()):
+        raise ValueError(f"{uri!r} points outside the artifact store {root}")
+    return resolved
+
+
+def fetch_payload(uri: str, *, sha256: str, size_bytes: int, max_bytes: int, root: Path, client_id: str) -> bytes:
+    """The payload's bytes, after checking that they are where the envelope says, as large, with that sha256.
+
+    Sizes are checked before reading, so an oversized payload is refused without loading it.
+    """
+    try:
+        path = artifact_path(uri, root)
+    except ValueError as error:
+        raise UpdateRejected(RejectionCode.MALFORMED, f"payload uri: {error}", client_id=client_id) from None
+    if size_bytes > max_bytes:
+        raise UpdateRejected(
+            RejectionCode.OVERSIZED, f"payload is {size_bytes} bytes, the limit is {max_bytes}", client_id=client_id
+        )
+    try:
+        actual_size = path.stat().st_size
+    except FileNotFoundError:
+        raise UpdateRejected(
+            RejectionCode.MALFORMED,
+            f"no payload at {uri} (upload it before publishing the envelope)",
+            client_id=client_id,
+        ) from None
+    if actual_size != size_bytes:
+        raise UpdateRejected(
+            RejectionCode.SHA256_MISMATCH,
+            f"payload at {uri} has {actual_size} bytes, the envelope says {size_bytes}",
+            client_id=client_id,
+        )
+    raw = path.read_bytes()
+    digest = hashlib.sha256(raw).hexdigest()
+    if digest != sha256:
+        raise UpdateRejected(
+            RejectionCode.SHA256_MISMATCH,
+            f"payload at {uri} has sha256 {digest}, the envelope says {sha256}",
+            client_id=client_id,
+        )
+    return raw
+
+
+def decode_adapters(raw: bytes, *, client_id: str) -> dict[str, Tensor]:
+    """The tensors of a safetensors payload; anything unreadable is `malformed`."""
+    try:
+        return load_safetensors(raw)
+    except (SafetensorError, ValueError, RuntimeError) as error:
+        raise UpdateRejected(
+            RejectionCode.MALFORMED, f"payload is not a readable safetensors file: {error}", client_id=client_id
+        ) from None
+
+
+def adapter_config_of(summary: AdapterSummary, *, client_id: str) -> ExpertLoraConfig:
+    """The LoRA config an envelope says its adapters were trained with (rank, alpha, targets)."""
+    try:
+        return ExpertLoraConfig(rank=summary.rank, alpha=summary.alpha, targets=tuple(summary.target_modules))
+    except AdapterError as error:
+        raise UpdateRejected(
+            RejectionCode.MALFORMED, f"envelope field 'adapter': {error}", client_id=client_id
+        ) from None
