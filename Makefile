@@ -69,4 +69,5 @@ services-status:
 	scripts/services.sh status
 
 clean:
+	scripts/services.sh stop
 	rm -rf var .mypy_cache .ruff_cache .pytest_cache

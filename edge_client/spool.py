@@ -105,7 +105,11 @@ class Outbox:
         staging.mkdir(mode=0o700)
         payload_name: str | None = None
         if write_payload is not None:
-            payload_path = write_payload(staging)
+            try:
+                payload_path = write_payload(staging)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
             payload_name = str(payload_path.relative_to(staging))
         record = {
             "item_id": item_id,

@@ -13,6 +13,8 @@
 # say) means adding a module and its name to SERVICES. See docs/operations/services.md.
 set -euo pipefail
 shopt -s inherit_errexit
+# $EPOCHREALTIME and awk must agree on the decimal point for the timings.
+export LC_NUMERIC=C
 
 SERVICES_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 SERVICES_LIB="$SERVICES_ROOT/scripts/services"

@@ -43,6 +43,7 @@ from fednested.aggregation.settings import RoundAggregationSettings
 from fednested.checkpoints import MANIFEST_NAME, Manifest, file_sha256, load_version, save_version
 from fednested.data.tokenizer import load_tokenizer
 from fednested.deltas import ExpertDeltas, expert_deltas_from_adapters, expert_param_shapes, merge_expert_deltas
+from fednested.messaging import AdapterSummary
 from workers.payloads import adapter_config_of, artifact_path, decode_adapters, fetch_payload
 from workers.rounds import buffered_updates, champion_version, round_settings, staleness_of
 
@@ -106,8 +107,6 @@ def contribution_of(
             client_id=client_id,
         )
     envelope: dict[str, Any] = update.envelope
-    from fednested.messaging import AdapterSummary
-
     config = adapter_config_of(AdapterSummary.model_validate(envelope["adapter"], strict=False), client_id=client_id)
     raw = fetch_payload(
         update.payload_uri,
@@ -260,9 +259,8 @@ def aggregate_round(task: TrainingTask) -> AggregationOutcome | None:
     return AggregationOutcome(round_.round_id, version_id, applied, rejected, weights_by_update)
 
 
-@shared_task(
+@shared_task(  # type: ignore[untyped-decorator]
     name="workers.aggregation.aggregate_round_task",
-    queue="aggregation",
     acks_late=True,
     # Only errors raised before the task row is claimed are retried: after the claim a retry finds the row running
     # and does nothing, so the failure is recorded on the row instead.

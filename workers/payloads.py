@@ -17,21 +17,28 @@ from fednested.adapters.lora import AdapterError, ExpertLoraConfig
 from fednested.aggregation import RejectionCode, UpdateRejected
 from fednested.messaging import AdapterSummary
 
+ARTIFACTS_SCHEME = "artifacts"
+
 
 def artifact_path(uri: str, root: Path) -> Path:
-    """The file a `file://` URI or a root-relative path names; it must lie inside the artifact root `root`.
+    """The file an `artifacts://<path>` URI (relative to the store), a `file://` URI or a relative path names.
 
-    Raises ValueError for other schemes and for paths that leave the root (e.g. through '..' or a symlink).
+    Whatever the form, the file must lie inside the artifact root `root`: ValueError for other schemes and for paths
+    that leave the root (through '..' or a symlink).
     """
     parts = urlsplit(uri)
-    if parts.scheme == "file":
+    if parts.scheme == ARTIFACTS_SCHEME:
+        candidate = root / unquote(parts.netloc) / unquote(parts.path).lstrip("/")
+    elif parts.scheme == "file":
         if parts.netloc not in ("", "localhost"):
             raise ValueError(f"{uri!r}: file URIs on other hosts ({parts.netloc!r}) are not supported")
         candidate = Path(unquote(parts.path))
     elif parts.scheme == "":
         candidate = root / unquote(uri)
     else:
-        raise ValueError(f"{uri!r}: only file:// URIs and paths inside the artifact store are supported")
+        raise ValueError(
+            f"{uri!r}: only artifacts://, file:// and relative paths inside the artifact store are supported"
+        )
     resolved = candidate.resolve()
     if not resolved.is_relative_to(root.resolve()):
         raise ValueError(f"{uri!r} points outside the artifact store {root}")

@@ -6,8 +6,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fednested.checkpoints import Manifest, save_version
-from fednested.data import BpeTokenizerConfig, CorpusConfig, DomainCorpus, Record, generate_corpus, record_texts
-from fednested.data import train_bpe_tokenizer
+from fednested.data import (
+    BpeTokenizerConfig,
+    CorpusConfig,
+    DomainCorpus,
+    Record,
+    generate_corpus,
+    record_texts,
+    train_bpe_tokenizer,
+)
 from fednested.models import build_model
 from fednested.training.edge import EdgeTrainConfig, TrainMetrics, train_adapters
 
@@ -55,7 +62,9 @@ def general_mix(corpus: Mapping[str, DomainCorpus]) -> list[Record]:
     return [records[index] for index in range(longest) for records in per_domain if index < len(records)]
 
 
-def heldout_by_domain(corpus: Mapping[str, DomainCorpus], domains: Sequence[str] | None = None) -> dict[str, list[Record]]:
+def heldout_by_domain(
+    corpus: Mapping[str, DomainCorpus], domains: Sequence[str] | None = None
+) -> dict[str, list[Record]]:
     """Held-out records per domain (never seen in training), for the per-domain evaluation of every version."""
     names = list(domains) if domains is not None else list(corpus)
     return {name: corpus[name].records("heldout", "text") for name in names}
@@ -90,7 +99,6 @@ def build_first_version(
         )
         for parameter in model.parameters():
             parameter.requires_grad_(False)
-    model.eval()
     lineage = {
         "datasets": [f"synthetic-general-mix-seed{config.seed}"],
         "runs": [f"demo-pretrain-{config.pretrain_steps}-steps"],

@@ -37,7 +37,9 @@ class ManagedProcess:
         return "\n".join(text.splitlines()[-lines:])
 
     def failure(self, what: str) -> DemoError:
-        return DemoError(f"{self.name} {what} (exit status {self.popen.poll()}); see {self.log_path}:\n{self.log_tail()}")
+        return DemoError(
+            f"{self.name} {what} (exit status {self.popen.poll()}); see {self.log_path}:\n{self.log_tail()}"
+        )
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """SIGINT first (clients finish their step and close the bus cleanly), then SIGTERM, then SIGKILL."""

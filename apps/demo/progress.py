@@ -4,14 +4,22 @@ import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TextIO
+from typing import Any, Protocol
+
+
+class TextSink(Protocol):
+    """Where progress goes: a text stream, or Django's OutputWrapper around one."""
+
+    def write(self, text: str, /) -> Any: ...
+
+    def flush(self) -> None: ...
 
 
 @dataclass
 class Progress:
     """Prints `[HH:MM:SS +seconds] message` lines to `stream`."""
 
-    stream: TextIO = field(default_factory=lambda: sys.stdout)
+    stream: TextSink = field(default_factory=lambda: sys.stdout)
     started: float = field(default_factory=time.monotonic)
 
     def step(self, message: str) -> None:

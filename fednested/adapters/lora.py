@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, cast
@@ -368,9 +369,12 @@ def attach_expert_adapters(model: nn.Module, config: ExpertLoraConfig) -> PeftMo
     custom_layers: dict[type[nn.Module], Any] = {type(stacks[by_layer[i]]): factory for i in chosen}
     lora_config._register_custom_module(custom_layers)
     # PEFT casts adapters to the base dtype unless told otherwise; fp32 adapters keep small updates from rounding away
-    peft_model = get_peft_model(
-        cast(PreTrainedModel, model), lora_config, adapter_name=config.adapter_name, autocast_adapter_dtype=False
-    )
+    with warnings.catch_warnings():
+        # PEFT 0.21 still asks transformers 5 for the renamed `is_gradient_checkpointing`; nothing for us to act on
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_model = get_peft_model(
+            cast(PreTrainedModel, model), lora_config, adapter_name=config.adapter_name, autocast_adapter_dtype=False
+        )
     setattr(peft_model, _CONFIG_ATTRIBUTE, config)
     return peft_model
 

@@ -48,6 +48,8 @@ def _import_bitsandbytes() -> Any:
 # bitsandbytes ships no type hints; QuantState is a plain record of the quantization parameters
 bnb_functional = _import_bitsandbytes()
 _QuantState: Any = bnb_functional.QuantState
+# The 8-bit code book (bitsandbytes' signed dynamic map): a fixed table, so it is shared rather than stored per tensor.
+_DYNAMIC_MAP: torch.Tensor = bnb_functional.create_dynamic_map(signed=True)
 
 Bits = Literal[8, 4]
 # 4-bit: NF4 (the QLoRA data type, best for normally distributed weights) in blocks of 64 values;
@@ -82,7 +84,6 @@ class BlockwiseQuantized(nn.Module):
         self.layout = _Layout(bits, (out_features, in_features), BLOCKSIZE[bits])
         packed: list[torch.Tensor] = []
         scales: list[torch.Tensor] = []
-        code: torch.Tensor | None = None
         with torch.no_grad():
             for index in range(count):
                 # one slice at a time: the transient fp32 copy is one expert, not the stack
@@ -92,16 +93,15 @@ class BlockwiseQuantized(nn.Module):
                         source, blocksize=self.layout.blocksize, quant_type="nf4"
                     )
                 else:
-                    data, state = bnb_functional.quantize_blockwise(source, blocksize=self.layout.blocksize)
-                    code = state.code
+                    data, state = bnb_functional.quantize_blockwise(
+                        source, code=_DYNAMIC_MAP, blocksize=self.layout.blocksize
+                    )
                 packed.append(data.reshape(-1))
                 scales.append(state.absmax.reshape(-1).float())
         self.packed: torch.Tensor
         self.absmax: torch.Tensor
         self.register_buffer("packed", torch.stack(packed))
         self.register_buffer("absmax", torch.stack(scales))
-        self.code: torch.Tensor | None
-        self.register_buffer("code", code)
 
     @property
     def count(self) -> int:
@@ -123,7 +123,7 @@ class BlockwiseQuantized(nn.Module):
             )
             result = bnb_functional.dequantize_4bit(self.packed[index], state, quant_type="nf4")
         else:
-            state = _QuantState(absmax=self.absmax[index], code=self.code, blocksize=layout.blocksize, dtype=native)
+            state = _QuantState(absmax=self.absmax[index], code=_DYNAMIC_MAP, blocksize=layout.blocksize, dtype=native)
             result = bnb_functional.dequantize_blockwise(self.packed[index], state).reshape(layout.shape)
         return result.to(dtype)
 

@@ -78,6 +78,7 @@ class TrainMetrics:
     epochs: float = 0.0
     duration_s: float = 0.0
     tokens_per_s: float = 0.0
+    slowest_step_s: float = 0.0
     loss_curve: list[float] = field(default_factory=list)
     stop_reason: StopReason = "max_steps"
     precision: Literal["fp32", "bf16"] = "fp32"
@@ -189,6 +190,7 @@ def train_adapters(
                     metrics.steps += 1
                     metrics.epochs = epoch + (window_index + 1) / len(windows)
                     step_times.append(time.perf_counter() - step_started)
+                    metrics.slowest_step_s = max(metrics.slowest_step_s, step_times[-1])
                 epoch += 1
                 if config.max_epochs is not None and epoch >= config.max_epochs:
                     metrics.stop_reason = "max_epochs"

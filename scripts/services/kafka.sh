@@ -78,7 +78,8 @@ kafka_jars() {
       mv "$scratch" "$cache/jars.rejected"
       die "kafka: the fetched jars were kept for inspection in $cache/jars.rejected"
     fi
-    mv "$scratch" "$dest"
+    # Another checkout may have finished the same fetch meanwhile; its verified copy is as good as ours.
+    mv -T "$scratch" "$dest" 2>/dev/null || rm -rf "$scratch"
     say "kafka: fetched and verified $(compgen -G "$dest/*.jar" | wc -l) jars in $(elapsed_since "$start")s"
   fi
   kafka_verify_jars "$dest" "$version"

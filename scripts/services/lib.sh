@@ -34,8 +34,9 @@ random_hex() {
   od -An -tx1 -N"$1" /dev/urandom | tr -d ' \n'
 }
 
-# Pids of processes named $1 (as in /proc/PID/comm) whose command line contains $2. Reads /proc directly rather
-# than through pgrep so that matching is exact and nothing is matched by its own search.
+# Pids of processes named $1 (as in /proc/PID/comm) whose command line holds $2 as a whole word (so the marker of
+# checkout /a/b never matches one of /x/a/b). Reads /proc directly rather than through pgrep so that matching is
+# exact and nothing is matched by its own search.
 pids_matching() {
   local comm=$1 marker=$2 dir pid name args
   for dir in /proc/[0-9]*; do
@@ -45,7 +46,7 @@ pids_matching() {
     read -r name 2>/dev/null <"$dir/comm" || continue
     [ "$name" = "$comm" ] || continue
     mapfile -d '' args 2>/dev/null <"$dir/cmdline" || continue
-    [[ " ${args[*]} " == *"$marker"* ]] && echo "$pid"
+    [[ " ${args[*]} " == *" $marker "* ]] && echo "$pid"
   done
   return 0
 }
@@ -57,7 +58,7 @@ pid_is_ours() {
   read -r name 2>/dev/null <"/proc/$pid/comm" || return 1
   [ "$name" = "$comm" ] || return 1
   mapfile -d '' args 2>/dev/null <"/proc/$pid/cmdline" || return 1
-  [[ " ${args[*]} " == *"$marker"* ]]
+  [[ " ${args[*]} " == *" $marker "* ]]
 }
 
 # Sends signal $2 to pid $1, waits up to $3 seconds for it to exit, then kills it outright.

@@ -49,7 +49,9 @@ def test_refused_tokens_give_a_clear_error_and_store_nothing(
         _enroll(tmp_path, control_plane, token_file)
     message = str(caught.value)
     assert expected in message
-    assert str(token_file) in message and "HTTP 400" in message and "new one-time token" in message
+    assert str(token_file) in message
+    assert "HTTP 400" in message
+    assert "new one-time token" in message
     assert not (tmp_path / "state" / "credential.json").exists()
 
 
@@ -70,7 +72,7 @@ def test_state_enrolled_as_another_device_is_refused(tmp_path: Path, control_pla
 
 
 def test_token_file_problems(tmp_path: Path, control_plane: Any) -> None:
-    with pytest.raises(EnrollmentError, match="token file .* not found"):
+    with pytest.raises(EnrollmentError, match=r"token file .* not found"):
         _enroll(tmp_path, control_plane, tmp_path / "missing")
     empty = tmp_path / "empty"
     empty.write_text("\n")

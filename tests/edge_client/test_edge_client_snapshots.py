@@ -9,14 +9,13 @@ import pytest
 import torch
 import yaml
 
-from fednested.checkpoints import load_version
-from fednested.quantization import model_memory_bytes, quantized_bits
-
 from edge_client.sidecar import AuditLog, Sidecar, example_policy, load_policy
 from edge_client.snapshots import SnapshotError, load_base, pull_champion
 from edge_client.state import StateDir
 from edge_client.transport.http import ControlPlaneClient
 from edge_client.transport.retry import RetriesExhausted, RetryPolicy
+from fednested.checkpoints import load_version
+from fednested.quantization import model_memory_bytes, quantized_bits
 
 RETRY = RetryPolicy(initial_delay_s=0.0, max_delay_s=0.0, max_attempts=3)
 
@@ -74,7 +73,7 @@ def test_corrupt_downloads_are_discarded_and_retried(device: Any, control_plane:
 def test_a_file_that_never_verifies_is_never_stored(device: Any, control_plane: Any) -> None:
     api, state = device
     control_plane.corrupt_downloads = 100
-    with pytest.raises(RetriesExhausted, match="sha256 .* does not match"):
+    with pytest.raises(RetriesExhausted, match=r"sha256 .* does not match"):
         _pull(api, state)
     assert not (state.versions_dir / "v1").exists()
     assert not list(state.versions_dir.glob(".partial-*"))

@@ -1,6 +1,7 @@
 """The local audit log: entries chain by sha256, and verify_chain names the line of any edit, deletion, insertion,
 reordering or truncation."""
 
+import itertools
 import json
 from pathlib import Path
 
@@ -34,7 +35,7 @@ def test_entries_chain_from_genesis_and_verify(tmp_path: Path) -> None:
     entries = [json.loads(line) for line in _lines(path)]
     assert [entry["seq"] for entry in entries] == [1, 2, 3, 4, 5]
     assert entries[0]["prev_hash"] == GENESIS_HASH
-    for previous, entry in zip(entries, entries[1:], strict=False):
+    for previous, entry in itertools.pairwise(entries):
         assert entry["prev_hash"] == previous["hash"]
     for entry in entries:
         body = {key: entry[key] for key in ("seq", "time", "action", "details", "prev_hash")}

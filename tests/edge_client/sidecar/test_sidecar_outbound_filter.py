@@ -208,7 +208,7 @@ def test_malformed_or_padded_safetensors_is_refused(tmp_path: Path) -> None:
 def test_safetensors_header_metadata_is_checked_like_any_metadata(tmp_path: Path) -> None:
     audit = AuditLog(tmp_path / "audit.jsonl")
     body = save(_adapters(), metadata={"notes": "free text the policy never allowed"})
-    with pytest.raises(OutboundRefused, match="field 'payload_metadata.notes'"):
+    with pytest.raises(OutboundRefused, match=r"field 'payload_metadata\.notes'"):
         check_outbound(
             _policy(), OutboundRequest(kind="update.payload", destination=PAYLOAD_URL, body=body), audit=audit
         )
@@ -280,7 +280,7 @@ def test_policy_file_errors_name_file_and_field(tmp_path: Path) -> None:
     document = example_policy(URL)
     document["tensor_patterns"] = ["lora_[A"]
     path.write_text(json.dumps(document))
-    with pytest.raises(PolicyError, match="tensor_patterns.0"):
+    with pytest.raises(PolicyError, match=r"tensor_patterns\.0"):
         load_policy(path)
     document = example_policy(URL)
     document["max_tensors"] = "many"

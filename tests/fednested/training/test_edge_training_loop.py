@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -34,6 +35,16 @@ def corpus() -> dict[str, DomainCorpus]:
 def tokenizer(corpus: dict[str, DomainCorpus]) -> PreTrainedTokenizerFast:
     texts = [text for domain in corpus.values() for text in record_texts(domain.mixed_records("train"))]
     return train_bpe_tokenizer(texts, BpeTokenizerConfig(vocab_size=512))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    # Tiny matmuls gain nothing from a second thread, and on a shared CI machine a descheduled OpenMP worker stalls
+    # every barrier; one thread keeps these tests fast and their timings steady.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 def _adapted_model(tokenizer: PreTrainedTokenizerFast, *, init_seed: int = 0) -> PeftModel:
@@ -109,22 +120,23 @@ def test_wall_clock_budget_stops_the_run_before_it_overruns(
     corpus: dict[str, DomainCorpus], tokenizer: PreTrainedTokenizerFast
 ) -> None:
     model = _adapted_model(tokenizer)
-    budget = 1.5
+    budget = 2.0
     started = time.perf_counter()
-    metrics = train_adapters(model, tokenizer, _medical(corpus), _small_run(max_steps=None, max_seconds=budget))
+    metrics = train_adapters(model, tokenizer, _medical(corpus), _small_run(max_steps=100_000, max_seconds=budget))
     elapsed = time.perf_counter() - started
     assert metrics.stop_reason == "max_seconds"
-    assert metrics.steps >= 1
-    # the run forecasts each step from the slowest recent one; a loaded CI machine gets a little jitter allowance
-    assert metrics.duration_s <= budget + 0.5
-    assert elapsed <= budget + 0.5
+    assert 1 <= metrics.steps < 100_000
+    # Each step is forecast from the slowest recent one, so only a step slower than all before it can overrun, and
+    # by less than its own length (the first step has no forecast: it always runs).
+    assert metrics.duration_s <= budget + metrics.slowest_step_s
+    assert elapsed <= budget + metrics.slowest_step_s + 0.1
 
 
 def test_max_epochs_covers_every_record_exactly_once(
     corpus: dict[str, DomainCorpus], tokenizer: PreTrainedTokenizerFast
 ) -> None:
     model = _adapted_model(tokenizer)
-    records = _medical(corpus)
+    records = _medical(corpus)[:20]
     metrics = train_adapters(model, tokenizer, records, _small_run(max_steps=None, max_epochs=1, seq_len=128))
     assert metrics.stop_reason == "max_epochs"
     assert metrics.epochs == 1.0
@@ -165,7 +177,9 @@ def test_training_lowers_held_out_loss_on_its_domain_more_than_on_the_others(
             assert after["medical"].loss < after[name].loss, name
 
 
-def test_bf16_autocast_runs_and_tracks_fp32(corpus: dict[str, DomainCorpus], tokenizer: PreTrainedTokenizerFast) -> None:
+def test_bf16_autocast_runs_and_tracks_fp32(
+    corpus: dict[str, DomainCorpus], tokenizer: PreTrainedTokenizerFast
+) -> None:
     losses = {}
     for precision in ("fp32", "bf16"):
         model = _adapted_model(tokenizer)

@@ -1,0 +1,450 @@
+"""The demo, step by step: a fresh control plane, v1 as champion, three edge devices in different domains, two
+federated rounds (train → updates → candidate → per-domain evaluation → approval → every device moves on).
+
+Every state change goes through the apps' services, exactly as the API and the workers make them; the control
+plane's HTTP server, the ingest worker and the devices are separate processes sharing the SQLite files.
+"""
+
+import secrets
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+from django.conf import settings
+from django.core.management import call_command
+from django.db import connection
+from django.utils import timezone
+
+from apps.accounts.choices import Role
+from apps.accounts.models import User
+from apps.accounts.services import create_user_with_role
+from apps.demo.bootstrap import BootstrapConfig, FirstVersion, build_first_version, demo_corpus, heldout_by_domain
+from apps.demo.devices import DemoDevice, EdgeTrainingPlan, client_command, client_report, prepare_device
+from apps.demo.environment import DemoPaths
+from apps.demo.processes import DemoError, ManagedProcess, start_process, wait_for_http
+from apps.demo.progress import Progress
+from apps.demo.report import VersionScores, loss_table
+from apps.federation.choices import TaskKind, TaskStatus
+from apps.federation.models import EdgeDevice, TrainingTask, Update
+from apps.federation.services import create_training_task, issue_enrollment_token, open_round
+from apps.governance.choices import ApprovalStatus
+from apps.governance.models import ApprovalRequest, AuditEvent
+from apps.governance.services import approve_version, request_approval
+from apps.registry.choices import ArtifactPartition
+from apps.registry.models import ModelVersion
+from apps.registry.services import ArtifactSpec, create_model_family, register_version
+from fednested.checkpoints import MANIFEST_NAME, Manifest, file_sha256
+from fednested.data import Record, write_jsonl
+
+# Domains the devices train on, in order: the first `devices` of them are used, one device each.
+DEVICE_DOMAINS = ("medical", "legal", "recipes", "telemetry", "code")
+EVALUATED_VERB = "registry.version.evaluated"
+FAMILY_NAME = "tiny-moe"
+FIRST_VERSION = "v1"
+# fednested manifest file partitions → registry artifact partitions (the fused experts file holds every expert).
+REGISTRY_PARTITIONS = {
+    "core": ArtifactPartition.CORE,
+    "experts": ArtifactPartition.EXPERT,
+    "gate": ArtifactPartition.GATE,
+    "config": ArtifactPartition.CONFIG,
+    "tokenizer": ArtifactPartition.TOKENIZER,
+}
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    """What `manage.py demo` was asked for."""
+
+    root: Path
+    port: int = 8000
+    devices: int = 3
+    rounds: int = 2
+    serve: bool = True
+    step_timeout_s: float = 900.0
+    bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
+    edge: EdgeTrainingPlan = field(default_factory=EdgeTrainingPlan)
+
+    def __post_init__(self) -> None:
+        if not 3 <= self.devices <= len(DEVICE_DOMAINS):
+            raise ValueError(f"devices must be between 3 and {len(DEVICE_DOMAINS)}, got {self.devices}")
+        if self.rounds < 1:
+            raise ValueError(f"rounds must be at least 1, got {self.rounds}")
+
+
+@dataclass(frozen=True)
+class Cast:
+    """The demo's people: an engineer who opens rounds and requests approvals, and an officer who decides."""
+
+    officer: User
+    officer_password: str
+    engineer: User
+    engineer_password: str
+
+
+def round_id(number: int) -> str:
+    return f"round-{number}"
+
+
+def candidate_of(number: int) -> str:
+    """The candidate id the aggregation worker gives round `number` (workers.aggregation.candidate_version_id)."""
+    return f"{round_id(number)}-candidate"
+
+
+def create_cast() -> Cast:
+    """An officer and an engineer with fresh random passwords (printed at the end, for signing in)."""
+    passwords = [secrets.token_urlsafe(9) for _ in range(2)]
+    officer = create_user_with_role(
+        username="olivia", role=Role.OFFICER, password=passwords[0], actor=None, actor_label="demo"
+    )
+    engineer = create_user_with_role(
+        username="eric", role=Role.ENGINEER, password=passwords[1], actor=None, actor_label="demo"
+    )
+    return Cast(officer=officer, officer_password=passwords[0], engineer=engineer, engineer_password=passwords[1])
+
+
+def artifact_specs(directory: Path, manifest: Manifest) -> list[ArtifactSpec]:
+    """Registry entries for a saved version's files (as its manifest records them) and the manifest itself."""
+    specs = [
+        ArtifactSpec(
+            file_name=name, sha256=entry.sha256, size_bytes=entry.bytes, partition=REGISTRY_PARTITIONS[entry.partition]
+        )
+        for name, entry in sorted(manifest.files.items())
+    ]
+    manifest_file = directory / MANIFEST_NAME
+    specs.append(
+        ArtifactSpec(
+            file_name=MANIFEST_NAME,
+            sha256=file_sha256(manifest_file),
+            size_bytes=manifest_file.stat().st_size,
+            partition=ArtifactPartition.MANIFEST,
+        )
+    )
+    return specs
+
+
+def register_first_version(first: FirstVersion, engineer: User) -> ModelVersion:
+    """Register the bootstrapped model as family tiny-moe's first (candidate) version, as an engineer would."""
+    manifest = first.manifest
+    family = create_model_family(
+        name=FAMILY_NAME,
+        architecture=str(manifest.architecture.get("family", "mixtral")),
+        config=dict(manifest.architecture.get("config") or {}),
+        description="The demo's tiny Mixtral-style MoE.",
+        actor=engineer,
+    )
+    lineage = manifest.lineage
+    return register_version(
+        family=family,
+        version_id=manifest.version_id,
+        manifest=manifest.to_dict(),
+        artifacts=artifact_specs(first.directory, manifest),
+        artifact_uri=first.directory.resolve().as_uri(),
+        actor=engineer,
+        datasets=lineage.get("datasets", []),
+        runs=lineage.get("runs", []),
+    )
+
+
+def domain_losses(version: ModelVersion) -> dict[str, float]:
+    """The per-domain held-out loss the evaluation worker recorded for `version` (latest evaluation)."""
+    event = (
+        AuditEvent.objects.filter(verb=EVALUATED_VERB, object_type="registry.modelversion", object_id=str(version.pk))
+        .order_by("-created_at", "-id")
+        .first()
+    )
+    domains = event.data.get("domains", {}) if event is not None else {}
+    return {name: float(score["loss"]) for name, score in domains.items() if isinstance(score, dict)}
+
+
+class Demo:
+    """One run of the demo; `run()` drives it and always stops the processes it started."""
+
+    def __init__(self, options: DemoOptions, paths: DemoPaths, env: dict[str, str], progress: Progress) -> None:
+        self.options = options
+        self.paths = paths
+        self.env = env
+        self.progress = progress
+        self.processes: list[ManagedProcess] = []
+        self.clients: dict[str, ManagedProcess] = {}
+        self.devices: list[DemoDevice] = []
+        self.versions: list[ModelVersion] = []
+        self.seen_updates: dict[str, str] = {}
+        self.device_records: dict[str, list[Record]] = {}
+        self.url = ""
+
+    # -- waiting ---------------------------------------------------------------------------------------------------
+
+    def check_processes(self) -> None:
+        for process in self.processes:
+            if not process.running:
+                raise process.failure("stopped unexpectedly")
+        for process in self.clients.values():
+            if not process.running and process.popen.returncode != 0:
+                raise process.failure("failed")
+
+    def report_updates(self) -> None:
+        """One progress line per update that arrived or changed status since the last look."""
+        for update in Update.objects.select_related("device", "base_version", "round").order_by("received_at", "id"):
+            if self.seen_updates.get(update.update_id) == update.status:
+                continue
+            self.seen_updates[update.update_id] = update.status
+            reason = f" — {update.rejection_code}: {update.rejection_message}" if update.rejection_code else ""
+            round_name = update.round.round_id if update.round is not None else "no round"
+            self.progress.step(
+                f"  update {update.update_id[:8]} from {update.device.client_id} on {update.base_version.version_id}"
+                f" ({round_name}): {update.status}{reason}"
+            )
+
+    def wait_for(self, what: str, check: Callable[[], T | None]) -> T:
+        """Poll `check` until it returns something, reporting updates and failing if a process dies or time runs out."""
+        deadline = time.monotonic() + self.options.step_timeout_s
+        while time.monotonic() < deadline:
+            self.check_processes()
+            self.report_updates()
+            result = check()
+            if result is not None:
+                return result
+            time.sleep(1.0)
+        raise DemoError(
+            f"timed out after {self.options.step_timeout_s:.0f} s waiting for {what}; logs: {self.paths.logs}"
+        )
+
+    # -- steps -----------------------------------------------------------------------------------------------------
+
+    def prepare_database(self) -> Cast:
+        self.progress.step(f"Migrating a fresh demo database at {self.paths.database}")
+        call_command("migrate", interactive=False, verbosity=0)
+        with connection.cursor() as cursor:
+            # Persistent in the file: every process that opens it afterwards uses the write-ahead log.
+            cursor.execute("PRAGMA journal_mode=WAL")
+        cast = create_cast()
+        self.progress.step("Created the demo cast: olivia (governance officer) and eric (ML engineer)")
+        return cast
+
+    def bootstrap(self, cast: Cast) -> ModelVersion:
+        config = self.options.bootstrap
+        corpus = demo_corpus(config)
+        self.progress.step(
+            f"Generated a synthetic corpus: {len(corpus)} domains × {config.train_samples} train / "
+            f"{config.heldout_samples} held-out samples"
+        )
+        heldout_dir = self.paths.artifacts / "heldout"
+        for domain, records in heldout_by_domain(corpus).items():
+            write_jsonl(heldout_dir / f"{domain}.jsonl", records)
+        self.progress.step(
+            f"Training a BPE tokenizer and pre-training the '{config.preset}' model on a general mix "
+            f"({config.pretrain_steps} steps; the Tier-1 stand-in)"
+        )
+        first = build_first_version(corpus, config, self.paths.artifacts / "versions" / FIRST_VERSION)
+        if first.pretraining is not None:
+            curve = first.pretraining.loss_curve
+            self.progress.step(
+                f"Pre-trained in {first.pretraining.duration_s:.0f} s: loss {curve[0]:.2f} → {curve[-1]:.2f}"
+            )
+        version = register_first_version(first, cast.engineer)
+        self.progress.step(f"Registered {version.version_id} ({len(first.manifest.files)} files, sha256-verified)")
+        self.evaluate(version, cast.engineer)
+        request = request_approval(version, actor=cast.engineer, note="Initial Tier-1 model for the demo.")
+        approve_version(request, actor=cast.officer, reason="Initial model: baseline for the federated rounds.")
+        self.progress.step(f"eric requested approval of {version.version_id}; olivia approved it: it is the champion")
+        self.versions.append(version)
+        self.device_records = {domain: corpus[domain].mixed_records("train") for domain in DEVICE_DOMAINS}
+        return version
+
+    def evaluate(self, version: ModelVersion, actor: User) -> None:
+        self.progress.step(f"Evaluating {version.version_id} on every domain's held-out set")
+        task = create_training_task(kind=TaskKind.EVALUATION, actor=actor, params={"version_id": version.version_id})
+        # Broker-less Celery ran the task when the row committed; its row says how it went.
+        task.refresh_from_db()
+        if task.status != TaskStatus.SUCCEEDED:
+            raise DemoError(f"evaluation of {version.version_id} {task.status}: {task.error or 'no error recorded'}")
+        losses = domain_losses(version)
+        self.progress.step("  " + ", ".join(f"{domain} {loss:.3f}" for domain, loss in losses.items()))
+
+    def prepare_devices(self, cast: Cast) -> None:
+        self.url = f"http://127.0.0.1:{self.options.port}"
+        for index, domain in enumerate(DEVICE_DOMAINS[: self.options.devices], start=1):
+            client_id = f"edge-{domain}-{index:02d}"
+            device = DemoDevice(client_id=client_id, domain=domain, directory=self.paths.devices / client_id)
+            _, token = issue_enrollment_token(actor=cast.engineer, note=f"demo device {client_id}", domain=domain)
+            prepare_device(
+                device,
+                records=self.device_records[domain],
+                enrollment_token=token,
+                control_plane_url=self.url,
+                bus_path=self.paths.bus,
+                plan=self.options.edge,
+                seed=self.options.bootstrap.seed + index,
+            )
+            self.devices.append(device)
+        listing = ", ".join(f"{d.client_id} ({d.domain})" for d in self.devices)
+        self.progress.step(f"Prepared {len(self.devices)} devices with private data and one-time tokens: {listing}")
+
+    def start_control_plane(self) -> None:
+        manage = str(Path(settings.BASE_DIR) / "manage.py")
+        server = start_process(
+            "control-plane server",
+            [sys.executable, manage, "runserver", "--noreload", f"127.0.0.1:{self.options.port}"],
+            env=self.env,
+            log_path=self.paths.logs / "server.log",
+            cwd=Path(settings.BASE_DIR),
+        )
+        self.processes.append(server)
+        wait_for_http(f"{self.url}/admin/login/", server, timeout_s=120)
+        self.progress.step(f"Control plane serving at {self.url}/ (log: {server.log_path})")
+        worker = start_process(
+            "ingest worker",
+            [sys.executable, "-m", "workers.ingest", "--poll-timeout", "0.5"],
+            env=self.env,
+            log_path=self.paths.logs / "ingest.log",
+            cwd=Path(settings.BASE_DIR),
+        )
+        self.processes.append(worker)
+        self.progress.step(f"Ingest worker consuming updates.experts.local (log: {worker.log_path})")
+
+    def open_round(self, number: int, base: ModelVersion, cast: Cast) -> None:
+        open_round(
+            base_version=base,
+            buffer_size_k=len(self.devices),
+            deadline_at=timezone.now() + timedelta(seconds=self.options.step_timeout_s),
+            actor=cast.engineer,
+            round_id=round_id(number),
+        )
+        self.progress.step(
+            f"Round {number}: eric opened {round_id(number)} on {base.version_id} (K={len(self.devices)})"
+        )
+
+    def start_clients(self) -> None:
+        final = candidate_of(self.options.rounds)
+        for device in self.devices:
+            argv = client_command(
+                device,
+                rounds=self.options.rounds,
+                until_version=final,
+                max_wait_s=self.options.step_timeout_s * (self.options.rounds + 1),
+            )
+            self.clients[device.client_id] = start_process(
+                f"edge client {device.client_id}", argv, env=self.env, log_path=device.log_path, cwd=device.directory
+            )
+        self.progress.step(
+            f"Started {len(self.devices)} edge clients (`fednested tier2 run-client`); each trains once per version"
+        )
+
+    def candidate(self, number: int) -> ModelVersion:
+        version_id = candidate_of(number)
+        version = self.wait_for(
+            f"candidate {version_id}", lambda: ModelVersion.objects.filter(version_id=version_id).first()
+        )
+        applied = Update.objects.filter(applied_in=version).count()
+        self.progress.step(f"Round {number}: the aggregation worker built {version_id} from {applied} updates")
+        return version
+
+    def approval_request(self, version: ModelVersion) -> ApprovalRequest:
+        def pending() -> ApprovalRequest | None:
+            failed = TrainingTask.objects.filter(
+                kind=TaskKind.EVALUATION, params__version_id=version.version_id, status=TaskStatus.FAILED
+            ).first()
+            if failed is not None:
+                raise DemoError(f"evaluation of {version.version_id} failed: {failed.error}")
+            return ApprovalRequest.objects.filter(version=version, status=ApprovalStatus.PENDING).first()
+
+        request = self.wait_for(f"the evaluation and approval request of {version.version_id}", pending)
+        losses, parent = domain_losses(version), domain_losses(version.parent) if version.parent else {}
+        changes = ", ".join(
+            f"{domain} {loss:.3f} ({loss - parent[domain]:+.3f})" if domain in parent else f"{domain} {loss:.3f}"
+            for domain, loss in losses.items()
+        )
+        self.progress.step(f"  evaluated: {changes}")
+        self.progress.step(f"  {request.requested_by.username} requested approval of {version.version_id}")
+        return request
+
+    def devices_on(self, version: ModelVersion) -> None:
+        total = len(self.devices)
+
+        def all_moved() -> bool | None:
+            moved = EdgeDevice.objects.filter(current_version=version).count()
+            return True if moved == total else None
+
+        self.wait_for(f"every device to report {version.version_id}", all_moved)
+        self.progress.step(f"  all {total} devices report {version.version_id} as their current version")
+
+    def finish_clients(self) -> None:
+        for client_id, process in self.clients.items():
+            deadline = time.monotonic() + self.options.step_timeout_s
+            while process.running and time.monotonic() < deadline:
+                time.sleep(0.5)
+            if process.running or process.popen.returncode != 0:
+                raise process.failure("did not finish")
+            report: dict[str, Any] = client_report(process.log_path) or {}
+            self.progress.step(
+                f"  {client_id}: trained on {report.get('trained_on')}, delivered "
+                f"{len(report.get('updates_delivered', []))} updates, now on {report.get('current_version')}"
+            )
+
+    def summary(self, cast: Cast) -> None:
+        trained = [device.domain for device in self.devices]
+        scores = [
+            VersionScores(
+                version_id=version.version_id,
+                parent_id=version.parent.version_id if version.parent else None,
+                loss_by_domain=domain_losses(version),
+            )
+            for version in self.versions
+        ]
+        self.progress.block(
+            "Per-domain held-out loss of each version (change against its parent; * = a device trained there):\n\n"
+            + loss_table(scores, trained_domains=trained)
+        )
+        self.progress.block(
+            f"Sign in at {self.url}/ to look around:\n"
+            f"  governance officer  olivia / {cast.officer_password}\n"
+            f"  ML engineer         eric   / {cast.engineer_password}\n"
+            f"REST API: {self.url}/api/v1/docs/   Django admin: {self.url}/admin/\n"
+            f"Everything lives in {self.paths.root} (logs in {self.paths.logs})."
+        )
+
+    # -- the whole run -----------------------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            cast = self.prepare_database()
+            base = self.bootstrap(cast)
+            self.prepare_devices(cast)
+            self.start_control_plane()
+            self.open_round(1, base, cast)
+            self.start_clients()
+            for number in range(1, self.options.rounds + 1):
+                version = self.candidate(number)
+                request = self.approval_request(version)
+                if number < self.options.rounds:
+                    # Opened before the approval, so devices hear RoundStart before ModelAvailable and tag their
+                    # next update with this round.
+                    self.open_round(number + 1, version, cast)
+                approve_version(
+                    request,
+                    actor=cast.officer,
+                    reason=f"Round {number}: per-domain losses reviewed in the demo; promoting {version.version_id}.",
+                )
+                self.progress.step(
+                    f"Round {number}: olivia approved {version.version_id}; champion moved, devices told"
+                )
+                self.versions.append(version)
+                self.devices_on(version)
+            self.finish_clients()
+            self.summary(cast)
+            if self.options.serve:
+                self.progress.step("Serving until Ctrl-C (the ingest worker keeps running too)")
+                while True:
+                    self.check_processes()
+                    time.sleep(1.0)
+        except KeyboardInterrupt:
+            self.progress.step("Interrupted: stopping")
+        finally:
+            for process in [*self.clients.values(), *reversed(self.processes)]:
+                process.stop()

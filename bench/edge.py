@@ -1,0 +1,426 @@
+"""Edge training benchmark: our adapter loop against the PEFT-documented reference loop, full-precision and quantized.
+
+`make bench-edge` writes bench/results/edge.json. Every configuration runs in a fresh subprocess, so each peak RSS
+is its own; the fp32 matmul peak that MFU is measured against is taken in the same run, on the same threads.
+This is a benchmark, not a test: its figures depend on the machine and on what else runs on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fednested.data import (
+    BpeTokenizerConfig,
+    CorpusConfig,
+    TextRecord,
+    generate_corpus,
+    load_tokenizer,
+    read_jsonl,
+    record_texts,
+    train_bpe_tokenizer,
+    write_jsonl,
+)
+
+RESULTS_PATH = Path(__file__).resolve().parent / "results" / "edge.json"
+EXPERT_TARGETS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+FLOP_FORMULA = (
+    "model FLOPs per trained token = 4 * N_active: forward 2*N_active plus backward to the activations 2*N_active; "
+    "the frozen base needs no weight gradients (that is the third 2*N of the usual 6*N), and LoRA's own FLOPs "
+    "(rank 8) and the attention-score FLOPs (block-diagonal, records of ~100 tokens) are left out, so this slightly "
+    "understates the work. N_active = all parameters except the input embedding, with expert parameters counted at "
+    "experts_per_token/num_experts (the share of experts each token passes through), LM head included. Only "
+    "non-padding tokens count, so padding a batch lowers MFU instead of inflating it."
+)
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """What every configuration shares: data, batch shape, LoRA rank and how many steps are timed."""
+
+    seq_len: int = 512
+    rows_per_batch: int = 4
+    warmup_steps: int = 1
+    timed_steps: int = 6
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    learning_rate: float = 1e-3
+    corpus_seed: int = 0
+    samples_per_domain: int = 300
+    tokenizer_vocab: int = 4096
+    threads: int = 2
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# worker side: one configuration per process
+
+
+def _measure_matmul_peak(threads: int) -> dict[str, Any]:
+    """Best fp32 GEMM throughput over a few square sizes: the ceiling MFU is measured against."""
+    torch.set_num_threads(threads)
+    best = 0.0
+    by_size = {}
+    for size in (512, 1024, 2048):
+        left, right = torch.randn(size, size), torch.randn(size, size)
+        torch.mm(left, right)  # first call pays for oneDNN's kernel selection
+        reps = max(2, int(4e9 / (2 * size**3)))
+        fastest = float("inf")
+        for _ in range(5):
+            started = time.perf_counter()
+            for _ in range(reps):
+                torch.mm(left, right)
+            fastest = min(fastest, (time.perf_counter() - started) / reps)
+        by_size[str(size)] = 2 * size**3 / fastest / 1e9
+        best = max(best, by_size[str(size)])
+    return {"kind": "peak", "fp32_matmul_gflops": best, "gflops_by_size": by_size}
+
+
+def _text_records(data_path: Path) -> list[TextRecord]:
+    return [record for record in read_jsonl(data_path, strict=True).records if isinstance(record, TextRecord)]
+
+
+def _run_ours(spec: dict[str, Any], settings: BenchSettings) -> dict[str, Any]:
+    from fednested.adapters import ExpertLoraConfig, attach_expert_adapters
+    from fednested.checkpoints import load_version
+    from fednested.data import encode_records
+    from fednested.quantization import load_quantized_version
+    from fednested.training import EdgeTrainConfig, train_adapters
+
+    version = Path(spec["version_dir"])
+    tokenizer = load_tokenizer(version)
+    records = _text_records(Path(spec["data_path"]))
+    baseline = _rss_mb()
+    if spec["bits"] is None:
+        model, _ = load_version(version)
+    else:
+        model, _ = load_quantized_version(version, spec["bits"])
+    loaded = _rss_mb()
+    adapted = attach_expert_adapters(
+        model, ExpertLoraConfig(rank=settings.lora_rank, alpha=settings.lora_alpha, init_seed=0)
+    )
+    examples = encode_records(records, tokenizer)
+
+    def config(steps: int, seed: int) -> EdgeTrainConfig:
+        return EdgeTrainConfig(
+            seq_len=settings.seq_len,
+            rows_per_batch=settings.rows_per_batch,
+            learning_rate=settings.learning_rate,
+            max_steps=steps,
+            seed=seed,
+            precision=spec["precision"],
+            num_threads=settings.threads,
+        )
+
+    train_adapters(adapted, tokenizer, examples, config(settings.warmup_steps, seed=1))
+    metrics = train_adapters(adapted, tokenizer, examples, config(settings.timed_steps, seed=0))
+    trainable = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
+    return {
+        "tokens": metrics.tokens,
+        "padding_tokens": metrics.padding_tokens,
+        "seconds": metrics.duration_s,
+        "tokens_per_s": metrics.tokens_per_s,
+        "steps": metrics.steps,
+        "loss_first": metrics.loss_curve[0],
+        "loss_last": metrics.loss_curve[-1],
+        "precision": metrics.precision,
+        "trainable_parameters": trainable,
+        "baseline_rss_mb": baseline,
+        "loaded_rss_mb": loaded,
+        "peak_rss_mb": _peak_rss_mb(),
+    }
+
+
+def _run_reference(spec: dict[str, Any], settings: BenchSettings) -> dict[str, Any]:
+    """The loop as PEFT's documentation writes it: LoraConfig(target_parameters=...) on the fused experts,
+    DataCollatorForLanguageModeling padding each batch to its longest record, `model(**batch).loss`, AdamW."""
+    from peft import LoraConfig, get_peft_model
+    from torch.utils.data import DataLoader
+    from transformers import DataCollatorForLanguageModeling
+
+    from fednested.checkpoints import load_version
+
+    torch.set_num_threads(settings.threads)
+    version = Path(spec["version_dir"])
+    tokenizer = load_tokenizer(version)
+    records = _text_records(Path(spec["data_path"]))
+    baseline = _rss_mb()
+    model, _ = load_version(version)
+    loaded = _rss_mb()
+    lora = LoraConfig(
+        r=settings.lora_rank, lora_alpha=settings.lora_alpha, target_modules=[], target_parameters=EXPERT_TARGETS
+    )
+    model = get_peft_model(model, lora)
+    eos = tokenizer.eos_token or ""
+    features = [tokenizer(record.text + eos, truncation=True, max_length=settings.seq_len) for record in records]
+    mean_length = sum(len(feature["input_ids"]) for feature in features) / len(features)
+    # As many records per batch as fill the tokens one of our packed batches holds: same real tokens per step.
+    batch_size = max(1, round(settings.seq_len * settings.rows_per_batch / mean_length))
+    collator = DataCollatorForLanguageModeling(tokenizer=tokenizer, mlm=False)
+    loader = DataLoader(
+        features,  # type: ignore[arg-type]
+        batch_size=batch_size,
+        shuffle=True,
+        collate_fn=collator,
+        generator=torch.Generator().manual_seed(0),
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate)
+    model.train()
+    batches = iter(loader)
+    tokens = padding = 0
+    losses: list[float] = []
+    started = 0.0
+    for step in range(settings.warmup_steps + settings.timed_steps):
+        if step == settings.warmup_steps:
+            started = time.perf_counter()
+        batch = next(batches)
+        outputs = model(**batch)
+        loss = outputs.loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if step >= settings.warmup_steps:
+            real = int(batch["attention_mask"].sum())
+            tokens += real
+            padding += batch["attention_mask"].numel() - real
+            losses.append(float(loss))
+    seconds = time.perf_counter() - started
+    return {
+        "tokens": tokens,
+        "padding_tokens": padding,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds,
+        "steps": settings.timed_steps,
+        "batch_size": batch_size,
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+        "precision": "fp32",
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "baseline_rss_mb": baseline,
+        "loaded_rss_mb": loaded,
+        "peak_rss_mb": _peak_rss_mb(),
+    }
+
+
+def _worker(spec: dict[str, Any]) -> dict[str, Any]:
+    settings = BenchSettings(**spec["settings"])
+    torch.set_num_threads(settings.threads)
+    torch.manual_seed(0)
+    if spec["kind"] == "peak":
+        return _measure_matmul_peak(settings.threads)
+    if spec["kind"] == "ours":
+        return _run_ours(spec, settings)
+    return _run_reference(spec, settings)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# parent side: data, snapshots, one subprocess per configuration, the report
+
+
+def _active_parameters(model: torch.nn.Module) -> int:
+    config = model.config  # type: ignore[attr-defined]
+    share = config.num_experts_per_tok / config.num_local_experts
+    total = 0.0
+    for name, parameter in model.named_parameters():
+        if "embed_tokens" in name:
+            continue
+        total += parameter.numel() * (share if ".experts." in name else 1.0)
+    return round(total)
+
+
+def _prepare(workdir: Path, settings: BenchSettings, presets: list[str]) -> dict[str, Any]:
+    from fednested.checkpoints import save_version
+    from fednested.models import build_model, count_parameters
+
+    corpus = generate_corpus(
+        CorpusConfig(seed=settings.corpus_seed, train_samples=settings.samples_per_domain, heldout_samples=1)
+    )
+    records = [record for domain in corpus.values() for record in domain.records("train", "text")]
+    data_path = workdir / "train.text.jsonl"
+    write_jsonl(data_path, records)
+    tokenizer = train_bpe_tokenizer(record_texts(records), BpeTokenizerConfig(vocab_size=settings.tokenizer_vocab))
+    models = {}
+    for preset in presets:
+        model = build_model(preset, "mixtral", vocab_size=len(tokenizer), seed=0)
+        save_version(model, workdir / preset, version_id=f"bench-{preset}", parent_version=None, tokenizer=tokenizer)
+        models[preset] = {
+            "parameters": count_parameters(model),
+            "active_parameters": _active_parameters(model),
+            "config": {
+                key: getattr(model.config, key)
+                for key in (
+                    "hidden_size",
+                    "num_hidden_layers",
+                    "num_local_experts",
+                    "num_experts_per_tok",
+                    "intermediate_size",
+                    "vocab_size",
+                )
+            },
+        }
+        del model
+    return {"data_path": str(data_path), "records": len(records), "vocab": len(tokenizer), "models": models}
+
+
+def _spawn(spec: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+    started = time.perf_counter()
+    completed = subprocess.run(
+        [sys.executable, "-m", "bench.edge", "--worker", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        check=False,
+    )
+    if completed.returncode != 0:
+        raise RuntimeError(f"benchmark worker {spec.get('name')} failed:\n{completed.stderr[-4000:]}")
+    result: dict[str, Any] = json.loads(completed.stdout.strip().splitlines()[-1])
+    result["process_seconds"] = time.perf_counter() - started
+    return result
+
+
+def _machine(threads: int) -> dict[str, Any]:
+    model_name = ""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
+            model_name = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "")
+    except OSError:
+        pass
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    return {
+        "platform": platform.platform(),
+        "processor": model_name or platform.processor(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": threads,
+        "load_average_at_start": list(load),
+    }
+
+
+def _configurations(presets: list[str]) -> list[dict[str, Any]]:
+    runs: list[dict[str, Any]] = []
+    for preset in presets:
+        runs.append({"name": f"reference/{preset}/fp32", "kind": "reference", "preset": preset, "bits": None})
+        runs.append({"name": f"ours/{preset}/fp32", "kind": "ours", "preset": preset, "bits": None, "precision": "auto"})
+        if preset == "small":
+            # the evidence behind precision="auto": the same run with bf16 autocast forced on
+            runs.append(
+                {"name": "ours/small/fp32+bf16", "kind": "ours", "preset": preset, "bits": None, "precision": "bf16"}
+            )
+        for bits in (8, 4):
+            name = f"ours/{preset}/{'int8' if bits == 8 else 'nf4'}"
+            runs.append({"name": name, "kind": "ours", "preset": preset, "bits": bits, "precision": "auto"})
+    return runs
+
+
+def run_benchmark(settings: BenchSettings, presets: list[str], out: Path) -> dict[str, Any]:
+    started = time.perf_counter()
+    machine = _machine(settings.threads)
+    with tempfile.TemporaryDirectory(prefix="fednested-bench-") as tmp:
+        workdir = Path(tmp)
+        prepared = _prepare(workdir, settings, presets)
+        common = {"settings": asdict(settings), "data_path": prepared["data_path"]}
+        peak = _spawn({**common, "kind": "peak", "name": "peak"}, timeout_s=300)
+        runs = []
+        for spec in _configurations(presets):
+            print(f"running {spec['name']} ...", file=sys.stderr, flush=True)
+            result = _spawn({**common, **spec, "version_dir": str(workdir / spec["preset"])}, timeout_s=600)
+            active = prepared["models"][spec["preset"]]["active_parameters"]
+            achieved = 4 * active * result["tokens_per_s"]
+            result.update(
+                name=spec["name"],
+                kind=spec["kind"],
+                preset=spec["preset"],
+                base={None: "fp32", 8: "int8", 4: "nf4"}[spec["bits"]],
+                model_gflops_per_s=achieved / 1e9,
+                mfu=achieved / (peak["fp32_matmul_gflops"] * 1e9),
+                padding_fraction=result["padding_tokens"] / (result["tokens"] + result["padding_tokens"]),
+                peak_rss_above_baseline_mb=result["peak_rss_mb"] - result["baseline_rss_mb"],
+            )
+            print(
+                f"  {result['tokens_per_s']:.0f} tokens/s, MFU {result['mfu']:.1%}, peak RSS {result['peak_rss_mb']:.0f} MB",
+                file=sys.stderr,
+                flush=True,
+            )
+            runs.append(result)
+        peak_end = _spawn({**common, "kind": "peak", "name": "peak"}, timeout_s=300)
+    by_name = {run["name"]: run for run in runs}
+    report: dict[str, Any] = {
+        "schema": "fednested.bench.edge/1",
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": machine,
+        "torch_threads": settings.threads,
+        "settings": asdict(settings),
+        "data": {"records": prepared["records"], "tokenizer_vocab": prepared["vocab"]},
+        "models": prepared["models"],
+        "flop_formula": FLOP_FORMULA,
+        "peak_fp32_matmul_gflops": peak["fp32_matmul_gflops"],
+        "peak_fp32_matmul_gflops_by_size": peak["gflops_by_size"],
+        "peak_fp32_matmul_gflops_at_end": peak_end["fp32_matmul_gflops"],
+        "runs": runs,
+    }
+    headline = "small" if "small" in presets else presets[-1]
+    ours, reference = by_name[f"ours/{headline}/fp32"], by_name[f"reference/{headline}/fp32"]
+    report["headline_preset"] = headline
+    report["speedup_vs_reference"] = ours["tokens_per_s"] / reference["tokens_per_s"]
+    report["mfu"] = ours["mfu"]
+    four_bit = by_name[f"ours/{headline}/nf4"]
+    report["rss_ratio_4bit"] = four_bit["peak_rss_mb"] / ours["peak_rss_mb"]
+    report["rss_ratio_4bit_above_baseline"] = four_bit["peak_rss_above_baseline_mb"] / ours["peak_rss_above_baseline_mb"]
+    report["targets"] = {
+        "speedup_vs_reference": {"target": ">= 1.5", "met": report["speedup_vs_reference"] >= 1.5},
+        "mfu": {"target": ">= 0.5 (aim)", "met": report["mfu"] >= 0.5},
+        "rss_ratio_4bit": {"target": "<= 0.4", "met": report["rss_ratio_4bit"] <= 0.4},
+    }
+    report["load_average_at_end"] = list(os.getloadavg())
+    report["wall_seconds"] = time.perf_counter() - started
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, default=RESULTS_PATH)
+    parser.add_argument("--presets", default="tiny,small", help="comma-separated model presets")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--timed-steps", type=int, default=BenchSettings.timed_steps)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps({"kind": "result", **_worker(json.loads(args.worker))}))
+        return 0
+    settings = BenchSettings(threads=args.threads, timed_steps=args.timed_steps)
+    report = run_benchmark(settings, [name.strip() for name in args.presets.split(",") if name.strip()], args.out)
+    summary = {key: report[key] for key in ("speedup_vs_reference", "mfu", "rss_ratio_4bit", "wall_seconds")}
+    print(json.dumps(summary, indent=2))
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

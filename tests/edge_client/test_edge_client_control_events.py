@@ -1,0 +1,155 @@
+"""Control events and awkward runs: malformed control events are recorded and skipped, a ModelAvailable whose
+manifest hash disagrees with the API is refused, a quantized base trains and sends, a refused telemetry field
+stays home, and a device that starts while the control plane is down waits and catches up."""
+
+import json
+import re
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edge_client.errors import EdgeClientError
+from edge_client.runner import RunOptions, run_client
+from fednested.messaging.embedded import write_raw_record
+from fednested.messaging.topics import Topic
+
+
+def _run_in_thread(settings: Any, options: RunOptions) -> tuple[threading.Thread, list[Any]]:
+    """Start a client; `outcome` receives its report or the error it raised."""
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append(run_client(settings, options))
+        except Exception as exc:  # handed to the test
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, outcome
+
+
+def test_malformed_control_events_are_recorded_and_skipped(
+    tmp_path: Path, control_plane: Any, kit: Any, embedded_bus: Any
+) -> None:
+    control_plane.add_version(kit.assets.v1)
+    control_plane.add_version(kit.assets.v2)
+    control_plane.champion = "v1"
+    files = kit.write_files(tmp_path / "device", control_plane, embedded_bus)
+    thread, outcome = _run_in_thread(
+        kit.settings(files, control_plane, embedded_bus), RunOptions(rounds=1, until_version="v2", max_wait_s=120)
+    )
+    kit.wait_until(lambda: bool(control_plane.payloads) or not thread.is_alive(), what="the device's upload")
+    physical = embedded_bus.topics.physical_name(Topic.CONTROL_ROUNDS)
+    write_raw_record(embedded_bus.path, physical, "v2", b'{"schema": "ModelAvailable", "schema_version": 9}')
+    write_raw_record(embedded_bus.path, physical, "v2", b"not json at all")
+    control_plane.promote("v2", embedded_bus)
+    thread.join(timeout=120)
+    [report] = outcome
+    assert report.stopped_because == "goals_met"
+    assert report.rejected_events == 2
+    assert report.current_version == "v2"
+    audit = (files["state"] / "audit" / "audit.jsonl").read_text()
+    assert audit.count('"control.rejected_event"') == 2
+    assert "unknown version 9 of schema 'ModelAvailable'" in audit
+
+
+def test_model_available_with_another_manifest_hash_is_refused(
+    tmp_path: Path, control_plane: Any, kit: Any, embedded_bus: Any
+) -> None:
+    control_plane.add_version(kit.assets.v1)
+    control_plane.add_version(kit.assets.v2)
+    control_plane.champion = "v1"
+    files = kit.write_files(tmp_path / "device", control_plane, embedded_bus)
+    thread, outcome = _run_in_thread(
+        kit.settings(files, control_plane, embedded_bus), RunOptions(rounds=1, until_version="v2", max_wait_s=120)
+    )
+    kit.wait_until(lambda: bool(control_plane.payloads) or not thread.is_alive(), what="the device's upload")
+    control_plane.promote("v2", embedded_bus)
+    control_plane.wrong_manifest_sha256 = True  # the API now disagrees with the event
+    thread.join(timeout=120)
+    [error] = outcome
+    assert isinstance(error, EdgeClientError)
+    assert re.search(
+        r"ModelAvailable for v2 at .* announces manifest sha256 [0-9a-f]{64}, but the API says 0{64}", str(error)
+    )
+    assert not (files["state"] / "versions" / "v2").exists()
+    assert (files["state"] / "current_version").read_text() == "v1"
+    # Nor does a fresh start take it: the manifest it would download does not hash to what the API says.
+    with pytest.raises(EdgeClientError, match=r"manifest\.json.*does not match the expected 0{64}"):
+        run_client(kit.settings(files, control_plane, embedded_bus), RunOptions(until_version="v2", max_wait_s=30))
+    assert not (files["state"] / "versions" / "v2").exists()
+
+
+def test_quantized_base_trains_and_sends_an_update(
+    tmp_path: Path, control_plane: Any, kit: Any, embedded_bus: Any
+) -> None:
+    control_plane.add_version(kit.assets.v1)
+    control_plane.champion = "v1"
+    files = kit.write_files(tmp_path / "device", control_plane, embedded_bus)
+    report = run_client(
+        kit.settings(files, control_plane, embedded_bus, quantize_bits=4), RunOptions(rounds=1, max_wait_s=120)
+    )
+    assert len(report.updates_delivered) == 1
+    [message] = kit.drain(embedded_bus, Topic.UPDATES)
+    assert message.event.base_version == "v1"
+    assert sum(message.event.routed_tokens.values()) > 0
+
+
+def test_telemetry_field_outside_the_policy_stays_home(
+    tmp_path: Path, control_plane: Any, kit: Any, embedded_bus: Any
+) -> None:
+    import yaml
+
+    control_plane.add_version(kit.assets.v1)
+    control_plane.champion = "v1"
+    files = kit.write_files(tmp_path / "device", control_plane, embedded_bus)
+    policy = yaml.safe_load(files["policy"].read_text())
+    policy["metadata_fields"].remove("loss")  # this device's owner does not let the training loss out
+    files["policy"].write_text(yaml.safe_dump(policy))
+    report = run_client(kit.settings(files, control_plane, embedded_bus), RunOptions(rounds=1, max_wait_s=120))
+    assert len(report.updates_delivered) == 1
+    [(_, reason)] = report.updates_failed
+    assert "sidecar refused telemetry" in reason
+    assert "field 'loss'" in reason
+    assert kit.drain(embedded_bus, Topic.TELEMETRY, quiet_s=0.3) == []
+    failed = list((files["state"] / "spool" / "failed").iterdir())
+    assert len(failed) == 1
+    assert "field 'loss'" in json.loads((failed[0] / "failure.json").read_text())["reason"]
+
+
+def test_device_started_while_the_control_plane_is_down_catches_up(
+    tmp_path: Path, control_plane: Any, kit: Any, embedded_bus: Any
+) -> None:
+    control_plane.add_version(kit.assets.v1)
+    control_plane.champion = "v1"
+    files = kit.write_files(tmp_path / "device", control_plane, embedded_bus)
+    control_plane.stop()
+    with pytest.raises(EdgeClientError, match="enroll: gave up after"):
+        run_client(kit.settings(files, control_plane, embedded_bus), RunOptions(rounds=1, max_wait_s=1))
+    results: list[Any] = []
+    thread = threading.Thread(
+        target=lambda: results.append(
+            run_client(
+                kit.settings(
+                    files,
+                    control_plane,
+                    embedded_bus,
+                    retry=kit.fast_retry.__class__(
+                        initial_delay_s=0.1, multiplier=2.0, max_delay_s=0.5, jitter=0.5, max_attempts=100
+                    ),
+                ),
+                RunOptions(rounds=1, max_wait_s=120),
+            )
+        )
+    )
+    thread.start()
+    kit.wait_until(lambda: len(control_plane.requests) == 0 and thread.is_alive(), timeout_s=5, what="client start")
+    control_plane.start()
+    thread.join(timeout=120)
+    [report] = results
+    assert report.stopped_because == "goals_met"
+    assert len(report.updates_delivered) == 1
+    assert len(kit.drain(embedded_bus, Topic.UPDATES)) == 1

@@ -1,0 +1,124 @@
+"""aggregate_round_task end to end: buffered updates of a round → a registered candidate whose experts moved by
+exactly η times the routed-token-weighted mean of the clients' dense deltas."""
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from django.core.exceptions import ValidationError
+
+from apps.federation.choices import RoundStatus, TaskKind, TaskStatus, UpdateStatus
+from apps.federation.models import Round, TrainingTask, Update
+from apps.federation.services import create_training_task
+from apps.registry.choices import LineageKind
+from apps.registry.models import ModelVersion
+from fednested.adapters.lora import adapter_key
+from fednested.checkpoints import load_version
+from fednested.messaging import encode
+from tests.workers.conftest import ADAPTER, LAYER0_DOWN, LAYER1_UP, WorkerWorld, as_message, enroll
+from workers.aggregation import aggregate_round_task, candidate_version_id
+from workers.ingest.consumer import ingest_message
+
+ETA = 0.5
+
+
+def dense(adapters: dict[str, torch.Tensor], param: str, expert: int) -> torch.Tensor:
+    lora_a, lora_b = adapters[adapter_key(param, expert, "lora_A")], adapters[adapter_key(param, expert, "lora_B")]
+    return ADAPTER.scale * lora_b @ lora_a
+
+
+@pytest.fixture
+def buffered_round(
+    world: WorkerWorld, make_update: Callable[..., Any], django_capture_on_commit_callbacks: Any
+) -> tuple[Round, list[dict[str, torch.Tensor]], TrainingTask]:
+    round_ = world.open_round(k=2, config={"server_learning_rate": ETA})
+    tokens = [{"0.1": 30, "1.2": 10}, {"0.1": 10, "1.2": 30}]
+    adapters = []
+    with django_capture_on_commit_callbacks(execute=False):
+        for index, routed in enumerate(tokens):
+            device = enroll(world, f"car-{index}")
+            envelope, tensors = make_update(device, seed=index, round_id=round_.round_id, routed_tokens=routed)
+            assert ingest_message(as_message(encode(envelope), device.row.client_id)).status == "buffered"
+            adapters.append(tensors)
+    return round_, adapters, TrainingTask.objects.get(kind=TaskKind.EXPERT_AGGREGATION, round=round_)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=ValidationError,
+    reason="apps/registry/services.py _check_artifacts requires a layer and expert index for every expert file, but "
+    "fednested.checkpoints stores all experts fused in experts.safetensors; the registry must accept it",
+)
+def test_round_aggregates_into_a_registered_candidate(
+    world: WorkerWorld,
+    buffered_round: tuple[Round, list[dict[str, torch.Tensor]], TrainingTask],
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    round_, adapters, task = buffered_round
+    with django_capture_on_commit_callbacks(execute=False):
+        version_id = aggregate_round_task(task.pk)
+    assert version_id == candidate_version_id(round_)
+    version = ModelVersion.objects.get(version_id=version_id)
+    assert version.parent == world.base
+    updates = list(Update.objects.order_by("received_at"))
+    assert {update.status for update in updates} == {UpdateStatus.APPLIED}
+    assert {update.applied_in for update in updates} == {version}
+    edges = set(version.lineage_edges.filter(kind=LineageKind.UPDATE).values_list("source_ref", flat=True))
+    assert edges == {update.update_id for update in updates}
+    round_.refresh_from_db()
+    assert round_.status == RoundStatus.CLOSED
+    assert TrainingTask.objects.get(pk=task.pk).status == TaskStatus.SUCCEEDED
+    evaluation = TrainingTask.objects.get(kind=TaskKind.EVALUATION)
+    assert evaluation.params["version_id"] == version_id
+
+    base_model, _ = load_version(world.root / "versions" / "v1")
+    candidate, manifest = load_version(world.root / "versions" / version_id)
+    before, after = dict(base_model.named_parameters()), dict(candidate.named_parameters())
+    # Expert 0.1: tokens 30 and 10 → weights 3/4 and 1/4; expert 1.2 the other way round.
+    expected_01 = 0.75 * dense(adapters[0], LAYER0_DOWN, 1) + 0.25 * dense(adapters[1], LAYER0_DOWN, 1)
+    expected_12 = 0.25 * dense(adapters[0], LAYER1_UP, 2) + 0.75 * dense(adapters[1], LAYER1_UP, 2)
+    torch.testing.assert_close(after[LAYER0_DOWN][1], before[LAYER0_DOWN][1] + ETA * expected_01)
+    torch.testing.assert_close(after[LAYER1_UP][2], before[LAYER1_UP][2] + ETA * expected_12)
+    assert torch.equal(after[LAYER0_DOWN][0], before[LAYER0_DOWN][0])
+    assert torch.equal(after["model.embed_tokens.weight"], before["model.embed_tokens.weight"])
+    assert manifest.lineage["updates"] == [update.update_id for update in updates]
+
+
+def test_a_round_is_aggregated_once(
+    world: WorkerWorld,
+    buffered_round: tuple[Round, list[dict[str, torch.Tensor]], TrainingTask],
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    round_, _, task = buffered_round
+    round_.status = RoundStatus.AGGREGATING
+    Round.objects.filter(pk=round_.pk).update(status=RoundStatus.AGGREGATING)  # another task claimed it
+    assert aggregate_round_task(task.pk) is None
+    assert TrainingTask.objects.get(pk=task.pk).status == TaskStatus.SUCCEEDED
+    assert set(Update.objects.values_list("status", flat=True)) == {UpdateStatus.BUFFERED}
+    # The same task delivered again (acks_late redelivery) does nothing: its row is no longer pending.
+    assert aggregate_round_task(task.pk) is None
+    with django_capture_on_commit_callbacks(execute=False):
+        second = create_training_task(kind=TaskKind.EXPERT_AGGREGATION, actor=None, round_=round_)
+    assert aggregate_round_task(second.pk) is None
+    assert not ModelVersion.objects.filter(version_id=candidate_version_id(round_)).exists()
+
+
+def test_updates_whose_payload_changed_since_ingest_are_rejected_at_aggregation(
+    world: WorkerWorld,
+    buffered_round: tuple[Round, list[dict[str, torch.Tensor]], TrainingTask],
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    round_, _, task = buffered_round
+    for update in Update.objects.all():
+        path = world.root / "updates" / f"{update.update_id}.safetensors"
+        path.write_bytes(path.read_bytes()[:-1] + b"!")
+    with django_capture_on_commit_callbacks(execute=False):
+        assert aggregate_round_task(task.pk) is None
+    assert set(Update.objects.values_list("rejection_code", flat=True)) == {"sha256_mismatch"}
+    assert all(
+        message.startswith("at aggregation: ") for message in Update.objects.values_list("rejection_message", flat=True)
+    )
+    round_.refresh_from_db()
+    assert round_.status == RoundStatus.CANCELLED
+    assert TrainingTask.objects.get(pk=task.pk).status == TaskStatus.SUCCEEDED

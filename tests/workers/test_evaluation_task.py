@@ -1,0 +1,74 @@
+"""evaluate_version_task: per-domain held-out scores of a version, recorded, and an approval request to officers."""
+
+import math
+import shutil
+from typing import Any
+
+import pytest
+from django.core.exceptions import ValidationError
+
+from apps.federation.choices import TaskKind, TaskStatus
+from apps.federation.models import TrainingTask
+from apps.federation.services import create_training_task
+from apps.governance.models import ApprovalRequest, AuditEvent
+from fednested.checkpoints import load_version
+from fednested.data import read_jsonl
+from fednested.data.tokenizer import load_tokenizer
+from fednested.evaluation.domains import EvalConfig, evaluate_records
+from tests.workers.conftest import WorkerWorld
+from workers.evaluation import evaluate_version_task
+
+
+def evaluation_task(world: WorkerWorld, django_capture_on_commit_callbacks: Any, **params: Any) -> TrainingTask:
+    round_ = world.open_round()
+    with django_capture_on_commit_callbacks(execute=False):
+        return create_training_task(
+            kind=TaskKind.EVALUATION,
+            actor=None,
+            round_=round_,
+            params={"version_id": "v1", "round_id": round_.round_id, **params},
+        )
+
+
+def test_version_is_scored_per_domain_and_sent_for_approval(
+    world: WorkerWorld, django_capture_on_commit_callbacks: Any
+) -> None:
+    task = evaluation_task(world, django_capture_on_commit_callbacks)
+    request_pk = evaluate_version_task(task.pk)
+    assert TrainingTask.objects.get(pk=task.pk).status == TaskStatus.SUCCEEDED
+    [event] = AuditEvent.objects.filter(verb="registry.version.evaluated")
+    scores = event.data["domains"]
+    assert sorted(scores) == ["medical", "recipes"]
+    model, _ = load_version(world.root / "versions" / "v1")
+    tokenizer = load_tokenizer(world.root / "versions" / "v1")
+    medical = evaluate_records(
+        model, tokenizer, read_jsonl(world.root / "heldout" / "medical.jsonl").records, EvalConfig(seq_len=256)
+    )
+    assert scores["medical"]["loss"] == pytest.approx(medical.loss, rel=1e-6)
+    assert scores["medical"]["perplexity"] == pytest.approx(math.exp(medical.loss), rel=1e-6)
+    request = ApprovalRequest.objects.get(pk=request_pk)
+    assert (request.version, request.requested_by) == (world.base, world.engineer)
+    assert f"medical: loss {medical.loss:.4f}" in request.note
+
+
+def test_missing_held_out_sets_fail_the_task_with_the_folder_named(
+    world: WorkerWorld, django_capture_on_commit_callbacks: Any
+) -> None:
+    shutil.rmtree(world.root / "heldout")
+    task = evaluation_task(world, django_capture_on_commit_callbacks)
+    with pytest.raises(FileNotFoundError):
+        evaluate_version_task(task.pk)
+    failed = TrainingTask.objects.get(pk=task.pk)
+    assert failed.status == TaskStatus.FAILED
+    assert f"no held-out sets (<domain>.jsonl) in {world.root / 'heldout'}" in failed.error
+    assert not ApprovalRequest.objects.exists()
+
+
+def test_second_request_for_a_version_is_refused_by_governance(
+    world: WorkerWorld, django_capture_on_commit_callbacks: Any
+) -> None:
+    evaluate_version_task(evaluation_task(world, django_capture_on_commit_callbacks).pk)
+    again = evaluation_task(world, django_capture_on_commit_callbacks)
+    with pytest.raises(ValidationError, match="already has a pending approval request"):
+        evaluate_version_task(again.pk)
+    assert TrainingTask.objects.get(pk=again.pk).status == TaskStatus.FAILED

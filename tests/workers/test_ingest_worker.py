@@ -1,0 +1,228 @@
+"""The ingest worker's handling of one message at a time, against the real services and a real tiny base version."""
+
+import hashlib
+import math
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import torch
+from django.utils import timezone
+
+from apps.federation.choices import TaskKind, TaskStatus, UpdateStatus
+from apps.federation.models import TrainingTask, Update
+from apps.federation.services import revoke_device
+from apps.governance.models import AuditEvent
+from apps.registry.services import move_alias
+from fednested.aggregation import RejectionCode
+from fednested.messaging import encode
+from tests.workers.conftest import LAYER0_DOWN, WorkerWorld, as_message, enroll, random_adapters
+from workers.ingest.consumer import enqueue_due_rounds, ingest_message
+
+MakeUpdate = Callable[..., Any]
+
+
+def refusals(code: RejectionCode) -> list[dict[str, Any]]:
+    return [
+        event.data
+        for event in AuditEvent.objects.filter(verb="federation.update.refused")
+        if event.data["code"] == code
+    ]
+
+
+def test_valid_update_is_recorded_validated_and_buffered(world: WorkerWorld, make_update: MakeUpdate) -> None:
+    device = enroll(world, "car-1")
+    round_ = world.open_round(k=3)
+    envelope, _ = make_update(device, round_id=round_.round_id)
+    outcome = ingest_message(as_message(encode(envelope), device.row.client_id))
+    assert (outcome.status, outcome.code, outcome.aggregation_task_pk) == ("buffered", None, None)
+    update = Update.objects.get(update_id=str(envelope.update_id))
+    assert update.status == UpdateStatus.BUFFERED
+    assert (update.round, update.device, update.routed_tokens) == (round_, device.row, {"0.1": 40, "1.2": 25})
+    verbs = AuditEvent.objects.filter(object_type="federation.update", object_id=str(update.pk)).values_list(
+        "verb", flat=True
+    )
+    assert sorted(verbs) == ["federation.update.buffered", "federation.update.received", "federation.update.validated"]
+
+
+def test_kth_update_starts_one_aggregation_after_commit(
+    world: WorkerWorld, make_update: MakeUpdate, django_capture_on_commit_callbacks: Any
+) -> None:
+    round_ = world.open_round(k=2)
+    devices = [enroll(world, f"car-{index}") for index in range(3)]
+    outcomes = []
+    with django_capture_on_commit_callbacks(execute=False) as callbacks:
+        for seed, device in enumerate(devices):
+            envelope, _ = make_update(device, seed=seed, round_id=round_.round_id)
+            outcomes.append(ingest_message(as_message(encode(envelope), device.row.client_id)))
+    assert [outcome.status for outcome in outcomes] == ["buffered"] * 3
+    task = TrainingTask.objects.get(kind=TaskKind.EXPERT_AGGREGATION)
+    # The second update fills the buffer; the third finds the task already pending and creates no other.
+    assert [outcome.aggregation_task_pk for outcome in outcomes] == [None, task.pk, None]
+    assert (task.round, task.status, task.params["trigger"]) == (round_, TaskStatus.PENDING, "full")
+    # The task is sent to its worker only once the transaction commits (one callback for the send, not earlier).
+    assert len([callback for callback in callbacks if "_send" in repr(callback)]) == 1
+
+
+def test_malformed_json_is_refused_with_its_position_and_the_worker_goes_on(world: WorkerWorld) -> None:
+    outcome = ingest_message(as_message(b'{"schema": "UpdateEnvelope", ', "car-1"))
+    assert (outcome.status, outcome.code) == ("refused", RejectionCode.MALFORMED)
+    assert "malformed JSON at line 1" in outcome.message
+    [event] = refusals(RejectionCode.MALFORMED)
+    assert event["where"] == outcome.where
+    assert Update.objects.count() == 0
+
+
+def test_schema_violation_names_the_field(world: WorkerWorld, make_update: MakeUpdate) -> None:
+    device = enroll(world, "car-1")
+    envelope, _ = make_update(device)
+    raw = encode(envelope).replace(b'"examples":16', b'"examples":-3')
+    outcome = ingest_message(as_message(raw, "car-1"))
+    assert outcome.code is RejectionCode.MALFORMED
+    assert "field 'examples'" in outcome.message
+
+
+def test_unknown_revoked_and_forged_senders_are_refused_without_a_row(
+    world: WorkerWorld, make_update: MakeUpdate
+) -> None:
+    device = enroll(world, "car-1")
+    stranger_envelope, _ = make_update(device)
+    stranger = stranger_envelope.model_copy(update={"client_id": "car-unknown"})
+    assert ingest_message(as_message(encode(stranger), "car-unknown")).code is RejectionCode.UNKNOWN_CLIENT
+
+    forged, _ = make_update(device)
+    forged = forged.signed_hmac_sha256(b"not the device's key")
+    outcome = ingest_message(as_message(encode(forged), "car-1"))
+    assert outcome.code is RejectionCode.BAD_SIGNATURE
+    assert "car-1" in outcome.message
+
+    unsigned, _ = make_update(device)
+    assert ingest_message(as_message(encode(unsigned.model_copy(update={"signature": ""})), "car-1")).code is (
+        RejectionCode.BAD_SIGNATURE
+    )
+
+    revoke_device(device.row, actor=world.engineer, reason="stolen")
+    late, _ = make_update(device)
+    assert ingest_message(as_message(encode(late), "car-1")).code is RejectionCode.REVOKED_CLIENT
+    assert Update.objects.count() == 0
+
+
+def test_replayed_update_id_is_applied_once(world: WorkerWorld, make_update: MakeUpdate) -> None:
+    device = enroll(world, "car-1")
+    envelope, _ = make_update(device)
+    raw = encode(envelope)
+    assert ingest_message(as_message(raw, "car-1")).status == "buffered"
+    again = ingest_message(as_message(raw, "car-1"))
+    assert (again.status, again.code) == ("refused", RejectionCode.REPLAYED)
+    assert "already received (buffered)" in again.message
+    altered = envelope.model_copy(update={"examples": 99}).signed_hmac_sha256(device.signing_key)
+    different = ingest_message(as_message(encode(altered), "car-1"))
+    assert different.code is RejectionCode.REPLAYED
+    assert "differs from the recorded one" in different.message
+    assert Update.objects.get().examples == 16
+
+
+def test_unknown_base_version_and_closed_round_are_refused(world: WorkerWorld, make_update: MakeUpdate) -> None:
+    device = enroll(world, "car-1")
+    envelope, _ = make_update(device, base_version="v9")
+    outcome = ingest_message(as_message(encode(envelope), "car-1"))
+    assert (outcome.code, outcome.message) == (
+        RejectionCode.UNKNOWN_BASE_VERSION,
+        "model version 'v9' is not registered",
+    )
+    envelope, _ = make_update(device, round_id="round-nope")
+    assert ingest_message(as_message(encode(envelope), "car-1")).code is RejectionCode.MALFORMED
+
+
+def test_update_too_far_behind_the_champion_is_rejected_with_the_distance(
+    world: WorkerWorld, make_update: MakeUpdate
+) -> None:
+    v2 = world.register_child(world.base, "v2")
+    v3 = world.register_child(v2, "v3")
+    move_alias(name="champion", version=v3, actor=world.engineer)
+    round_ = world.open_round(config={"max_staleness": 1})
+    device = enroll(world, "car-1")
+    envelope, _ = make_update(device, round_id=round_.round_id)
+    outcome = ingest_message(as_message(encode(envelope), "car-1"))
+    assert (outcome.status, outcome.code) == ("rejected", RejectionCode.TOO_STALE)
+    assert "'v1' is 2 versions behind the champion, the limit is 1" in outcome.message
+    update = Update.objects.get()
+    assert (update.status, update.rejection_code) == (UpdateStatus.REJECTED, "too_stale")
+
+
+@pytest.mark.parametrize(
+    ("damage", "code", "fragment"),
+    [
+        ("tamper", RejectionCode.SHA256_MISMATCH, "has sha256"),
+        ("truncate", RejectionCode.SHA256_MISMATCH, "bytes, the envelope says"),
+        ("missing", RejectionCode.MALFORMED, "no payload at artifacts://updates/"),
+        ("garbage", RejectionCode.MALFORMED, "not a readable safetensors file"),
+    ],
+)
+def test_payload_that_does_not_match_its_claim_check_is_rejected(
+    world: WorkerWorld, make_update: MakeUpdate, damage: str, code: RejectionCode, fragment: str
+) -> None:
+    device = enroll(world, "car-1")
+    envelope, _ = make_update(device)
+    path = world.root / "updates" / f"{envelope.update_id}.safetensors"
+    raw = path.read_bytes()
+    if damage == "tamper":
+        path.write_bytes(raw[:-1] + bytes([raw[-1] ^ 1]))
+    elif damage == "truncate":
+        path.write_bytes(raw[:-8])
+    elif damage == "missing":
+        path.unlink()
+    else:
+        junk = b"\x00" * len(raw)
+        path.write_bytes(junk)
+        payload = {**envelope.payload.model_dump(), "sha256": hashlib.sha256(junk).hexdigest()}
+        envelope = envelope.model_copy(update={"payload": envelope.payload.model_validate(payload)})
+        envelope = envelope.signed_hmac_sha256(device.signing_key)
+    outcome = ingest_message(as_message(encode(envelope), "car-1"))
+    assert (outcome.status, outcome.code) == ("rejected", code)
+    assert fragment in outcome.message
+    assert Update.objects.get().rejection_code == code.value
+
+
+def test_tensor_checks_reject_with_the_tensor_named(world: WorkerWorld, make_update: MakeUpdate) -> None:
+    device = enroll(world, "car-1")
+    poisoned = random_adapters(world.shapes, {LAYER0_DOWN: [0]}, seed=4)
+    key = f"{LAYER0_DOWN}/expert=0/lora_B"
+    poisoned[key][3, 1] = math.nan
+    envelope, _ = make_update(device, adapters=poisoned)
+    outcome = ingest_message(as_message(encode(envelope), "car-1"))
+    assert (outcome.code, outcome.message) == (
+        RejectionCode.NON_FINITE,
+        f"{key} holds 1 NaN/Inf of {poisoned[key].numel()} values",
+    )
+
+    extra = random_adapters(world.shapes, {LAYER0_DOWN: [0]}, seed=5) | {"model.lm_head.weight": torch.zeros(2, 2)}
+    envelope, _ = make_update(device, adapters=extra)
+    assert ingest_message(as_message(encode(envelope), "car-1")).code is RejectionCode.BAD_TENSOR_NAMES
+
+    huge = {name: tensor * 1e4 for name, tensor in random_adapters(world.shapes, {LAYER0_DOWN: [0]}, seed=6).items()}
+    round_ = world.open_round(config={"max_delta_norm": 50.0})
+    envelope, _ = make_update(device, adapters=huge, round_id=round_.round_id)
+    outcome = ingest_message(as_message(encode(envelope), "car-1"))
+    assert outcome.code is RejectionCode.NORM_EXCEEDED
+    assert "the per-delta limit is 50.0" in outcome.message
+
+    small_round = world.open_round(config={"max_payload_bytes": 1024})
+    envelope, _ = make_update(device, round_id=small_round.round_id)
+    assert ingest_message(as_message(encode(envelope), "car-1")).code is RejectionCode.OVERSIZED
+    assert Update.objects.filter(status=UpdateStatus.REJECTED).count() == 4
+
+
+def test_deadline_starts_aggregation_of_a_partial_buffer(
+    world: WorkerWorld, make_update: MakeUpdate, django_capture_on_commit_callbacks: Any
+) -> None:
+    round_ = world.open_round(k=5, deadline_in=timedelta(minutes=10))
+    device = enroll(world, "car-1")
+    envelope, _ = make_update(device, round_id=round_.round_id)
+    with django_capture_on_commit_callbacks(execute=False):
+        assert ingest_message(as_message(encode(envelope), "car-1")).aggregation_task_pk is None
+        assert enqueue_due_rounds(timezone.now()) == []
+        [task_pk] = enqueue_due_rounds(timezone.now() + timedelta(minutes=11))
+        assert enqueue_due_rounds(timezone.now() + timedelta(minutes=12)) == []
+    assert TrainingTask.objects.get(pk=task_pk).params == {"round_id": round_.round_id, "trigger": "deadline"}
