@@ -60,6 +60,12 @@ def run_client_command(
     except (EdgeClientError, ValueError) as exc:
         raise _fail(str(exc)) from None
     typer.echo(json.dumps(asdict(report), indent=2) if report_json else report.summary())
+    for update_id, reason in report.updates_failed:
+        typer.echo(
+            f"error: update {update_id} was not sent and is kept in the spool's failed/ directory: {reason}", err=True
+        )
+    if report.updates_failed:
+        raise typer.Exit(code=1)
     if report.stopped_because == "max_wait":
         raise typer.Exit(code=EXIT_TIMED_OUT)
 

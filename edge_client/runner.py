@@ -119,6 +119,7 @@ class ClientRunReport:
     updates_delivered: list[str] = field(default_factory=list)
     telemetry_delivered: int = 0
     updates_failed: list[tuple[str, str]] = field(default_factory=list)
+    telemetry_failed: list[tuple[str, str]] = field(default_factory=list)
     pending: int = 0
     bad_data_lines: int = 0
     rejected_events: int = 0
@@ -149,6 +150,10 @@ class ClientRun:
         self.reported_version: str | None = None
         self.round_for_base: dict[str, str] = {}
         self.updates_this_run = 0
+        # version id -> (manifest sha256 the ModelAvailable event announced, where the event was read)
+        self.announced: dict[str, tuple[str, str]] = {}
+        self.champion_stale = True
+        self.version_report_refused: str | None = None
 
     # -- setup ---------------------------------------------------------------------------------------------------
 
@@ -193,14 +198,20 @@ class ClientRun:
         self.report.versions.append(pulled.version_id)
         sidecar.record("version.loaded", {"version_id": pulled.version_id, "previous": previous})
 
-    def report_version(self, api: ControlPlaneClient) -> None:
+    def report_version(self, api: ControlPlaneClient, sidecar: Sidecar) -> None:
         current = self.report.current_version
-        if current is None or current == self.reported_version:
+        if current is None or current in (self.reported_version, self.version_report_refused):
             return
         try:
             api.report_version(self.settings.client_id, current)
         except ControlPlaneUnavailable as exc:
             self.report.last_error = str(exc)  # reported again on the next loop turn
+            return
+        except ControlPlaneRejected as exc:
+            # Not worth stopping training over: say so locally, and do not ask again for this version.
+            self.version_report_refused = current
+            self.report.last_error = str(exc)
+            sidecar.record("version.report_refused", {"version_id": current, "status": exc.status, "error": exc.detail})
             return
         self.reported_version = current
 
@@ -331,12 +342,14 @@ class ClientRun:
             return False
         if outbox.pending():
             return False
-        if self.options.rounds is not None and len(self.report.updates_delivered) < self.options.rounds:
+        # A refused update (kept in spool/failed/, reported) is finished business for the round count.
+        finished = len(self.report.updates_delivered) + len(self.report.updates_failed)
+        if self.options.rounds is not None and finished < self.options.rounds:
             return False
         if self.options.until_version is not None:
             if self.report.current_version != self.options.until_version:
                 return False
-            if self.reported_version != self.options.until_version:
+            if self.options.until_version not in (self.reported_version, self.version_report_refused):
                 return False
         return True
 
@@ -347,12 +360,15 @@ class ClientRun:
                 self.report.updates_delivered.append(item_id)
             else:
                 self.report.telemetry_delivered += 1
-        self.report.updates_failed += delivery.failed
+        for item_id, reason in delivery.failed:
+            failed = self.report.updates_failed if kinds.get(item_id) == KIND_UPDATE else self.report.telemetry_failed
+            failed.append((item_id, reason))
         self.report.pending = delivery.pending
         if delivery.last_error:
             self.report.last_error = delivery.last_error
 
-    def handle_control(self, message: Message, api: ControlPlaneClient, sidecar: Sidecar) -> None:
+    def handle_control(self, message: Message, sidecar: Sidecar) -> None:
+        """Note what a control event asks for; the loop acts on it (so a failed download is retried, not lost)."""
         if not message.valid:
             self.report.rejected_events += 1
             sidecar.record("control.rejected_event", {"where": message.where(), "error": str(message.error)[:300]})
@@ -360,22 +376,27 @@ class ClientRun:
         event = message.event
         if isinstance(event, RoundStart):
             self.round_for_base[event.base_version] = event.round_id
-        elif isinstance(event, ModelAvailable) and event.alias == "champion":
-            current = self.report.current_version
-            if event.version_id == current:
-                return
-            info = self.champion_info(api)
-            if info is None:
-                return
-            if info.version_id == event.version_id and info.manifest_sha256 != event.manifest_sha256:
-                sidecar.record(
-                    "control.manifest_mismatch", {"version_id": event.version_id, "event": event.manifest_sha256}
-                )
-                raise EdgeClientError(
-                    f"ModelAvailable for {event.version_id} at {message.where()} announces manifest sha256 "
-                    f"{event.manifest_sha256}, but the API says {info.manifest_sha256}; not moving to it"
-                )
-            self.move_to(api, info, sidecar)
+        elif (
+            isinstance(event, ModelAvailable)
+            and event.alias == "champion"
+            and event.version_id != self.report.current_version
+        ):
+            self.announced[event.version_id] = (event.manifest_sha256, message.where())
+            self.champion_stale = True
+
+    def sync_champion(self, api: ControlPlaneClient, sidecar: Sidecar) -> None:
+        """Move to whatever the API says the champion is now (it may be newer than the last event)."""
+        info = self.champion_info(api)
+        if info is None:
+            return
+        announced = self.announced.get(info.version_id)
+        if announced is not None and announced[0] != info.manifest_sha256:
+            sidecar.record("control.manifest_mismatch", {"version_id": info.version_id, "event": announced[0]})
+            raise EdgeClientError(
+                f"ModelAvailable for {info.version_id} at {announced[1]} announces manifest sha256 {announced[0]}, "
+                f"but the API says {info.manifest_sha256}; not moving to it"
+            )
+        self.move_to(api, info, sidecar)
 
     def remaining(self) -> float | None:
         return None if self.deadline is None else self.deadline - time.monotonic()
@@ -437,18 +458,15 @@ class ClientRun:
     def _loop(
         self, api: ControlPlaneClient, sidecar: Sidecar, outbox: Outbox, deliverer: Deliverer, consumer: Consumer
     ) -> None:
-        champion_checked = False
         while True:
-            if not champion_checked:
+            if self.champion_stale:
                 try:
-                    info = self.champion_info(api)
+                    self.sync_champion(api, sidecar)
                 except RetriesExhausted as exc:
-                    self.report.last_error = str(exc)
+                    self.report.last_error = str(exc)  # still stale: tried again on the next turn
                 else:
-                    champion_checked = True
-                    if info is not None:
-                        self.move_to(api, info, sidecar)
-            self.report_version(api)
+                    self.champion_stale = False
+            self.report_version(api, sidecar)
             if self.needs_training(outbox):
                 self.train_and_spool(outbox, sidecar)
             if outbox.pending():
@@ -466,8 +484,9 @@ class ClientRun:
             )
             message = consumer.poll(max(0.0, timeout))
             if message is not None:
-                self.handle_control(message, api, sidecar)
-                # Commit only after the switch (or the decision to ignore) is done: a crash here replays the event.
+                self.handle_control(message, sidecar)
+                # The event is recorded in memory; were the process to die before acting on it, the next start
+                # asks the API for the champion anyway, so committing here loses nothing.
                 consumer.commit(message)
 
 

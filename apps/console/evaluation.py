@@ -1,13 +1,17 @@
 """Per-domain evaluation of a version beside its parent's: the comparison the version page shows officers.
 
-`compare_domains` is pure; `evaluation_of` is the one place that knows where the workers store evaluations.
+`compare_domains` is pure; `latest_evaluation` is the one place that knows where the workers record evaluations.
 """
 
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
+from apps.governance.models import AuditEvent
+
+EVALUATED_VERB = "registry.version.evaluated"
 # Relative loss changes smaller than this read as "no change": evaluation noise on held-out sets of a few
 # hundred tokens is about this size, and calling it an improvement would mislead an officer.
 UNCHANGED_RELATIVE_TOLERANCE = 0.005
@@ -80,10 +84,43 @@ def compare_domains(
     return rows
 
 
-def evaluation_of(version: Any) -> Mapping[str, Mapping[str, Any]] | None:
-    """Per-domain scores of `version` (domain → {"loss", "perplexity", "tokens"}), or None if never evaluated."""
-    manifest = getattr(version, "manifest", None)
-    if not isinstance(manifest, Mapping):
+@dataclass(frozen=True)
+class RecordedEvaluation:
+    """A version's per-domain scores as the evaluation worker recorded them, with its parent's from the same run."""
+
+    scores: Mapping[str, Mapping[str, Any]]
+    parent_scores: Mapping[str, Mapping[str, Any]] | None
+    heldout: str
+    recorded_at: datetime
+
+
+def latest_evaluation(version: Any) -> RecordedEvaluation | None:
+    """The newest evaluation recorded for `version`, or None if it was never evaluated.
+
+    The evaluation worker records each run as an audit event (verb `registry.version.evaluated`) whose data holds
+    `domains` (domain → {"loss", "perplexity", "tokens", "records"}) and `parent_domains` (the parent scored on the
+    same held-out sets in the same run, so the two compare exactly).
+    """
+    event = (
+        AuditEvent.objects.filter(verb=EVALUATED_VERB, object_type="registry.modelversion", object_id=str(version.pk))
+        .order_by("-created_at", "-id")
+        .first()
+    )
+    if event is None or not isinstance(event.data.get("domains"), Mapping):
         return None
-    scores = manifest.get("evaluation")
-    return scores if isinstance(scores, Mapping) else None
+    parent = event.data.get("parent_domains")
+    return RecordedEvaluation(
+        scores=event.data["domains"],
+        parent_scores=parent if isinstance(parent, Mapping) else None,
+        heldout=str(event.data.get("heldout", "")),
+        recorded_at=event.created_at,
+    )
+
+
+def domain_losses(version: Any) -> dict[str, float]:
+    """domain → held-out loss of the latest evaluation of `version` (empty if never evaluated)."""
+    evaluation = latest_evaluation(version)
+    if evaluation is None:
+        return {}
+    rows = compare_domains(evaluation.scores, None)
+    return {row.domain: row.loss for row in rows if row.loss is not None}

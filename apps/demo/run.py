@@ -22,6 +22,7 @@ from django.utils import timezone
 from apps.accounts.choices import Role
 from apps.accounts.models import User
 from apps.accounts.services import create_user_with_role
+from apps.console.evaluation import domain_losses
 from apps.demo.bootstrap import BootstrapConfig, FirstVersion, build_first_version, demo_corpus, heldout_by_domain
 from apps.demo.devices import DemoDevice, EdgeTrainingPlan, client_command, client_report, prepare_device
 from apps.demo.environment import DemoPaths
@@ -32,7 +33,7 @@ from apps.federation.choices import TaskKind, TaskStatus
 from apps.federation.models import EdgeDevice, TrainingTask, Update
 from apps.federation.services import create_training_task, issue_enrollment_token, open_round
 from apps.governance.choices import ApprovalStatus
-from apps.governance.models import ApprovalRequest, AuditEvent
+from apps.governance.models import ApprovalRequest
 from apps.governance.services import approve_version, request_approval
 from apps.registry.choices import ArtifactPartition
 from apps.registry.models import ModelVersion
@@ -42,7 +43,6 @@ from fednested.data import Record, write_jsonl
 
 # Domains the devices train on, in order: the first `devices` of them are used, one device each.
 DEVICE_DOMAINS = ("medical", "legal", "recipes", "telemetry", "code")
-EVALUATED_VERB = "registry.version.evaluated"
 FAMILY_NAME = "tiny-moe"
 FIRST_VERSION = "v1"
 # fednested manifest file partitions → registry artifact partitions (the fused experts file holds every expert).
@@ -149,17 +149,6 @@ def register_first_version(first: FirstVersion, engineer: User) -> ModelVersion:
         datasets=lineage.get("datasets", []),
         runs=lineage.get("runs", []),
     )
-
-
-def domain_losses(version: ModelVersion) -> dict[str, float]:
-    """The per-domain held-out loss the evaluation worker recorded for `version` (latest evaluation)."""
-    event = (
-        AuditEvent.objects.filter(verb=EVALUATED_VERB, object_type="registry.modelversion", object_id=str(version.pk))
-        .order_by("-created_at", "-id")
-        .first()
-    )
-    domains = event.data.get("domains", {}) if event is not None else {}
-    return {name: float(score["loss"]) for name, score in domains.items() if isinstance(score, dict)}
 
 
 class Demo:

@@ -15,7 +15,12 @@ from fednested.adapters.lora import (
     parse_adapter_key,
     trainable_parameters,
 )
-from fednested.adapters.routed import EXPERT_TARGETS, FrozenExpertLinear, routed_experts_forward
+from fednested.adapters.routed import (
+    EXPERT_TARGETS,
+    FrozenExpertLinear,
+    routed_experts_forward,
+    set_expert_recompute,
+)
 
 __all__ = [
     "EXPERT_TARGETS",
@@ -33,5 +38,6 @@ __all__ = [
     "load_adapter_state_dict",
     "parse_adapter_key",
     "routed_experts_forward",
+    "set_expert_recompute",
     "trainable_parameters",
 ]

@@ -162,6 +162,8 @@ class ExpertLoraLayer(nn.Module, LoraLayer):
             kwargs.pop(unused, None)
         LoraLayer.__init__(self, base_layer, **kwargs)
         self.module_name: str = target_name
+        # see fednested.adapters.routed.set_expert_recompute
+        self.recompute_activations = False
         self.layer_index: int = layer_index(target_name)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, lora_alpha, config, fednested_config=fednested_config)
@@ -242,7 +244,14 @@ class ExpertLoraLayer(nn.Module, LoraLayer):
             assert isinstance(result, torch.Tensor)
             return result
         top_k_index, top_k_weights = _routing_args(args, kwargs)
-        return routed_experts_forward(base, hidden_states, top_k_index, top_k_weights, self._expert_loras())
+        return routed_experts_forward(
+            base,
+            hidden_states,
+            top_k_index,
+            top_k_weights,
+            self._expert_loras(),
+            recompute=self.recompute_activations,
+        )
 
     def delta_weight(self, adapter_name: str, target: str) -> torch.Tensor:
         """Dense fp32 ΔW for every selected expert of `target`: [n_selected, out, in] = scale · B · A."""

@@ -15,6 +15,7 @@ from typing import Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 # The two fused expert tensors of transformers 5 MoE families: gate_up_proj [E, 2I, H] and down_proj [E, H, I].
 GATE_UP = "gate_up_proj"
@@ -105,16 +106,37 @@ def _with_lora(base_out: torch.Tensor, inputs: torch.Tensor, loras: Sequence[Exp
     return out
 
 
+def _expert_ffn(
+    experts: nn.Module,
+    linear: Callable[[str, int, torch.Tensor], torch.Tensor],
+    expert: int,
+    inputs: torch.Tensor,
+    expert_loras: Mapping[str, Sequence[ExpertLora]],
+) -> torch.Tensor:
+    gate_up = linear(GATE_UP, expert, inputs)
+    if GATE_UP in expert_loras:
+        gate_up = _with_lora(gate_up, inputs, expert_loras[GATE_UP])
+    activated = _apply_gate(experts, gate_up)
+    out = linear(DOWN, expert, activated)
+    if DOWN in expert_loras:
+        out = _with_lora(out, activated, expert_loras[DOWN])
+    return out
+
+
 def routed_experts_forward(
     experts: nn.Module,
     hidden_states: torch.Tensor,
     top_k_index: torch.Tensor,
     top_k_weights: torch.Tensor,
     loras: LoraByExpert | None = None,
+    *,
+    recompute: bool = False,
 ) -> torch.Tensor:
     """Σ_k weight_k · expert_k(x) for every token, with `loras[e][target]` added on expert e's projections.
 
     Same contract as transformers' experts modules: hidden_states [T, H], top_k_index/top_k_weights [T, K].
+    recompute: keep only each expert's inputs for the backward and run its FFN again there (activation
+    checkpointing): about a third more expert compute for a fraction of the activation memory.
     """
     num_tokens, hidden = hidden_states.shape
     top_k = top_k_index.shape[-1]
@@ -127,6 +149,7 @@ def routed_experts_forward(
     if len(rows_per_expert) > count:
         raise IndexError(f"router selected expert {len(rows_per_expert) - 1} but the stack has {count} experts")
     sorted_inputs = hidden_states[order // top_k]
+    checkpointing = recompute and torch.is_grad_enabled()
     pieces: list[torch.Tensor] = []
     start = 0
     for expert, rows in enumerate(rows_per_expert):
@@ -135,13 +158,12 @@ def routed_experts_forward(
         inputs = sorted_inputs[start : start + rows]
         start += rows
         expert_loras = loras.get(expert, {}) if loras is not None else {}
-        gate_up = linear(GATE_UP, expert, inputs)
-        if GATE_UP in expert_loras:
-            gate_up = _with_lora(gate_up, inputs, expert_loras[GATE_UP])
-        activated = _apply_gate(experts, gate_up)
-        out = linear(DOWN, expert, activated)
-        if DOWN in expert_loras:
-            out = _with_lora(out, activated, expert_loras[DOWN])
+        if checkpointing:
+            # non-reentrant checkpointing replays dropout with the same RNG state and reaches closure parameters
+            out = checkpoint(_expert_ffn, experts, linear, expert, inputs, expert_loras, use_reentrant=False)
+            assert isinstance(out, torch.Tensor)
+        else:
+            out = _expert_ffn(experts, linear, expert, inputs, expert_loras)
         pieces.append(out)
     sorted_out = torch.cat(pieces) if pieces else hidden_states.new_zeros(0, hidden)
     sorted_out = sorted_out * top_k_weights.reshape(-1)[order].unsqueeze(-1).to(sorted_out.dtype)
@@ -150,3 +172,17 @@ def routed_experts_forward(
     inverse[order] = torch.arange(order.numel(), device=order.device)
     unsorted = sorted_out[inverse]
     return unsorted.view(num_tokens, top_k, hidden).sum(dim=1).to(hidden_states.dtype)
+
+
+def set_expert_recompute(model: nn.Module, enabled: bool = True) -> int:
+    """Turn activation recompute on or off for every expert stack that supports it; returns how many it changed.
+
+    Covers expert LoRA layers and quantized stacks (both run `routed_experts_forward`); plain transformers stacks
+    in layers without adapters are left as they are.
+    """
+    changed = 0
+    for module in model.modules():
+        if hasattr(module, "recompute_activations"):
+            setattr(module, "recompute_activations", enabled)  # noqa: B010 (the attribute is not declared on Module)
+            changed += 1
+    return changed

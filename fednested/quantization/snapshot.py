@@ -56,6 +56,7 @@ Bits = Literal[8, 4]
 # 8-bit: bitsandbytes' dynamic 8-bit map in blocks of 256. Both keep one fp32 absmax per block.
 BLOCKSIZE: dict[int, int] = {4: 64, 8: 256}
 _ATTRIBUTE = "_fednested_quantized_bits"
+GATE_UP_NAME = EXPERT_TARGETS[0]
 
 
 class QuantizationError(ValueError):
@@ -169,6 +170,8 @@ class QuantizedExperts(nn.Module):
         super().__init__()
         self.bits: Bits = bits
         self.num_experts = int(getattr(source, GATE_UP_NAME).shape[0])
+        # see fednested.adapters.routed.set_expert_recompute
+        self.recompute_activations = False
         self.act_fn = source.act_fn
         self.stacks = nn.ModuleDict(
             {target: BlockwiseQuantized(getattr(source, target), bits) for target in EXPERT_TARGETS}
@@ -209,10 +212,9 @@ class QuantizedExperts(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
-        return routed_experts_forward(self, hidden_states, top_k_index, top_k_weights)
-
-
-GATE_UP_NAME = EXPERT_TARGETS[0]
+        return routed_experts_forward(
+            self, hidden_states, top_k_index, top_k_weights, recompute=self.recompute_activations
+        )
 
 
 class QuantizedLinear(nn.Module):
@@ -319,29 +321,22 @@ def load_quantized_version(
     try:
         with safe_open(str(path), framework="pt") as handle:
             names = set(handle.keys())
-            for module_name, stack in stacks.items():
-                tensors: dict[str, torch.Tensor] = {}
-                for target in EXPERT_TARGETS:
-                    key = f"{module_name}.{target}"
-                    if key not in names:
-                        raise CheckpointError(path, "missing", f"tensor {key!r} is not in the file")
-                    tensor = handle.get_tensor(key)
-                    expected = tuple(getattr(stack, target).shape)
-                    if tuple(tensor.shape) != expected:
-                        raise CheckpointError(
-                            path,
-                            "other shapes",
-                            f"tensor {key!r} has shape {list(tensor.shape)}, the config needs {list(expected)}",
-                        )
-                    tensors[target] = tensor
-                    loaded.add(key)
-                act_fn = stack.act_fn
-                assert isinstance(act_fn, nn.Module)
-                _set_submodule(model, module_name, QuantizedExperts.from_tensors(tensors, act_fn, bits))
-                del tensors
-            extra = sorted(names - loaded)
-            if extra:
-                raise CheckpointError(path, "other architecture", f"tensor(s) {extra[:3]} do not exist in this model")
+        extra = sorted(names - {f"{name}.{target}" for name in stacks for target in EXPERT_TARGETS})
+        if extra:
+            raise CheckpointError(path, "other architecture", f"tensor(s) {extra[:3]} do not exist in this model")
+        for module_name, stack in stacks.items():
+            # safetensors maps the file and pages it in as tensors are read; a fresh mapping per layer lets each
+            # layer's fp32 pages leave the process with it instead of piling up to the whole file
+            with safe_open(str(path), framework="pt") as handle:
+                tensors = {
+                    target: _read_expert_tensor(handle, path, names, module_name, target, stack)
+                    for target in EXPERT_TARGETS
+                }
+            act_fn = stack.act_fn
+            assert isinstance(act_fn, nn.Module)
+            _set_submodule(model, module_name, QuantizedExperts.from_tensors(tensors, act_fn, bits))
+            loaded |= {f"{module_name}.{target}" for target in EXPERT_TARGETS}
+            del tensors
     except SafetensorError as error:
         raise CheckpointError(path, "corrupt", f"unreadable safetensors file: {error}") from error
     check_loaded(model, root, loaded, skip_prefixes=tuple(f"{name}." for name in stacks))
@@ -352,9 +347,29 @@ def load_quantized_version(
             linear = model.get_submodule(name)
             assert isinstance(linear, nn.Linear)
             _set_submodule(model, name, QuantizedLinear(linear, bits))
+    # what stays in full precision (embeddings, norms, routers) still points into the core file's mapping, which
+    # would keep the pages of the weights just quantized resident; private copies let that mapping go
+    with torch.no_grad():
+        for tensor in list(model.parameters()) + list(model.buffers()):
+            tensor.data = tensor.data.clone()
     setattr(model, _ATTRIBUTE, bits)
     nn.Module.eval(model)
     return model, manifest
+
+
+def _read_expert_tensor(
+    handle: Any, path: Path, names: set[str], module_name: str, target: str, stack: nn.Module
+) -> torch.Tensor:
+    key = f"{module_name}.{target}"
+    if key not in names:
+        raise CheckpointError(path, "missing", f"tensor {key!r} is not in the file")
+    expected = list(getattr(stack, target).shape)
+    shape = list(handle.get_slice(key).get_shape())
+    if shape != expected:
+        raise CheckpointError(path, "other shapes", f"tensor {key!r} has shape {shape}, the config needs {expected}")
+    tensor = handle.get_tensor(key)
+    assert isinstance(tensor, torch.Tensor)
+    return tensor
 
 
 def quantization_error(reference: nn.Module, quantized: nn.Module) -> dict[str, float]:

@@ -64,6 +64,7 @@ class ControlPlaneServer:
     """The device-facing half of the control plane, in memory, over real HTTP on 127.0.0.1.
 
     Knobs: `unavailable` (request kinds answered 503: "enroll", "champion", "file", "payload", "heartbeat"),
+    `missing_routes` (kinds answered 404, as by a server that does not offer them),
     `corrupt_downloads` (next N file downloads get one byte flipped), `wrong_manifest_sha256`, `hold_puts` (a PUT
     stores the payload, then waits for the event before answering), `stop()`/`start()` (really unreachable).
     """
@@ -76,6 +77,7 @@ class ControlPlaneServer:
     heartbeats: list[tuple[str, str]] = field(default_factory=list)
     requests: list[RecordedRequest] = field(default_factory=list)
     unavailable: set[str] = field(default_factory=set)
+    missing_routes: set[str] = field(default_factory=set)
     corrupt_downloads: int = 0
     wrong_manifest_sha256: bool = False
     hold_puts: threading.Event | None = None
@@ -157,7 +159,7 @@ class ControlPlaneServer:
         ]
         for route_method, pattern, kind, action in routes:
             match = re.fullmatch(pattern, request.path)
-            if route_method == method and match:
+            if route_method == method and match and kind not in self.missing_routes:
                 if kind in self.unavailable:
                     return self.respond(request, 503, {"detail": "control plane is down for maintenance"})
                 status, payload = action(request, body, **match.groupdict())
@@ -403,6 +405,15 @@ def wait_until(condition: Callable[[], bool], timeout_s: float = 120.0, what: st
         time.sleep(0.05)
 
 
+def delete_kafka_topics(settings: KafkaBusSettings) -> None:
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers})
+    names = [settings.topics.physical_name(topic) for topic in Topic]
+    for future in admin.delete_topics(names).values():
+        future.result(timeout=30)
+
+
 @dataclass(frozen=True)
 class EdgeKit:
     """The helpers above, handed to tests as a fixture (importlib mode does not let tests import conftest)."""
@@ -412,8 +423,12 @@ class EdgeKit:
     training = TINY_TRAINING
     adapter = TINY_ADAPTER
 
+    created: list[BusSettings] = field(default_factory=list)
+
     def bus_settings(self, kind: str, tmp_path: Path) -> BusSettings:
-        return make_bus_settings(kind, tmp_path)
+        settings = make_bus_settings(kind, tmp_path)
+        self.created.append(settings)
+        return settings
 
     def write_files(self, root: Path, plane: ControlPlaneServer, bus: BusSettings, **kwargs: Any) -> dict[str, Path]:
         return write_edge_files(root, plane, self.assets, bus, **kwargs)
@@ -431,8 +446,12 @@ class EdgeKit:
 
 
 @pytest.fixture
-def kit(edge_assets: EdgeAssets) -> EdgeKit:
-    return EdgeKit(assets=edge_assets)
+def kit(edge_assets: EdgeAssets) -> Iterator[EdgeKit]:
+    helpers = EdgeKit(assets=edge_assets)
+    yield helpers
+    for settings in helpers.created:
+        if isinstance(settings, KafkaBusSettings):
+            delete_kafka_topics(settings)
 
 
 @pytest.fixture

@@ -111,7 +111,8 @@ def test_telemetry_field_outside_the_policy_stays_home(
     files["policy"].write_text(yaml.safe_dump(policy))
     report = run_client(kit.settings(files, control_plane, embedded_bus), RunOptions(rounds=1, max_wait_s=120))
     assert len(report.updates_delivered) == 1
-    [(_, reason)] = report.updates_failed
+    assert report.updates_failed == []
+    [(_, reason)] = report.telemetry_failed
     assert "sidecar refused telemetry" in reason
     assert "field 'loss'" in reason
     assert kit.drain(embedded_bus, Topic.TELEMETRY, quiet_s=0.3) == []
@@ -153,3 +154,45 @@ def test_device_started_while_the_control_plane_is_down_catches_up(
     assert report.stopped_because == "goals_met"
     assert len(report.updates_delivered) == 1
     assert len(kit.drain(embedded_bus, Topic.UPDATES)) == 1
+
+
+def test_download_outage_during_a_switch_is_retried_until_the_device_moves(
+    tmp_path: Path, control_plane: Any, kit: Any, embedded_bus: Any
+) -> None:
+    control_plane.add_version(kit.assets.v1)
+    control_plane.add_version(kit.assets.v2)
+    control_plane.champion = "v1"
+    files = kit.write_files(tmp_path / "device", control_plane, embedded_bus)
+    thread, outcome = _run_in_thread(
+        kit.settings(files, control_plane, embedded_bus), RunOptions(rounds=1, until_version="v2", max_wait_s=120)
+    )
+    kit.wait_until(lambda: bool(control_plane.payloads) or not thread.is_alive(), what="the device's upload")
+    control_plane.unavailable.add("file")
+    control_plane.promote("v2", embedded_bus)
+    kit.wait_until(
+        lambda: sum(r.path.startswith("/api/v1/versions/v2/") for r in control_plane.requests) >= 6,
+        what="several failed download attempts",
+    )
+    control_plane.unavailable.clear()
+    thread.join(timeout=120)
+    [report] = outcome
+    assert report.stopped_because == "goals_met"
+    assert report.current_version == "v2"
+    assert control_plane.heartbeats[-1] == ("edge-0001", "v2")
+
+
+def test_control_plane_without_version_reports_does_not_stop_the_device(
+    tmp_path: Path, control_plane: Any, kit: Any, embedded_bus: Any
+) -> None:
+    control_plane.add_version(kit.assets.v1)
+    control_plane.champion = "v1"
+    control_plane.missing_routes.add("heartbeat")
+    files = kit.write_files(tmp_path / "device", control_plane, embedded_bus)
+    report = run_client(
+        kit.settings(files, control_plane, embedded_bus), RunOptions(rounds=1, until_version="v1", max_wait_s=120)
+    )
+    assert report.stopped_because == "goals_met"
+    assert len(report.updates_delivered) == 1
+    assert "HTTP 404" in (report.last_error or "")
+    audit = (files["state"] / "audit" / "audit.jsonl").read_text()
+    assert audit.count('"version.report_refused"') == 1

@@ -166,8 +166,6 @@ def test_permanently_refused_item_is_kept_aside_with_the_reason(
     failure = json.loads(next((outbox.root / "failed").iterdir()).joinpath("failure.json").read_text())
     assert "409" in failure["reason"]
     assert list((outbox.root / "failed").rglob("*.safetensors"))  # kept for the operator, not dropped
-        (outbox.root / "failed").rglob("*.safetensors")
-    )
     assert kit.drain(embedded_bus, Topic.UPDATES, quiet_s=0.3) == []
 
 

@@ -7,8 +7,6 @@ message; the Update row's unique update id then turns the second pass into a rec
 """
 
 import argparse
-import hashlib
-import hmac
 import logging
 import os
 import signal
@@ -42,7 +40,6 @@ from apps.registry.models import ModelVersion
 from fednested.aggregation import RejectionCode, UpdateRejected, validate_update
 from fednested.checkpoints import CheckpointError
 from fednested.messaging import Consumer, Message, Topic, UpdateEnvelope, make_bus
-from fednested.messaging.schemas import HMAC_SHA256_SCHEME
 from workers.payloads import adapter_config_of, decode_adapters, fetch_payload
 from workers.rounds import (
     buffer_policy,
@@ -95,15 +92,6 @@ class IngestStats:
             self.aggregation_tasks.append(outcome.aggregation_task_pk)
 
 
-class _Refused(Exception):
-    """Internal: the envelope cannot become an Update row; carries the code and message for the audit event."""
-
-    def __init__(self, code: RejectionCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
 def device_signing_keys(device: EdgeDevice) -> list[bytes]:
     """The HMAC keys a device may sign envelopes with: the SHA-256 (hex) of each of its live API tokens.
 
@@ -113,15 +101,6 @@ def device_signing_keys(device: EdgeDevice) -> list[bytes]:
         "key_sha256", flat=True
     )
     return [value.encode("ascii") for value in hashes]
-
-
-def signature_valid(envelope: UpdateEnvelope, keys: list[bytes]) -> bool:
-    """True when `envelope` carries an HMAC-SHA256 signature under one of `keys` (constant-time compares)."""
-    scheme, _, value = envelope.signature.partition(":")
-    if scheme != HMAC_SHA256_SCHEME:
-        return False
-    payload = envelope.signing_payload()
-    return any(hmac.compare_digest(hmac.new(key, payload, hashlib.sha256).hexdigest(), value) for key in keys)
 
 
 def _refuse(
@@ -146,11 +125,11 @@ def _refuse(
 def _check_identity(envelope: UpdateEnvelope) -> EdgeDevice:
     device = EdgeDevice.objects.filter(client_id=envelope.client_id).first()
     if device is None:
-        raise _Refused(RejectionCode.UNKNOWN_CLIENT, f"no enrolled device has client id {envelope.client_id!r}")
+        raise UpdateRejected(RejectionCode.UNKNOWN_CLIENT, f"no enrolled device has client id {envelope.client_id!r}")
     if device.status != DeviceStatus.ACTIVE:
-        raise _Refused(RejectionCode.REVOKED_CLIENT, f"device {device.client_id!r} is {device.status}")
-    if not signature_valid(envelope, device_signing_keys(device)):
-        raise _Refused(
+        raise UpdateRejected(RejectionCode.REVOKED_CLIENT, f"device {device.client_id!r} is {device.status}")
+    if not any(envelope.verify_hmac_sha256(key) for key in device_signing_keys(device)):
+        raise UpdateRejected(
             RejectionCode.BAD_SIGNATURE,
             f"update {envelope.update_id}: signature {envelope.signature[:20]!r}… does not verify under any live key "
             f"of device {device.client_id!r}",
@@ -162,23 +141,27 @@ def _check_references(envelope: UpdateEnvelope) -> tuple[ModelVersion, Round | N
     existing = Update.objects.filter(update_id=str(envelope.update_id)).first()
     if existing is not None:
         same = existing.envelope == envelope.model_dump(mode="json")
-        raise _Refused(
+        raise UpdateRejected(
             RejectionCode.REPLAYED,
             f"update {envelope.update_id} was already received ({existing.status})"
             + ("" if same else "; this envelope differs from the recorded one"),
         )
     base = ModelVersion.objects.filter(version_id=envelope.base_version).first()
     if base is None:
-        raise _Refused(RejectionCode.UNKNOWN_BASE_VERSION, f"model version {envelope.base_version!r} is not registered")
+        raise UpdateRejected(
+            RejectionCode.UNKNOWN_BASE_VERSION, f"model version {envelope.base_version!r} is not registered"
+        )
     if envelope.round_id is None:
         return base, None
     round_ = Round.objects.filter(round_id=envelope.round_id).first()
     if round_ is None:
-        raise _Refused(RejectionCode.MALFORMED, f"round {envelope.round_id!r} does not exist")
+        raise UpdateRejected(RejectionCode.MALFORMED, f"round {envelope.round_id!r} does not exist")
     if round_.status != RoundStatus.OPEN:
-        raise _Refused(RejectionCode.TOO_STALE, f"round {round_.round_id!r} is {round_.status}; join the next round")
+        raise UpdateRejected(
+            RejectionCode.TOO_STALE, f"round {round_.round_id!r} is {round_.status}; join the next round"
+        )
     if round_.base_version_id != base.pk:
-        raise _Refused(
+        raise UpdateRejected(
             RejectionCode.MALFORMED,
             f"round {round_.round_id!r} trains {round_.base_version.version_id!r}, "
             f"the update is on {base.version_id!r}",
@@ -273,10 +256,10 @@ def ingest_message(message: Message, *, now: Callable[[], datetime] = timezone.n
                 update, created = receive_update(envelope.model_dump(mode="json"), device=device)
             except (ValidationError, PermissionDenied) as error:
                 # A race with another path (e.g. the REST API) after our checks: the service has the last word.
-                raise _Refused(RejectionCode.MALFORMED, f"receive_update refused it: {error}") from None
+                raise UpdateRejected(RejectionCode.MALFORMED, f"receive_update refused it: {error}") from None
             if not created:
-                raise _Refused(RejectionCode.REPLAYED, f"update {update.update_id} was already received")
-        except _Refused as refusal:
+                raise UpdateRejected(RejectionCode.REPLAYED, f"update {update.update_id} was already received")
+        except UpdateRejected as refusal:
             return _refuse(message, refusal.code, refusal.message, envelope=envelope)
         try:
             _check_update(envelope, base, round_)

@@ -5,7 +5,9 @@ from typing import Any
 
 import pytest
 
+from apps.console.evaluation import EVALUATED_VERB
 from apps.federation.services import receive_update, reject_update
+from apps.governance.audit import record_audit_event
 from apps.governance.services import request_approval
 from apps.registry.choices import CHAMPION_ALIAS, VersionStatus
 from apps.registry.models import ModelFamily, ModelVersion
@@ -31,8 +33,7 @@ def _register(
 ) -> ModelVersion:
     artifacts = make_artifacts(version_id)
     manifest = make_manifest(version_id, parent.version_id if parent else None, artifacts)
-    manifest["evaluation"] = scores
-    return register_version(
+    version = register_version(
         family=family,
         version_id=version_id,
         manifest=manifest,
@@ -43,6 +44,21 @@ def _register(
         actor=None,
         actor_label="tests",
     )
+    # The shape workers.evaluation records: the version's scores and its parent's from the same run.
+    parent_scores = PARENT_SCORES if parent is not None else None
+    record_audit_event(
+        actor=None,
+        actor_label="worker:evaluation",
+        verb=EVALUATED_VERB,
+        target=version,
+        data={
+            "version_id": version_id,
+            "heldout": "/artifacts/heldout",
+            "domains": scores,
+            "parent_domains": parent_scores,
+        },
+    )
+    return version
 
 
 @pytest.fixture

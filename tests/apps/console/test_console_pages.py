@@ -8,8 +8,9 @@ from django.urls import reverse
 
 from apps.accounts.choices import Role
 from apps.accounts.models import User
-from apps.console.evaluation import compare_domains
+from apps.console.evaluation import EVALUATED_VERB, compare_domains, domain_losses
 from apps.federation.models import EdgeDevice, Update
+from apps.governance.audit import record_audit_event
 from apps.governance.choices import ApprovalStatus
 from apps.governance.models import ApprovalRequest, AuditEvent
 from apps.governance.services import request_approval
@@ -205,3 +206,24 @@ def test_devices_show_their_current_version(cast: dict[str, Member], scene: dict
     assert 'href="/versions/v1/"' in devices
     assert "up to date" in devices
     assert Update.objects.count() == 2
+
+
+def test_the_newest_evaluation_counts_and_unevaluated_versions_say_so(
+    cast: dict[str, Member], scene: dict[str, Any]
+) -> None:
+    v2 = scene["v2"]
+    record_audit_event(
+        actor=None,
+        actor_label="worker:evaluation",
+        verb=EVALUATED_VERB,
+        target=v2,
+        data={"domains": {"cooking": {"loss": 1.5, "perplexity": 4.48}}, "parent_domains": None},
+    )
+    assert domain_losses(v2) == {"cooking": 1.5}
+    # Without the parent's scores in the record, the page falls back to the parent's own latest evaluation.
+    table = _signed_in(cast["officer"]).get(reverse("console:version-detail", args=["v2"])).content.decode()
+    assert '<td class="num delta-better">−1.500</td>' in table
+    AuditEvent.objects.filter(verb=EVALUATED_VERB).delete()
+    page = _signed_in(cast["officer"]).get(reverse("console:version-detail", args=["v2"])).content.decode()
+    assert "This version has not been evaluated yet." in page
+    assert domain_losses(v2) == {}
