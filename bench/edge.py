@@ -51,9 +51,10 @@ class BenchSettings:
     """What every configuration shares: data, batch shape, LoRA rank and how many steps are timed."""
 
     seq_len: int = 256
-    rows_per_batch: int = 8
+    rows_per_batch: int = 2
+    grad_accum_steps: int = 4
     warmup_steps: int = 1
-    timed_steps: int = 6
+    timed_steps: int = 4
     lora_rank: int = 8
     lora_alpha: float = 16.0
     learning_rate: float = 1e-3
@@ -128,6 +129,7 @@ def _run_ours(spec: dict[str, Any], settings: BenchSettings) -> dict[str, Any]:
         return EdgeTrainConfig(
             seq_len=settings.seq_len,
             rows_per_batch=settings.rows_per_batch,
+            grad_accum_steps=settings.grad_accum_steps,
             learning_rate=settings.learning_rate,
             max_steps=steps,
             seed=seed,
@@ -177,7 +179,8 @@ def _run_reference(spec: dict[str, Any], settings: BenchSettings) -> dict[str, A
     eos = tokenizer.eos_token or ""
     features = [tokenizer(record.text + eos, truncation=True, max_length=settings.seq_len) for record in records]
     mean_length = sum(len(feature["input_ids"]) for feature in features) / len(features)
-    # As many records per batch as fill the tokens one of our packed batches holds: same real tokens per step.
+    # As many records per batch as fill the tokens of one of our packed micro-batches: the same real tokens per
+    # forward (so comparable activation memory), and as many batches as our run has micro-batches.
     batch_size = max(1, round(settings.seq_len * settings.rows_per_batch / mean_length))
     collator = DataCollatorForLanguageModeling(tokenizer=tokenizer, mlm=False)
     loader = DataLoader(
@@ -193,8 +196,9 @@ def _run_reference(spec: dict[str, Any], settings: BenchSettings) -> dict[str, A
     tokens = padding = 0
     losses: list[float] = []
     started = 0.0
-    for step in range(settings.warmup_steps + settings.timed_steps):
-        if step == settings.warmup_steps:
+    warmup = settings.warmup_steps * settings.grad_accum_steps
+    for step in range(warmup + settings.timed_steps * settings.grad_accum_steps):
+        if step == warmup:
             started = time.perf_counter()
         batch = next(batches)
         outputs = model(**batch)
@@ -202,7 +206,7 @@ def _run_reference(spec: dict[str, Any], settings: BenchSettings) -> dict[str, A
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        if step >= settings.warmup_steps:
+        if step >= warmup:
             real = int(batch["attention_mask"].sum())
             tokens += real
             padding += batch["attention_mask"].numel() - real
@@ -213,7 +217,7 @@ def _run_reference(spec: dict[str, Any], settings: BenchSettings) -> dict[str, A
         "padding_tokens": padding,
         "seconds": seconds,
         "tokens_per_s": tokens / seconds,
-        "steps": settings.timed_steps,
+        "steps": settings.timed_steps * settings.grad_accum_steps,
         "batch_size": batch_size,
         "loss_first": losses[0],
         "loss_last": losses[-1],
@@ -409,12 +413,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--presets", default="tiny,small", help="comma-separated model presets")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--timed-steps", type=int, default=BenchSettings.timed_steps)
+    parser.add_argument("--rows-per-batch", type=int, default=BenchSettings.rows_per_batch)
+    parser.add_argument("--grad-accum-steps", type=int, default=BenchSettings.grad_accum_steps)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps({"kind": "result", **_worker(json.loads(args.worker))}))
         return 0
-    settings = BenchSettings(threads=args.threads, timed_steps=args.timed_steps)
+    settings = BenchSettings(
+        threads=args.threads,
+        timed_steps=args.timed_steps,
+        rows_per_batch=args.rows_per_batch,
+        grad_accum_steps=args.grad_accum_steps,
+    )
     report = run_benchmark(settings, [name.strip() for name in args.presets.split(",") if name.strip()], args.out)
     summary = {key: report[key] for key in ("speedup_vs_reference", "mfu", "rss_ratio_4bit", "wall_seconds")}
     print(json.dumps(summary, indent=2))

@@ -1,8 +1,13 @@
-"""REST API error mapping: services raise Django's ValidationError; clients get a 400 naming the field and problem."""
+"""REST API error mapping: services raise Django's ValidationError; clients get a 400 naming the field and problem.
+
+Every single-message error body is `{"detail": "...", "code": "..."}` (docs/api/device-protocol.md "Errors"), so a
+device can act on the machine code (e.g. `not_owner`) and show the operator the message.
+"""
 
 from typing import Any
 
 from django.core.exceptions import ValidationError as DjangoValidationError
+from rest_framework.exceptions import APIException
 from rest_framework.exceptions import ValidationError as DrfValidationError
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
@@ -16,4 +21,9 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
         else:
             detail = {"detail": exc.messages}
         exc = DrfValidationError(detail=detail, code=getattr(exc, "code", None) or "invalid")
-    return drf_exception_handler(exc, context)
+    response = drf_exception_handler(exc, context)
+    if response is not None and isinstance(exc, APIException) and isinstance(response.data, dict):
+        codes = exc.get_codes()
+        if "detail" in response.data and "code" not in response.data and isinstance(codes, str):
+            response.data["code"] = codes
+    return response

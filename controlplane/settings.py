@@ -154,6 +154,10 @@ DATABASES = {"default": database_from_url(envstr("DATABASE_URL", f"sqlite:///{_D
 if DATABASES["default"]["NAME"] == str(_DEFAULT_SQLITE):
     # SQLite cannot create the folder of its file, and var/ is not in the checkout.
     VAR_DIR.mkdir(exist_ok=True)
+# Test runs on one shared PostgreSQL server clash on Django's default `test_<name>`; each run may pick its own.
+FEDNESTED_TEST_DB_NAME = envstr("FEDNESTED_TEST_DB_NAME", "").strip()
+if FEDNESTED_TEST_DB_NAME:
+    DATABASES["default"]["TEST"] = {"NAME": FEDNESTED_TEST_DB_NAME}
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
@@ -210,6 +214,11 @@ FEDNESTED_TOPIC_PREFIX = envstr("FEDNESTED_TOPIC_PREFIX", "")
 FEDNESTED_ARTIFACT_ROOT = Path(envstr("FEDNESTED_ARTIFACT_ROOT", str(VAR_DIR / "artifacts")))
 # How long an enrollment token stays valid when the issuer does not say.
 FEDNESTED_ENROLLMENT_TOKEN_TTL_S = envint("FEDNESTED_ENROLLMENT_TOKEN_TTL_S", 24 * 3600)
+# Largest update payload a device may upload (PUT /api/v1/updates/<id>/payload/); larger ones get 413. The default
+# is the aggregation's own default limit (fednested UpdateLimits.max_bytes), so nothing stored is refused later.
+FEDNESTED_MAX_UPDATE_BYTES = envint("FEDNESTED_MAX_UPDATE_BYTES", 64 * 1024 * 1024)
+if FEDNESTED_MAX_UPDATE_BYTES <= 0:
+    raise ImproperlyConfigured(f"FEDNESTED_MAX_UPDATE_BYTES={FEDNESTED_MAX_UPDATE_BYTES} must be > 0")
 
 # --- REST API ------------------------------------------------------------------------------------------------------
 

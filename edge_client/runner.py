@@ -24,7 +24,14 @@ from edge_client.transport.bus import EventPublisher
 from edge_client.transport.http import ChampionInfo, ControlPlaneClient, ControlPlaneRejected, ControlPlaneUnavailable
 from edge_client.transport.retry import RetriesExhausted, RetryPolicy, call_with_retries
 from fednested.adapters import ExpertLoraConfig, attach_expert_adapters
-from fednested.checkpoints import ADAPTERS_NAME, save_update
+from fednested.checkpoints import (
+    ADAPTERS_NAME,
+    MANIFEST_NAME,
+    CheckpointError,
+    file_sha256,
+    save_update,
+    verify_version,
+)
 from fednested.config import Tier2Config
 from fednested.data.jsonl import JsonlFormatError, read_jsonl_files
 from fednested.data.records import Record
@@ -197,6 +204,23 @@ class ClientRun:
         self.report.current_version = pulled.version_id
         self.report.versions.append(pulled.version_id)
         sidecar.record("version.loaded", {"version_id": pulled.version_id, "previous": previous})
+
+    def resume_current_version(self, sidecar: Sidecar) -> None:
+        """Load the version this device ran last, if it still verifies, so an offline start can train on it."""
+        version_id = self.state.current_version()
+        if version_id is None:
+            return
+        directory = self.state.version_dir(version_id)
+        try:
+            manifest = verify_version(directory)
+        except CheckpointError as exc:
+            sidecar.record("version.resume_failed", {"version_id": version_id, "error": str(exc)[:300]})
+            return
+        pulled = PulledVersion(version_id, directory, manifest, file_sha256(directory / MANIFEST_NAME))
+        self.base = load_base(pulled, quantize_bits=self.settings.quantize_bits)
+        self.report.current_version = version_id
+        self.report.versions.append(version_id)
+        sidecar.record("version.loaded", {"version_id": version_id, "previous": None, "resumed": True})
 
     def report_version(self, api: ControlPlaneClient, sidecar: Sidecar) -> None:
         current = self.report.current_version
@@ -445,7 +469,7 @@ class ClientRun:
                 outbox,
                 api,
                 EventPublisher(bus, settings.bus, sidecar),
-                signing_key=credential.api_token.encode(),
+                signing_key=credential.signing_key,
                 retry=settings.retry,
                 sleep=self.sleep,
                 on_event=sidecar.record,
@@ -458,6 +482,7 @@ class ClientRun:
     def _loop(
         self, api: ControlPlaneClient, sidecar: Sidecar, outbox: Outbox, deliverer: Deliverer, consumer: Consumer
     ) -> None:
+        self.resume_current_version(sidecar)
         while True:
             if self.champion_stale:
                 try:

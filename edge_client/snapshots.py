@@ -4,7 +4,6 @@ then load (and quantize) the frozen base. A corrupt download is discarded and re
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -28,7 +27,7 @@ from edge_client.transport.http import (
     DownloadCorrupt,
 )
 from edge_client.transport.retry import RetryPolicy, call_with_retries
-from fednested.checkpoints import CheckpointError, Manifest, load_version, verify_version
+from fednested.checkpoints import CheckpointError, Manifest, file_sha256, load_version, verify_version
 from fednested.data.tokenizer import load_tokenizer
 from fednested.quantization import load_quantized_version
 
@@ -47,14 +46,6 @@ class PulledVersion:
     directory: Path
     manifest: Manifest
     manifest_sha256: str
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _safe_name(name: str, manifest_url: str) -> str:
@@ -98,7 +89,7 @@ def manifest_files(raw: bytes, info: ChampionInfo) -> dict[str, tuple[str, int]]
 
 def _already_verified(directory: Path, info: ChampionInfo) -> Manifest | None:
     manifest_path = directory / MANIFEST_NAME
-    if not manifest_path.is_file() or _file_sha256(manifest_path) != info.manifest_sha256:
+    if not manifest_path.is_file() or file_sha256(manifest_path) != info.manifest_sha256:
         return None
     try:
         return verify_version(directory)

@@ -4,6 +4,7 @@ verified model versions and the current version id. Every file is written atomic
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import stat
@@ -53,6 +54,12 @@ class DeviceCredential:
     api_token: str
     control_plane_url: str
     enrolled_at: str
+
+    @property
+    def signing_key(self) -> bytes:
+        """The HMAC key of update envelopes: the sha256 (hex, ASCII) of the API token. The control plane stores
+        only token hashes, so this is the secret both sides hold (workers/ingest verifies with it)."""
+        return hashlib.sha256(self.api_token.encode()).hexdigest().encode("ascii")
 
 
 class StateDir:

@@ -3,7 +3,8 @@
 `aggregate_round_task(task_pk)` runs one TrainingTask of kind expert_aggregation. It claims the task and then the
 round with conditional updates (so two workers never aggregate one round), re-checks every buffered payload, merges
 W_e ← W_e + η·ΔW_e into the base version, saves and registers the candidate with its lineage, marks the updates
-applied, closes the round and starts the candidate's evaluation — the registry writes in one transaction.
+applied, closes the round and starts the candidate's evaluation — the registry writes in one transaction. When it
+fails after claiming the round, the round is reopened (its updates stay buffered) and the task is marked failed.
 """
 
 import logging
@@ -26,11 +27,13 @@ from apps.federation.services import (
     finish_training_task,
     mark_updates_applied,
     reject_update,
+    reopen_round_after_failure,
     start_training_task,
 )
 from apps.registry.choices import ArtifactPartition
 from apps.registry.models import ModelVersion
 from apps.registry.services import ArtifactSpec, register_version
+from apps.registry.storage import artifact_path
 from fednested.aggregation import (
     RejectionCode,
     UpdateFacts,
@@ -44,7 +47,7 @@ from fednested.checkpoints import MANIFEST_NAME, Manifest, file_sha256, load_ver
 from fednested.data.tokenizer import load_tokenizer
 from fednested.deltas import ExpertDeltas, expert_deltas_from_adapters, expert_param_shapes, merge_expert_deltas
 from fednested.messaging import AdapterSummary
-from workers.payloads import adapter_config_of, artifact_path, decode_adapters, fetch_payload
+from workers.payloads import adapter_config_of, decode_adapters, fetch_payload
 from workers.rounds import buffered_updates, champion_version, round_settings, staleness_of
 
 logger = logging.getLogger(__name__)
@@ -149,6 +152,17 @@ def aggregate_round(task: TrainingTask) -> AggregationOutcome | None:
     if not claim_round_for_aggregation(round_, actor_label=ACTOR_LABEL):
         logger.info("round %s is %s; task %s leaves it alone", round_.round_id, round_.status, task.pk)
         return None
+    try:
+        return _aggregate_claimed_round(task, round_)
+    except Exception as error:
+        # This task holds the round: hand it back, buffered updates and all, rather than leave it aggregating.
+        reopen_round_after_failure(
+            round_, reason=f"task {task.pk}: {type(error).__name__}: {error}", actor_label=ACTOR_LABEL
+        )
+        raise
+
+
+def _aggregate_claimed_round(task: TrainingTask, round_: Round) -> AggregationOutcome:
     settings_ = round_settings(round_)
     artifact_root = Path(settings.FEDNESTED_ARTIFACT_ROOT)
     base = round_.base_version

@@ -1,32 +1,31 @@
-"""Evaluation job (outer loop): a candidate's per-domain held-out loss and perplexity beside its parent's, then an
-approval request to the governance officers.
+"""Evaluation job (outer loop): a candidate's per-domain held-out loss and perplexity beside its parent's, recorded in
+the registry (VersionEvaluation), then an approval request to the governance officers.
 
 The held-out sets of a deployment are JSONL files `<domain>.jsonl` in `<artifact root>/heldout/` (or the folder the
 task's params name as `heldout_dir`); every version is scored on the same files, so losses compare across versions.
 """
 
-import logging
+import math
 from pathlib import Path
-from typing import Any
 
 from celery import shared_task
 from django.conf import settings
 from django.db import InterfaceError, OperationalError, transaction
 
+from apps.accounts.models import User
 from apps.accounts.roles import role_of
+from apps.accounts.services import system_user
 from apps.federation.models import TrainingTask
 from apps.federation.services import fail_training_task, finish_training_task, start_training_task
-from apps.governance.audit import record_audit_event
 from apps.governance.models import ApprovalRequest
 from apps.governance.services import REQUESTER_ROLES, request_approval
 from apps.registry.models import ModelVersion
+from apps.registry.services import DomainEvaluation, record_version_evaluation
+from apps.registry.storage import artifact_path
 from fednested.checkpoints import load_version
 from fednested.data import Record, read_jsonl
 from fednested.data.tokenizer import load_tokenizer
 from fednested.evaluation.domains import DomainEval, EvalConfig, evaluate_domains
-from workers.payloads import artifact_path
-
-logger = logging.getLogger(__name__)
 
 ACTOR_LABEL = "worker:evaluation"
 HELDOUT_FOLDER = "heldout"
@@ -47,24 +46,45 @@ def score_version(version: ModelVersion, records: dict[str, list[Record]], confi
     return evaluate_domains(model, load_tokenizer(directory), records, config)
 
 
-def _as_json(scores: dict[str, DomainEval]) -> dict[str, dict[str, Any]]:
-    return {
-        domain: {
-            "loss": result.loss,
-            "perplexity": result.perplexity,
-            "tokens": result.tokens,
-            "records": result.records,
-        }
-        for domain, result in scores.items()
-    }
+def finite_or_none(value: float) -> float | None:
+    """A perplexity as the registry stores it: exp(loss) overflows to infinity for a hopeless model."""
+    return value if math.isfinite(value) else None
 
 
-def evaluate_candidate(task: TrainingTask) -> ApprovalRequest | None:
-    """Score the task's version and its parent, record the scores, and ask officers to approve the version.
+def domain_evaluations(
+    scores: dict[str, DomainEval], parent_scores: dict[str, DomainEval] | None
+) -> list[DomainEvaluation]:
+    """Registry rows for each domain: the version's scores, beside its parent's on the same held-out set."""
+    rows = []
+    for domain, result in sorted(scores.items()):
+        before = parent_scores.get(domain) if parent_scores is not None else None
+        rows.append(
+            DomainEvaluation(
+                domain=domain,
+                loss=result.loss,
+                perplexity=finite_or_none(result.perplexity),
+                tokens=result.tokens,
+                records=result.records,
+                parent_loss=before.loss if before is not None else None,
+                parent_perplexity=finite_or_none(before.perplexity) if before is not None else None,
+            )
+        )
+    return rows
 
-    The request is made in the name of the engineer who opened the round (approval needs a person who is not the
-    deciding officer); with no such engineer the scores are recorded and no request is opened.
+
+def approval_requester(task: TrainingTask) -> User:
+    """Who asks the officers: the engineer who opened the round, or the system account for automated rounds.
+
+    Either way the request is not the deciding officer's own, so the requester ≠ decider rule holds.
     """
+    opened_by = task.round.opened_by if task.round is not None else None
+    if opened_by is not None and role_of(opened_by) in REQUESTER_ROLES:
+        return opened_by
+    return system_user()
+
+
+def evaluate_candidate(task: TrainingTask) -> ApprovalRequest:
+    """Score the task's version and its parent, record the scores in the registry, and ask officers to approve it."""
     version_id = task.params.get("version_id")
     if not isinstance(version_id, str):
         raise ValueError(f"task {task.pk}: params need 'version_id' (the version to evaluate), got {task.params!r}")
@@ -72,24 +92,16 @@ def evaluate_candidate(task: TrainingTask) -> ApprovalRequest | None:
     folder = task.params.get("heldout_dir") or str(Path(settings.FEDNESTED_ARTIFACT_ROOT) / HELDOUT_FOLDER)
     records = heldout_sets(Path(folder))
     config = EvalConfig(seq_len=int(task.params.get("seq_len", 256)))
-    scores = _as_json(score_version(version, records, config))
-    parent_scores = _as_json(score_version(version.parent, records, config)) if version.parent is not None else None
-    requester = task.round.opened_by if task.round is not None else None
+    scores = score_version(version, records, config)
+    parent_scores = score_version(version.parent, records, config) if version.parent is not None else None
+    rows = domain_evaluations(scores, parent_scores)
+    requester = approval_requester(task)
     with transaction.atomic():
-        record_audit_event(
-            actor=None,
-            actor_label=ACTOR_LABEL,
-            verb="registry.version.evaluated",
-            target=version,
-            data={"version_id": version_id, "heldout": folder, "domains": scores, "parent_domains": parent_scores},
-        )
-        if requester is None or role_of(requester) not in REQUESTER_ROLES:
-            logger.warning("version %s evaluated; no engineer to request approval in the name of", version_id)
-            return None
+        record_version_evaluation(version, rows, actor_label=ACTOR_LABEL, heldout=folder)
         lines = [
-            f"{domain}: loss {score['loss']:.4f}"
-            + (f" (parent {parent_scores[domain]['loss']:.4f})" if parent_scores and domain in parent_scores else "")
-            for domain, score in scores.items()
+            f"{row.domain}: loss {row.loss:.4f}"
+            + (f" (parent {row.parent_loss:.4f})" if row.parent_loss is not None else "")
+            for row in rows
         ]
         note = f"Aggregated by {ACTOR_LABEL} from round {task.params.get('round_id')}. Held-out: " + "; ".join(lines)
         return request_approval(version, actor=requester, note=note)
@@ -103,7 +115,7 @@ def evaluate_candidate(task: TrainingTask) -> ApprovalRequest | None:
     max_retries=5,
 )
 def evaluate_version_task(task_pk: int) -> int | None:
-    """Run TrainingTask `task_pk` (kind evaluation); returns the approval request's pk, if one was opened."""
+    """Run TrainingTask `task_pk` (kind evaluation); returns the approval request's pk (None: not this worker's)."""
     if not start_training_task(task_pk, actor_label=ACTOR_LABEL):
         return None
     task = TrainingTask.objects.select_related("round__opened_by").get(pk=task_pk)
@@ -113,4 +125,4 @@ def evaluate_version_task(task_pk: int) -> int | None:
         fail_training_task(task_pk, error=f"{type(error).__name__}: {error}", actor_label=ACTOR_LABEL)
         raise
     finish_training_task(task_pk, actor_label=ACTOR_LABEL)
-    return request.pk if request is not None else None
+    return request.pk

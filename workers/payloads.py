@@ -7,42 +7,15 @@ cannot be read at all is an OSError, so the caller retries instead of rejecting 
 
 import hashlib
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
 
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from torch import Tensor
 
+from apps.registry.storage import artifact_path
 from fednested.adapters.lora import AdapterError, ExpertLoraConfig
 from fednested.aggregation import RejectionCode, UpdateRejected
 from fednested.messaging import AdapterSummary
-
-ARTIFACTS_SCHEME = "artifacts"
-
-
-def artifact_path(uri: str, root: Path) -> Path:
-    """The file an `artifacts://<path>` URI (relative to the store), a `file://` URI or a relative path names.
-
-    Whatever the form, the file must lie inside the artifact root `root`: ValueError for other schemes and for paths
-    that leave the root (through '..' or a symlink).
-    """
-    parts = urlsplit(uri)
-    if parts.scheme == ARTIFACTS_SCHEME:
-        candidate = root / unquote(parts.netloc) / unquote(parts.path).lstrip("/")
-    elif parts.scheme == "file":
-        if parts.netloc not in ("", "localhost"):
-            raise ValueError(f"{uri!r}: file URIs on other hosts ({parts.netloc!r}) are not supported")
-        candidate = Path(unquote(parts.path))
-    elif parts.scheme == "":
-        candidate = root / unquote(uri)
-    else:
-        raise ValueError(
-            f"{uri!r}: only artifacts://, file:// and relative paths inside the artifact store are supported"
-        )
-    resolved = candidate.resolve()
-    if not resolved.is_relative_to(root.resolve()):
-        raise ValueError(f"{uri!r} points outside the artifact store {root}")
-    return resolved
 
 
 def fetch_payload(uri: str, *, sha256: str, size_bytes: int, max_bytes: int, root: Path, client_id: str) -> bytes:

@@ -10,3 +10,5 @@ class Role(models.TextChoices):
     ENGINEER = "engineer", "ML engineer"
     DEVICE = "device", "Edge device"
     ADMIN = "admin", "Administrator"
+    # The control plane's own automation (workers): it requests approvals; it has no API rights and no credentials.
+    SYSTEM = "system", "System (automation)"

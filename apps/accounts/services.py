@@ -4,7 +4,7 @@ from datetime import timedelta
 from typing import Any
 
 from django.core.exceptions import ValidationError
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.db.models import Q
 from django.utils import timezone
 
@@ -14,6 +14,8 @@ from apps.accounts.tokens import new_secret, secret_sha256
 from apps.governance.audit import record_audit_event
 
 API_TOKEN_PREFIX = "fna"
+# The account automated work acts as where a person is required (e.g. the requester of an approval request).
+SYSTEM_USERNAME = "fednested-system"
 
 
 def _check_role(role: str) -> Role | str:
@@ -22,6 +24,8 @@ def _check_role(role: str) -> Role | str:
         return ""
     if role not in Role.values:
         raise ValidationError({"role": f"unknown role {role!r}: use one of {', '.join(Role.values)} (or '' for none)"})
+    if role == Role.SYSTEM:
+        raise ValidationError({"role": f"the system role belongs to the {SYSTEM_USERNAME!r} account only"})
     return Role(role)
 
 
@@ -104,6 +108,33 @@ def deactivate_user(user: User, *, actor: Any, reason: str, actor_label: str = "
     record_audit_event(
         actor=actor, actor_label=actor_label, verb="accounts.user.deactivated", target=user, data={"reason": reason}
     )
+    return user
+
+
+def system_user() -> User:
+    """The `system` account workers act as (created, audited, on first use): it requests approval of versions that
+    automated rounds produced, so an officer — never the system itself — decides.
+
+    It has an unusable password and no API token, and its role has no API rights: nobody can sign in as it.
+    """
+    user = User.objects.filter(username=SYSTEM_USERNAME).first()
+    if user is not None:
+        if user.role != Role.SYSTEM or not user.is_active:
+            raise ValidationError(
+                {"username": f"account {SYSTEM_USERNAME!r} exists but is not the active system account; fix it"}
+            )
+        return user
+    try:
+        with transaction.atomic():
+            user = User(username=SYSTEM_USERNAME, role=Role.SYSTEM)
+            user.set_unusable_password()
+            user.save()
+            record_audit_event(
+                actor=None, verb="accounts.user.created", target=user, data={"role": Role.SYSTEM, "system": True}
+            )
+    except IntegrityError:
+        # Two workers created it at once; the other one's row is the account.
+        user = User.objects.get(username=SYSTEM_USERNAME)
     return user
 
 

@@ -1,17 +1,14 @@
 """Per-domain evaluation of a version beside its parent's: the comparison the version page shows officers.
 
-`compare_domains` is pure; `latest_evaluation` is the one place that knows where the workers record evaluations.
+The evaluation worker records one `registry.VersionEvaluation` row per domain, with the parent's scores on the same
+held-out set; `DomainComparison` turns a row into what the page shows (change, relative change, verdict).
 """
 
-import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
-from apps.governance.models import AuditEvent
+from apps.registry.models import ModelVersion, VersionEvaluation
 
-EVALUATED_VERB = "registry.version.evaluated"
 # Relative loss changes smaller than this read as "no change": evaluation noise on held-out sets of a few
 # hundred tokens is about this size, and calling it an improvement would mislead an officer.
 UNCHANGED_RELATIVE_TOLERANCE = 0.005
@@ -51,76 +48,51 @@ class DomainComparison:
         return "better" if change < 0 else "worse"
 
 
-def _score(entry: Any, field: str) -> float | None:
-    if not isinstance(entry, Mapping):
-        return None
-    value = entry.get(field)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        return None
-    return float(value)
-
-
-def compare_domains(
-    version_scores: Mapping[str, Mapping[str, Any]] | None, parent_scores: Mapping[str, Mapping[str, Any]] | None
-) -> list[DomainComparison]:
-    """Rows for every domain either side was evaluated on, sorted by name.
-
-    Each side maps domain → {"loss": float, "perplexity": float, ...}; a missing side or value gives None there.
-    """
-    version_scores = version_scores or {}
-    parent_scores = parent_scores or {}
-    rows = []
-    for domain in sorted(set(version_scores) | set(parent_scores)):
-        mine, theirs = version_scores.get(domain), parent_scores.get(domain)
-        rows.append(
-            DomainComparison(
-                domain=domain,
-                loss=_score(mine, "loss"),
-                parent_loss=_score(theirs, "loss"),
-                perplexity=_score(mine, "perplexity"),
-                parent_perplexity=_score(theirs, "perplexity"),
-            )
-        )
-    return rows
-
-
 @dataclass(frozen=True)
-class RecordedEvaluation:
-    """A version's per-domain scores as the evaluation worker recorded them, with its parent's from the same run."""
+class VersionEvaluationSummary:
+    """A version's recorded evaluation: one comparison per domain, and when, by whom and on what it was scored."""
 
-    scores: Mapping[str, Mapping[str, Any]]
-    parent_scores: Mapping[str, Mapping[str, Any]] | None
+    rows: list[DomainComparison]
+    evaluated_at: datetime
+    evaluated_by: str
     heldout: str
-    recorded_at: datetime
+
+    @property
+    def has_parent_scores(self) -> bool:
+        return any(row.parent_loss is not None for row in self.rows)
 
 
-def latest_evaluation(version: Any) -> RecordedEvaluation | None:
-    """The newest evaluation recorded for `version`, or None if it was never evaluated.
-
-    The evaluation worker records each run as an audit event (verb `registry.version.evaluated`) whose data holds
-    `domains` (domain → {"loss", "perplexity", "tokens", "records"}) and `parent_domains` (the parent scored on the
-    same held-out sets in the same run, so the two compare exactly).
-    """
-    event = (
-        AuditEvent.objects.filter(verb=EVALUATED_VERB, object_type="registry.modelversion", object_id=str(version.pk))
-        .order_by("-created_at", "-id")
-        .first()
+def compare(row: VersionEvaluation, fallback_parent: VersionEvaluation | None = None) -> DomainComparison:
+    """The comparison of one recorded row; `fallback_parent` (the parent's own row) fills in missing parent scores."""
+    parent_loss, parent_perplexity = row.parent_loss, row.parent_perplexity
+    if parent_loss is None and fallback_parent is not None:
+        parent_loss, parent_perplexity = fallback_parent.loss, fallback_parent.perplexity
+    return DomainComparison(
+        domain=row.domain,
+        loss=row.loss,
+        parent_loss=parent_loss,
+        perplexity=row.perplexity,
+        parent_perplexity=parent_perplexity,
     )
-    if event is None or not isinstance(event.data.get("domains"), Mapping):
+
+
+def evaluation_summary(version: ModelVersion) -> VersionEvaluationSummary | None:
+    """The version's per-domain comparisons, or None if it was never evaluated."""
+    rows = list(VersionEvaluation.objects.filter(version=version).order_by("domain"))
+    if not rows:
         return None
-    parent = event.data.get("parent_domains")
-    return RecordedEvaluation(
-        scores=event.data["domains"],
-        parent_scores=parent if isinstance(parent, Mapping) else None,
-        heldout=str(event.data.get("heldout", "")),
-        recorded_at=event.created_at,
+    parent_rows: dict[str, VersionEvaluation] = {}
+    if version.parent_id is not None and any(row.parent_loss is None for row in rows):
+        # Rows recorded without the parent's scores: fall back to the parent's own evaluation of the domain.
+        parent_rows = {row.domain: row for row in VersionEvaluation.objects.filter(version_id=version.parent_id)}
+    return VersionEvaluationSummary(
+        rows=[compare(row, parent_rows.get(row.domain)) for row in rows],
+        evaluated_at=max(row.evaluated_at for row in rows),
+        evaluated_by=rows[0].evaluated_by_label,
+        heldout=rows[0].heldout,
     )
 
 
-def domain_losses(version: Any) -> dict[str, float]:
-    """domain → held-out loss of the latest evaluation of `version` (empty if never evaluated)."""
-    evaluation = latest_evaluation(version)
-    if evaluation is None:
-        return {}
-    rows = compare_domains(evaluation.scores, None)
-    return {row.domain: row.loss for row in rows if row.loss is not None}
+def domain_losses(version: ModelVersion) -> dict[str, float]:
+    """domain → recorded held-out loss of `version` (empty if never evaluated)."""
+    return dict(VersionEvaluation.objects.filter(version=version).order_by("domain").values_list("domain", "loss"))

@@ -16,7 +16,7 @@ from django.views.decorators.http import require_POST
 from apps.accounts.choices import Role
 from apps.accounts.roles import role_of
 from apps.console.access import AUDIT_READER_ROLES, console_page, forbidden, render_page
-from apps.console.evaluation import compare_domains, latest_evaluation
+from apps.console.evaluation import evaluation_summary
 from apps.console.forms import AuditFilterForm, DecisionForm, UpdateFilterForm
 from apps.federation.choices import UpdateStatus
 from apps.federation.models import EdgeDevice, Round, Update
@@ -169,13 +169,7 @@ def _version_page(
     )
     pending = next((a for a in approvals if a.status == ApprovalStatus.PENDING), None)
     artifacts = list(version.artifacts.all())
-    evaluation = latest_evaluation(version)
-    parent_scores = evaluation.parent_scores if evaluation is not None else None
-    if parent_scores is None and version.parent is not None:
-        # Older records lack the parent's scores: fall back to the parent's own latest evaluation.
-        parent_evaluation = latest_evaluation(version.parent)
-        parent_scores = parent_evaluation.scores if parent_evaluation is not None else None
-    rows = compare_domains(evaluation.scores if evaluation is not None else None, parent_scores)
+    evaluation = evaluation_summary(version)
     return render_page(
         request,
         "console/version_detail.html",
@@ -186,8 +180,6 @@ def _version_page(
             "artifacts": artifacts,
             "artifact_bytes": sum(a.size_bytes for a in artifacts),
             "lineage": _lineage(version),
-            "domain_rows": rows,
-            "evaluated": any(row.loss is not None for row in rows),
             "evaluation": evaluation,
             "approvals": approvals,
             "pending": pending,

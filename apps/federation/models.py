@@ -129,3 +129,24 @@ class Update(models.Model):
 
     def __str__(self) -> str:
         return f"{self.update_id} from {self.device_id} ({self.status})"
+
+
+class StagedPayload(models.Model):
+    """An update payload a device uploaded (claim check), stored before its envelope is published.
+
+    Records which device owns the update id, so no other device can overwrite or claim it, and what was stored, so a
+    retried upload of the same bytes is answered without a second copy.
+    """
+
+    update_id = models.CharField(max_length=64, unique=True)
+    device = models.ForeignKey(EdgeDevice, on_delete=models.PROTECT, related_name="staged_payloads")
+    uri = models.CharField(max_length=200, help_text="artifacts://updates/<client id>/<update id>.safetensors")
+    sha256 = models.CharField(max_length=64)
+    size_bytes = models.BigIntegerField()
+    stored_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ("-stored_at", "-id")
+
+    def __str__(self) -> str:
+        return f"payload of {self.update_id} from {self.device_id}"

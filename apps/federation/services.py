@@ -1,16 +1,23 @@
-"""Federation services: enrollment, device revocation, rounds, training tasks and edge updates — each audited.
+"""Federation services: enrollment, devices (revocation, heartbeats), rounds, training tasks, update payloads and
+edge updates — each audited.
 
-Claims (an enrollment token used once, a round aggregated once, an update moved along once) are conditional
-updates whose row count is checked, so concurrent callers cannot both win.
+Claims (an enrollment token used once, a round aggregated once, an update moved along once, an update id's payload
+owned by one device) are conditional updates or unique rows whose outcome is checked, so concurrent callers cannot
+both win.
 """
 
+import hashlib
 import json
+import logging
+import os
 import re
+import tempfile
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 from django.conf import settings
 from django.core.exceptions import PermissionDenied, ValidationError
@@ -24,18 +31,27 @@ from apps.accounts.tokens import new_secret, secret_sha256
 from apps.federation.choices import DeviceStatus, RoundStatus, TaskKind, TaskStatus, UpdateStatus
 from apps.federation.events import publish_round_start_on_commit
 from apps.federation.jobs import send_training_task_on_commit
-from apps.federation.models import EdgeDevice, EnrollmentToken, Round, TrainingTask, Update
+from apps.federation.models import EdgeDevice, EnrollmentToken, Round, StagedPayload, TrainingTask, Update
 from apps.governance.audit import record_audit_event
+from apps.governance.models import AuditEvent
 from apps.registry.choices import VersionStatus
 from apps.registry.models import ModelVersion
+from apps.registry.storage import artifact_uri
+from fednested.aggregation.settings import RoundAggregationSettings, RoundSettingsError
 from fednested.messaging import SchemaError, UpdateEnvelope, decode
+
+logger = logging.getLogger(__name__)
 
 ENROLLMENT_TOKEN_PREFIX = "fne"
 # The same alphabet as the wire schemas' ClientId: a client id is also a certificate CN and a Kafka principal.
 CLIENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 ROUND_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 REJECTION_CODE_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 MAX_ENROLLMENT_TOKEN_TTL = timedelta(days=30)
+# Updates a round may still take: not yet applied, not rejected.
+PENDING_UPDATE_STATUSES = (UpdateStatus.RECEIVED, UpdateStatus.VALIDATED, UpdateStatus.BUFFERED)
+PAYLOAD_CHUNK_BYTES = 1 << 20
 
 
 def device_actor_label(client_id: str) -> str:
@@ -178,7 +194,48 @@ def revoke_device(device: EdgeDevice, *, actor: Any, reason: str) -> EdgeDevice:
     return device
 
 
+@transaction.atomic
+def record_device_heartbeat(device: EdgeDevice, *, current_version: str) -> EdgeDevice:
+    """A device reports the version it runs: sets current_version and last_seen.
+
+    A change of version is audited; a repeated report of the same version only refreshes last_seen (bookkeeping).
+    """
+    device = EdgeDevice.objects.select_for_update(of=("self",)).select_related("current_version", "user").get(pk=device.pk)
+    if device.status != DeviceStatus.ACTIVE:
+        raise PermissionDenied(f"device {device.client_id!r} is {device.status} and may not report")
+    version = ModelVersion.objects.filter(version_id=current_version).first()
+    if version is None:
+        raise ValidationError(
+            {"current_version": f"unknown version {current_version!r}: the registry holds no version with that id"}
+        )
+    previous = device.current_version
+    now = timezone.now()
+    EdgeDevice.objects.filter(pk=device.pk).update(current_version=version, last_seen=now)
+    device.current_version, device.last_seen = version, now
+    if previous is None or previous.pk != version.pk:
+        record_audit_event(
+            actor=device.user,
+            actor_label=device_actor_label(device.client_id),
+            verb="federation.device.version_reported",
+            target=device,
+            data={
+                "client_id": device.client_id,
+                "from": previous.version_id if previous is not None else None,
+                "to": version.version_id,
+            },
+        )
+    return device
+
+
 # --- rounds --------------------------------------------------------------------------------------------------------
+
+
+def check_round_config(config: Mapping[str, Any]) -> RoundAggregationSettings:
+    """The round's aggregation settings; a value the aggregation cannot use is a ValidationError naming its key."""
+    try:
+        return RoundAggregationSettings.from_mapping(config, where="config")
+    except RoundSettingsError as error:
+        raise ValidationError({"config": str(error)}) from error
 
 
 @transaction.atomic
@@ -206,6 +263,7 @@ def open_round(
         )
     if config is not None and not isinstance(config, dict):
         raise ValidationError({"config": "config must be a JSON object"})
+    check_round_config(config or {})
     if Round.objects.filter(round_id=round_id).exists():
         raise ValidationError({"round_id": f"round {round_id!r} already exists"})
     round_ = Round.objects.create(
@@ -216,11 +274,19 @@ def open_round(
         config=config or {},
         opened_by=actor if getattr(actor, "is_authenticated", False) else None,
     )
+    # Updates that arrived without a round while none was open on this base wait for this one (nothing is lost).
+    adopted = list(
+        Update.objects.filter(round__isnull=True, base_version=base_version, status__in=PENDING_UPDATE_STATUSES)
+        .order_by("received_at", "id")
+        .values_list("update_id", flat=True)
+    )
+    if adopted:
+        Update.objects.filter(update_id__in=adopted).update(round=round_)
     record_audit_event(
         actor=actor,
         verb="federation.round.opened",
         target=round_,
-        data={"round_id": round_id, "base_version": base_version.version_id, "k": buffer_size_k},
+        data={"round_id": round_id, "base_version": base_version.version_id, "k": buffer_size_k, "adopted": adopted},
     )
     publish_round_start_on_commit(
         round_id=round_id,
@@ -242,6 +308,27 @@ def claim_round_for_aggregation(round_: Round, *, actor_label: str) -> bool:
             actor=None, actor_label=actor_label, verb="federation.round.aggregating", target=round_, data={}
         )
     return bool(claimed)
+
+
+@transaction.atomic
+def reopen_round_after_failure(round_: Round, *, reason: str, actor_label: str) -> bool:
+    """aggregating → open after a failed aggregation, so its buffered updates wait for the next attempt.
+
+    False (and nothing changes) when the round is not aggregating, e.g. the failure came after it was closed.
+    """
+    if not reason.strip():
+        raise ValidationError({"reason": "say why the aggregation failed"})
+    reopened = Round.objects.filter(pk=round_.pk, status=RoundStatus.AGGREGATING).update(status=RoundStatus.OPEN)
+    round_.refresh_from_db(fields=["status"])
+    if reopened:
+        record_audit_event(
+            actor=None,
+            actor_label=actor_label,
+            verb="federation.round.reopened",
+            target=round_,
+            data={"round_id": round_.round_id, "reason": reason[:2000]},
+        )
+    return bool(reopened)
 
 
 @transaction.atomic
@@ -386,7 +473,13 @@ def receive_update(envelope: Mapping[str, Any], *, device: EdgeDevice) -> tuple[
     if base_version is None:
         raise ValidationError({"base_version": f"unknown model version {event.base_version!r}"})
     round_ = None
-    if event.round_id is not None:
+    if event.round_id is None:
+        # No RoundStart reached the device: the update joins the oldest open round on its base version, or waits,
+        # round-less, for the next round opened on it (open_round adopts it).
+        round_ = (
+            Round.objects.filter(base_version=base_version, status=RoundStatus.OPEN).order_by("opened_at", "id").first()
+        )
+    else:
         round_ = Round.objects.filter(round_id=event.round_id).first()
         if round_ is None:
             raise ValidationError({"round_id": f"unknown round {event.round_id!r}"})
@@ -423,9 +516,43 @@ def receive_update(envelope: Mapping[str, Any], *, device: EdgeDevice) -> tuple[
         actor_label=device_actor_label(device.client_id),
         verb="federation.update.received",
         target=update,
-        data={"update_id": update_id, "base_version": base_version.version_id, "payload_sha256": update.payload_sha256},
+        data={
+            "update_id": update_id,
+            "base_version": base_version.version_id,
+            "round": round_.round_id if round_ is not None else None,
+            "payload_sha256": update.payload_sha256,
+        },
     )
     return update, True
+
+
+@transaction.atomic
+def record_refused_update(
+    *,
+    code: str,
+    message: str,
+    where: str,
+    actor_label: str,
+    key: str | None = None,
+    update_id: str | None = None,
+    client_id: str | None = None,
+) -> AuditEvent:
+    """Record an envelope that cannot be tied to an enrolled device's new update (no Update row is made for it).
+
+    `where` says where it came from (topic, partition, offset); the audit event points at the device when the
+    envelope names an enrolled one.
+    """
+    if not REJECTION_CODE_PATTERN.match(code):
+        raise ValidationError({"code": f"refusal code {code!r} must be a lowercase identifier like 'bad_signature'"})
+    if not message.strip():
+        raise ValidationError({"message": "a refusal needs a message saying what was wrong"})
+    device = EdgeDevice.objects.filter(client_id=client_id).first() if client_id is not None else None
+    data: dict[str, Any] = {"code": code, "message": message, "where": where, "key": key}
+    if update_id is not None or client_id is not None:
+        data |= {"update_id": update_id, "client_id": client_id}
+    return record_audit_event(
+        actor=None, actor_label=actor_label, verb="federation.update.refused", target=device, data=data
+    )
 
 
 def _resent(existing: Update, event: UpdateEnvelope, device: EdgeDevice) -> Update:
@@ -504,3 +631,161 @@ def reject_update(update: Update, code: str, message: str, *, actor_label: str =
         rejection_code=code,
         rejection_message=message,
     )
+
+
+# --- update payloads (claim checks) ---------------------------------------------------------------------------------
+
+
+class ReadableBody(Protocol):
+    """What an upload is read from: a request's input stream (HttpRequest.read) or a file."""
+
+    def read(self, size: int, /) -> bytes: ...
+
+
+class PayloadRefused(Exception):
+    """An upload the control plane does not store; `code` is the protocol's machine code (device-protocol.md §3)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class PayloadReceipt:
+    """Where a payload was stored and what was verified; `created` is False for a retry of stored bytes."""
+
+    update_id: str
+    uri: str
+    sha256: str
+    bytes: int
+    created: bool
+
+
+def payload_relative_path(client_id: str, update_id: str) -> str:
+    """Where a device's payload lies in the artifact store; the client id in the path keeps devices apart."""
+    return f"updates/{client_id}/{update_id}.safetensors"
+
+
+def canonical_update_id(raw: str) -> str:
+    """The update id as the envelope carries it (a UUID, lowercase and hyphenated); PayloadRefused otherwise."""
+    try:
+        return str(uuid.UUID(raw))
+    except ValueError:
+        raise PayloadRefused("invalid_update_id", f"update id {raw[:80]!r} is not a UUID") from None
+
+
+def _fsync_directory(directory: Path) -> None:
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _receive_body(body: ReadableBody, directory: Path, update_id: str, *, max_bytes: int) -> tuple[Path, str, int]:
+    """Stream the body into a temporary file beside its final place: (path, sha256, bytes); fsynced."""
+    directory.mkdir(parents=True, exist_ok=True)
+    descriptor, name = tempfile.mkstemp(dir=directory, prefix=f".{update_id}.", suffix=".part")
+    path = Path(name)
+    digest, size = hashlib.sha256(), 0
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            while chunk := body.read(PAYLOAD_CHUNK_BYTES):
+                size += len(chunk)
+                if size > max_bytes:
+                    raise PayloadRefused("oversized", f"payload is over the server's limit of {max_bytes} bytes")
+                digest.update(chunk)
+                handle.write(chunk)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return path, digest.hexdigest(), size
+
+
+def store_update_payload(
+    device: EdgeDevice,
+    update_id: str,
+    body: ReadableBody,
+    *,
+    declared_sha256: str,
+    content_length: int | None,
+    max_bytes: int,
+    root: Path,
+) -> PayloadReceipt:
+    """Store a device's update payload at `updates/<client id>/<update id>.safetensors` in the artifact store.
+
+    The bytes are streamed to a temporary file, checked (size limit, `declared_sha256`), and renamed into place only
+    when the update id is claimed for this device: a retry of the same bytes returns the stored receipt
+    (created=False), other bytes under a claimed id are a `conflict`, another device's id is `not_owner`.
+    """
+    update_id = canonical_update_id(update_id)
+    device.refresh_from_db(fields=["status"])
+    if device.status != DeviceStatus.ACTIVE:
+        raise PayloadRefused("revoked_client", f"device {device.client_id!r} is {device.status}")
+    declared = declared_sha256.strip().lower()
+    if not SHA256_PATTERN.match(declared):
+        raise PayloadRefused("sha256_missing", "X-Content-SHA256 must be the body's sha256 as 64 hex digits")
+    owner = StagedPayload.objects.filter(update_id=update_id).select_related("device").first()
+    if owner is not None and owner.device_id != device.pk:
+        # Refused before reading a byte: the id is taken, whatever the body holds.
+        raise PayloadRefused("not_owner", f"update id {update_id} belongs to another device; mint a new one")
+    if content_length is not None and content_length > max_bytes:
+        raise PayloadRefused("oversized", f"payload is {content_length} bytes, the server's limit is {max_bytes}")
+    relative = payload_relative_path(device.client_id, update_id)
+    final = root / relative
+    temporary, sha256, size = _receive_body(body, final.parent, update_id, max_bytes=max_bytes)
+    try:
+        if content_length is not None and size != content_length:
+            raise PayloadRefused("incomplete_body", f"body ended after {size} of {content_length} bytes")
+        if sha256 != declared:
+            raise PayloadRefused("sha256_mismatch", f"body hashes to {sha256}, X-Content-SHA256 says {declared}")
+        return _claim_payload(device, update_id, relative, final, temporary, sha256, size)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _claim_payload(
+    device: EdgeDevice, update_id: str, relative: str, final: Path, temporary: Path, sha256: str, size: int
+) -> PayloadReceipt:
+    uri = artifact_uri(relative)
+    for _ in range(2):
+        try:
+            with transaction.atomic():
+                existing = StagedPayload.objects.select_for_update().filter(update_id=update_id).first()
+                if existing is not None:
+                    if existing.device_id != device.pk:
+                        raise PayloadRefused("not_owner", f"update id {update_id} belongs to another device")
+                    if existing.sha256 != sha256:
+                        raise PayloadRefused(
+                            "conflict",
+                            f"update id {update_id} already holds a payload with sha256 {existing.sha256}; "
+                            "an update id names one payload",
+                        )
+                    if not final.is_file() or final.stat().st_size != existing.size_bytes:
+                        # The stored copy went missing (a restore, a crash before the rename was durable): put back
+                        # the identical bytes just received.
+                        os.replace(temporary, final)
+                        _fsync_directory(final.parent)
+                        logger.warning("payload of update %s was missing from the store; restored", update_id)
+                    return PayloadReceipt(update_id, existing.uri, existing.sha256, existing.size_bytes, created=False)
+                StagedPayload.objects.create(
+                    update_id=update_id, device=device, uri=uri, sha256=sha256, size_bytes=size
+                )
+                # In place before the claim commits: a committed claim always has its file.
+                os.replace(temporary, final)
+                _fsync_directory(final.parent)
+                record_audit_event(
+                    actor=device.user,
+                    actor_label=device_actor_label(device.client_id),
+                    verb="federation.update.payload_stored",
+                    target=device,
+                    data={"update_id": update_id, "uri": uri, "sha256": sha256, "bytes": size},
+                )
+                return PayloadReceipt(update_id, uri, sha256, size, created=True)
+        except IntegrityError:
+            # Another upload of this id committed its claim first; the next pass answers as for a retry.
+            continue
+    raise PayloadRefused("conflict", f"update id {update_id} is being uploaded concurrently; retry")

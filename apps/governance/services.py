@@ -1,7 +1,9 @@
 """Governance services: approval requests and officers' decisions on them — each audited.
 
 Approving moves the `champion` alias and announces ModelAvailable after commit; an officer never decides a request
-they made, and only officers decide.
+they made, and only officers decide. Engineers request approval; so does the `system` account
+(`apps.accounts.services.system_user`) for versions automated rounds produced, which keeps a person — an officer who
+is not the requester — as the one who decides.
 """
 
 from typing import Any
@@ -20,14 +22,14 @@ from apps.registry.choices import CHAMPION_ALIAS, VersionStatus
 from apps.registry.models import Alias, ModelVersion
 from apps.registry.services import move_alias, set_version_status
 
-REQUESTER_ROLES = frozenset({Role.ENGINEER, Role.ADMIN})
+REQUESTER_ROLES = frozenset({Role.ENGINEER, Role.ADMIN, Role.SYSTEM})
 
 
 @transaction.atomic
 def request_approval(version: ModelVersion, *, actor: Any, note: str = "") -> ApprovalRequest:
     """Ask officers to approve candidate `version` for promotion; one open request per version."""
     if role_of(actor) not in REQUESTER_ROLES:
-        raise PermissionDenied("only engineers (or admins) request approval of a version")
+        raise PermissionDenied("only engineers (or admins, or the system account) request approval of a version")
     version = ModelVersion.objects.select_for_update().get(pk=version.pk)
     if version.status != VersionStatus.CANDIDATE:
         raise ValidationError(

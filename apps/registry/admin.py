@@ -3,7 +3,7 @@
 from django.contrib import admin
 
 from apps.governance.admin_mixins import ReadOnlyAdminMixin
-from apps.registry.models import Alias, LineageEdge, ModelFamily, ModelVersion, VersionArtifact
+from apps.registry.models import Alias, LineageEdge, ModelFamily, ModelVersion, VersionArtifact, VersionEvaluation
 
 
 @admin.register(ModelFamily)
@@ -22,12 +22,18 @@ class LineageEdgeInline(ReadOnlyAdminMixin, admin.TabularInline):  # type: ignor
     fk_name = "version"
 
 
+class VersionEvaluationInline(ReadOnlyAdminMixin, admin.TabularInline):  # type: ignore[type-arg]
+    model = VersionEvaluation
+    fk_name = "version"
+    fields = ("domain", "loss", "parent_loss", "perplexity", "parent_perplexity", "tokens", "evaluated_at")
+
+
 @admin.register(ModelVersion)
 class ModelVersionAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):  # type: ignore[type-arg]
     list_display = ("version_id", "family", "status", "parent", "created_by_label", "created_at")
     list_filter = ("status", "family", "created_at")
     search_fields = ("version_id", "manifest_sha256", "created_by_label")
-    inlines = (VersionArtifactInline, LineageEdgeInline)
+    inlines = (VersionArtifactInline, LineageEdgeInline, VersionEvaluationInline)
 
 
 @admin.register(VersionArtifact)
@@ -48,3 +54,10 @@ class LineageEdgeAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):  # type: ignore[ty
 class AliasAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):  # type: ignore[type-arg]
     list_display = ("name", "version", "updated_by", "updated_at")
     search_fields = ("name", "version__version_id")
+
+
+@admin.register(VersionEvaluation)
+class VersionEvaluationAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):  # type: ignore[type-arg]
+    list_display = ("version", "domain", "loss", "parent_loss", "perplexity", "tokens", "evaluated_at")
+    list_filter = ("domain", "evaluated_at")
+    search_fields = ("version__version_id", "domain", "heldout")

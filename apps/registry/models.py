@@ -119,3 +119,42 @@ class Alias(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} → {self.version.version_id}"
+
+
+class VersionEvaluation(models.Model):
+    """A version's held-out loss on one domain, beside its parent's loss on the same held-out set (before/after).
+
+    One row per (version, domain): evaluating a version again replaces its scores (the audit trail keeps each run).
+    """
+
+    version = models.ForeignKey(ModelVersion, on_delete=models.CASCADE, related_name="evaluations")
+    domain = models.CharField(max_length=100)
+    loss = models.FloatField(help_text="Mean next-token cross-entropy on the domain's held-out set.")
+    perplexity = models.FloatField(null=True, blank=True, help_text="exp(loss); empty when that overflows a float.")
+    tokens = models.PositiveIntegerField(help_text="Tokens scored.")
+    records = models.PositiveIntegerField(default=0, help_text="Held-out records scored.")
+    parent_version = models.ForeignKey(
+        ModelVersion,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+        help_text="Scored as 'before'.",
+    )
+    parent_loss = models.FloatField(null=True, blank=True, help_text="The parent's loss on the same held-out set.")
+    parent_perplexity = models.FloatField(null=True, blank=True)
+    heldout = models.CharField(max_length=500, blank=True, help_text="Which held-out set (folder or dataset name).")
+    evaluated_by_label = models.CharField(max_length=200, help_text="Who scored it (a worker, a user).")
+    evaluated_at = models.DateTimeField(db_index=True)
+
+    class Meta:
+        ordering = ("version", "domain")
+        constraints = (models.UniqueConstraint(fields=["version", "domain"], name="registry_evaluation_unique_domain"),)
+
+    def __str__(self) -> str:
+        return f"{self.version.version_id} on {self.domain}: loss {self.loss:.4f}"
+
+    @property
+    def loss_change(self) -> float | None:
+        """loss − parent loss (negative: the version is better on this domain); None without a parent score."""
+        return None if self.parent_loss is None else self.loss - self.parent_loss

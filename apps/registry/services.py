@@ -5,6 +5,7 @@ No service here (or anywhere) changes a registered version's manifest, manifest 
 
 import hashlib
 import json
+import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -12,16 +13,20 @@ from typing import Any
 
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
+from django.utils import timezone
 
 from apps.governance.audit import actor_label_for, record_audit_event
 from apps.registry.choices import ArtifactPartition, LineageKind, VersionStatus
-from apps.registry.models import Alias, LineageEdge, ModelFamily, ModelVersion, VersionArtifact
+from apps.registry.models import Alias, LineageEdge, ModelFamily, ModelVersion, VersionArtifact, VersionEvaluation
 
 VERSION_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 SLUG_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 # An artifact URI travels in ModelAvailable events, whose schema allows 1-200 characters without whitespace.
 ARTIFACT_URI_PATTERN = re.compile(r"^\S{1,200}$")
+DOMAIN_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+# The file devices download first and check against ModelVersion.manifest_sha256 (docs/api/device-protocol.md §2).
+MANIFEST_FILE_NAME = "manifest.json"
 
 
 @dataclass(frozen=True)
@@ -36,10 +41,25 @@ class ArtifactSpec:
     expert_index: int | None = None
 
 
+def canonical_manifest_bytes(manifest: dict[str, Any]) -> bytes:
+    """The manifest as canonical JSON (sorted keys, compact, UTF-8): what is served for a version that lists no
+    manifest.json file of its own."""
+    return json.dumps(manifest, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
 def manifest_sha256(manifest: dict[str, Any]) -> str:
     """SHA-256 of the manifest's canonical JSON (sorted keys, compact), so equal manifests hash equally."""
-    canonical = json.dumps(manifest, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+    return hashlib.sha256(canonical_manifest_bytes(manifest)).hexdigest()
+
+
+def registered_manifest_sha256(manifest: dict[str, Any], artifacts: Sequence[ArtifactSpec]) -> str:
+    """The manifest_sha256 a version is registered with: the sha256 of the bytes devices get for manifest.json.
+
+    That is the listed manifest.json file's sha256 when the version has one (fednested writes it indented, so its
+    bytes are not the canonical JSON), else the sha256 of the canonical JSON, which is then what is served.
+    """
+    listed = next((spec for spec in artifacts if spec.file_name == MANIFEST_FILE_NAME), None)
+    return listed.sha256 if listed is not None else manifest_sha256(manifest)
 
 
 def _check_artifacts(artifacts: Sequence[ArtifactSpec]) -> None:
@@ -61,11 +81,18 @@ def _check_artifacts(artifacts: Sequence[ArtifactSpec]) -> None:
             raise ValidationError(
                 {"artifacts": f"{where}: partition {spec.partition!r} is not one of {ArtifactPartition.values}"}
             )
-        is_expert = spec.partition == ArtifactPartition.EXPERT
-        if is_expert != (spec.layer is not None and spec.expert_index is not None):
+        has_layer, has_index = spec.layer is not None, spec.expert_index is not None
+        if has_layer != has_index:
             raise ValidationError(
-                {"artifacts": f"{where}: layer and expert_index are required for expert files and only for them"}
+                {
+                    "artifacts": f"{where}: layer and expert_index go together: both for one expert's file, neither "
+                    "for a fused file holding every expert"
+                }
             )
+        if has_layer and spec.partition != ArtifactPartition.EXPERT:
+            raise ValidationError({"artifacts": f"{where}: layer and expert_index are only for expert files"})
+        if (spec.partition == ArtifactPartition.MANIFEST) != (spec.file_name == MANIFEST_FILE_NAME):
+            raise ValidationError({"artifacts": f"{where}: {MANIFEST_FILE_NAME} and only it has partition 'manifest'"})
 
 
 @transaction.atomic
@@ -134,7 +161,7 @@ def register_version(
                 family=family,
                 parent=parent,
                 manifest=manifest,
-                manifest_sha256=manifest_sha256(manifest),
+                manifest_sha256=registered_manifest_sha256(manifest, artifacts),
                 artifact_uri=artifact_uri,
                 status=VersionStatus.CANDIDATE,
                 created_by=user,
@@ -226,3 +253,125 @@ def move_alias(*, name: str, version: ModelVersion, actor: Any, actor_label: str
         data={"alias": name, "from": previous, "to": version.version_id},
     )
     return alias
+
+
+# --- evaluations ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DomainEvaluation:
+    """One domain's held-out scores of a version, and (optionally) its parent's on the same held-out set."""
+
+    domain: str
+    loss: float
+    perplexity: float | None  # None when exp(loss) overflows
+    tokens: int
+    records: int = 0
+    parent_loss: float | None = None
+    parent_perplexity: float | None = None
+
+
+def _check_score(where: str, name: str, value: Any, *, positive: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValidationError({"results": f"{where}: {name} must be a finite number, got {value!r}"})
+    if value < 0 or (positive and value == 0):
+        raise ValidationError({"results": f"{where}: {name} must be {'> 0' if positive else '>= 0'}, got {value!r}"})
+    return float(value)
+
+
+def _check_evaluations(results: Sequence[DomainEvaluation], parent: ModelVersion | None) -> None:
+    if not results:
+        raise ValidationError({"results": "an evaluation needs at least one domain's scores"})
+    seen: set[str] = set()
+    for position, result in enumerate(results):
+        where = f"results[{position}] ({result.domain!r})"
+        if not isinstance(result.domain, str) or not DOMAIN_PATTERN.match(result.domain):
+            raise ValidationError({"results": f"{where}: domain must use only A-Z a-z 0-9 . _ - (≤100)"})
+        if result.domain in seen:
+            raise ValidationError({"results": f"{where}: domain listed twice"})
+        seen.add(result.domain)
+        _check_score(where, "loss", result.loss, positive=False)
+        if result.perplexity is not None:
+            _check_score(where, "perplexity", result.perplexity, positive=True)
+        for name, count in (("tokens", result.tokens), ("records", result.records)):
+            if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+                raise ValidationError({"results": f"{where}: {name} must be an integer >= 0, got {count!r}"})
+        if result.tokens == 0:
+            raise ValidationError({"results": f"{where}: no tokens were scored, so the loss means nothing"})
+        has_parent_scores = result.parent_loss is not None or result.parent_perplexity is not None
+        if has_parent_scores and parent is None:
+            raise ValidationError({"results": f"{where}: parent scores given, but the version has no parent"})
+        if result.parent_loss is not None:
+            _check_score(where, "parent_loss", result.parent_loss, positive=False)
+        if result.parent_perplexity is not None:
+            _check_score(where, "parent_perplexity", result.parent_perplexity, positive=True)
+
+
+@transaction.atomic
+def record_version_evaluation(
+    version: ModelVersion,
+    results: Sequence[DomainEvaluation],
+    *,
+    actor_label: str,
+    actor: Any = None,
+    heldout: str = "",
+) -> list[VersionEvaluation]:
+    """Record a version's per-domain held-out scores (with its parent's, for before/after); audited.
+
+    The scores replace any earlier evaluation of the version: the rows always describe one run on one held-out
+    set, so the before/after columns compare like with like. Earlier runs stay in the audit trail.
+    """
+    if not actor_label.strip() and not getattr(actor, "is_authenticated", False):
+        raise ValidationError({"actor_label": "say who evaluated the version (e.g. 'worker:evaluation')"})
+    version = ModelVersion.objects.select_for_update(of=("self",)).select_related("parent").get(pk=version.pk)
+    parent = version.parent
+    _check_evaluations(results, parent)
+    previous = sorted(version.evaluations.values_list("domain", flat=True))
+    version.evaluations.all().delete()
+    now = timezone.now()
+    label = actor_label or actor_label_for(actor)
+    rows = VersionEvaluation.objects.bulk_create(
+        VersionEvaluation(
+            version=version,
+            domain=result.domain,
+            loss=float(result.loss),
+            perplexity=result.perplexity,
+            tokens=result.tokens,
+            records=result.records,
+            parent_version=parent if result.parent_loss is not None else None,
+            parent_loss=result.parent_loss,
+            parent_perplexity=result.parent_perplexity,
+            heldout=heldout[:500],
+            evaluated_by_label=label,
+            evaluated_at=now,
+        )
+        for result in sorted(results, key=lambda result: result.domain)
+    )
+    parent_domains = {
+        result.domain: {"loss": result.parent_loss, "perplexity": result.parent_perplexity}
+        for result in results
+        if result.parent_loss is not None
+    }
+    record_audit_event(
+        actor=actor,
+        actor_label=label,
+        verb="registry.version.evaluated",
+        target=version,
+        data={
+            "version_id": version.version_id,
+            "parent": parent.version_id if parent is not None else None,
+            "heldout": heldout,
+            "domains": {
+                result.domain: {
+                    "loss": result.loss,
+                    "perplexity": result.perplexity,
+                    "tokens": result.tokens,
+                    "records": result.records,
+                }
+                for result in results
+            },
+            "parent_domains": parent_domains or None,
+            "replaced_domains": previous,
+        },
+    )
+    return rows

@@ -248,7 +248,8 @@ class ControlPlaneClient:
         tmp = destination.with_name(f".{destination.name}.{os.getpid()}.part")
         digest, received = hashlib.sha256(), 0
         try:
-            with self._http.stream("GET", url, headers=self._headers()) as response:
+            accept = {"Accept": "application/octet-stream, application/json;q=0.5"}
+            with self._http.stream("GET", url, headers=self._headers(accept)) as response:
                 if response.status_code >= 400:
                     response.read()
                     detail, code = _error_detail(response)

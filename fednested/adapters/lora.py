@@ -29,8 +29,8 @@ from transformers import PreTrainedModel
 
 from fednested.adapters.routed import (
     EXPERT_TARGETS,
-    ExpertLora,
     FrozenExpertLinear,
+    StackedLora,
     expert_shape,
     num_experts,
     routed_experts_forward,
@@ -218,8 +218,8 @@ class ExpertLoraLayer(nn.Module, LoraLayer):
             self.lora_B[adapter_name].to(device)
         self.set_adapter(self.active_adapters)
 
-    def _expert_loras(self) -> dict[int, dict[str, list[ExpertLora]]]:
-        loras: dict[int, dict[str, list[ExpertLora]]] = {}
+    def _active_loras(self) -> dict[str, list[StackedLora]]:
+        loras: dict[str, list[StackedLora]] = {}
         for adapter in self.active_adapters:
             if adapter not in self.lora_A:
                 continue
@@ -227,14 +227,16 @@ class ExpertLoraLayer(nn.Module, LoraLayer):
             dropout_module = None if isinstance(dropout, nn.Identity) else dropout
             factors_a = _factors(self.lora_A, adapter)
             factors_b = _factors(self.lora_B, adapter)
-            for slot, expert in enumerate(self.lora_experts[adapter]):
-                per_target = loras.setdefault(expert, {})
-                for target in self.lora_targets[adapter]:
-                    per_target.setdefault(target, []).append(
-                        ExpertLora(
-                            factors_a[target][slot], factors_b[target][slot], self.scaling[adapter], dropout_module
-                        )
+            for target in self.lora_targets[adapter]:
+                loras.setdefault(target, []).append(
+                    StackedLora(
+                        self.lora_experts[adapter],
+                        factors_a[target],
+                        factors_b[target],
+                        float(self.scaling[adapter]),
+                        dropout_module,
                     )
+                )
         return loras
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -249,7 +251,7 @@ class ExpertLoraLayer(nn.Module, LoraLayer):
             hidden_states,
             top_k_index,
             top_k_weights,
-            self._expert_loras(),
+            self._active_loras(),
             recompute=self.recompute_activations,
         )
 

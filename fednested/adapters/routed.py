@@ -39,17 +39,18 @@ class FrozenExpertLinear(Protocol):
 
 
 @dataclass(frozen=True)
-class ExpertLora:
-    """One adapter's factors for one expert and target: ΔW = scale · B · A, A [r, in], B [out, r]."""
+class StackedLora:
+    """One adapter's factors on one target for some experts: A [n, r, in], B [n, out, r]; ΔW_e = scale · B · A."""
 
+    experts: tuple[int, ...]
     lora_a: torch.Tensor
     lora_b: torch.Tensor
     scale: float
     dropout: nn.Module | None = None
 
 
-# expert index -> target name -> factors of each active adapter on it
-LoraByExpert = Mapping[int, Mapping[str, Sequence[ExpertLora]]]
+# target name -> the active adapters on it
+LorasByTarget = Mapping[str, Sequence[StackedLora]]
 
 
 def expert_shape(experts: nn.Module, target: str) -> tuple[int, int, int]:
@@ -96,31 +97,60 @@ def _apply_gate(experts: nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
     return activated * up
 
 
-def _with_lora(base_out: torch.Tensor, inputs: torch.Tensor, loras: Sequence[ExpertLora]) -> torch.Tensor:
-    out = base_out
-    for lora in loras:
-        lora_in = lora.dropout(inputs) if lora.dropout is not None else inputs
-        # adapters may be kept in fp32 under a bf16 base; compute in the activation dtype, grads reach the fp32 copy
-        down = F.linear(lora_in, lora.lora_a.to(inputs.dtype))
-        out = torch.addmm(out, down, lora.lora_b.to(inputs.dtype).t(), alpha=lora.scale)
-    return out
+def _grouped_lora_supported(dtype: torch.dtype) -> bool:
+    # oneDNN runs bf16/fp16 GEMMs several times faster than fp32 ones, so in low precision many skinny per-expert
+    # LoRA matmuls cost more than the base GEMMs they ride on; one grouped GEMM per factor pays that overhead once.
+    # In fp32 the per-expert matmuls are cheaper than grouped_mm (measured, docs/adr/0002-edge-quantization.md).
+    return dtype in (torch.bfloat16, torch.float16) and hasattr(F, "grouped_mm")
 
 
-def _expert_ffn(
+def _grouped_lora(inputs: torch.Tensor, lora: StackedLora, rows_per_expert: Sequence[int], count: int) -> torch.Tensor:
+    """scale · (x·A_eᵀ)·B_eᵀ for every routed row at once; experts without this adapter get zero factors."""
+    index = torch.tensor(lora.experts, dtype=torch.long, device=inputs.device)
+    _, rank, in_features = lora.lora_a.shape
+    out_features = lora.lora_b.shape[1]
+    # index_copy into zeros is differentiable in the copied factors, so gradients reach only the adapted experts
+    all_a = lora.lora_a.new_zeros(count, rank, in_features).index_copy(0, index, lora.lora_a).to(inputs.dtype)
+    all_b = lora.lora_b.new_zeros(count, out_features, rank).index_copy(0, index, lora.lora_b).to(inputs.dtype)
+    offsets = torch.tensor(rows_per_expert, device=inputs.device).cumsum(0).to(torch.int32)
+    down = F.grouped_mm(inputs, all_a.transpose(-2, -1), offs=offsets)
+    return F.grouped_mm(down, all_b.transpose(-2, -1), offs=offsets) * lora.scale
+
+
+def _project(
     experts: nn.Module,
     linear: Callable[[str, int, torch.Tensor], torch.Tensor],
-    expert: int,
+    target: str,
     inputs: torch.Tensor,
-    expert_loras: Mapping[str, Sequence[ExpertLora]],
+    rows_per_expert: Sequence[int],
+    loras: Sequence[StackedLora],
 ) -> torch.Tensor:
-    gate_up = linear(GATE_UP, expert, inputs)
-    if GATE_UP in expert_loras:
-        gate_up = _with_lora(gate_up, inputs, expert_loras[GATE_UP])
-    activated = _apply_gate(experts, gate_up)
-    out = linear(DOWN, expert, activated)
-    if DOWN in expert_loras:
-        out = _with_lora(out, activated, expert_loras[DOWN])
-    return out
+    """Rows of `inputs` (sorted by expert) times their expert's W[target]ᵀ, plus each adapter's LoRA term."""
+    grouped = bool(loras) and _grouped_lora_supported(inputs.dtype)
+    lora_inputs = [lora.dropout(inputs) if lora.dropout is not None else inputs for lora in loras]
+    slots = [{expert: slot for slot, expert in enumerate(lora.experts)} for lora in loras]
+    pieces: list[torch.Tensor] = []
+    start = 0
+    for expert, rows in enumerate(rows_per_expert):
+        if rows == 0:
+            continue
+        out = linear(target, expert, inputs[start : start + rows])
+        if not grouped:
+            for lora, lora_in, slot_of in zip(loras, lora_inputs, slots, strict=True):
+                slot = slot_of.get(expert)
+                if slot is None:
+                    continue
+                # adapters stay fp32 under a low-precision base; compute in the activation dtype, grads reach fp32
+                down = F.linear(lora_in[start : start + rows], lora.lora_a[slot].to(inputs.dtype))
+                out = torch.addmm(out, down, lora.lora_b[slot].to(inputs.dtype).t(), alpha=lora.scale)
+        pieces.append(out)
+        start += rows
+    result = torch.cat(pieces)
+    if grouped:
+        count = len(rows_per_expert)
+        for lora, lora_in in zip(loras, lora_inputs, strict=True):
+            result = result + _grouped_lora(lora_in, lora, rows_per_expert, count)
+    return result
 
 
 def routed_experts_forward(
@@ -128,14 +158,14 @@ def routed_experts_forward(
     hidden_states: torch.Tensor,
     top_k_index: torch.Tensor,
     top_k_weights: torch.Tensor,
-    loras: LoraByExpert | None = None,
+    loras: LorasByTarget | None = None,
     *,
     recompute: bool = False,
 ) -> torch.Tensor:
-    """Σ_k weight_k · expert_k(x) for every token, with `loras[e][target]` added on expert e's projections.
+    """Σ_k weight_k · expert_k(x) for every token, with each adapter in `loras[target]` added on its experts.
 
     Same contract as transformers' experts modules: hidden_states [T, H], top_k_index/top_k_weights [T, K].
-    recompute: keep only each expert's inputs for the backward and run its FFN again there (activation
+    recompute: keep only the routed inputs for the backward and run the expert FFNs again there (activation
     checkpointing): about a third more expert compute for a fraction of the activation memory.
     """
     num_tokens, hidden = hidden_states.shape
@@ -148,24 +178,21 @@ def routed_experts_forward(
     rows_per_expert = torch.bincount(flat_experts, minlength=count).tolist()
     if len(rows_per_expert) > count:
         raise IndexError(f"router selected expert {len(rows_per_expert) - 1} but the stack has {count} experts")
+    gate_up_loras = loras.get(GATE_UP, ()) if loras is not None else ()
+    down_loras = loras.get(DOWN, ()) if loras is not None else ()
+
+    def expert_block(sorted_inputs: torch.Tensor) -> torch.Tensor:
+        gate_up = _project(experts, linear, GATE_UP, sorted_inputs, rows_per_expert, gate_up_loras)
+        activated = _apply_gate(experts, gate_up)
+        return _project(experts, linear, DOWN, activated, rows_per_expert, down_loras)
+
     sorted_inputs = hidden_states[order // top_k]
-    checkpointing = recompute and torch.is_grad_enabled()
-    pieces: list[torch.Tensor] = []
-    start = 0
-    for expert, rows in enumerate(rows_per_expert):
-        if rows == 0:
-            continue
-        inputs = sorted_inputs[start : start + rows]
-        start += rows
-        expert_loras = loras.get(expert, {}) if loras is not None else {}
-        if checkpointing:
-            # non-reentrant checkpointing replays dropout with the same RNG state and reaches closure parameters
-            out = checkpoint(_expert_ffn, experts, linear, expert, inputs, expert_loras, use_reentrant=False)
-            assert isinstance(out, torch.Tensor)
-        else:
-            out = _expert_ffn(experts, linear, expert, inputs, expert_loras)
-        pieces.append(out)
-    sorted_out = torch.cat(pieces) if pieces else hidden_states.new_zeros(0, hidden)
+    if recompute and torch.is_grad_enabled():
+        # non-reentrant checkpointing replays dropout with the same RNG state and reaches closure parameters
+        sorted_out = checkpoint(expert_block, sorted_inputs, use_reentrant=False)
+        assert isinstance(sorted_out, torch.Tensor)
+    else:
+        sorted_out = expert_block(sorted_inputs)
     sorted_out = sorted_out * top_k_weights.reshape(-1)[order].unsqueeze(-1).to(sorted_out.dtype)
     # back to (token, k) order, then a fixed-order sum over k: deterministic, unlike scatter-add with duplicates
     inverse = torch.empty_like(order)

@@ -77,9 +77,12 @@ def test_model_available_with_another_manifest_hash_is_refused(
     )
     assert not (files["state"] / "versions" / "v2").exists()
     assert (files["state"] / "current_version").read_text() == "v1"
-    # Nor does a fresh start take it: the manifest it would download does not hash to what the API says.
-    with pytest.raises(EdgeClientError, match=r"manifest\.json.*does not match the expected 0{64}"):
-        run_client(kit.settings(files, control_plane, embedded_bus), RunOptions(until_version="v2", max_wait_s=30))
+    # Nor does a fresh start take it: the manifest it downloads does not hash to what the API says; it keeps
+    # trying (a corrupt download may be transient) and never loads it.
+    again = run_client(kit.settings(files, control_plane, embedded_bus), RunOptions(until_version="v2", max_wait_s=8))
+    assert again.stopped_because == "max_wait"
+    assert again.current_version == "v1"  # resumed from disk; v2 never loaded
+    assert re.search(r"manifest\.json.*does not match the expected 0{64}", again.last_error or "")
     assert not (files["state"] / "versions" / "v2").exists()
 
 
@@ -196,3 +199,40 @@ def test_control_plane_without_version_reports_does_not_stop_the_device(
     assert "HTTP 404" in (report.last_error or "")
     audit = (files["state"] / "audit" / "audit.jsonl").read_text()
     assert audit.count('"version.report_refused"') == 1
+
+
+def test_bad_local_data_lines_are_skipped_counted_and_located_never_copied(
+    tmp_path: Path, control_plane: Any, kit: Any, embedded_bus: Any
+) -> None:
+    control_plane.add_version(kit.assets.v1)
+    control_plane.champion = "v1"
+    lines = kit.assets.data_file.read_text().splitlines()
+    secret = '{"prompt": "Patient Jane Roe, MRN 4471", "completion": 42}'
+    data = tmp_path / "local.jsonl"
+    data.write_text("\n".join([lines[0], secret, *lines[1:]]) + "\n")
+    files = kit.write_files(tmp_path / "device", control_plane, embedded_bus)
+    report = run_client(
+        kit.settings(files, control_plane, embedded_bus, data_files=(data,)), RunOptions(rounds=1, max_wait_s=120)
+    )
+    assert report.bad_data_lines == 1
+    assert len(report.updates_delivered) == 1
+    [message] = kit.drain(embedded_bus, Topic.UPDATES)
+    assert message.event.examples == len(lines)
+    audit = (files["state"] / "audit" / "audit.jsonl").read_text()
+    assert f"{data}:2:" in audit
+    assert "Jane Roe" not in audit
+
+    fresh_token = tmp_path / "token-2"
+    fresh_token.write_text(control_plane.issue_token())
+    strict = kit.settings(
+        files,
+        control_plane,
+        embedded_bus,
+        data_files=(data,),
+        strict_data=True,
+        state_dir=tmp_path / "strict-device",
+        token_file=fresh_token,
+        client_id="edge-0002",
+    )
+    with pytest.raises(EdgeClientError, match=rf"local data: {re.escape(str(data))}:2: .*strict mode"):
+        run_client(strict, RunOptions(rounds=1, max_wait_s=60))

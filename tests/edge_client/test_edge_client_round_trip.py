@@ -58,7 +58,9 @@ def test_device_sends_one_signed_update_then_follows_the_new_champion(
     assert message.key == "edge-0001"
     assert report.updates_delivered == [str(envelope.update_id)]
     credential = json.loads((files["state"] / "credential.json").read_text())
-    assert envelope.verify_hmac_sha256(credential["api_token"].encode())
+    # The key is the sha256 of the API token: all the control plane keeps of it (workers/ingest verifies so).
+    assert envelope.verify_hmac_sha256(hashlib.sha256(credential["api_token"].encode()).hexdigest().encode())
+    assert not envelope.verify_hmac_sha256(credential["api_token"].encode())
     assert not envelope.verify_hmac_sha256(b"another device's key")
     client_id, payload = control_plane.payloads[str(envelope.update_id)]
     assert client_id == "edge-0001"

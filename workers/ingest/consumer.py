@@ -1,7 +1,8 @@
 """Ingest loop: one bus message → one database transaction → one offset commit, in that order.
 
 Every envelope ends in exactly one of: buffered (valid, waiting for aggregation), rejected (an Update row with the
-rejection code and message), or refused (no row can be tied to an enrolled device: an audit event records why).
+rejection code and message), or refused (no row can be tied to an enrolled device's new update:
+`record_refused_update` writes an audit event saying why).
 The offset is committed only after the transaction has committed, so a worker killed in between reprocesses the
 message; the Update row's unique update id then turns the second pass into a recorded replay, never a second apply.
 """
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from types import FrameType
-from typing import Any, Literal
+from typing import Literal
 
 from django.conf import settings
 from django.core.exceptions import PermissionDenied, ValidationError
@@ -27,15 +28,15 @@ from django.utils import timezone
 from apps.accounts.models import ApiToken
 from apps.federation.choices import DeviceStatus, RoundStatus, TaskKind, TaskStatus
 from apps.federation.events import bus_settings
-from apps.federation.models import EdgeDevice, Round, TrainingTask, Update
+from apps.federation.models import EdgeDevice, Round, StagedPayload, TrainingTask, Update
 from apps.federation.services import (
     buffer_update,
     create_training_task,
     mark_update_validated,
     receive_update,
+    record_refused_update,
     reject_update,
 )
-from apps.governance.audit import record_audit_event
 from apps.registry.models import ModelVersion
 from fednested.aggregation import RejectionCode, UpdateRejected, validate_update
 from fednested.checkpoints import CheckpointError
@@ -60,6 +61,8 @@ CRASH_POINT_ENV = "FEDNESTED_INGEST_CRASH_POINT"
 CRASH_POINTS = ("after_db_commit",)
 # How often an idle worker looks for rounds whose deadline passed.
 DEADLINE_CHECK_INTERVAL_S = 5.0
+# A round whose aggregation failed this often (it was reopened each time) gets no further automatic attempt.
+MAX_AUTOMATIC_AGGREGATION_ATTEMPTS = 3
 
 OutcomeStatus = Literal["buffered", "rejected", "refused"]
 
@@ -106,11 +109,15 @@ def device_signing_keys(device: EdgeDevice) -> list[bytes]:
 def _refuse(
     message: Message, outcome_code: RejectionCode, text: str, *, envelope: UpdateEnvelope | None
 ) -> IngestOutcome:
-    device = EdgeDevice.objects.filter(client_id=envelope.client_id).first() if envelope is not None else None
-    data: dict[str, Any] = {"code": outcome_code.value, "message": text, "where": message.where(), "key": message.key}
-    if envelope is not None:
-        data |= {"update_id": str(envelope.update_id), "client_id": envelope.client_id}
-    record_audit_event(actor=None, actor_label=ACTOR_LABEL, verb="federation.update.refused", target=device, data=data)
+    record_refused_update(
+        code=outcome_code.value,
+        message=text,
+        where=message.where(),
+        key=message.key,
+        update_id=str(envelope.update_id) if envelope is not None else None,
+        client_id=envelope.client_id if envelope is not None else None,
+        actor_label=ACTOR_LABEL,
+    )
     logger.warning("refused %s (%s): %s", message.where(), outcome_code.value, text)
     return IngestOutcome(
         where=message.where(),
@@ -133,6 +140,13 @@ def _check_identity(envelope: UpdateEnvelope) -> EdgeDevice:
             RejectionCode.BAD_SIGNATURE,
             f"update {envelope.update_id}: signature {envelope.signature[:20]!r}… does not verify under any live key "
             f"of device {device.client_id!r}",
+        )
+    staged = StagedPayload.objects.filter(update_id=str(envelope.update_id)).select_related("device").first()
+    if staged is not None and staged.device_id != device.pk:
+        raise UpdateRejected(
+            RejectionCode.MALFORMED,
+            f"update id {envelope.update_id} was uploaded by device {staged.device.client_id!r}, "
+            f"not {device.client_id!r}",
         )
     return device
 
@@ -212,10 +226,11 @@ def _enqueue_if_ready(round_: Round, now: datetime) -> int | None:
     locked = Round.objects.select_for_update().get(pk=round_.pk)
     if locked.status != RoundStatus.OPEN:
         return None
-    waiting = TrainingTask.objects.filter(
-        round=locked, kind=TaskKind.EXPERT_AGGREGATION, status__in=[TaskStatus.PENDING, TaskStatus.RUNNING]
-    )
-    if waiting.exists():
+    aggregations = TrainingTask.objects.filter(round=locked, kind=TaskKind.EXPERT_AGGREGATION)
+    if aggregations.filter(status__in=[TaskStatus.PENDING, TaskStatus.RUNNING]).exists():
+        return None
+    if aggregations.filter(status=TaskStatus.FAILED).count() >= MAX_AUTOMATIC_AGGREGATION_ATTEMPTS:
+        # A failure that repeats is not transient: an engineer starts the next attempt (POST /api/v1/tasks/).
         return None
     updates = buffered_updates(locked)
     oldest = updates.values_list("received_at", flat=True).first()
@@ -261,6 +276,8 @@ def ingest_message(message: Message, *, now: Callable[[], datetime] = timezone.n
                 raise UpdateRejected(RejectionCode.REPLAYED, f"update {update.update_id} was already received")
         except UpdateRejected as refusal:
             return _refuse(message, refusal.code, refusal.message, envelope=envelope)
+        # An envelope without a round id may have joined the open round on its base version (receive_update).
+        round_ = update.round
         try:
             _check_update(envelope, base, round_)
         except UpdateRejected as rejection:

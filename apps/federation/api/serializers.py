@@ -176,3 +176,18 @@ class UpdateEnvelopeInputSerializer(serializers.Serializer[dict[str, Any]]):
                 {"envelope": "the request body must be a JSON object (an UpdateEnvelope)"}
             )
         return data
+
+
+class HeartbeatSerializer(serializers.Serializer[dict[str, Any]]):
+    """What a device reports after loading a version (docs/api/device-protocol.md §6)."""
+
+    current_version = serializers.CharField(max_length=128)
+
+
+class PayloadReceiptSerializer(serializers.Serializer[dict[str, Any]]):
+    """The claim check of a stored update payload (docs/api/device-protocol.md §3)."""
+
+    update_id = serializers.CharField()
+    uri = serializers.CharField(help_text="artifacts://updates/<client id>/<update id>.safetensors")
+    sha256 = serializers.CharField()
+    bytes = serializers.IntegerField()

@@ -3,11 +3,13 @@
 from datetime import timedelta
 from typing import Any, ClassVar, cast
 
-from django.core.exceptions import PermissionDenied
+from django.conf import settings
 from django.db.models import QuerySet
-from drf_spectacular.utils import OpenApiResponse, extend_schema
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
+from rest_framework.exceptions import PermissionDenied as ApiPermissionDenied
 from rest_framework.permissions import AllowAny
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -31,7 +33,9 @@ from apps.federation.api.serializers import (
     EnrollmentTokenCreateSerializer,
     EnrollmentTokenSerializer,
     EnrollSerializer,
+    HeartbeatSerializer,
     IssuedEnrollmentTokenSerializer,
+    PayloadReceiptSerializer,
     RevokeDeviceSerializer,
     RoundSerializer,
     TrainingTaskSerializer,
@@ -41,18 +45,43 @@ from apps.federation.api.serializers import (
 from apps.federation.choices import RoundStatus
 from apps.federation.models import EdgeDevice, EnrollmentToken, Round, TrainingTask, Update
 from apps.federation.services import (
+    PayloadRefused,
     close_round,
     create_training_task,
     enroll_device,
     issue_enrollment_token,
     open_round,
     receive_update,
+    record_device_heartbeat,
     revoke_device,
+    store_update_payload,
 )
+from apps.registry.storage import artifact_root
 
 ENGINEER = frozenset({Role.ENGINEER})
+DEVICE = frozenset({Role.DEVICE})
 WITH_DEVICES = frozenset({Role.OFFICER, Role.ENGINEER, Role.DEVICE})
 NATURAL_KEY_PATTERN = r"[^/]+"
+SHA256_HEADER = "X-Content-SHA256"
+# Protocol codes of refused uploads (docs/api/device-protocol.md §3) → HTTP status.
+PAYLOAD_REFUSAL_STATUS = {
+    "invalid_update_id": status.HTTP_400_BAD_REQUEST,
+    "sha256_missing": status.HTTP_400_BAD_REQUEST,
+    "sha256_mismatch": status.HTTP_400_BAD_REQUEST,
+    "incomplete_body": status.HTTP_400_BAD_REQUEST,
+    "revoked_client": status.HTTP_403_FORBIDDEN,
+    "not_owner": status.HTTP_403_FORBIDDEN,
+    "conflict": status.HTTP_409_CONFLICT,
+    "oversized": status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
+}
+
+
+def requesting_device(request: Request, doing: str) -> EdgeDevice:
+    """The enrolled device the request authenticates as; 403 for anyone else (admins included: they are no device)."""
+    device = EdgeDevice.objects.filter(user=cast(User, request.user)).select_related("user").first()
+    if device is None:
+        raise ApiPermissionDenied(f"only an enrolled device {doing}", code="not_a_device")
+    return device
 
 
 class EdgeDeviceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet[EdgeDevice]):
@@ -66,6 +95,7 @@ class EdgeDeviceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewse
         "list": WITH_DEVICES,
         "retrieve": WITH_DEVICES,
         "revoke": ENGINEER,
+        "heartbeat": DEVICE,
     }
 
     def get_queryset(self) -> QuerySet[EdgeDevice]:
@@ -73,6 +103,20 @@ class EdgeDeviceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewse
         if role_of(self.request.user) == Role.DEVICE:
             return queryset.filter(user=cast(User, self.request.user))
         return queryset
+
+    @extend_schema(request=HeartbeatSerializer, responses=EdgeDeviceSerializer)
+    @action(detail=True, methods=["post"])
+    def heartbeat(self, request: Request, client_id: str) -> Response:
+        """The device reports the version it runs (after loading one); sets current_version and last_seen."""
+        device = requesting_device(request, "reports its version")
+        if device.client_id != client_id:
+            raise ApiPermissionDenied(
+                f"you are device {device.client_id!r}; a device reports for itself only", code="not_owner"
+            )
+        serializer = HeartbeatSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        device = record_device_heartbeat(device, current_version=serializer.validated_data["current_version"])
+        return Response(EdgeDeviceSerializer(device).data)
 
     @extend_schema(request=RevokeDeviceSerializer, responses=EdgeDeviceSerializer)
     @action(detail=True, methods=["post"])
@@ -207,7 +251,8 @@ class UpdateViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.G
     action_roles: ClassVar[dict[str, frozenset[Role]]] = {
         "list": WITH_DEVICES,
         "retrieve": WITH_DEVICES,
-        "create": frozenset({Role.DEVICE}),
+        "create": DEVICE,
+        "payload": DEVICE,
     }
 
     def get_queryset(self) -> QuerySet[Update]:
@@ -220,11 +265,43 @@ class UpdateViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.G
     def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         serializer = UpdateEnvelopeInputSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        device = EdgeDevice.objects.filter(user=cast(User, request.user)).first()
-        if device is None:
-            # An admin has every API right but is no device; updates are tied to an enrolled device.
-            raise PermissionDenied("only an enrolled device submits updates")
+        # An admin has every API right but is no device; updates are tied to an enrolled device.
+        device = requesting_device(request, "submits updates")
         update, created = receive_update(serializer.validated_data, device=device)
         return Response(
             UpdateSerializer(update).data, status=status.HTTP_201_CREATED if created else status.HTTP_200_OK
         )
+
+    @extend_schema(
+        request={"application/octet-stream": OpenApiTypes.BINARY},
+        parameters=[
+            OpenApiParameter(SHA256_HEADER, str, OpenApiParameter.HEADER, required=True, description="sha256 (hex)")
+        ],
+        responses={201: PayloadReceiptSerializer, 200: PayloadReceiptSerializer},
+    )
+    @action(detail=True, methods=["put"])
+    def payload(self, request: Request, update_id: str) -> Response:
+        """Upload the update's adapter payload (claim check): 201 stored, 200 the same bytes were already stored."""
+        device = requesting_device(request, "uploads update payloads")
+        raw_length = request.META.get("CONTENT_LENGTH") or ""
+        try:
+            content_length = int(raw_length) if raw_length.strip() else None
+        except ValueError:
+            content_length = None
+        try:
+            receipt = store_update_payload(
+                device,
+                update_id,
+                # Read straight from the WSGI/ASGI input, in chunks: the body never sits in memory whole.
+                request._request,
+                declared_sha256=request.headers.get(SHA256_HEADER, ""),
+                content_length=content_length,
+                max_bytes=settings.FEDNESTED_MAX_UPDATE_BYTES,
+                root=artifact_root(),
+            )
+        except PayloadRefused as refusal:
+            return Response(
+                {"detail": refusal.message, "code": refusal.code}, status=PAYLOAD_REFUSAL_STATUS[refusal.code]
+            )
+        body = {"update_id": receipt.update_id, "uri": receipt.uri, "sha256": receipt.sha256, "bytes": receipt.bytes}
+        return Response(body, status=status.HTTP_201_CREATED if receipt.created else status.HTTP_200_OK)

@@ -6,7 +6,7 @@ from rest_framework import serializers
 
 from apps.accounts.models import User
 from apps.registry.choices import ArtifactPartition
-from apps.registry.models import Alias, LineageEdge, ModelFamily, ModelVersion, VersionArtifact
+from apps.registry.models import Alias, LineageEdge, ModelFamily, ModelVersion, VersionArtifact, VersionEvaluation
 
 
 class ModelFamilySerializer(serializers.ModelSerializer[ModelFamily]):
@@ -106,3 +106,28 @@ class AliasSerializer(serializers.ModelSerializer[Alias]):
 
 class AliasMoveSerializer(serializers.Serializer[dict[str, Any]]):
     version = serializers.SlugRelatedField[ModelVersion](slug_field="version_id", queryset=ModelVersion.objects.all())
+
+
+class VersionEvaluationSerializer(serializers.ModelSerializer[VersionEvaluation]):
+    """One domain's held-out scores of a version, beside its parent's (before/after)."""
+
+    parent_version = serializers.SlugRelatedField[ModelVersion](slug_field="version_id", read_only=True)
+    loss_change = serializers.FloatField(read_only=True, allow_null=True, help_text="loss − parent_loss.")
+
+    class Meta:
+        model = VersionEvaluation
+        fields = (
+            "domain",
+            "loss",
+            "perplexity",
+            "tokens",
+            "records",
+            "parent_version",
+            "parent_loss",
+            "parent_perplexity",
+            "loss_change",
+            "heldout",
+            "evaluated_by_label",
+            "evaluated_at",
+        )
+        read_only_fields = fields

@@ -1,12 +1,23 @@
-"""REST views of the registry: families, versions (with lineage) and aliases. Writes go through registry.services."""
+"""REST views of the registry: families, versions (with lineage, evaluations and files) and aliases.
 
+Writes go through registry.services; version files are streamed from the artifact store.
+"""
+
+import json
+import logging
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from django.core.exceptions import PermissionDenied
 from django.db.models import QuerySet
-from drf_spectacular.utils import extend_schema
+from django.http import FileResponse, HttpResponse
+from django.http.response import HttpResponseBase
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
+from rest_framework.exceptions import NotFound
+from rest_framework.renderers import BaseRenderer, JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
 
@@ -21,12 +32,24 @@ from apps.registry.api.serializers import (
     ModelFamilySerializer,
     ModelVersionCreateSerializer,
     ModelVersionSerializer,
+    VersionEvaluationSerializer,
 )
 from apps.registry.choices import CHAMPION_ALIAS
 from apps.registry.models import Alias, ModelFamily, ModelVersion
-from apps.registry.services import ArtifactSpec, create_model_family, move_alias, register_version
+from apps.registry.services import (
+    MANIFEST_FILE_NAME,
+    ArtifactSpec,
+    canonical_manifest_bytes,
+    create_model_family,
+    move_alias,
+    register_version,
+)
+from apps.registry.storage import artifact_path, artifact_root, file_inside
+
+logger = logging.getLogger(__name__)
 
 ENGINEER = frozenset({Role.ENGINEER})
+WITH_DEVICES = frozenset({Role.OFFICER, Role.ENGINEER, Role.DEVICE})
 # Lookups by natural key; ids may contain dots, which DRF's default lookup pattern excludes.
 NATURAL_KEY_PATTERN = r"[^/]+"
 
@@ -61,8 +84,25 @@ class ModelFamilyViewSet(
         return Response(ModelFamilySerializer(family).data, status=status.HTTP_201_CREATED)
 
 
+class OctetStreamRenderer(BaseRenderer):
+    """Lets a client that asks for `application/octet-stream` download files; error bodies stay JSON."""
+
+    media_type = "application/octet-stream"
+    format = "bin"
+    charset = None
+    render_style = "binary"
+
+    def render(self, data: Any, accepted_media_type: str | None = None, renderer_context: Any = None) -> bytes:
+        if isinstance(data, bytes):
+            return data
+        return json.dumps(data).encode("utf-8")
+
+
 class ModelVersionViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet[ModelVersion]):
-    """Model versions, immutable once registered: everyone but devices reads; engineers register."""
+    """Model versions, immutable once registered: everyone but devices reads; engineers register.
+
+    Devices download the files of the champion only (docs/api/device-protocol.md §2).
+    """
 
     queryset = ModelVersion.objects.select_related("family", "parent").prefetch_related("artifacts", "aliases").all()
     serializer_class = ModelVersionSerializer
@@ -73,8 +113,17 @@ class ModelVersionViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, view
         "list": EVERY_ROLE_BUT_DEVICE,
         "retrieve": EVERY_ROLE_BUT_DEVICE,
         "lineage": EVERY_ROLE_BUT_DEVICE,
+        "evaluations": EVERY_ROLE_BUT_DEVICE,
+        "files": WITH_DEVICES,
         "create": ENGINEER,
     }
+
+    def get_queryset(self) -> QuerySet[ModelVersion]:
+        queryset = super().get_queryset()
+        if role_of(self.request.user) == Role.DEVICE:
+            # What an officer approved is what reaches devices: the version the champion alias names now.
+            return queryset.filter(aliases__name=CHAMPION_ALIAS)
+        return queryset
 
     @extend_schema(request=ModelVersionCreateSerializer, responses={201: ModelVersionSerializer})
     def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:
@@ -106,6 +155,61 @@ class ModelVersionViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, view
             "children": list(version.children.values_list("version_id", flat=True)),
         }
         return Response(LineageSerializer(lineage).data)
+
+    @extend_schema(responses=VersionEvaluationSerializer(many=True))
+    @action(detail=True, methods=["get"], pagination_class=None, filterset_class=None)
+    def evaluations(self, request: Request, version_id: str) -> Response:
+        """The version's per-domain held-out scores with its parent's on the same sets (empty: not evaluated)."""
+        version = self.get_object()
+        rows = version.evaluations.select_related("parent_version").order_by("domain")
+        return Response(VersionEvaluationSerializer(rows, many=True).data)
+
+    @extend_schema(
+        responses={
+            (200, "application/octet-stream"): OpenApiResponse(OpenApiTypes.BINARY, description="The file's bytes."),
+            404: OpenApiResponse(description="No such version (for devices: not the champion) or file."),
+        }
+    )
+    @action(
+        detail=True,
+        methods=["get"],
+        url_path=r"files/(?P<file_name>.+)",
+        renderer_classes=[JSONRenderer, OctetStreamRenderer],
+        filterset_class=None,
+    )
+    def files(self, request: Request, version_id: str, file_name: str) -> HttpResponseBase:
+        """One file of the version, as stored: only files the version lists, plus `manifest.json`."""
+        version = self.get_object()
+        artifact = version.artifacts.filter(file_name=file_name).first()
+        if artifact is None and file_name == MANIFEST_FILE_NAME:
+            # The version lists no manifest file of its own: its manifest_sha256 is that of the canonical JSON.
+            return HttpResponse(canonical_manifest_bytes(version.manifest), content_type="application/octet-stream")
+        if artifact is None:
+            raise NotFound(f"version {version.version_id!r} has no file {file_name!r}")
+        try:
+            path = file_inside(artifact_path(version.artifact_uri, artifact_root()), file_name)
+        except ValueError as error:
+            return _store_fault(version, file_name, f"cannot be served from the artifact store: {error}")
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return _store_fault(version, file_name, f"is registered but missing from the artifact store ({path})")
+        if size != artifact.size_bytes:
+            return _store_fault(
+                version, file_name, f"has {size} bytes in the artifact store, the registry says {artifact.size_bytes}"
+            )
+        response = FileResponse(path.open("rb"), content_type="application/octet-stream")
+        response["Content-Length"] = str(size)
+        response["X-Content-SHA256"] = artifact.sha256
+        return response
+
+
+def _store_fault(version: ModelVersion, file_name: str, problem: str) -> Response:
+    """A registered file the store cannot hand out: the server's fault (500), logged for the operators."""
+    detail = f"file {file_name!r} of version {version.version_id!r} {problem}"
+    logger.error("%s", detail)
+    body: Mapping[str, str] = {"detail": detail, "code": "artifact_unavailable"}
+    return Response(body, status=status.HTTP_500_INTERNAL_SERVER_ERROR)
 
 
 class AliasViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet[Alias]):

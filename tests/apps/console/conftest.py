@@ -5,13 +5,15 @@ from typing import Any
 
 import pytest
 
-from apps.console.evaluation import EVALUATED_VERB
 from apps.federation.services import receive_update, reject_update
-from apps.governance.audit import record_audit_event
 from apps.governance.services import request_approval
 from apps.registry.choices import CHAMPION_ALIAS, VersionStatus
 from apps.registry.models import ModelFamily, ModelVersion
-from apps.registry.services import move_alias, register_version, set_version_status
+from apps.registry.services import (
+    move_alias,
+    register_version,
+    set_version_status,
+)
 from tests.conftest import Member, make_artifacts, make_manifest
 
 PASSWORD = "console-test-password-1"

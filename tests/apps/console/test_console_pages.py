@@ -8,15 +8,15 @@ from django.urls import reverse
 
 from apps.accounts.choices import Role
 from apps.accounts.models import User
-from apps.console.evaluation import EVALUATED_VERB, compare_domains, domain_losses
+from apps.console.evaluation import DomainComparison, domain_losses
 from apps.federation.models import EdgeDevice, Update
-from apps.governance.audit import record_audit_event
 from apps.governance.choices import ApprovalStatus
 from apps.governance.models import ApprovalRequest, AuditEvent
 from apps.governance.services import request_approval
 from apps.registry.choices import CHAMPION_ALIAS, VersionStatus
 from apps.registry.models import Alias, ModelVersion
-from tests.conftest import Member
+from apps.registry.services import DomainEvaluation, record_version_evaluation, register_version
+from tests.conftest import Member, make_artifacts, make_manifest
 
 
 def _signed_in(member: Member) -> Client:
@@ -182,21 +182,16 @@ def test_audit_log_is_for_officers(cast: dict[str, Member], scene: dict[str, Any
     assert "registry.alias.moved" not in html
 
 
-def test_compare_domains_reports_every_domain_and_missing_sides() -> None:
-    rows = compare_domains(
-        {"a": {"loss": 1.0, "perplexity": 2.7}, "b": {"loss": float("nan")}}, {"a": {"loss": 2.0}, "c": {"loss": 1.0}}
-    )
-    assert [row.domain for row in rows] == ["a", "b", "c"]
-    a, b, c = rows
-    assert a.loss_delta == -1.0
-    assert a.relative_change == -0.5
-    assert a.verdict == "better"
-    assert b.loss is None
-    assert b.verdict == "unknown"
-    assert c.loss is None
-    assert c.parent_loss == 1.0
-    assert c.verdict == "unknown"
-    assert compare_domains(None, None) == []
+def test_comparison_verdicts_follow_the_relative_change() -> None:
+    better = DomainComparison("a", loss=1.0, parent_loss=2.0, perplexity=2.7, parent_perplexity=7.4)
+    assert better.loss_delta == -1.0
+    assert better.relative_change == -0.5
+    assert better.verdict == "better"
+    assert DomainComparison("b", 2.004, 2.0, None, None).verdict == "same"  # within evaluation noise
+    assert DomainComparison("c", 2.2, 2.0, None, None).verdict == "worse"
+    unknown = DomainComparison("d", 1.0, None, None, None)
+    assert unknown.loss_delta is None
+    assert unknown.verdict == "unknown"
 
 
 def test_devices_show_their_current_version(cast: dict[str, Member], scene: dict[str, Any]) -> None:
@@ -208,22 +203,36 @@ def test_devices_show_their_current_version(cast: dict[str, Member], scene: dict
     assert Update.objects.count() == 2
 
 
-def test_the_newest_evaluation_counts_and_unevaluated_versions_say_so(
+def test_a_new_evaluation_replaces_the_old_and_unevaluated_versions_say_so(
     cast: dict[str, Member], scene: dict[str, Any]
 ) -> None:
     v2 = scene["v2"]
-    record_audit_event(
-        actor=None,
+    # Recorded without the parent's scores: the page falls back to the parent's own evaluation of the domain.
+    record_version_evaluation(
+        v2,
+        [DomainEvaluation(domain="cooking", loss=1.5, perplexity=4.48, tokens=100)],
         actor_label="worker:evaluation",
-        verb=EVALUATED_VERB,
-        target=v2,
-        data={"domains": {"cooking": {"loss": 1.5, "perplexity": 4.48}}, "parent_domains": None},
     )
     assert domain_losses(v2) == {"cooking": 1.5}
-    # Without the parent's scores in the record, the page falls back to the parent's own latest evaluation.
     table = _signed_in(cast["officer"]).get(reverse("console:version-detail", args=["v2"])).content.decode()
     assert '<td class="num delta-better">−1.500</td>' in table
-    AuditEvent.objects.filter(verb=EVALUATED_VERB).delete()
-    page = _signed_in(cast["officer"]).get(reverse("console:version-detail", args=["v2"])).content.decode()
+    assert "legal" not in table.split('id="evaluation-title"')[1].split("</table>")[0]
+    fresh = version_factory_free(scene["v1"])
+    page = _signed_in(cast["officer"]).get(reverse("console:version-detail", args=[fresh.version_id])).content.decode()
     assert "This version has not been evaluated yet." in page
-    assert domain_losses(v2) == {}
+    assert domain_losses(fresh) == {}
+
+
+def version_factory_free(parent: ModelVersion) -> ModelVersion:
+    """A child version that nobody evaluated."""
+    artifacts = make_artifacts("v3")
+    return register_version(
+        family=parent.family,
+        version_id="v3",
+        manifest=make_manifest("v3", parent.version_id, artifacts),
+        artifacts=artifacts,
+        artifact_uri="file:///artifacts/v3",
+        parent=parent,
+        actor=None,
+        actor_label="tests",
+    )

@@ -81,9 +81,9 @@ def test_engineer_registers_family_and_versions_and_reads_lineage(cast: dict[str
         ({"family": "no-such-family"}, "family", "does not exist"),
         ({"parent": "tiny-moe-v404"}, "parent", "does not exist"),
         (
-            {"artifacts": [{"file_name": "e", "sha256": SHA, "size_bytes": 1, "partition": "expert"}]},
+            {"artifacts": [{"file_name": "e", "sha256": SHA, "size_bytes": 1, "partition": "expert", "layer": 0}]},
             "artifacts",
-            "layer and expert_index are required",
+            "layer and expert_index go together",
         ),
     ],
 )

@@ -19,6 +19,7 @@ from fednested.adapters import (
     expert_lora_config,
     load_adapter_state_dict,
     routed_experts_forward,
+    set_expert_recompute,
     trainable_parameters,
 )
 from fednested.models import FAMILIES, build_model
@@ -209,3 +210,21 @@ def test_attaching_twice_is_refused() -> None:
         attach_expert_adapters(model, ExpertLoraConfig())
     with pytest.raises(AdapterError, match="no expert adapters"):
         adapter_state_dict(copy.deepcopy(build_model()))
+
+
+def test_recomputing_expert_activations_gives_the_same_loss_and_gradients() -> None:
+    ids = token_batch(seed=2)
+    results = []
+    for recompute in (False, True):
+        model = attach_expert_adapters(build_model(), ExpertLoraConfig(rank=4, dropout=0.1))
+        load_adapter_state_dict(model, {k: torch.full_like(v, 0.01) for k, v in adapter_state_dict(model).items()})
+        assert set_expert_recompute(model, recompute) == 2
+        model.train()
+        torch.manual_seed(0)
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in trainable_parameters(model)]))
+    (loss_plain, grads_plain), (loss_recomputed, grads_recomputed) = results
+    assert torch.equal(loss_plain, loss_recomputed)
+    for plain, recomputed in zip(grads_plain, grads_recomputed, strict=True):
+        torch.testing.assert_close(recomputed, plain, rtol=0, atol=1e-7)

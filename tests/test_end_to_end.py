@@ -1,0 +1,658 @@
+"""Issue #4 end to end on the real services: PostgreSQL, Redis (Celery broker) and Apache Kafka.
+
+Everything runs as it would in a deployment, each piece in its own process: the control plane (pytest-django's live
+server), the ingest worker (`python -m workers.ingest`), a Celery worker for aggregation and evaluation, and edge
+devices (`python -m fednested tier2 run-client`). The test drives them only through what operators use: services
+for setting up the registry, the REST API (officer token) for the approval, the bus for envelopes, the console.
+
+1. Three devices in three domains → updates → candidate → per-domain evaluation → approval through the REST API →
+   every device on the new version (API and the clients' own state); the candidate beats its parent on the
+   devices' domains.
+2. The bad-input matrix through Kafka and the separate ingest worker: each bad envelope is rejected (Update row) or
+   refused (audit event) with its reason, visible in the API and in the console; both valid updates around them
+   are buffered; the worker keeps running. A payload the device's sidecar refuses never leaves the device.
+"""
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import pytest
+import torch
+import yaml
+from confluent_kafka import Producer
+from django.conf import settings as django_settings
+from django.db import connection
+from django.test import Client
+from django.utils import timezone
+from rest_framework.test import APIClient
+from safetensors.torch import save as save_safetensors
+
+from apps.accounts.choices import Role
+from apps.accounts.models import User
+from apps.accounts.services import create_user_with_role, issue_api_token
+from apps.console.evaluation import latest_evaluation
+from apps.demo.bootstrap import BootstrapConfig, FirstVersion, build_first_version, demo_corpus, heldout_by_domain
+from apps.demo.devices import DemoDevice, EdgeTrainingPlan, client_command, client_report, prepare_device
+from apps.demo.processes import ManagedProcess, start_process
+from apps.demo.run import register_first_version
+from apps.federation.choices import UpdateStatus
+from apps.federation.models import EdgeDevice, Update
+from apps.federation.services import enroll_device, issue_enrollment_token, open_round, revoke_device
+from apps.governance.choices import ApprovalStatus
+from apps.governance.models import ApprovalRequest, AuditEvent
+from apps.governance.services import approve_version, request_approval
+from apps.registry.models import ModelVersion
+from apps.registry.services import ArtifactSpec, register_version
+from edge_client.state import StateDir
+from fednested.adapters.lora import ExpertLoraConfig, adapter_key
+from fednested.checkpoints import read_manifest
+from fednested.data import write_jsonl
+from fednested.deltas import expert_param_shapes
+from fednested.messaging import Topic, UpdateEnvelope
+from fednested.messaging.bus import bootstrap_topics, make_bus
+from fednested.messaging.settings import KafkaBusSettings
+from fednested.messaging.topics import TopicsConfig
+from fednested.models import build_model
+
+pytestmark = [pytest.mark.services, pytest.mark.kafka, pytest.mark.slow, pytest.mark.timeout(1500)]
+
+HOW_TO_START = "start them with `scripts/services.sh start && source var/services/env.sh`"
+DOMAINS = ("medical", "legal", "recipes")
+ADAPTER = ExpertLoraConfig(rank=2, alpha=4)
+WAIT_S = 600.0
+T = TypeVar("T")
+
+
+def service_setting(name: str, *, scheme: str | None = None) -> str:
+    """Environment variable `name` from scripts/services.sh; fails (FEDNESTED_REQUIRE_SERVICES=1) or skips if unset."""
+    value = os.environ.get(name, "")
+    if value and (scheme is None or value.startswith(scheme)):
+        return value
+    problem = f"{name} is not set" if not value else f"{name}={value!r} is not a {scheme} URL"
+    if os.environ.get("FEDNESTED_REQUIRE_SERVICES") == "1":
+        pytest.fail(f"{problem}, but FEDNESTED_REQUIRE_SERVICES=1 says the services must be there; {HOW_TO_START}")
+    pytest.skip(f"{problem}: the end-to-end test needs PostgreSQL, Redis and Kafka; {HOW_TO_START}")
+
+
+def child_database_url() -> str:
+    """A URL for the database pytest-django created (test_<name>), so child processes share the test's rows."""
+    settings_dict = connection.settings_dict
+    credentials = quote(settings_dict["USER"]) + (
+        f":{quote(settings_dict['PASSWORD'])}" if settings_dict["PASSWORD"] else ""
+    )
+    netloc = f"{credentials}@{settings_dict['HOST']}:{settings_dict['PORT']}"
+    return urlunsplit(("postgres", netloc, "/" + settings_dict["NAME"], "", ""))
+
+
+def private_broker_url(url: str) -> str:
+    """The Celery broker on a Redis database of its own (8-15), so no other test run's worker takes our tasks."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{random.randint(8, 15)}", "", ""))
+
+
+@dataclass
+class ControlPlane:
+    """The running system of one test: settings, child processes, and the people who operate it."""
+
+    root: Path
+    url: str
+    env: dict[str, str]
+    bus_settings: KafkaBusSettings
+    officer: User
+    officer_token: str
+    engineer: User
+    processes: list[ManagedProcess] = field(default_factory=list)
+
+    @property
+    def artifacts(self) -> Path:
+        return self.root / "artifacts"
+
+    def start(self, name: str, argv: list[str], *, cwd: Path | None = None) -> ManagedProcess:
+        process = start_process(
+            name, argv, env=self.env, log_path=self.root / "logs" / f"{name}.log", cwd=cwd or self.root
+        )
+        self.processes.append(process)
+        return process
+
+    def start_ingest_worker(self) -> ManagedProcess:
+        return self.start("ingest-worker", [sys.executable, "-m", "workers.ingest", "--poll-timeout", "0.5"])
+
+    def start_celery_worker(self) -> ManagedProcess:
+        return self.start(
+            "celery-worker",
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "controlplane",
+                "worker",
+                "--pool",
+                "solo",
+                "--queues",
+                "aggregation,evaluation",
+                "--hostname",
+                f"e2e-{uuid.uuid4().hex[:8]}@%h",
+                "--loglevel",
+                "INFO",
+            ],
+        )
+
+    def api(self) -> APIClient:
+        client = APIClient()
+        client.credentials(HTTP_AUTHORIZATION=f"Token {self.officer_token}")
+        return client
+
+    def wait_for(self, what: str, check: Callable[[], T | None], *, timeout_s: float = WAIT_S) -> T:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for process in self.processes:
+                if not process.running and process.popen.returncode not in (0,):
+                    raise AssertionError(str(process.failure("stopped while waiting for " + what)))
+            result = check()
+            if result is not None:
+                return result
+            time.sleep(1.0)
+        tails = "\n".join(f"--- {p.name} ({p.log_path}):\n{p.log_tail(15)}" for p in self.processes)
+        raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}\n{tails}")
+
+
+@pytest.fixture
+def control_plane(transactional_db: Any, live_server: Any, settings: Any, tmp_path: Path) -> Iterator[ControlPlane]:
+    """Kafka topics under a fresh prefix, an artifact store, the officer and engineer; stops every child it started."""
+    if connection.vendor != "postgresql":
+        service_setting("DATABASE_URL", scheme="postgres")
+        pytest.fail(
+            f"DATABASE_URL is set but the tests run on {connection.vendor}; the end-to-end test needs PostgreSQL"
+        )
+    bootstrap = service_setting("FEDNESTED_KAFKA_BOOTSTRAP")
+    broker = private_broker_url(service_setting("CELERY_BROKER_URL", scheme="redis"))
+    prefix = f"e2e-{uuid.uuid4().hex[:10]}."
+    bus_settings = KafkaBusSettings(bootstrap_servers=bootstrap, topics=TopicsConfig(prefix=prefix))
+    bootstrap_topics(bus_settings)
+    artifacts = tmp_path / "artifacts"
+    artifacts.mkdir()
+    settings.FEDNESTED_BUS = "kafka"
+    settings.FEDNESTED_KAFKA_BOOTSTRAP = bootstrap
+    settings.FEDNESTED_TOPIC_PREFIX = prefix
+    settings.FEDNESTED_ARTIFACT_ROOT = artifacts
+    env = {
+        **os.environ,
+        "DATABASE_URL": child_database_url(),
+        "CELERY_BROKER_URL": broker,
+        "FEDNESTED_BUS": "kafka",
+        "FEDNESTED_KAFKA_BOOTSTRAP": bootstrap,
+        "FEDNESTED_TOPIC_PREFIX": prefix,
+        "FEDNESTED_ARTIFACT_ROOT": str(artifacts),
+        "PYTHONPATH": os.pathsep.join([str(django_settings.BASE_DIR), *filter(None, [os.environ.get("PYTHONPATH")])]),
+        "PYTHONUNBUFFERED": "1",
+    }
+    officer = create_user_with_role(username="olivia", role=Role.OFFICER, actor=None, actor_label="e2e")
+    _, officer_token = issue_api_token(officer, actor=None, actor_label="e2e", name="e2e")
+    engineer = create_user_with_role(username="eric", role=Role.ENGINEER, actor=None, actor_label="e2e")
+    plane = ControlPlane(
+        root=tmp_path,
+        url=live_server.url,
+        env=env,
+        bus_settings=bus_settings,
+        officer=officer,
+        officer_token=officer_token,
+        engineer=engineer,
+    )
+    try:
+        yield plane
+    finally:
+        for process in reversed(plane.processes):
+            process.stop(timeout_s=15)
+
+
+@pytest.fixture(scope="module")
+def first_version_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """v1 (tiny model, tokenizer, briefly pre-trained) and held-out sets, built once and copied into each store."""
+    root = tmp_path_factory.mktemp("e2e-template")
+    config = BootstrapConfig(train_samples=48, heldout_samples=8, pretrain_steps=6, vocab_size=512, seq_len=96)
+    corpus = demo_corpus(config)
+    build_first_version(corpus, config, root / "versions" / "v1")
+    for domain, records in heldout_by_domain(corpus).items():
+        write_jsonl(root / "heldout" / f"{domain}.jsonl", records)
+    for domain in DOMAINS:
+        write_jsonl(root / "train" / f"{domain}.jsonl", corpus[domain].mixed_records("train"))
+    return root
+
+
+def install_champion(plane: ControlPlane, template: Path) -> ModelVersion:
+    """Copy v1 into the store, register it as an engineer, and promote it: eric requests, olivia approves."""
+    shutil.copytree(template / "versions", plane.artifacts / "versions")
+    shutil.copytree(template / "heldout", plane.artifacts / "heldout")
+    directory = plane.artifacts / "versions" / "v1"
+    first = FirstVersion(manifest=read_manifest(directory), directory=directory, pretraining=None)
+    version = register_first_version(first, plane.engineer)
+    approve_version(request_approval(version, actor=plane.engineer), actor=plane.officer, reason="baseline")
+    version.refresh_from_db()
+    return version
+
+
+# --- 1. the federated loop ----------------------------------------------------------------------------------------
+
+
+def test_devices_train_officer_approves_over_the_api_and_every_device_moves(
+    control_plane: ControlPlane, first_version_template: Path
+) -> None:
+    plane = control_plane
+    v1 = install_champion(plane, first_version_template)
+    round_ = open_round(
+        base_version=v1,
+        buffer_size_k=len(DOMAINS),
+        deadline_at=timezone.now() + timedelta(seconds=WAIT_S),
+        actor=plane.engineer,
+        round_id="e2e-round-1",
+    )
+    candidate_id = f"{round_.round_id}-candidate"
+    devices = []
+    for index, domain in enumerate(DOMAINS, start=1):
+        device = DemoDevice(client_id=f"e2e-{domain}", domain=domain, directory=plane.root / "devices" / domain)
+        _, token = issue_enrollment_token(actor=plane.engineer, note=device.client_id, domain=domain)
+        config_path = prepare_device(
+            device,
+            records=[],
+            enrollment_token=token,
+            control_plane_url=plane.url,
+            bus_path=plane.root / "unused-embedded-bus.sqlite3",
+            plan=EdgeTrainingPlan(max_steps=10, seq_len=96, rows_per_batch=4, learning_rate=1e-2),
+            seed=index,
+        )
+        shutil.copy(first_version_template / "train" / f"{domain}.jsonl", device.directory / "data" / "train.jsonl")
+        use_kafka(config_path, plane.bus_settings)
+        devices.append(device)
+    plane.start_celery_worker()
+    plane.start_ingest_worker()
+    clients = {
+        device.client_id: plane.start(
+            f"client-{device.domain}",
+            client_command(device, rounds=1, until_version=candidate_id, max_wait_s=WAIT_S),
+            cwd=device.directory,
+        )
+        for device in devices
+    }
+
+    candidate = plane.wait_for(
+        f"candidate {candidate_id}", lambda: ModelVersion.objects.filter(version_id=candidate_id).first()
+    )
+    request = plane.wait_for(
+        "the evaluation's approval request",
+        lambda: ApprovalRequest.objects.filter(version=candidate, status=ApprovalStatus.PENDING).first(),
+    )
+    assert request.requested_by == plane.engineer  # the engineer who opened the round asks; an officer decides
+    applied = Update.objects.filter(applied_in=candidate)
+    assert sorted(applied.values_list("device__client_id", flat=True)) == sorted(d.client_id for d in devices)
+
+    # The officer decides through the REST API with their token.
+    response = plane.api().post(
+        f"/api/v1/approvals/{request.pk}/approve/", {"reason": "all three domains improve"}, format="json"
+    )
+    assert response.status_code == 200, response.content
+    candidate.refresh_from_db()
+    assert candidate.status == "champion"
+
+    for client_id, process in clients.items():
+        plane.wait_for(f"{client_id} to finish", lambda p=process: True if not p.running else None)
+        assert process.popen.returncode == 0, process.log_tail()
+        report = client_report(process.log_path)
+        assert report is not None, process.log_tail()
+        assert report["current_version"] == candidate_id
+        assert report["trained_on"] == ["v1"]
+        assert len(report["updates_delivered"]) == 1
+    # The clients' own state says so too …
+    for device in devices:
+        assert StateDir(device.state_dir).current_version() == candidate_id
+    # … and so does the control plane's device list.
+    listed = plane.api().get("/api/v1/devices/").json()
+    rows = listed["results"] if isinstance(listed, dict) else listed
+    assert {row["client_id"]: row["current_version"] for row in rows} == {d.client_id: candidate_id for d in devices}
+
+    # The candidate is better than its parent where the devices trained, measured on held-out data.
+    evaluation = latest_evaluation(candidate)
+    assert evaluation is not None
+    assert evaluation.parent_scores is not None
+    for domain in DOMAINS:
+        assert evaluation.scores[domain]["loss"] < evaluation.parent_scores[domain]["loss"], domain
+    # The console shows the same table to an officer.
+    console = Client()
+    console.force_login(plane.officer)
+    page = console.get(f"/versions/{candidate_id}/").content.decode()
+    for domain in DOMAINS:
+        assert f'<th scope="row">{domain}</th>' in page
+    assert "▼ better" in page
+
+
+def use_kafka(config_path: Path, bus_settings: KafkaBusSettings) -> None:
+    """Point a device config at the Kafka broker (with the test's topic prefix) instead of the embedded bus."""
+    config = yaml.safe_load(config_path.read_text())
+    config["bus"] = {
+        "kind": "kafka",
+        "bootstrap_servers": bus_settings.bootstrap_servers,
+        "topics": {"prefix": bus_settings.topics.prefix},
+    }
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+# --- 2. bad input, end to end ---------------------------------------------------------------------------------------
+
+
+def promote_child(plane: ControlPlane, parent: ModelVersion, version_id: str) -> ModelVersion:
+    """Register `version_id` as a child of `parent` sharing its files (enough for lineage) and make it champion."""
+    manifest = {**parent.manifest, "version_id": version_id, "parent_version": parent.version_id}
+    child = register_version(
+        family=parent.family,
+        version_id=version_id,
+        manifest=manifest,
+        artifacts=[
+            ArtifactSpec(
+                file_name=a.file_name,
+                sha256=a.sha256,
+                size_bytes=a.size_bytes,
+                partition=a.partition,
+                layer=a.layer,
+                expert_index=a.expert_index,
+            )
+            for a in parent.artifacts.all()
+        ],
+        artifact_uri=parent.artifact_uri,
+        actor=plane.engineer,
+        parent=parent,
+    )
+    approve_version(request_approval(child, actor=plane.engineer), actor=plane.officer, reason="newer champion")
+    return child
+
+
+@dataclass
+class Sender:
+    """An enrolled device as the bad-input test plays it: its row and its signing key."""
+
+    device: EdgeDevice
+    api_token: str
+
+    @property
+    def signing_key(self) -> bytes:
+        # workers.ingest verifies with the SHA-256 (hex) of the device's API token, which is all the server keeps.
+        return hashlib.sha256(self.api_token.encode()).hexdigest().encode()
+
+
+def enroll(plane: ControlPlane, client_id: str) -> Sender:
+    _, token = issue_enrollment_token(actor=plane.engineer, note=client_id)
+    enrollment = enroll_device(token=token, client_id=client_id, domain="legal")
+    return Sender(device=enrollment.device, api_token=enrollment.api_token)
+
+
+def adapters_for(shapes: dict[str, tuple[int, int, int]], seed: int) -> dict[str, torch.Tensor]:
+    """Small random LoRA factors for expert 1 of every adapted parameter, under fednested's wire names."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for param, (_, out_features, in_features) in sorted(shapes.items()):
+        tensors[adapter_key(param, 1, "lora_A")] = torch.randn(ADAPTER.rank, in_features, generator=generator) * 0.01
+        tensors[adapter_key(param, 1, "lora_B")] = torch.randn(out_features, ADAPTER.rank, generator=generator) * 0.01
+    return tensors
+
+
+def store_payload(plane: ControlPlane, update_id: str, raw: bytes) -> dict[str, Any]:
+    """Put payload bytes where an upload lands and return the claim check an envelope carries."""
+    path = plane.artifacts / "updates" / f"{update_id}.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(raw)
+    return {
+        "uri": f"artifacts://updates/{update_id}.safetensors",
+        "sha256": hashlib.sha256(raw).hexdigest(),
+        "size_bytes": len(raw),
+    }
+
+
+def envelope(
+    sender: Sender, payload: dict[str, Any], *, base_version: str, round_id: str | None, update_id: str
+) -> UpdateEnvelope:
+    unsigned = UpdateEnvelope.model_validate(
+        {
+            "schema": "UpdateEnvelope",
+            "schema_version": 1,
+            "update_id": update_id,
+            "client_id": sender.device.client_id,
+            "base_version": base_version,
+            "round_id": round_id,
+            "examples": 16,
+            "routed_tokens": {"0.1": 40, "1.1": 25},
+            "metrics": {"train_loss": 2.5},
+            "payload": payload,
+            "adapter": {"rank": ADAPTER.rank, "alpha": ADAPTER.alpha, "target_modules": list(ADAPTER.targets)},
+            "created_at": datetime(2026, 1, 1, tzinfo=UTC).isoformat(),
+        },
+        strict=False,
+    )
+    return unsigned.signed_hmac_sha256(sender.signing_key)
+
+
+def test_bad_input_is_rejected_with_reasons_in_api_and_console_and_nothing_valid_is_lost(
+    control_plane: ControlPlane, first_version_template: Path
+) -> None:
+    plane = control_plane
+    v1 = install_champion(plane, first_version_template)
+    shapes = expert_param_shapes(build_model("tiny", vocab_size=v1.manifest["architecture"]["config"]["vocab_size"]))
+    good, spare, revoked = enroll(plane, "edge-good"), enroll(plane, "edge-spare"), enroll(plane, "edge-revoked")
+    revoke_device(revoked.device, actor=plane.engineer, reason="lost in transit")
+    # K is larger than what arrives, so nothing is aggregated: the test looks at ingestion alone. The round's limits
+    # make a 1-version-old base too stale and cap payloads at 64 KiB.
+    strict_round = open_round(
+        base_version=v1,
+        buffer_size_k=50,
+        deadline_at=timezone.now() + timedelta(hours=1),
+        actor=plane.engineer,
+        round_id="e2e-bad-input",
+        config={"max_staleness": 4, "max_payload_bytes": 64 * 1024},
+    )
+    no_staleness_round = open_round(
+        base_version=v1,
+        buffer_size_k=50,
+        deadline_at=timezone.now() + timedelta(hours=1),
+        actor=plane.engineer,
+        round_id="e2e-no-staleness",
+        config={"max_staleness": 0},
+    )
+    promote_child(plane, v1, "v2")  # v1 is now one version behind the champion
+    ingest = plane.start_ingest_worker()
+    valid = save_safetensors(adapters_for(shapes, seed=1))
+
+    def publish(event: UpdateEnvelope) -> None:
+        with make_bus(plane.bus_settings) as bus:
+            bus.publish(Topic.UPDATES, event, key=event.client_id)
+
+    def publish_raw(raw: bytes, key: str) -> None:
+        producer = Producer({"bootstrap.servers": plane.bus_settings.bootstrap_servers})
+        producer.produce(plane.bus_settings.topics.physical_name(Topic.UPDATES), value=raw, key=key)
+        assert producer.flush(15) == 0
+
+    def valid_update(sender: Sender, seed: int) -> UpdateEnvelope:
+        update_id = str(uuid.uuid4())
+        raw = save_safetensors(adapters_for(shapes, seed=seed))
+        return envelope(
+            sender,
+            store_payload(plane, update_id, raw),
+            base_version="v1",
+            round_id=strict_round.round_id,
+            update_id=update_id,
+        )
+
+    def bad_payload(tensors: dict[str, torch.Tensor]) -> UpdateEnvelope:
+        update_id = str(uuid.uuid4())
+        raw = save_safetensors({key: value.contiguous() for key, value in tensors.items()})
+        return envelope(
+            good,
+            store_payload(plane, update_id, raw),
+            base_version="v1",
+            round_id=strict_round.round_id,
+            update_id=update_id,
+        )
+
+    first_valid = valid_update(good, seed=1)
+    publish(first_valid)
+    rejected_expected: dict[str, str] = {}
+    refused_expected: list[str] = []
+
+    # sha256 mismatch: the stored bytes are not what the envelope claims.
+    update_id = str(uuid.uuid4())
+    claim = store_payload(plane, update_id, valid)
+    (plane.artifacts / "updates" / f"{update_id}.safetensors").write_bytes(valid[:-8] + b"\x00" * 8)
+    tampered = envelope(good, claim, base_version="v1", round_id=strict_round.round_id, update_id=update_id)
+    publish(tampered)
+    rejected_expected[str(tampered.update_id)] = "sha256_mismatch"
+    # Too stale: the round allows no staleness, and its base is one version behind the champion by now.
+    update_id = str(uuid.uuid4())
+    event = envelope(
+        good,
+        store_payload(plane, update_id, valid),
+        base_version="v1",
+        round_id=no_staleness_round.round_id,
+        update_id=update_id,
+    )
+    publish(event)
+    rejected_expected[str(event.update_id)] = "too_stale"
+    # NaN and Inf in a tensor.
+    poisoned = adapters_for(shapes, seed=2)
+    first_key = sorted(poisoned)[0]
+    poisoned[first_key][0, 0] = float("nan")
+    poisoned[sorted(poisoned)[1]][0, 0] = float("inf")
+    event = bad_payload(poisoned)
+    publish(event)
+    rejected_expected[str(event.update_id)] = "non_finite"
+    # A tensor name no adapter has (a base weight smuggled in).
+    smuggled = adapters_for(shapes, seed=3) | {"model.embed_tokens.weight": torch.zeros(4, 4)}
+    event = bad_payload(smuggled)
+    publish(event)
+    rejected_expected[str(event.update_id)] = "bad_tensor_names"
+    # Right names, wrong shapes.
+    misshapen = {
+        key: torch.zeros(value.shape[0] + 1, value.shape[1]) for key, value in adapters_for(shapes, seed=4).items()
+    }
+    event = bad_payload(misshapen)
+    publish(event)
+    rejected_expected[str(event.update_id)] = "bad_shapes"
+    # Over the round's payload limit.
+    oversized = {
+        key: value.repeat(1, 40) if "lora_A" in key else value for key, value in adapters_for(shapes, seed=5).items()
+    }
+    event = bad_payload(oversized)
+    publish(event)
+    rejected_expected[str(event.update_id)] = "oversized"
+    # Refused without a row: malformed JSON, a schema violation, strangers, unknown base, and a replay.
+    publish_raw(b'{"schema": "UpdateEnvelope", "schema_version": 1, "update_id": ', key=good.device.client_id)
+    refused_expected.append("malformed")
+    broken = json.loads(first_valid.model_dump_json())
+    del broken["payload"]
+    publish_raw(json.dumps(broken).encode(), key=good.device.client_id)
+    refused_expected.append("malformed")
+    stranger = Sender(device=EdgeDevice(client_id="edge-stranger"), api_token="fna_not-a-real-token")
+    publish(envelope(stranger, claim, base_version="v1", round_id=None, update_id=str(uuid.uuid4())))
+    refused_expected.append("unknown_client")
+    publish(envelope(revoked, claim, base_version="v1", round_id=None, update_id=str(uuid.uuid4())))
+    refused_expected.append("revoked_client")
+    publish(envelope(good, claim, base_version="v9", round_id=None, update_id=str(uuid.uuid4())))
+    refused_expected.append("unknown_base_version")
+    publish(first_valid)
+    refused_expected.append("replayed")
+    # And a valid update after all of that, from another device: it must be buffered like the first.
+    last_valid = valid_update(spare, seed=6)
+    publish(last_valid)
+
+    def settled() -> bool | None:
+        done = (
+            Update.objects.filter(
+                update_id__in=[str(first_valid.update_id), str(last_valid.update_id)], status=UpdateStatus.BUFFERED
+            ).count()
+            == 2
+        )
+        rejected = Update.objects.filter(status=UpdateStatus.REJECTED).count() == len(rejected_expected)
+        refused = AuditEvent.objects.filter(verb="federation.update.refused").count() == len(refused_expected)
+        return True if done and rejected and refused else None
+
+    plane.wait_for("every envelope to be handled", settled, timeout_s=300)
+    assert ingest.running, "the ingest worker stopped on bad input"
+
+    api = plane.api()
+    rows = api.get("/api/v1/updates/", {"status": "rejected"}).json()
+    rows = rows["results"] if isinstance(rows, dict) else rows
+    assert {row["update_id"]: row["rejection"]["code"] for row in rows} == rejected_expected
+    assert all(row["rejection"]["message"] for row in rows)
+    buffered = api.get("/api/v1/updates/", {"status": "buffered"}).json()
+    buffered = buffered["results"] if isinstance(buffered, dict) else buffered
+    assert {row["update_id"] for row in buffered} == {str(first_valid.update_id), str(last_valid.update_id)}
+    refusals = api.get("/api/v1/audit-events/", {"verb": "federation.update.refused"}).json()
+    refusals = refusals["results"] if isinstance(refusals, dict) else refusals
+    assert sorted(event["data"]["code"] for event in refusals) == sorted(refused_expected)
+
+    console = Client()
+    console.force_login(plane.officer)
+    page = console.get("/updates/", {"status": "rejected"}).content.decode()
+    for code in rejected_expected.values():
+        assert f"<code>{code}</code>" in page
+    audit = console.get("/audit/", {"verb": "refused"}).content.decode()
+    for code in set(refused_expected):
+        assert f"code={code}" in audit
+    # Still working: one more valid update is buffered after all the bad ones.
+    straggler = valid_update(spare, seed=7)
+    publish(straggler)
+    plane.wait_for(
+        "the worker to buffer an update after the bad ones",
+        lambda: Update.objects.filter(update_id=str(straggler.update_id), status=UpdateStatus.BUFFERED).first(),
+        timeout_s=120,
+    )
+
+
+def test_a_payload_the_sidecar_refuses_never_leaves_the_device(
+    control_plane: ControlPlane, first_version_template: Path
+) -> None:
+    plane = control_plane
+    install_champion(plane, first_version_template)
+    device = DemoDevice(client_id="e2e-tight-policy", domain="legal", directory=plane.root / "devices" / "tight")
+    _, token = issue_enrollment_token(actor=plane.engineer, note=device.client_id, domain="legal")
+    config_path = prepare_device(
+        device,
+        records=[],
+        enrollment_token=token,
+        control_plane_url=plane.url,
+        bus_path=plane.root / "unused-embedded-bus.sqlite3",
+        plan=EdgeTrainingPlan(max_steps=2, seq_len=96),
+        seed=1,
+    )
+    shutil.copy(first_version_template / "train" / "legal.jsonl", device.directory / "data" / "train.jsonl")
+    use_kafka(config_path, plane.bus_settings)
+    # The device owner's policy allows 1 KiB per payload; any adapter update is larger.
+    policy_path = device.directory / "policy.yaml"
+    policy = yaml.safe_load(policy_path.read_text())
+    policy["max_payload_bytes"] = 1024
+    policy_path.write_text(yaml.safe_dump(policy, sort_keys=False))
+    ingest = plane.start_ingest_worker()
+    client = plane.start("client-tight", client_command(device, rounds=1, max_wait_s=120), cwd=device.directory)
+
+    plane.wait_for("the client to give up", lambda: True if not client.running else None, timeout_s=400)
+    assert client.popen.returncode == 2, client.log_tail()  # goals not met: its one update was refused locally
+    report = client_report(client.log_path)
+    assert report is not None, client.log_tail()
+    assert report["updates_delivered"] == []
+    [(item_id, reason)] = report["updates_failed"]
+    assert "1024" in reason, reason
+    # Kept on the device (spool failed/), recorded in its local audit log, and never seen by the control plane.
+    assert any((device.state_dir / "spool" / "failed").glob(f"*{item_id}*"))
+    audit_lines = [json.loads(line) for line in (device.state_dir / "audit" / "audit.jsonl").read_text().splitlines()]
+    assert any(entry["action"] == "outbound.refused" for entry in audit_lines)
+    assert not Update.objects.filter(device__client_id=device.client_id).exists()
+    assert not (plane.artifacts / "updates").exists() or not any((plane.artifacts / "updates").rglob(f"*{item_id}*"))
+    assert ingest.running
