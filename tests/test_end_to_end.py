@@ -7,10 +7,11 @@ for setting up the registry, the REST API (officer token) for the approval, the 
 
 1. Three devices in three domains → updates → candidate → per-domain evaluation → approval through the REST API →
    every device on the new version (API and the clients' own state); the candidate beats its parent on the
-   devices' domains.
+   devices' domains. A fourth device, whose sidecar policy refuses its payload, keeps the update on the device
+   and the round goes ahead without it.
 2. The bad-input matrix through Kafka and the separate ingest worker: each bad envelope is rejected (Update row) or
-   refused (audit event) with its reason, visible in the API and in the console; both valid updates around them
-   are buffered; the worker keeps running. A payload the device's sidecar refuses never leaves the device.
+   refused (audit event) with its reason, visible in the API and in the console; the valid updates around them
+   are buffered; the worker keeps running.
 """
 
 import hashlib
@@ -276,8 +277,12 @@ def test_devices_train_officer_approves_over_the_api_and_every_device_moves(
         shutil.copy(first_version_template / "train" / f"{domain}.jsonl", device.directory / "data" / "train.jsonl")
         use_kafka(config_path, plane.bus_settings)
         devices.append(device)
+    tight = tight_policy_device(plane, first_version_template)
     plane.start_celery_worker()
     plane.start_ingest_worker()
+    tight_client = plane.start(
+        "client-tight-policy", client_command(tight, rounds=1, max_wait_s=90), cwd=tight.directory
+    )
     clients = {
         device.client_id: plane.start(
             f"client-{device.domain}",
@@ -322,6 +327,21 @@ def test_devices_train_officer_approves_over_the_api_and_every_device_moves(
     rows = listed["results"] if isinstance(listed, dict) else listed
     assert {row["client_id"]: row["current_version"] for row in rows} == {d.client_id: candidate_id for d in devices}
 
+    # The fourth device's sidecar refused its payload: kept on the device, recorded in its local audit log, never
+    # seen by the control plane; the round went ahead with the three others.
+    plane.wait_for("the tight-policy client to give up", lambda: True if not tight_client.running else None)
+    assert tight_client.popen.returncode == 2, tight_client.log_tail()  # its goal (one delivered update) unmet
+    report = client_report(tight_client.log_path)
+    assert report is not None, tight_client.log_tail()
+    assert report["updates_delivered"] == []
+    [(item_id, reason)] = report["updates_failed"]
+    assert "1024" in reason, reason
+    [kept] = (tight.state_dir / "spool" / "failed").glob(f"*-{item_id}")
+    assert any(path.suffix == ".safetensors" for path in kept.rglob("*"))  # the payload itself is kept
+    audit_lines = [json.loads(line) for line in (tight.state_dir / "audit" / "audit.jsonl").read_text().splitlines()]
+    assert any(entry["action"] == "outbound.refused" for entry in audit_lines)
+    assert not Update.objects.filter(device__client_id=tight.client_id).exists()
+
     # The candidate is better than its parent where the devices trained, measured on held-out data.
     evaluation = latest_evaluation(candidate)
     assert evaluation is not None
@@ -335,6 +355,28 @@ def test_devices_train_officer_approves_over_the_api_and_every_device_moves(
     for domain in DOMAINS:
         assert f'<th scope="row">{domain}</th>' in page
     assert "▼ better" in page
+
+
+def tight_policy_device(plane: ControlPlane, template: Path) -> DemoDevice:
+    """A device whose owner's sidecar policy allows 1 KiB per payload: any adapter update is larger."""
+    device = DemoDevice(client_id="e2e-tight-policy", domain="legal", directory=plane.root / "devices" / "tight")
+    _, token = issue_enrollment_token(actor=plane.engineer, note=device.client_id, domain="legal")
+    config_path = prepare_device(
+        device,
+        records=[],
+        enrollment_token=token,
+        control_plane_url=plane.url,
+        bus_path=plane.root / "unused-embedded-bus.sqlite3",
+        plan=EdgeTrainingPlan(max_steps=2, seq_len=96),
+        seed=9,
+    )
+    shutil.copy(template / "train" / "legal.jsonl", device.directory / "data" / "train.jsonl")
+    use_kafka(config_path, plane.bus_settings)
+    policy_path = device.directory / "policy.yaml"
+    policy = yaml.safe_load(policy_path.read_text())
+    policy["max_payload_bytes"] = 1024
+    policy_path.write_text(yaml.safe_dump(policy, sort_keys=False))
+    return device
 
 
 def use_kafka(config_path: Path, bus_settings: KafkaBusSettings) -> None:
@@ -614,45 +656,3 @@ def test_bad_input_is_rejected_with_reasons_in_api_and_console_and_nothing_valid
         lambda: Update.objects.filter(update_id=str(straggler.update_id), status=UpdateStatus.BUFFERED).first(),
         timeout_s=120,
     )
-
-
-def test_a_payload_the_sidecar_refuses_never_leaves_the_device(
-    control_plane: ControlPlane, first_version_template: Path
-) -> None:
-    plane = control_plane
-    install_champion(plane, first_version_template)
-    device = DemoDevice(client_id="e2e-tight-policy", domain="legal", directory=plane.root / "devices" / "tight")
-    _, token = issue_enrollment_token(actor=plane.engineer, note=device.client_id, domain="legal")
-    config_path = prepare_device(
-        device,
-        records=[],
-        enrollment_token=token,
-        control_plane_url=plane.url,
-        bus_path=plane.root / "unused-embedded-bus.sqlite3",
-        plan=EdgeTrainingPlan(max_steps=2, seq_len=96),
-        seed=1,
-    )
-    shutil.copy(first_version_template / "train" / "legal.jsonl", device.directory / "data" / "train.jsonl")
-    use_kafka(config_path, plane.bus_settings)
-    # The device owner's policy allows 1 KiB per payload; any adapter update is larger.
-    policy_path = device.directory / "policy.yaml"
-    policy = yaml.safe_load(policy_path.read_text())
-    policy["max_payload_bytes"] = 1024
-    policy_path.write_text(yaml.safe_dump(policy, sort_keys=False))
-    ingest = plane.start_ingest_worker()
-    client = plane.start("client-tight", client_command(device, rounds=1, max_wait_s=120), cwd=device.directory)
-
-    plane.wait_for("the client to give up", lambda: True if not client.running else None, timeout_s=400)
-    assert client.popen.returncode == 2, client.log_tail()  # goals not met: its one update was refused locally
-    report = client_report(client.log_path)
-    assert report is not None, client.log_tail()
-    assert report["updates_delivered"] == []
-    [(item_id, reason)] = report["updates_failed"]
-    assert "1024" in reason, reason
-    # Kept on the device (spool failed/), recorded in its local audit log, and never seen by the control plane.
-    assert any((device.state_dir / "spool" / "failed").glob(f"*{item_id}*"))
-    audit_lines = [json.loads(line) for line in (device.state_dir / "audit" / "audit.jsonl").read_text().splitlines()]
-    assert any(entry["action"] == "outbound.refused" for entry in audit_lines)
-    assert not Update.objects.filter(device__client_id=device.client_id).exists()
-    assert not (plane.artifacts / "updates").exists() or not any((plane.artifacts / "updates").rglob(f"*{item_id}*"))
-    assert ingest.running

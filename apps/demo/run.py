@@ -34,7 +34,7 @@ from apps.federation.models import EdgeDevice, TrainingTask, Update
 from apps.federation.services import create_training_task, issue_enrollment_token, open_round
 from apps.governance.choices import ApprovalStatus
 from apps.governance.models import ApprovalRequest
-from apps.governance.services import approve_version, request_approval
+from apps.governance.services import approve_version
 from apps.registry.choices import ArtifactPartition
 from apps.registry.models import ModelVersion
 from apps.registry.services import ArtifactSpec, create_model_family, register_version
@@ -238,15 +238,18 @@ class Demo:
             )
         version = register_first_version(first, cast.engineer)
         self.progress.step(f"Registered {version.version_id} ({len(first.manifest.files)} files, sha256-verified)")
-        self.evaluate(version, cast.engineer)
-        request = request_approval(version, actor=cast.engineer, note="Initial Tier-1 model for the demo.")
-        approve_version(request, actor=cast.officer, reason="Initial model: baseline for the federated rounds.")
-        self.progress.step(f"eric requested approval of {version.version_id}; olivia approved it: it is the champion")
+        request = self.evaluate(version, cast.engineer)
+        approve_version(request, actor=cast.officer, reason="Initial model: the baseline for the federated rounds.")
+        self.progress.step(
+            f"{request.requested_by.username} asked for approval of {version.version_id}; olivia approved it: "
+            "it is the champion"
+        )
         self.versions.append(version)
         self.device_records = {domain: corpus[domain].mixed_records("train") for domain in DEVICE_DOMAINS}
         return version
 
-    def evaluate(self, version: ModelVersion, actor: User) -> None:
+    def evaluate(self, version: ModelVersion, actor: User) -> ApprovalRequest:
+        """Run the evaluation job on `version` (as for any candidate): it records the scores and asks for approval."""
         self.progress.step(f"Evaluating {version.version_id} on every domain's held-out set")
         task = create_training_task(kind=TaskKind.EVALUATION, actor=actor, params={"version_id": version.version_id})
         # Broker-less Celery ran the task when the row committed; its row says how it went.
@@ -255,6 +258,10 @@ class Demo:
             raise DemoError(f"evaluation of {version.version_id} {task.status}: {task.error or 'no error recorded'}")
         losses = domain_losses(version)
         self.progress.step("  " + ", ".join(f"{domain} {loss:.3f}" for domain, loss in losses.items()))
+        request = ApprovalRequest.objects.filter(version=version, status=ApprovalStatus.PENDING).first()
+        if request is None:
+            raise DemoError(f"the evaluation of {version.version_id} opened no approval request")
+        return request
 
     def prepare_devices(self, cast: Cast) -> None:
         self.url = f"http://127.0.0.1:{self.options.port}"

@@ -37,7 +37,7 @@ from apps.governance.models import AuditEvent
 from apps.registry.choices import VersionStatus
 from apps.registry.models import ModelVersion
 from apps.registry.storage import artifact_uri
-from fednested.aggregation.settings import RoundAggregationSettings, RoundSettingsError
+from fednested.aggregation.settings import ROUND_SETTING_KEYS, RoundAggregationSettings, RoundSettingsError
 from fednested.messaging import SchemaError, UpdateEnvelope, decode
 
 logger = logging.getLogger(__name__)
@@ -200,7 +200,9 @@ def record_device_heartbeat(device: EdgeDevice, *, current_version: str) -> Edge
 
     A change of version is audited; a repeated report of the same version only refreshes last_seen (bookkeeping).
     """
-    device = EdgeDevice.objects.select_for_update(of=("self",)).select_related("current_version", "user").get(pk=device.pk)
+    device = (
+        EdgeDevice.objects.select_for_update(of=("self",)).select_related("current_version", "user").get(pk=device.pk)
+    )
     if device.status != DeviceStatus.ACTIVE:
         raise PermissionDenied(f"device {device.client_id!r} is {device.status} and may not report")
     version = ModelVersion.objects.filter(version_id=current_version).first()
@@ -231,11 +233,27 @@ def record_device_heartbeat(device: EdgeDevice, *, current_version: str) -> Edge
 
 
 def check_round_config(config: Mapping[str, Any]) -> RoundAggregationSettings:
-    """The round's aggregation settings; a value the aggregation cannot use is a ValidationError naming its key."""
+    """The round's aggregation settings; a value the aggregation cannot use is a ValidationError naming its key.
+
+    Keys the aggregation does not know pass: they are settings for the devices, broadcast in RoundStart.
+    """
     try:
         return RoundAggregationSettings.from_mapping(config, where="config")
     except RoundSettingsError as error:
-        raise ValidationError({"config": str(error)}) from error
+        message = str(error)
+        culprit = next((key for key in ROUND_SETTING_KEYS if key in config and not _usable_alone(key, config)), None)
+        if culprit is not None and repr(culprit) not in message:
+            # Some checks (e.g. of the aggregation method) word their message without the key; say which it was.
+            message = f"config key {culprit!r}: {message}"
+        raise ValidationError({"config": message}) from error
+
+
+def _usable_alone(key: str, config: Mapping[str, Any]) -> bool:
+    try:
+        RoundAggregationSettings.from_mapping({key: config[key]})
+    except RoundSettingsError:
+        return False
+    return True
 
 
 @transaction.atomic

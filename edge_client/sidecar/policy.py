@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -47,8 +47,8 @@ class EndpointRule:
         port = parts.port if parts.port is not None else _DEFAULT_PORTS.get(parts.scheme)
         if port != self.port:
             return False
-        # Dot segments are refused outright: "/api/v1/../admin" must not pass a "/api/v1/" prefix.
-        if any(segment in {".", ".."} for segment in parts.path.split("/")):
+        # Dot segments are refused outright, encoded or not: "/api/v1/../admin" must not pass a "/api/v1/" prefix.
+        if any(unquote(segment) in {".", ".."} for segment in parts.path.split("/")):
             return False
         return any(parts.path.startswith(prefix) for prefix in self.path_prefixes)
 

@@ -97,26 +97,6 @@ def _apply_gate(experts: nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
     return activated * up
 
 
-def _grouped_lora_supported(dtype: torch.dtype) -> bool:
-    # oneDNN runs bf16/fp16 GEMMs several times faster than fp32 ones, so in low precision many skinny per-expert
-    # LoRA matmuls cost more than the base GEMMs they ride on; one grouped GEMM per factor pays that overhead once.
-    # In fp32 the per-expert matmuls are cheaper than grouped_mm (measured, docs/adr/0002-edge-quantization.md).
-    return dtype in (torch.bfloat16, torch.float16) and hasattr(F, "grouped_mm")
-
-
-def _grouped_lora(inputs: torch.Tensor, lora: StackedLora, rows_per_expert: Sequence[int], count: int) -> torch.Tensor:
-    """scale · (x·A_eᵀ)·B_eᵀ for every routed row at once; experts without this adapter get zero factors."""
-    index = torch.tensor(lora.experts, dtype=torch.long, device=inputs.device)
-    _, rank, in_features = lora.lora_a.shape
-    out_features = lora.lora_b.shape[1]
-    # index_copy into zeros is differentiable in the copied factors, so gradients reach only the adapted experts
-    all_a = lora.lora_a.new_zeros(count, rank, in_features).index_copy(0, index, lora.lora_a).to(inputs.dtype)
-    all_b = lora.lora_b.new_zeros(count, out_features, rank).index_copy(0, index, lora.lora_b).to(inputs.dtype)
-    offsets = torch.tensor(rows_per_expert, device=inputs.device).cumsum(0).to(torch.int32)
-    down = F.grouped_mm(inputs, all_a.transpose(-2, -1), offs=offsets)
-    return F.grouped_mm(down, all_b.transpose(-2, -1), offs=offsets) * lora.scale
-
-
 def _project(
     experts: nn.Module,
     linear: Callable[[str, int, torch.Tensor], torch.Tensor],
@@ -126,7 +106,6 @@ def _project(
     loras: Sequence[StackedLora],
 ) -> torch.Tensor:
     """Rows of `inputs` (sorted by expert) times their expert's W[target]ᵀ, plus each adapter's LoRA term."""
-    grouped = bool(loras) and _grouped_lora_supported(inputs.dtype)
     lora_inputs = [lora.dropout(inputs) if lora.dropout is not None else inputs for lora in loras]
     slots = [{expert: slot for slot, expert in enumerate(lora.experts)} for lora in loras]
     pieces: list[torch.Tensor] = []
@@ -135,22 +114,16 @@ def _project(
         if rows == 0:
             continue
         out = linear(target, expert, inputs[start : start + rows])
-        if not grouped:
-            for lora, lora_in, slot_of in zip(loras, lora_inputs, slots, strict=True):
-                slot = slot_of.get(expert)
-                if slot is None:
-                    continue
-                # adapters stay fp32 under a low-precision base; compute in the activation dtype, grads reach fp32
-                down = F.linear(lora_in[start : start + rows], lora.lora_a[slot].to(inputs.dtype))
-                out = torch.addmm(out, down, lora.lora_b[slot].to(inputs.dtype).t(), alpha=lora.scale)
+        for lora, lora_in, slot_of in zip(loras, lora_inputs, slots, strict=True):
+            slot = slot_of.get(expert)
+            if slot is None:
+                continue
+            # adapters stay fp32 under a low-precision base; compute in the activation dtype, grads reach fp32
+            down = F.linear(lora_in[start : start + rows], lora.lora_a[slot].to(inputs.dtype))
+            out = torch.addmm(out, down, lora.lora_b[slot].to(inputs.dtype).t(), alpha=lora.scale)
         pieces.append(out)
         start += rows
-    result = torch.cat(pieces)
-    if grouped:
-        count = len(rows_per_expert)
-        for lora, lora_in in zip(loras, lora_inputs, strict=True):
-            result = result + _grouped_lora(lora_in, lora, rows_per_expert, count)
-    return result
+    return torch.cat(pieces)
 
 
 def routed_experts_forward(

@@ -3,20 +3,28 @@
 Each row names the request and the status code each member gets; a refused write must leave the database as it was.
 """
 
+import hashlib
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 from django.utils import timezone
 
 from apps.accounts.models import ApiToken, User
-from apps.federation.models import EdgeDevice, EnrollmentToken, Round, TrainingTask, Update
-from apps.federation.services import create_training_task, issue_enrollment_token, receive_update
+from apps.federation.models import EdgeDevice, EnrollmentToken, Round, StagedPayload, TrainingTask, Update
+from apps.federation.services import (
+    create_training_task,
+    issue_enrollment_token,
+    receive_update,
+    store_update_payload,
+)
 from apps.governance.models import ApprovalDecision, ApprovalRequest, AuditEvent
 from apps.governance.services import approve_version, request_approval
-from apps.registry.models import Alias, LineageEdge, ModelFamily, ModelVersion, VersionArtifact
+from apps.registry.models import Alias, LineageEdge, ModelFamily, ModelVersion, VersionArtifact, VersionEvaluation
 
 World = dict[str, Any]
 Body = Callable[[World], dict[str, Any]] | None
@@ -31,6 +39,8 @@ class Row:
     codes: tuple[int, int, int, int, int]
     body: Body = None
     note: str = field(default="", compare=False)
+    # A raw octet-stream body (payload uploads) instead of JSON.
+    raw: bytes | None = None
 
 
 READ_ALL_BUT_DEVICE = (200, 200, 403, 403, 401)
@@ -38,6 +48,8 @@ READ_WITH_DEVICE = (200, 200, 200, 403, 401)
 ENGINEER_WRITES = (403, 201, 403, 403, 401)
 ENGINEER_ACTS = (403, 200, 403, 403, 401)
 OFFICER_ACTS = (200, 403, 403, 403, 401)
+DEVICE_ACTS = (403, 403, 200, 403, 401)
+PAYLOAD = b"adapter payload stand-in" * 8
 
 
 def version_body(world: World) -> dict[str, Any]:
@@ -69,6 +81,16 @@ ROWS = [
     Row("post", "/api/v1/versions/", ENGINEER_WRITES, version_body),
     Row("get", "/api/v1/versions/tiny-moe-v1/", READ_ALL_BUT_DEVICE),
     Row("get", "/api/v1/versions/tiny-moe-v1/lineage/", READ_ALL_BUT_DEVICE),
+    Row("get", "/api/v1/versions/tiny-moe-v1/evaluations/", READ_ALL_BUT_DEVICE),
+    Row("get", "/api/v1/versions/tiny-moe-v1/files/manifest.json/", READ_WITH_DEVICE, note="v1 is the champion"),
+    Row(
+        "get",
+        "/api/v1/versions/tiny-moe-v2/files/manifest.json/",
+        (200, 200, 404, 403, 401),
+        note="devices download only the champion",
+    ),
+    Row("get", "/api/v1/versions/tiny-moe-v1/files/nope.bin/", (404, 404, 404, 403, 401)),
+    Row("post", "/api/v1/versions/tiny-moe-v1/files/manifest.json/", (405, 405, 403, 403, 401)),
     Row("patch", "/api/v1/versions/tiny-moe-v1/", (405, 405, 403, 403, 401), lambda w: {"manifest": {"x": 1}}),
     Row("delete", "/api/v1/versions/tiny-moe-v1/", (405, 405, 403, 403, 401)),
     Row("get", "/api/v1/aliases/", READ_WITH_DEVICE),
@@ -82,6 +104,15 @@ ROWS = [
     Row("get", "/api/v1/devices/car-0002/", (200, 200, 404, 403, 401), note="a device sees only itself"),
     Row("post", "/api/v1/devices/car-0002/revoke/", ENGINEER_ACTS, lambda w: {"reason": "lost"}),
     Row("delete", "/api/v1/devices/car-0002/", (405, 405, 405, 403, 401)),
+    Row("post", "/api/v1/devices/car-0001/heartbeat/", DEVICE_ACTS, lambda w: {"current_version": "tiny-moe-v1"}),
+    Row(
+        "post",
+        "/api/v1/devices/car-0002/heartbeat/",
+        (403, 403, 403, 403, 401),
+        lambda w: {"current_version": "tiny-moe-v1"},
+        note="a device reports for itself only",
+    ),
+    Row("get", "/api/v1/devices/car-0001/heartbeat/", (405, 405, 405, 403, 401)),
     Row("get", "/api/v1/enrollment-tokens/", READ_ALL_BUT_DEVICE),
     Row("post", "/api/v1/enrollment-tokens/", ENGINEER_WRITES, lambda w: {"note": "for car-0100"}),
     Row("get", "/api/v1/enrollment-tokens/{enrollment_token}/", READ_ALL_BUT_DEVICE),
@@ -113,6 +144,15 @@ ROWS = [
     Row("get", "/api/v1/updates/{other_update}/", (200, 200, 404, 403, 401), note="a device sees only its updates"),
     Row("post", "/api/v1/updates/", (403, 403, 201, 403, 401), envelope_body),
     Row("delete", "/api/v1/updates/{own_update}/", (405, 405, 405, 403, 401)),
+    Row("put", "/api/v1/updates/{new_update}/payload/", (403, 403, 201, 403, 401), raw=PAYLOAD),
+    Row(
+        "put",
+        "/api/v1/updates/{others_payload}/payload/",
+        (403, 403, 403, 403, 401),
+        raw=PAYLOAD,
+        note="another device's update id",
+    ),
+    Row("get", "/api/v1/updates/{new_update}/payload/", (405, 405, 405, 403, 401)),
     # governance
     Row("get", "/api/v1/approvals/", READ_ALL_BUT_DEVICE),
     Row("post", "/api/v1/approvals/", ENGINEER_WRITES, lambda w: {"version": "tiny-moe-v3", "note": "please"}),
@@ -142,11 +182,13 @@ SNAPSHOT_MODELS = [
     VersionArtifact,
     LineageEdge,
     Alias,
+    VersionEvaluation,
     EdgeDevice,
     EnrollmentToken,
     Round,
     TrainingTask,
     Update,
+    StagedPayload,
     ApprovalRequest,
     ApprovalDecision,
     AuditEvent,
@@ -168,8 +210,11 @@ def world(
     round_factory: Callable[..., Any],
     device_factory: Callable[..., Any],
     envelope_factory: Callable[..., Any],
+    settings: Any,
+    tmp_path: Path,
 ) -> World:
     """One of everything, so every detail and action endpoint has a target."""
+    settings.FEDNESTED_ARTIFACT_ROOT = tmp_path / "artifacts"
     engineer, officer = cast["engineer"].user, cast["officer"].user
     family = family_factory("tiny-moe", actor=engineer)
     v1 = version_factory(family, "tiny-moe-v1", actor=engineer)
@@ -182,6 +227,16 @@ def world(
     approval = request_approval(v2, actor=engineer)
     round_factory(v1, actor=engineer, round_id="round-a")
     other_device, _ = device_factory(engineer, "car-0002")
+    others_payload = str(uuid.uuid4())
+    store_update_payload(
+        other_device,
+        others_payload,
+        _Body(b"the other device's payload"),
+        declared_sha256=hashlib.sha256(b"the other device's payload").hexdigest(),
+        content_length=None,
+        max_bytes=1024,
+        root=settings.FEDNESTED_ARTIFACT_ROOT,
+    )
     own_update, _ = receive_update(
         envelope_factory(client_id="car-0001", base_version="tiny-moe-v1", round_id="round-a"),
         device=cast["device"].device,
@@ -200,8 +255,21 @@ def world(
         "other_update": other_update.update_id,
         "enrollment_token": token.pk,
         "enrollment_plaintext": plaintext,
+        "new_update": str(uuid.uuid4()),
+        "others_payload": others_payload,
         "audit_event": AuditEvent.objects.order_by("pk").first().pk,  # type: ignore[union-attr]
     }
+
+
+class _Body:
+    """A request body read once, like a request's input stream."""
+
+    def __init__(self, content: bytes) -> None:
+        self.content = content
+
+    def read(self, size: int, /) -> bytes:
+        chunk, self.content = self.content[:size], self.content[size:]
+        return chunk
 
 
 @pytest.mark.parametrize(("row", "member", "expected"), CASES)
@@ -210,11 +278,17 @@ def test_permission_matrix(world: World, row: Row, member: str, expected: int) -
     path = row.path.format(**world)
     body = row.body(world) if row.body is not None else None
     before = snapshot()
-    response = (
-        getattr(client, row.method)(path, data=body, format="json")
-        if body is not None
-        else getattr(client, row.method)(path)
-    )
+    if row.raw is not None:
+        response = getattr(client, row.method)(
+            path,
+            data=row.raw,
+            content_type="application/octet-stream",
+            HTTP_X_CONTENT_SHA256=hashlib.sha256(row.raw).hexdigest(),
+        )
+    elif body is not None:
+        response = getattr(client, row.method)(path, data=body, format="json")
+    else:
+        response = getattr(client, row.method)(path)
     assert response.status_code == expected, f"{row.method.upper()} {path} as {member}: {response.content[:300]!r}"
     if row.method != "get" and expected >= 400:
         assert snapshot() == before, f"refused {row.method.upper()} {path} as {member} changed the database"

@@ -19,7 +19,6 @@ from apps.accounts.choices import Role
 from apps.accounts.models import User
 from apps.federation.models import EdgeDevice, Round
 from apps.federation.services import enroll_device, issue_enrollment_token, open_round
-from apps.registry.choices import ArtifactPartition
 from apps.registry.models import ModelFamily, ModelVersion
 from apps.registry.services import ArtifactSpec, create_model_family, register_version
 from fednested.adapters.lora import ExpertLoraConfig, adapter_key
@@ -36,6 +35,7 @@ from fednested.deltas import expert_param_shapes
 from fednested.messaging import Topic, UpdateEnvelope
 from fednested.messaging.bus import Message, read_message
 from fednested.models import build_model
+from workers.aggregation import artifact_specs
 
 ADAPTER = ExpertLoraConfig(rank=2, alpha=4)
 LAYER0_DOWN = "model.layers.0.mlp.experts.down_proj"
@@ -64,15 +64,8 @@ def base_template(tmp_path_factory: pytest.TempPathFactory) -> BaseTemplate:
 
 
 def registry_specs(manifest: Manifest) -> list[ArtifactSpec]:
-    """The files of a saved version the registry accepts today (it needs a layer and index for every expert file,
-    and fednested stores the experts fused in one file, so that file is left out here; see the aggregation test)."""
-    partitions = {"core": ArtifactPartition.CORE, "gate": ArtifactPartition.GATE, "config": ArtifactPartition.CONFIG}
-    partitions["tokenizer"] = ArtifactPartition.TOKENIZER
-    return [
-        ArtifactSpec(file_name=name, sha256=entry.sha256, size_bytes=entry.bytes, partition=partitions[entry.partition])
-        for name, entry in sorted(manifest.files.items())
-        if entry.partition in partitions
-    ]
+    """Registry entries for every file a saved version's manifest lists (the experts fused in one file)."""
+    return artifact_specs(manifest)
 
 
 @dataclass

@@ -2,23 +2,26 @@
 exactly η times the routed-token-weighted mean of the clients' dense deltas."""
 
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import pytest
 import torch
-from django.core.exceptions import ValidationError
+from django.utils import timezone
 
 from apps.federation.choices import RoundStatus, TaskKind, TaskStatus, UpdateStatus
 from apps.federation.models import Round, TrainingTask, Update
 from apps.federation.services import create_training_task
+from apps.governance.models import ApprovalRequest, AuditEvent
 from apps.registry.choices import LineageKind
 from apps.registry.models import ModelVersion
 from fednested.adapters.lora import adapter_key
-from fednested.checkpoints import load_version
+from fednested.checkpoints import CheckpointError, file_sha256, load_version
 from fednested.messaging import encode
 from tests.workers.conftest import ADAPTER, LAYER0_DOWN, LAYER1_UP, WorkerWorld, as_message, enroll
 from workers.aggregation import aggregate_round_task, candidate_version_id
-from workers.ingest.consumer import ingest_message
+from workers.evaluation import evaluate_version_task
+from workers.ingest.consumer import MAX_AUTOMATIC_AGGREGATION_ATTEMPTS, enqueue_due_rounds, ingest_message
 
 ETA = 0.5
 
@@ -44,12 +47,6 @@ def buffered_round(
     return round_, adapters, TrainingTask.objects.get(kind=TaskKind.EXPERT_AGGREGATION, round=round_)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValidationError,
-    reason="apps/registry/services.py _check_artifacts requires a layer and expert index for every expert file, but "
-    "fednested.checkpoints stores all experts fused in experts.safetensors; the registry must accept it",
-)
 def test_round_aggregates_into_a_registered_candidate(
     world: WorkerWorld,
     buffered_round: tuple[Round, list[dict[str, torch.Tensor]], TrainingTask],
@@ -83,6 +80,88 @@ def test_round_aggregates_into_a_registered_candidate(
     assert torch.equal(after[LAYER0_DOWN][0], before[LAYER0_DOWN][0])
     assert torch.equal(after["model.embed_tokens.weight"], before["model.embed_tokens.weight"])
     assert manifest.lineage["updates"] == [update.update_id for update in updates]
+    # What devices will check: manifest_sha256 is the hash of the manifest.json bytes they download.
+    assert version.manifest_sha256 == file_sha256(world.root / "versions" / version_id / "manifest.json")
+    assert version.artifacts.get(file_name="experts.safetensors").partition == "expert"
+
+
+def test_candidate_is_evaluated_against_its_parent_and_sent_for_approval(
+    world: WorkerWorld,
+    buffered_round: tuple[Round, list[dict[str, torch.Tensor]], TrainingTask],
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    _, _, task = buffered_round
+    with django_capture_on_commit_callbacks(execute=False):
+        version_id = aggregate_round_task(task.pk)
+    evaluation = TrainingTask.objects.get(kind=TaskKind.EVALUATION)
+    request_pk = evaluate_version_task(evaluation.pk)
+    version = ModelVersion.objects.get(version_id=version_id)
+    rows = list(version.evaluations.order_by("domain"))
+    assert [row.domain for row in rows] == ["medical", "recipes"]
+    assert all(row.parent_version == world.base for row in rows)
+    assert all(row.parent_loss is not None and row.loss != row.parent_loss for row in rows)
+    request = ApprovalRequest.objects.get(pk=request_pk)
+    assert (request.version, request.requested_by) == (version, world.engineer)
+
+
+def test_a_failed_aggregation_reopens_the_round_and_keeps_its_updates(
+    world: WorkerWorld,
+    buffered_round: tuple[Round, list[dict[str, torch.Tensor]], TrainingTask],
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    round_, _, task = buffered_round
+    core = world.root / "versions" / "v1" / "core.safetensors"
+    content = core.read_bytes()
+    core.unlink()
+    with pytest.raises(CheckpointError):
+        aggregate_round_task(task.pk)
+    failed = TrainingTask.objects.get(pk=task.pk)
+    assert failed.status == TaskStatus.FAILED
+    assert "core.safetensors" in failed.error
+    assert Round.objects.get(pk=round_.pk).status == RoundStatus.OPEN
+    assert set(Update.objects.values_list("status", flat=True)) == {UpdateStatus.BUFFERED}
+    [reopened] = AuditEvent.objects.filter(verb="federation.round.reopened")
+    assert reopened.data["reason"].startswith(f"task {task.pk}: CheckpointError")
+    # Once the store is repaired, the next attempt aggregates the same updates.
+    core.write_bytes(content)
+    with django_capture_on_commit_callbacks(execute=False):
+        retry = create_training_task(kind=TaskKind.EXPERT_AGGREGATION, actor=None, round_=round_)
+        assert aggregate_round_task(retry.pk) == candidate_version_id(round_)
+    assert set(Update.objects.values_list("status", flat=True)) == {UpdateStatus.APPLIED}
+
+
+def test_broker_less_ingest_goes_on_when_aggregation_fails_and_stops_retrying(
+    world: WorkerWorld, make_update: Callable[..., Any], django_capture_on_commit_callbacks: Any
+) -> None:
+    from controlplane.celery import app
+
+    (world.root / "versions" / "v1" / "experts.safetensors").unlink()
+    round_ = world.open_round(k=2, deadline_in=timedelta(minutes=5))
+    eager = app.conf.task_always_eager
+    app.conf.task_always_eager = True
+    outcomes = []
+    try:
+        for index in range(2):
+            device = enroll(world, f"car-{index}")
+            envelope, _ = make_update(device, seed=index, round_id=round_.round_id)
+            # The second message fills the buffer: its aggregation runs (and fails) in the on_commit callback.
+            with django_capture_on_commit_callbacks(execute=True):
+                outcomes.append(ingest_message(as_message(encode(envelope), device.row.client_id)))
+        later = timezone.now() + timedelta(minutes=10)
+        retries = []
+        for _ in range(MAX_AUTOMATIC_AGGREGATION_ATTEMPTS):
+            with django_capture_on_commit_callbacks(execute=True):
+                retries.append(enqueue_due_rounds(later))
+    finally:
+        app.conf.task_always_eager = eager
+    assert [outcome.status for outcome in outcomes] == ["buffered", "buffered"]
+    tasks = TrainingTask.objects.filter(kind=TaskKind.EXPERT_AGGREGATION).order_by("pk")
+    assert [task.status for task in tasks] == [TaskStatus.FAILED] * MAX_AUTOMATIC_AGGREGATION_ATTEMPTS
+    assert all("experts.safetensors" in task.error for task in tasks)
+    # Two automatic retries after the first failure, then none: the failure is not transient.
+    assert [len(created) for created in retries] == [1, 1, 0]
+    assert Round.objects.get(pk=round_.pk).status == RoundStatus.OPEN
+    assert set(Update.objects.values_list("status", flat=True)) == {UpdateStatus.BUFFERED}
 
 
 def test_a_round_is_aggregated_once(

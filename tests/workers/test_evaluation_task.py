@@ -2,15 +2,20 @@
 
 import math
 import shutil
+from datetime import timedelta
 from typing import Any
 
 import pytest
 from django.core.exceptions import ValidationError
+from django.utils import timezone
 
+from apps.accounts.choices import Role
+from apps.accounts.services import system_user
 from apps.federation.choices import TaskKind, TaskStatus
 from apps.federation.models import TrainingTask
-from apps.federation.services import create_training_task
+from apps.federation.services import create_training_task, open_round
 from apps.governance.models import ApprovalRequest, AuditEvent
+from apps.governance.services import approve_version
 from fednested.checkpoints import load_version
 from fednested.data import read_jsonl
 from fednested.data.tokenizer import load_tokenizer
@@ -49,6 +54,33 @@ def test_version_is_scored_per_domain_and_sent_for_approval(
     request = ApprovalRequest.objects.get(pk=request_pk)
     assert (request.version, request.requested_by) == (world.base, world.engineer)
     assert f"medical: loss {medical.loss:.4f}" in request.note
+    # The registry holds the scores (v1 has no parent, so no "before" column).
+    rows = {row.domain: row for row in world.base.evaluations.all()}
+    assert sorted(rows) == ["medical", "recipes"]
+    assert rows["medical"].loss == pytest.approx(medical.loss, rel=1e-6)
+    assert (rows["medical"].tokens, rows["medical"].parent_loss) == (medical.tokens, None)
+    assert rows["medical"].evaluated_by_label == "worker:evaluation"
+
+
+def test_automated_rounds_are_sent_for_approval_by_the_system_account(
+    world: WorkerWorld, django_capture_on_commit_callbacks: Any, user_factory: Any
+) -> None:
+    round_ = open_round(
+        base_version=world.base, buffer_size_k=2, deadline_at=timezone.now() + timedelta(hours=1), actor=None
+    )
+    with django_capture_on_commit_callbacks(execute=False):
+        task = create_training_task(
+            kind=TaskKind.EVALUATION,
+            actor=None,
+            round_=round_,
+            params={"version_id": "v1", "round_id": round_.round_id},
+        )
+    request = ApprovalRequest.objects.get(pk=evaluate_version_task(task.pk))
+    assert request.requested_by == system_user()
+    officer = user_factory("olivia-officer", Role.OFFICER)[0]
+    with django_capture_on_commit_callbacks(execute=False):
+        approve_version(request, actor=officer, reason="scores look fine")
+    assert ApprovalRequest.objects.get(pk=request.pk).status == "approved"
 
 
 def test_missing_held_out_sets_fail_the_task_with_the_folder_named(

@@ -10,7 +10,9 @@ from apps.governance.services import request_approval
 from apps.registry.choices import CHAMPION_ALIAS, VersionStatus
 from apps.registry.models import ModelFamily, ModelVersion
 from apps.registry.services import (
+    DomainEvaluation,
     move_alias,
+    record_version_evaluation,
     register_version,
     set_version_status,
 )
@@ -46,19 +48,22 @@ def _register(
         actor=None,
         actor_label="tests",
     )
-    # The shape workers.evaluation records: the version's scores and its parent's from the same run.
-    parent_scores = PARENT_SCORES if parent is not None else None
-    record_audit_event(
-        actor=None,
+    record_version_evaluation(
+        version,
+        [
+            DomainEvaluation(
+                domain=domain,
+                loss=score["loss"],
+                perplexity=score["perplexity"],
+                tokens=400,
+                records=20,
+                parent_loss=PARENT_SCORES[domain]["loss"] if parent is not None else None,
+                parent_perplexity=PARENT_SCORES[domain]["perplexity"] if parent is not None else None,
+            )
+            for domain, score in scores.items()
+        ],
         actor_label="worker:evaluation",
-        verb=EVALUATED_VERB,
-        target=version,
-        data={
-            "version_id": version_id,
-            "heldout": "/artifacts/heldout",
-            "domains": scores,
-            "parent_domains": parent_scores,
-        },
+        heldout="/artifacts/heldout",
     )
     return version
 

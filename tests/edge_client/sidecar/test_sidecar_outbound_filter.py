@@ -149,6 +149,7 @@ def test_oversized_payload_and_too_many_tensors_are_refused(tmp_path: Path) -> N
         "https://127.0.0.1:8000/api/v1/enroll/",
         "http://127.0.0.1:8000/admin/",
         "http://127.0.0.1:8000/api/v1/../admin/",
+        "http://127.0.0.1:8000/api/v1/%2e%2e/admin/",
         "kafka://10.0.0.9:9092/updates.experts.local",
         "kafka://127.0.0.1:9092/tasks.training",
         "embedded:control.federation_rounds",

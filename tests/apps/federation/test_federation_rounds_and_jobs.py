@@ -1,0 +1,195 @@
+"""Round lifecycle gaps closed for the federated loop: config checked at opening, round-less updates joining the
+open round (or the next one), reopening after a failed aggregation, refused envelopes on record, and jobs that fail
+in broker-less mode without breaking the caller."""
+
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from django.core.exceptions import ValidationError
+from django.utils import timezone
+
+from apps.accounts.choices import Role
+from apps.accounts.models import User
+from apps.federation.choices import RoundStatus, TaskStatus, UpdateStatus
+from apps.federation.jobs import WORKER_TASKS
+from apps.federation.models import Round, TrainingTask, Update
+from apps.federation.services import (
+    claim_round_for_aggregation,
+    close_round,
+    create_training_task,
+    open_round,
+    receive_update,
+    record_refused_update,
+    reject_update,
+    reopen_round_after_failure,
+)
+from apps.governance.models import AuditEvent
+from apps.registry.models import ModelFamily, ModelVersion
+from controlplane.celery import app as celery_app
+
+pytestmark = pytest.mark.django_db
+
+
+@celery_app.task(name="tests.federation.exploding_task")
+def exploding_task(task_pk: int) -> None:
+    """A real Celery task that fails the way a worker bug does."""
+    raise RuntimeError(f"task {task_pk}: the aggregation blew up")
+
+
+@pytest.fixture
+def engineer(user_factory: Callable[[str, str], tuple[User, str]]) -> User:
+    return user_factory("eric-engineer", Role.ENGINEER)[0]
+
+
+@pytest.fixture
+def base(family_factory: Callable[..., ModelFamily], version_factory: Callable[..., ModelVersion]) -> ModelVersion:
+    return version_factory(family_factory(), "tiny-moe-v1")
+
+
+def open_on(base: ModelVersion, engineer: User, round_id: str, **config: Any) -> Round:
+    deadline = timezone.now() + timedelta(hours=1)
+    return open_round(
+        base_version=base, buffer_size_k=2, deadline_at=deadline, actor=engineer, round_id=round_id, config=config
+    )
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"clip_norm": "big"}, "config: 'clip_norm' must be a number > 0, or null for no clipping, got 'big'"),
+        ({"aggregation_method": "vote"}, "config key 'aggregation_method': config: unknown aggregation method 'vote'"),
+        ({"max_staleness": -1}, "'max_staleness' must be an integer >= 0"),
+        ({"max_payload_bytes": True}, "'max_payload_bytes' must be an integer > 0, got True"),
+    ],
+)
+def test_open_round_checks_its_aggregation_settings(
+    engineer: User, base: ModelVersion, config: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ValidationError, match=message):
+        open_on(base, engineer, "round-bad", **config)
+    assert not Round.objects.exists()
+
+
+def test_a_bad_round_config_is_a_400_naming_the_key(cast: dict[str, Any], base: ModelVersion) -> None:
+    response = cast["engineer"].client.post(
+        "/api/v1/rounds/",
+        {
+            "base_version": "tiny-moe-v1",
+            "buffer_size_k": 2,
+            "deadline_at": (timezone.now() + timedelta(hours=1)).isoformat(),
+            "config": {"trim_fraction": 0.9},
+        },
+        format="json",
+    )
+    assert response.status_code == 400
+    [message] = response.json()["config"]
+    assert message == "config key 'trim_fraction': config: trim_fraction must lie in [0, 0.5), got 0.9"
+    assert not Round.objects.exists()
+    # Keys the aggregation does not know are the devices' settings (RoundStart carries them): they pass.
+    assert open_on(base, cast["engineer"].user, "round-ok", local_epochs=2).config == {"local_epochs": 2}
+
+
+def test_updates_without_a_round_join_the_oldest_open_round_on_their_base(
+    engineer: User,
+    base: ModelVersion,
+    family_factory: Callable[..., ModelFamily],
+    version_factory: Callable[..., ModelVersion],
+    device_factory: Callable[..., Any],
+    envelope_factory: Callable[..., Any],
+) -> None:
+    other_base = version_factory(ModelFamily.objects.get(), "tiny-moe-v2", parent=base)
+    device, _ = device_factory(engineer, "car-1")
+    open_on(other_base, engineer, "round-other")
+    first = open_on(base, engineer, "round-first")
+    open_on(base, engineer, "round-second")
+    update, _ = receive_update(envelope_factory(client_id="car-1", base_version="tiny-moe-v1"), device=device)
+    assert update.round == first
+    event = AuditEvent.objects.get(verb="federation.update.received", object_id=str(update.pk))
+    assert event.data["round"] == "round-first"
+
+
+def test_round_less_updates_wait_for_the_next_round_on_their_base(
+    engineer: User, base: ModelVersion, device_factory: Callable[..., Any], envelope_factory: Callable[..., Any]
+) -> None:
+    device, _ = device_factory(engineer, "car-1")
+    waiting, _ = receive_update(envelope_factory(client_id="car-1", base_version="tiny-moe-v1"), device=device)
+    rejected, _ = receive_update(envelope_factory(client_id="car-1", base_version="tiny-moe-v1"), device=device)
+    reject_update(rejected, "too_stale", "too far behind")
+    assert waiting.round is None
+    round_ = open_on(base, engineer, "round-7")
+    assert Update.objects.get(pk=waiting.pk).round == round_
+    assert Update.objects.get(pk=rejected.pk).round is None
+    opened = AuditEvent.objects.get(verb="federation.round.opened", object_id=str(round_.pk))
+    assert opened.data["adopted"] == [waiting.update_id]
+
+
+def test_a_failed_aggregation_reopens_its_round_once(engineer: User, base: ModelVersion) -> None:
+    round_ = open_on(base, engineer, "round-1")
+    with pytest.raises(ValidationError, match="say why"):
+        reopen_round_after_failure(round_, reason=" ", actor_label="worker:aggregation")
+    assert reopen_round_after_failure(round_, reason="not claimed", actor_label="worker:aggregation") is False
+    assert claim_round_for_aggregation(round_, actor_label="worker:aggregation") is True
+    assert reopen_round_after_failure(round_, reason="OSError: disk full", actor_label="worker:aggregation") is True
+    assert Round.objects.get(pk=round_.pk).status == RoundStatus.OPEN
+    [event] = AuditEvent.objects.filter(verb="federation.round.reopened")
+    assert (event.actor_label, event.data) == (
+        "worker:aggregation",
+        {"round_id": "round-1", "reason": "OSError: disk full"},
+    )
+    # The round can be claimed again; once closed, a late failure report changes nothing.
+    assert claim_round_for_aggregation(round_, actor_label="worker:aggregation") is True
+    close_round(round_, actor=None, actor_label="worker:aggregation")
+    assert reopen_round_after_failure(round_, reason="late", actor_label="worker:aggregation") is False
+    assert Round.objects.get(pk=round_.pk).status == RoundStatus.CLOSED
+
+
+def test_refused_envelopes_are_recorded_against_the_device_they_name(
+    engineer: User, device_factory: Callable[..., Any]
+) -> None:
+    device, _ = device_factory(engineer, "car-1")
+    event = record_refused_update(
+        code="bad_signature",
+        message="signature does not verify",
+        where="updates.experts.local[0]@17",
+        key="car-1",
+        update_id="5b1b3c3e-0000-4000-8000-000000000001",
+        client_id="car-1",
+        actor_label="worker:ingest",
+    )
+    assert (event.verb, event.object_type, event.object_id) == (
+        "federation.update.refused",
+        "federation.edgedevice",
+        str(device.pk),
+    )
+    assert event.data["code"] == "bad_signature"
+    anonymous = record_refused_update(
+        code="malformed", message="not JSON", where="updates.experts.local[0]@18", actor_label="worker:ingest"
+    )
+    assert (anonymous.object_type, anonymous.data["key"]) == ("", None)
+    with pytest.raises(ValidationError, match="lowercase identifier"):
+        record_refused_update(code="Bad Code", message="x", where="w", actor_label="worker:ingest")
+    assert AuditEvent.objects.filter(verb="federation.update.refused").count() == 2
+
+
+def test_a_task_failing_in_broker_less_mode_is_recorded_and_the_caller_goes_on(
+    engineer: User, monkeypatch: pytest.MonkeyPatch, django_capture_on_commit_callbacks: Any
+) -> None:
+    monkeypatch.setitem(WORKER_TASKS, "core_update", ("tests.federation.exploding_task", "training"))
+    eager = celery_app.conf.task_always_eager
+    celery_app.conf.task_always_eager = True
+    try:
+        # Both callbacks run and neither raises out of the commit, although each task raises.
+        with django_capture_on_commit_callbacks(execute=True) as callbacks:
+            first = create_training_task(kind="core_update", actor=engineer)
+            second = create_training_task(kind="core_update", actor=engineer)
+    finally:
+        celery_app.conf.task_always_eager = eager
+    assert len(callbacks) == 2
+    for task in (first, second):
+        failed = TrainingTask.objects.get(pk=task.pk)
+        assert failed.status == TaskStatus.FAILED
+        assert failed.error == f"RuntimeError: task {task.pk}: the aggregation blew up"
+    assert AuditEvent.objects.filter(verb="federation.task.failed").count() == 2
+    assert Update.objects.filter(status=UpdateStatus.APPLIED).count() == 0
