@@ -43,7 +43,6 @@ from safetensors.torch import save as save_safetensors
 from apps.accounts.choices import Role
 from apps.accounts.models import User
 from apps.accounts.services import create_user_with_role, issue_api_token
-from apps.console.evaluation import latest_evaluation
 from apps.demo.bootstrap import BootstrapConfig, FirstVersion, build_first_version, demo_corpus, heldout_by_domain
 from apps.demo.devices import DemoDevice, EdgeTrainingPlan, client_command, client_report, prepare_device
 from apps.demo.processes import ManagedProcess, start_process
@@ -54,7 +53,7 @@ from apps.federation.services import enroll_device, issue_enrollment_token, open
 from apps.governance.choices import ApprovalStatus
 from apps.governance.models import ApprovalRequest, AuditEvent
 from apps.governance.services import approve_version, request_approval
-from apps.registry.models import ModelVersion
+from apps.registry.models import ModelVersion, VersionEvaluation
 from apps.registry.services import ArtifactSpec, register_version
 from edge_client.state import StateDir
 from fednested.adapters.lora import ExpertLoraConfig, adapter_key
@@ -343,11 +342,11 @@ def test_devices_train_officer_approves_over_the_api_and_every_device_moves(
     assert not Update.objects.filter(device__client_id=tight.client_id).exists()
 
     # The candidate is better than its parent where the devices trained, measured on held-out data.
-    evaluation = latest_evaluation(candidate)
-    assert evaluation is not None
-    assert evaluation.parent_scores is not None
+    scores = {row.domain: row for row in VersionEvaluation.objects.filter(version=candidate)}
     for domain in DOMAINS:
-        assert evaluation.scores[domain]["loss"] < evaluation.parent_scores[domain]["loss"], domain
+        assert scores[domain].parent_version == v1
+        assert scores[domain].parent_loss is not None
+        assert scores[domain].loss < scores[domain].parent_loss, domain
     # The console shows the same table to an officer.
     console = Client()
     console.force_login(plane.officer)

@@ -21,7 +21,14 @@ from fednested.data.jsonl import (
     read_jsonl_files,
     write_jsonl,
 )
-from fednested.data.packing import PackedBatch, PackedRow, collate_rows, iter_batches, pack_examples
+from fednested.data.packing import (
+    PackedBatch,
+    PackedRow,
+    collate_rows,
+    iter_batches,
+    pack_examples,
+    pack_whole_examples,
+)
 from fednested.data.records import (
     CHAT_ROLES,
     RECORD_FORMATS,
@@ -84,6 +91,7 @@ __all__ = [
     "iter_jsonl",
     "load_tokenizer",
     "pack_examples",
+    "pack_whole_examples",
     "parse_record",
     "read_jsonl",
     "read_jsonl_files",

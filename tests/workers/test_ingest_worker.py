@@ -11,7 +11,7 @@ import torch
 from django.utils import timezone
 
 from apps.federation.choices import TaskKind, TaskStatus, UpdateStatus
-from apps.federation.models import TrainingTask, Update
+from apps.federation.models import StagedPayload, TrainingTask, Update
 from apps.federation.services import revoke_device
 from apps.governance.models import AuditEvent
 from apps.registry.services import move_alias
@@ -226,3 +226,46 @@ def test_deadline_starts_aggregation_of_a_partial_buffer(
         [task_pk] = enqueue_due_rounds(timezone.now() + timedelta(minutes=11))
         assert enqueue_due_rounds(timezone.now() + timedelta(minutes=12)) == []
     assert TrainingTask.objects.get(pk=task_pk).params == {"round_id": round_.round_id, "trigger": "deadline"}
+
+
+def test_signature_key_is_the_hex_sha256_of_the_api_token(world: WorkerWorld, make_update: MakeUpdate) -> None:
+    """docs/api/device-protocol.md §4: the server keeps only the token's SHA-256, so that (hex, ASCII) is the key."""
+    device = enroll(world, "car-1")
+    assert device.signing_key == hashlib.sha256(device.api_token.encode()).hexdigest().encode("ascii")
+    raw_keyed, _ = make_update(device)
+    raw_keyed = raw_keyed.signed_hmac_sha256(device.api_token.encode())
+    assert ingest_message(as_message(encode(raw_keyed), "car-1")).code is RejectionCode.BAD_SIGNATURE
+    hashed_keyed, _ = make_update(device)
+    assert ingest_message(as_message(encode(hashed_keyed), "car-1")).status == "buffered"
+
+
+def test_an_update_without_a_round_joins_the_open_round_on_its_base(
+    world: WorkerWorld, make_update: MakeUpdate, django_capture_on_commit_callbacks: Any
+) -> None:
+    round_ = world.open_round(k=2)
+    outcomes = []
+    with django_capture_on_commit_callbacks(execute=False):
+        for seed in range(2):
+            device = enroll(world, f"car-{seed}")
+            envelope, _ = make_update(device, seed=seed)
+            assert envelope.round_id is None
+            outcomes.append(ingest_message(as_message(encode(envelope), device.row.client_id)))
+    assert {update.round for update in Update.objects.all()} == {round_}
+    task = TrainingTask.objects.get(kind=TaskKind.EXPERT_AGGREGATION)
+    assert [outcome.aggregation_task_pk for outcome in outcomes] == [None, task.pk]
+
+
+def test_an_envelope_pointing_at_another_devices_upload_is_refused(world: WorkerWorld, make_update: MakeUpdate) -> None:
+    owner, thief = enroll(world, "car-owner"), enroll(world, "car-thief")
+    envelope, _ = make_update(thief)
+    StagedPayload.objects.create(
+        update_id=str(envelope.update_id),
+        device=owner.row,
+        uri=envelope.payload.uri,
+        sha256=envelope.payload.sha256,
+        size_bytes=envelope.payload.size_bytes,
+    )
+    outcome = ingest_message(as_message(encode(envelope), "car-thief"))
+    assert (outcome.status, outcome.code) == ("refused", RejectionCode.MALFORMED)
+    assert "was uploaded by device 'car-owner', not 'car-thief'" in outcome.message
+    assert Update.objects.count() == 0
