@@ -114,6 +114,8 @@ INSTALLED_APPS = [
     "apps.registry",
     "apps.federation",
     "apps.governance",
+    "apps.console",
+    "apps.demo",
 ]
 
 MIDDLEWARE = [
@@ -175,7 +177,8 @@ STATIC_URL = "static/"
 STATIC_ROOT = Path(envstr("STATIC_ROOT", str(VAR_DIR / "static")))
 STATICFILES_DIRS = [BASE_DIR / "static"]
 
-LOGIN_URL = "/api-auth/login/"
+# The web console's sign-in page (apps/console/urls.py); the browsable API signs in there too.
+LOGIN_URL = "console:sign-in"
 
 # --- channels (websockets) -----------------------------------------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""URL routes: admin, the REST API under /api/v1/ (one router per app), its OpenAPI schema and Swagger UI."""
+"""URL routes: the web console at /, admin, the REST API under /api/v1/ (one router per app), its OpenAPI schema and
+Swagger UI."""
 
 from django.contrib import admin
 from django.urls import URLPattern, URLResolver, include, path
@@ -18,4 +19,5 @@ urlpatterns = [
     path("api/v1/", include(api_v1)),
     # Session login/logout for the browsable API.
     path("api-auth/", include("rest_framework.urls")),
+    path("", include("apps.console.urls")),
 ]

@@ -114,15 +114,19 @@ def client_command(
 
 
 def client_report(log_path: Path) -> dict[str, Any] | None:
-    """The JSON run report a finished client printed at the end of its log (None if it printed none)."""
+    """The JSON run report a finished client printed (`--json`), found in its log; None if it printed none.
+
+    The report is the last line that opens a JSON object; error lines may follow it.
+    """
     try:
         text = log_path.read_text(encoding="utf-8", errors="replace")
     except FileNotFoundError:
         return None
-    start = text.rfind("\n{")
-    candidate = text[start + 1 :] if start >= 0 else text
+    start = 0 if text.startswith("{") else text.rfind("\n{") + 1
+    if start == 0 and not text.startswith("{"):
+        return None
     try:
-        report = json.loads(candidate)
+        report, _ = json.JSONDecoder().raw_decode(text, start)
     except json.JSONDecodeError:
         return None
     return report if isinstance(report, dict) else None

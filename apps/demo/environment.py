@@ -5,7 +5,6 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote
 
 # Set in the demo's own environment; its presence means "the settings were loaded for var/demo already".
 DEMO_DIR_VARIABLE = "FEDNESTED_DEMO_DIR"
@@ -18,12 +17,8 @@ SERVICE_VARIABLES = (
     "FEDNESTED_TOPIC_PREFIX",
     "FEDNESTED_REQUIRE_SERVICES",
 )
-# Several processes write one SQLite file: WAL lets readers run beside the writer, IMMEDIATE transactions take the
-# write lock up front (no deadlock when two read-then-write transactions meet), and a busy writer is waited for.
-SQLITE_OPTIONS = {
-    "transaction_mode": "IMMEDIATE",
-    "init_command": "PRAGMA journal_mode=WAL;PRAGMA synchronous=NORMAL;PRAGMA busy_timeout=30000",
-}
+# The control plane's settings, with SQLite set up for several writing processes (apps/demo/settings.py).
+DEMO_SETTINGS_MODULE = "apps.demo.settings"
 
 
 @dataclass(frozen=True)
@@ -58,8 +53,7 @@ class DemoPaths:
 
 
 def database_url(path: Path) -> str:
-    query = "&".join(f"{key}={quote(value)}" for key, value in SQLITE_OPTIONS.items())
-    return f"sqlite:///{path}?{query}"
+    return f"sqlite:///{path}"
 
 
 def demo_environment(base: Mapping[str, str], paths: DemoPaths) -> dict[str, str]:
@@ -68,6 +62,7 @@ def demo_environment(base: Mapping[str, str], paths: DemoPaths) -> dict[str, str
     env.update(
         {
             DEMO_DIR_VARIABLE: str(paths.root),
+            "DJANGO_SETTINGS_MODULE": DEMO_SETTINGS_MODULE,
             "DATABASE_URL": database_url(paths.database),
             "FEDNESTED_BUS": "embedded",
             "FEDNESTED_BUS_PATH": str(paths.bus),

@@ -16,7 +16,6 @@ from typing import Any, TypeVar
 
 from django.conf import settings
 from django.core.management import call_command
-from django.db import connection
 from django.utils import timezone
 
 from apps.accounts.choices import Role
@@ -209,9 +208,6 @@ class Demo:
     def prepare_database(self) -> Cast:
         self.progress.step(f"Migrating a fresh demo database at {self.paths.database}")
         call_command("migrate", interactive=False, verbosity=0)
-        with connection.cursor() as cursor:
-            # Persistent in the file: every process that opens it afterwards uses the write-ahead log.
-            cursor.execute("PRAGMA journal_mode=WAL")
         cast = create_cast()
         self.progress.step("Created the demo cast: olivia (governance officer) and eric (ML engineer)")
         return cast

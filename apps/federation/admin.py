@@ -5,7 +5,7 @@ from django.core.exceptions import ValidationError
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
-from apps.federation.models import EdgeDevice, EnrollmentToken, Round, TrainingTask, Update
+from apps.federation.models import EdgeDevice, EnrollmentToken, Round, StagedPayload, TrainingTask, Update
 from apps.federation.services import revoke_device
 from apps.governance.admin_mixins import ReadOnlyAdminMixin
 
@@ -55,3 +55,10 @@ class UpdateAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):  # type: ignore[type-ar
     list_display = ("update_id", "device", "base_version", "round", "status", "rejection_code", "received_at")
     list_filter = ("status", "rejection_code", "received_at")
     search_fields = ("update_id", "device__client_id", "payload_sha256")
+
+
+@admin.register(StagedPayload)
+class StagedPayloadAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):  # type: ignore[type-arg]
+    list_display = ("update_id", "device", "size_bytes", "sha256", "stored_at")
+    list_filter = ("stored_at",)
+    search_fields = ("update_id", "device__client_id", "sha256")

@@ -102,27 +102,40 @@ def _project(
     linear: Callable[[str, int, torch.Tensor], torch.Tensor],
     target: str,
     inputs: torch.Tensor,
-    rows_per_expert: Sequence[int],
+    rows_per_expert: list[int],
     loras: Sequence[StackedLora],
 ) -> torch.Tensor:
     """Rows of `inputs` (sorted by expert) times their expert's W[target]ᵀ, plus each adapter's LoRA term."""
-    lora_inputs = [lora.dropout(inputs) if lora.dropout is not None else inputs for lora in loras]
-    slots = [{expert: slot for slot, expert in enumerate(lora.experts)} for lora in loras]
+    # torch.split, not one slice per expert: the backward of E slices would zero-fill and add E full-size gradient
+    # buffers, while split's backward is one concatenation
+    chunks = torch.split(inputs, rows_per_expert)
+    # LoRA runs in the adapters' dtype (fp32): under a bf16 base, oneDNN's bf16 kernels for rank-8 matmuls were ~10x
+    # slower than fp32 ones (measured, docs/adr/0002-edge-quantization.md), and fp32 keeps small updates exact
+    lora_chunks = []
+    for lora in loras:
+        lora_in = lora.dropout(inputs) if lora.dropout is not None else inputs
+        same = lora_in is inputs and inputs.dtype == lora.lora_a.dtype
+        lora_chunks.append(chunks if same else torch.split(lora_in.to(lora.lora_a.dtype), rows_per_expert))
+    # unbind each stack once: one backward node instead of a zero-filled gradient per expert
+    factors = [
+        dict(zip(lora.experts, zip(lora.lora_a.unbind(0), lora.lora_b.unbind(0), strict=True), strict=True))
+        for lora in loras
+    ]
     pieces: list[torch.Tensor] = []
-    start = 0
     for expert, rows in enumerate(rows_per_expert):
         if rows == 0:
             continue
-        out = linear(target, expert, inputs[start : start + rows])
-        for lora, lora_in, slot_of in zip(loras, lora_inputs, slots, strict=True):
-            slot = slot_of.get(expert)
-            if slot is None:
+        out = linear(target, expert, chunks[expert])
+        for lora, lora_in_chunks, by_expert in zip(loras, lora_chunks, factors, strict=True):
+            if expert not in by_expert:
                 continue
-            # adapters stay fp32 under a low-precision base; compute in the activation dtype, grads reach fp32
-            down = F.linear(lora_in[start : start + rows], lora.lora_a[slot].to(inputs.dtype))
-            out = torch.addmm(out, down, lora.lora_b[slot].to(inputs.dtype).t(), alpha=lora.scale)
+            lora_a, lora_b = by_expert[expert]
+            down = F.linear(lora_in_chunks[expert], lora_a)
+            if out.dtype == down.dtype:
+                out = torch.addmm(out, down, lora_b.t(), alpha=lora.scale)
+            else:
+                out = out + F.linear(down, lora_b * lora.scale).to(out.dtype)
         pieces.append(out)
-        start += rows
     return torch.cat(pieces)
 
 

@@ -57,30 +57,20 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _cpu_supports_fast_bf16() -> bool:
-    # oneDNN runs bf16 matmuls natively with AVX512-BF16 or AMX; elsewhere bf16 is emulated and slower than fp32.
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
-            flags = cpuinfo.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def resolve_precision(precision: Precision, device: torch.device) -> Literal["fp32", "bf16"]:
-    """Pick the compute precision: `auto` means bf16 autocast where it is faster than fp32.
+    """Pick the compute precision: `auto` means bf16 autocast where it is faster than fp32, i.e. on CUDA devices
+    with bf16 support, and fp32 on CPU.
 
-    On CUDA that is any device with bf16 support. On CPU it is where the CPU has native bf16 dot products
-    (AVX512-BF16 or AMX): measured on an AVX512-BF16 EPYC, bf16 GEMMs of our shapes ran 2-3x faster than fp32 and
-    an edge training step about 1.5x faster (docs/benchmarks.md). Without them bf16 is emulated, so fp32 stays.
-    The choice is a pure function of the hardware, so `auto` keeps runs reproducible on one machine.
+    On CPU bf16 was measured and lost (docs/benchmarks.md): on an AVX512-BF16 EPYC, bf16 GEMMs alone ran 2-3x
+    faster, but an edge training step ran 10-40% slower for the tiny and small presets (casts around many small
+    per-expert matmuls) and peaked at about 800 MB more RSS (oneDNN caches a primitive per matmul shape, and routed
+    expert batches change shape every step). `precision="bf16"` still forces it, e.g. on CPUs with AMX tiles.
+    The choice depends on the device type only, so `auto` keeps runs bitwise reproducible.
     """
     if precision != "auto":
         return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    if device.type == "cpu":
-        return "bf16" if _cpu_supports_fast_bf16() else "fp32"
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
     return "fp32"
 
 

@@ -1,6 +1,10 @@
 """The Django admin is usable: every registered model's list and detail page renders for a superuser."""
 
+import hashlib
+import io
+import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -8,9 +12,10 @@ from django.contrib.admin.sites import site as admin_site
 from django.test import Client
 from django.urls import reverse
 
-from apps.federation.services import create_training_task, receive_update
+from apps.federation.services import create_training_task, receive_update, store_update_payload
 from apps.governance.services import approve_version, request_approval
 from apps.registry.models import ModelFamily, ModelVersion
+from apps.registry.services import DomainEvaluation, record_version_evaluation
 
 pytestmark = pytest.mark.django_db
 
@@ -22,8 +27,19 @@ def test_every_admin_list_and_detail_page_renders(
     round_factory: Callable[..., Any],
     envelope_factory: Callable[..., Any],
     client: Client,
+    tmp_path: Path,
 ) -> None:
     v1 = version_factory(family_factory(), "tiny-moe-v1")
+    record_version_evaluation(v1, [DomainEvaluation("medical", 2.0, 7.39, 100)], actor_label="tests")
+    store_update_payload(
+        cast["device"].device,
+        str(uuid.uuid4()),
+        io.BytesIO(b"payload"),
+        declared_sha256=hashlib.sha256(b"payload").hexdigest(),
+        content_length=7,
+        max_bytes=1024,
+        root=tmp_path,
+    )
     approve_version(request_approval(v1, actor=cast["engineer"].user), actor=cast["officer"].user)
     round_factory(v1, round_id="round-a")
     create_training_task(kind="evaluation", actor=cast["engineer"].user)
@@ -37,7 +53,7 @@ def test_every_admin_list_and_detail_page_renders(
         for model in admin_site._registry
         if model._meta.app_label in {"accounts", "registry", "federation", "governance"}
     ]
-    assert len(ours) == 15
+    assert len(ours) == 17
     for model in ours:
         info = (model._meta.app_label, model._meta.model_name)
         listing = client.get(reverse("admin:{}_{}_changelist".format(*info)), {"q": "tiny"})

@@ -1,5 +1,9 @@
 """Settings helpers, system checks, migrations, Celery queues, ASGI routing and the served OpenAPI docs."""
 
+import os
+import re
+import subprocess
+import sys
 from io import StringIO
 from pathlib import Path
 
@@ -108,6 +112,10 @@ def test_openapi_schema_and_swagger_ui_are_served_to_anonymous_without_a_cdn(cli
         "/api/v1/enroll/",
         "/api/v1/approvals/{id}/approve/",
         "/api/v1/audit-events/",
+        "/api/v1/versions/{version_id}/files/{file_name}/",
+        "/api/v1/versions/{version_id}/evaluations/",
+        "/api/v1/updates/{update_id}/payload/",
+        "/api/v1/devices/{client_id}/heartbeat/",
     ):
         assert expected in paths
     docs = client.get("/api/v1/docs/")
@@ -115,3 +123,40 @@ def test_openapi_schema_and_swagger_ui_are_served_to_anonymous_without_a_cdn(cli
     html = docs.content.decode()
     assert "drf_spectacular_sidecar" in html
     assert "cdn" not in html.lower()
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def settings_in_a_fresh_process(expression: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """Evaluate `expression` on controlplane.settings imported under `env` (settings are read once, at import)."""
+    return subprocess.run(
+        [sys.executable, "-c", f"import controlplane.settings as s; print({expression})"],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO), **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_test_database_name_and_upload_limit_come_from_the_environment() -> None:
+    result = settings_in_a_fresh_process(
+        "s.DATABASES['default'].get('TEST'), s.FEDNESTED_MAX_UPDATE_BYTES",
+        FEDNESTED_TEST_DB_NAME="test_fednested_alice",
+        FEDNESTED_MAX_UPDATE_BYTES="4096",
+    )
+    assert result.stdout.strip() == "{'NAME': 'test_fednested_alice'} 4096", result.stderr[-2000:]
+    refused = settings_in_a_fresh_process("1", FEDNESTED_MAX_UPDATE_BYTES="0")
+    assert refused.returncode != 0
+    assert "FEDNESTED_MAX_UPDATE_BYTES=0 must be > 0" in refused.stderr
+
+
+def test_every_environment_variable_the_settings_read_is_documented() -> None:
+    source = (REPO / "controlplane" / "settings.py").read_text(encoding="utf-8")
+    read = set(re.findall(r"\benv(?:str|bool|int|list)\(\s*\"([A-Z0-9_]+)\"", source))
+    assert {"DATABASE_URL", "FEDNESTED_ARTIFACT_ROOT", "FEDNESTED_TEST_DB_NAME"} <= read
+    documented = (REPO / "docs" / "operations" / "settings.md").read_text(encoding="utf-8")
+    missing = sorted(name for name in read if f"`{name}`" not in documented)
+    assert missing == [], f"docs/operations/settings.md does not describe {missing}"

@@ -19,10 +19,11 @@ from apps.accounts.choices import Role
 from apps.accounts.models import User
 from apps.federation.models import EdgeDevice, Round
 from apps.federation.services import enroll_device, issue_enrollment_token, open_round
+from apps.registry.choices import ArtifactPartition
 from apps.registry.models import ModelFamily, ModelVersion
 from apps.registry.services import ArtifactSpec, create_model_family, register_version
 from fednested.adapters.lora import ExpertLoraConfig, adapter_key
-from fednested.checkpoints import Manifest, read_manifest, save_version
+from fednested.checkpoints import MANIFEST_NAME, Manifest, read_manifest, save_version
 from fednested.data import (
     BpeTokenizerConfig,
     CorpusConfig,
@@ -63,9 +64,21 @@ def base_template(tmp_path_factory: pytest.TempPathFactory) -> BaseTemplate:
     return BaseTemplate(root=root, shapes=expert_param_shapes(model))
 
 
-def registry_specs(manifest: Manifest) -> list[ArtifactSpec]:
-    """Registry entries for every file a saved version's manifest lists (the experts fused in one file)."""
-    return artifact_specs(manifest)
+def registry_specs(manifest: Manifest, directory: Path | None = None) -> list[ArtifactSpec]:
+    """Registry entries for every file a saved version's manifest lists (the experts fused in one file), plus the
+    manifest.json in `directory` when given, as the aggregation registers a candidate."""
+    specs = artifact_specs(manifest)
+    if directory is not None:
+        raw = (directory / MANIFEST_NAME).read_bytes()
+        specs.append(
+            ArtifactSpec(
+                file_name=MANIFEST_NAME,
+                sha256=hashlib.sha256(raw).hexdigest(),
+                size_bytes=len(raw),
+                partition=ArtifactPartition.MANIFEST,
+            )
+        )
+    return specs
 
 
 @dataclass
@@ -119,7 +132,7 @@ def world(db: Any, base_template: BaseTemplate, tmp_path: Path, settings: Any) -
         family=family,
         version_id="v1",
         manifest=manifest.to_dict(),
-        artifacts=registry_specs(manifest),
+        artifacts=registry_specs(manifest, root / "versions" / "v1"),
         artifact_uri="artifacts://versions/v1",
         actor=engineer,
     )

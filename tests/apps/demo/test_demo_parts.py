@@ -51,6 +51,7 @@ def test_demo_environment_drops_services_and_points_everything_at_the_demo_folde
     database = database_from_url(env["DATABASE_URL"])
     assert database["ENGINE"] == "django.db.backends.sqlite3"
     assert database["NAME"] == str(paths.database)
+    assert env["DJANGO_SETTINGS_MODULE"] == "apps.demo.settings"
     assert not running_in_demo_environment(paths)
 
 
@@ -86,6 +87,10 @@ def test_client_report_is_the_json_object_at_the_end_of_the_log(tmp_path: Path) 
     log = tmp_path / "client.log"
     log.write_text('WARNING something\n{\n  "client_id": "edge-1",\n  "trained_on": ["v1"]\n}\n')
     assert client_report(log) == {"client_id": "edge-1", "trained_on": ["v1"]}
+    log.write_text(
+        '{"client_id": "edge-1", "updates_failed": [["u1", "sidecar refused"]]}\nerror: update u1 was not sent\n'
+    )
+    assert client_report(log) == {"client_id": "edge-1", "updates_failed": [["u1", "sidecar refused"]]}
     log.write_text("error: the control plane refused\n")
     assert client_report(log) is None
     assert client_report(tmp_path / "missing.log") is None
