@@ -56,7 +56,7 @@ class BenchSettings:
     warmup_steps: int = 1
     timed_steps: int = 4
     lora_rank: int = 8
-    lora_alpha: float = 16.0
+    lora_alpha: int = 16
     learning_rate: float = 1e-3
     corpus_seed: int = 0
     samples_per_domain: int = 300
@@ -115,6 +115,7 @@ def _run_ours(spec: dict[str, Any], settings: BenchSettings) -> dict[str, Any]:
     tokenizer = load_tokenizer(version)
     records = _text_records(Path(spec["data_path"]))
     baseline = _rss_mb()
+    model: torch.nn.Module
     if spec["bits"] is None:
         model, _ = load_version(version)
     else:
@@ -171,12 +172,12 @@ def _run_reference(spec: dict[str, Any], settings: BenchSettings) -> dict[str, A
     tokenizer = load_tokenizer(version)
     records = _text_records(Path(spec["data_path"]))
     baseline = _rss_mb()
-    model, _ = load_version(version)
+    base, _ = load_version(version)
     loaded = _rss_mb()
     lora = LoraConfig(
         r=settings.lora_rank, lora_alpha=settings.lora_alpha, target_modules=[], target_parameters=EXPERT_TARGETS
     )
-    model = get_peft_model(model, lora)
+    model = get_peft_model(base, lora)
     eos = tokenizer.eos_token or ""
     features = [tokenizer(record.text + eos, truncation=True, max_length=settings.seq_len) for record in records]
     mean_length = sum(len(feature["input_ids"]) for feature in features) / len(features)
@@ -184,7 +185,7 @@ def _run_reference(spec: dict[str, Any], settings: BenchSettings) -> dict[str, A
     # forward (so comparable activation memory), and as many batches as our run has micro-batches.
     batch_size = max(1, round(settings.seq_len * settings.rows_per_batch / mean_length))
     collator = DataCollatorForLanguageModeling(tokenizer=tokenizer, mlm=False)
-    loader = DataLoader(
+    loader: DataLoader[Any] = DataLoader(
         features,  # type: ignore[arg-type]
         batch_size=batch_size,
         shuffle=True,
@@ -257,7 +258,8 @@ def _probe_threads(max_threads: int) -> dict[str, Any]:
 def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     settings = BenchSettings(**spec["settings"])
     if spec["kind"] == "threads":
-        return _probe_threads(os.cpu_count() or 1)
+        # the cores this process may run on (taskset/cgroup), not every core of the machine
+        return _probe_threads(len(os.sched_getaffinity(0)))
     torch.set_num_threads(settings.threads)
     torch.manual_seed(0)
     if spec["kind"] == "peak":
@@ -272,8 +274,8 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _active_parameters(model: torch.nn.Module) -> int:
-    config = model.config  # type: ignore[attr-defined]
-    share = config.num_experts_per_tok / config.num_local_experts
+    config: Any = getattr(model, "config")  # noqa: B009 (nn.Module declares no config)
+    share: float = config.num_experts_per_tok / config.num_local_experts
     total = 0.0
     for name, parameter in model.named_parameters():
         if "embed_tokens" in name:
@@ -345,6 +347,7 @@ def _machine(threads: int) -> dict[str, Any]:
         "platform": platform.platform(),
         "processor": model_name or platform.processor(),
         "cpu_count": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torch_threads": threads,
@@ -368,8 +371,9 @@ def _configurations(presets: list[str], headline: str) -> list[dict[str, Any]]:
             runs.append({**ours, "name": f"ours/{preset}/{label}", "bits": bits})
         if preset == headline:
             # the memory-lean edge setting (expert activations recomputed in the backward), full precision vs 4-bit
-            for bits, label in ((None, "fp32"), (4, "nf4")):
-                runs.append({**ours, "name": f"ours/{preset}/{label}+recompute", "bits": bits, "recompute": True})
+            lean: tuple[tuple[int | None, str], ...] = ((None, "fp32"), (4, "nf4"))
+            for lean_bits, label in lean:
+                runs.append({**ours, "name": f"ours/{preset}/{label}+recompute", "bits": lean_bits, "recompute": True})
     return runs
 
 
@@ -386,8 +390,9 @@ def run_benchmark(settings: BenchSettings, presets: list[str], out: Path) -> dic
         workdir = Path(tmp)
         prepared = _prepare(workdir, settings, presets)
         common = {"data_path": prepared["data_path"]}
-        probe = _spawn({**common, "kind": "threads", "settings": asdict(settings)}, timeout_s=300)
+        probe: dict[str, Any] = {"kind": "threads", "skipped": "--threads was given"}
         if settings.threads <= 0:
+            probe = _spawn({**common, "kind": "threads", "settings": asdict(settings)}, timeout_s=300)
             settings = replace(settings, threads=int(probe["best_threads"]))
         common["settings"] = asdict(settings)
         machine = _machine(settings.threads)

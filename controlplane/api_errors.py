@@ -18,6 +18,10 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
     if isinstance(exc, DjangoValidationError):
         if hasattr(exc, "error_dict"):
             detail: Any = {field: [str(m) for m in errors] for field, errors in exc.message_dict.items()}
+            # A service that gives its error a machine code (e.g. enrollment's `token_used`) gets it to the client.
+            codes = {error.code for errors in exc.error_dict.values() for error in errors if error.code}
+            if len(codes) == 1 and "code" not in detail:
+                detail["code"] = codes.pop()
         else:
             detail = {"detail": exc.messages}
         exc = DrfValidationError(detail=detail, code=getattr(exc, "code", None) or "invalid")

@@ -1,8 +1,7 @@
-"""Per-expert dense deltas ΔW_e = scale · B_e · A_e, their weighted sums, and merging W_e ← W_e + η · ΔW_e.
+"""Per-expert dense deltas ΔW_e = scale · B_e · A_e, their weighted sums, and merging W_e ← W_e + η · ΔW_e."""
 
-Aggregation works on these products, never on A and B separately (averaging factors is not averaging products).
-A delta is keyed "<base param name>/expert=<e>" (a valid safetensors key) and holds an fp32 [out, in] tensor.
-"""
+# Aggregation works on these products, never on A and B separately (averaging factors is not averaging products). A
+# delta is keyed "<base param name>/expert=<e>" (a valid safetensors key) and holds an fp32 [out, in] tensor.
 
 from __future__ import annotations
 

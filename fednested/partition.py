@@ -1,8 +1,7 @@
-"""Which partition every parameter belongs to: the core, one expert (layer, index), or a layer's gate.
+"""Which partition every parameter belongs to: the core, one expert (layer, index), or a layer's gate."""
 
-Fused 3-D expert tensors (transformers 5 stores a layer's experts as one [E, out, in] parameter) are split along
-the expert dimension, so each slice belongs to its own expert. The map is plain data and travels in manifests.
-"""
+# Fused 3-D expert tensors (transformers 5 stores a layer's experts as one [E, out, in] parameter) are split along the
+# expert dimension, so each slice belongs to its own expert. The map is plain data and travels in manifests.
 
 from __future__ import annotations
 

@@ -81,17 +81,24 @@ def dashboard(request: HttpRequest) -> HttpResponse:
     versions = (
         ModelVersion.objects.select_related("family", "parent")
         .prefetch_related(Prefetch("aliases", queryset=Alias.objects.order_by("name")))
-        .annotate(applied_count=Count("applied_updates"))[:DASHBOARD_ROWS]
+        .annotate(applied_count=Count("applied_updates"))
+        .order_by("-created_at", "-id")[:DASHBOARD_ROWS]
     )
     devices = EdgeDevice.objects.select_related("current_version").order_by("client_id")
-    updates = Update.objects.select_related("device", "base_version", "applied_in")[:DASHBOARD_ROWS]
+    updates = Update.objects.select_related("device", "base_version", "applied_in").order_by("-received_at", "-id")[
+        :DASHBOARD_ROWS
+    ]
     pending = (
         ApprovalRequest.objects.filter(status=ApprovalStatus.PENDING)
         .select_related("version", "requested_by")
         .order_by("created_at")
     )
     champion = Alias.objects.filter(name=CHAMPION_ALIAS).select_related("version").first()
-    rounds = Round.objects.select_related("base_version").annotate(update_count=Count("updates"))[:5]
+    rounds = (
+        Round.objects.select_related("base_version")
+        .annotate(update_count=Count("updates"))
+        .order_by("-opened_at", "-id")[:5]
+    )
     counts = Update.objects.aggregate(total=Count("id"), rejected=Count("id", filter=Q(status=UpdateStatus.REJECTED)))
     return render_page(
         request,

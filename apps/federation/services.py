@@ -126,16 +126,16 @@ def enroll_device(
     checked_labels = _check_labels(labels)
     row = EnrollmentToken.objects.filter(token_sha256=secret_sha256(token)).first()
     if row is None:
-        raise ValidationError({"token": "unknown enrollment token; ask an engineer for a new one"})
+        raise ValidationError(
+            {"token": ValidationError("unknown enrollment token; ask an engineer for a new one", code="token_invalid")}
+        )
     now = timezone.now()
     if row.used_at is not None:
-        raise ValidationError(
-            {"token": f"enrollment token {row.token_prefix}… was already used at {row.used_at:%Y-%m-%d %H:%M:%S} UTC"}
-        )
+        used = f"enrollment token {row.token_prefix}… was already used at {row.used_at:%Y-%m-%d %H:%M:%S} UTC"
+        raise ValidationError({"token": ValidationError(used, code="token_used")})
     if row.expires_at <= now:
-        raise ValidationError(
-            {"token": f"enrollment token {row.token_prefix}… expired at {row.expires_at:%Y-%m-%d %H:%M:%S} UTC"}
-        )
+        expired = f"enrollment token {row.token_prefix}… expired at {row.expires_at:%Y-%m-%d %H:%M:%S} UTC"
+        raise ValidationError({"token": ValidationError(expired, code="token_expired")})
     if EdgeDevice.objects.filter(client_id=client_id).exists():
         raise ValidationError({"client_id": f"client id {client_id!r} is already enrolled"})
     claimed = EnrollmentToken.objects.filter(pk=row.pk, used_at__isnull=True, expires_at__gt=now).update(
@@ -143,7 +143,9 @@ def enroll_device(
     )
     if claimed != 1:
         # Another enrollment claimed it between our read and our update.
-        raise ValidationError({"token": f"enrollment token {row.token_prefix}… was already used"})
+        raise ValidationError(
+            {"token": ValidationError(f"enrollment token {row.token_prefix}… was already used", code="token_used")}
+        )
     label = device_actor_label(client_id)
     try:
         with transaction.atomic():

@@ -1,15 +1,14 @@
-"""Per-expert LoRA adapters on the fused expert FFN weights, injected through PEFT; the base stays frozen.
+"""Per-expert LoRA adapters on the fused expert FFN weights, injected through PEFT; the base stays frozen."""
 
-PEFT 0.21 reaches fused 3-D expert tensors only through `LoraConfig.target_parameters` (`lora.ParamWrapper`), which
-gives every expert of a targeted tensor an adapter (no per-expert selection) and folds `W + s·B·A` for the whole
-stack into the parameter on every forward, so the backward computes a dense gradient for all experts. We keep PEFT's
-machinery (injection, freezing, adapter switching, PeftModel) and register our own LoRA layer for the experts
-module through PEFT's custom-module API: it holds factors only for the selected experts and computes LoRA on the
-tokens routed to each expert (see `fednested.adapters.routed`). docs/adr/0002-edge-quantization.md has the details.
-
-What leaves a device is `adapter_state_dict`: per-expert factors under stable keys
-`<base param name>/expert=<e>/lora_A` ([r, in]) and `.../lora_B` ([out, r]), independent of PEFT's internal layout.
-"""
+# PEFT 0.21 reaches fused 3-D expert tensors only through `LoraConfig.target_parameters` (`lora.ParamWrapper`), which
+# gives every expert of a targeted tensor an adapter (no per-expert selection) and folds `W + s·B·A` for the whole
+# stack into the parameter on every forward, so the backward computes a dense gradient for all experts. We keep PEFT's
+# machinery (injection, freezing, adapter switching, PeftModel) and register our own LoRA layer for the experts module
+# through PEFT's custom-module API: it holds factors only for the selected experts and computes LoRA on the tokens
+# routed to each expert (see `fednested.adapters.routed`). docs/adr/0002-edge-quantization.md has the details.
+#
+# What leaves a device is `adapter_state_dict`: per-expert factors under stable keys
+# `<base param name>/expert=<e>/lora_A` ([r, in]) and `.../lora_B` ([out, r]), independent of PEFT's internal layout.
 
 from __future__ import annotations
 

@@ -1,10 +1,9 @@
-"""Forward of a fused MoE expert stack over routed tokens only, with optional per-expert LoRA on top.
+"""Forward of a fused MoE expert stack over routed tokens only, with optional per-expert LoRA on top."""
 
-Used by the adapter layer (fp or quantized base) and by quantized expert stacks without adapters. Tokens are sorted
-by expert once per layer; each expert then runs two contiguous matmuls on just its tokens, and LoRA adds
-`scale·(x·Aᵀ)·Bᵀ` on those same rows, so no dense ΔW is ever built in the forward and no base-weight gradient is
-computed in the backward.
-"""
+# Used by the adapter layer (fp or quantized base) and by quantized expert stacks without adapters. Tokens are sorted
+# by expert once per layer; each expert then runs two contiguous matmuls on just its tokens, and LoRA adds
+# `scale·(x·Aᵀ)·Bᵀ` on those same rows, so no dense ΔW is ever built in the forward and no base-weight gradient is
+# computed in the backward.
 
 from __future__ import annotations
 
@@ -130,11 +129,13 @@ def _project(
             if expert not in by_expert:
                 continue
             lora_a, lora_b = by_expert[expert]
-            down = F.linear(lora_in_chunks[expert], lora_a)
-            if out.dtype == down.dtype:
-                out = torch.addmm(out, down, lora_b.t(), alpha=lora.scale)
-            else:
-                out = out + F.linear(down, lora_b * lora.scale).to(out.dtype)
+            # under CPU bf16 autocast the LoRA matmuls would be cast back to bf16, which is the slow path above
+            with torch.autocast(inputs.device.type, enabled=False):
+                down = F.linear(lora_in_chunks[expert], lora_a)
+                if out.dtype == down.dtype:
+                    out = torch.addmm(out, down, lora_b.t(), alpha=lora.scale)
+                else:
+                    out = out + F.linear(down, lora_b * lora.scale).to(out.dtype)
         pieces.append(out)
     return torch.cat(pieces)
 

@@ -20,6 +20,7 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 ManifestKind = Literal["version", "update"]
 FilePartition = Literal["core", "experts", "gate", "adapters", "config", "tokenizer"]
+_FILE_PARTITIONS: tuple[FilePartition, ...] = ("core", "experts", "gate", "adapters", "config", "tokenizer")
 
 # Config keys that describe how a model was last run or saved, not what it is; left out of the architecture id.
 _VOLATILE_CONFIG_KEYS = frozenset(
@@ -111,6 +112,12 @@ class Manifest:
             for name, entry in dict(data["files"]).items():
                 if "/" in name or "\\" in name or name in ("", ".", ".."):
                     raise CheckpointError(path, "invalid", f"file name {name!r} must be a plain name in the directory")
+                if entry["partition"] not in _FILE_PARTITIONS:
+                    raise CheckpointError(
+                        path,
+                        "invalid",
+                        f"file {name!r}: partition must be one of {_FILE_PARTITIONS}, got {entry['partition']!r}",
+                    )
                 files[name] = FileEntry(str(entry["sha256"]), int(entry["bytes"]), entry["partition"])
             partition = PartitionMap.from_dict(data["partition"]) if data.get("partition") is not None else None
             return cls(

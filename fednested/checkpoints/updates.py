@@ -1,7 +1,6 @@
-"""Adapter updates on disk: adapters.safetensors (per-expert LoRA factors) + manifest.json naming the base version.
+"""Adapter updates on disk: adapters.safetensors (per-expert LoRA factors) + manifest.json naming the base version."""
 
-This is what an edge device uploads; the server checks it against the base version before computing deltas.
-"""
+# This is what an edge device uploads; the server checks it against the base version before computing deltas.
 
 from __future__ import annotations
 

@@ -1,8 +1,7 @@
-"""Immutable model versions on disk: core / experts / gate safetensors, config, tokenizer, manifest.json.
+"""Immutable model versions on disk: core / experts / gate safetensors, config, tokenizer, manifest.json."""
 
-A version is written into a temporary sibling directory and renamed into place, so a reader never sees half of
-one; loading verifies every sha256 before reading a tensor, then checks names and shapes against the config.
-"""
+# A version is written into a temporary sibling directory and renamed into place, so a reader never sees half of one;
+# loading verifies every sha256 before reading a tensor, then checks names and shapes against the config.
 
 from __future__ import annotations
 
@@ -237,7 +236,11 @@ def build_empty_model(config: PretrainedConfig) -> PreTrainedModel:
 
 
 def load_version(directory: str | Path, *, expected_version: str | None = None) -> tuple[PreTrainedModel, Manifest]:
-    """(model in eval mode, manifest) of a version directory; every sha256 is verified before anything is read."""
+    """(model in eval mode, manifest) of a version directory; every sha256 is verified before anything is read.
+
+    Tensors are memory-mapped from the files (copy-on-write: writing to the model never touches them), so a version
+    directory must stay as it is while a model loaded from it is in use; versions are immutable by design.
+    """
     root = Path(directory)
     manifest, config = open_version(root, expected_version=expected_version)
     # weights are overwritten from the files below, so skip the (seconds-long) random initialisation

@@ -1,7 +1,6 @@
-"""Named model sizes and MoE families, and building a fresh model from them (no download, deterministic under a seed).
+"""Named model sizes and MoE families, and building fresh models from them (no download, deterministic by seed)."""
 
-Presets are family-neutral shapes; `build_config` maps one onto the config class of each supported family.
-"""
+# Presets are family-neutral shapes; `build_config` maps one onto the config class of each supported family.
 
 from __future__ import annotations
 

@@ -1,9 +1,8 @@
-"""Frozen int8 / 4-bit (NF4) edge snapshots of a MoE model through bitsandbytes, with adapters trainable on top.
+"""Frozen int8 / 4-bit (NF4) edge snapshots of a MoE model through bitsandbytes, with adapters trainable on top."""
 
-Expert stacks and linear layers keep only packed bytes plus per-block scales in memory; a weight is dequantized
-for one matmul at a time (forward, and again in backward instead of being saved), so no full-precision copy lives
-on. Embeddings, norms and routers stay in full precision. docs/adr/0002-edge-quantization.md records the choice.
-"""
+# Expert stacks and linear layers keep only packed bytes plus per-block scales in memory; a weight is dequantized for
+# one matmul at a time (forward, and again in backward instead of being saved), so no full-precision copy lives on.
+# Embeddings, norms and routers stay in full precision. docs/adr/0002-edge-quantization.md records the choice.
 
 from __future__ import annotations
 

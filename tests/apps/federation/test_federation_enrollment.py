@@ -115,6 +115,14 @@ def test_enroll_endpoint_reports_what_was_wrong(engineer: User) -> None:
     reused = client.post("/api/v1/enroll/", {"token": plaintext, "client_id": "car-2"}, format="json")
     assert reused.status_code == 400
     assert "already used" in reused.json()["token"][0]
+    assert reused.json()["code"] == "token_used"
+    unknown = client.post("/api/v1/enroll/", {"token": "fne_nope", "client_id": "car-3"}, format="json")
+    assert (unknown.status_code, unknown.json()["code"]) == (400, "token_invalid")
+    _, short_lived = issue_enrollment_token(actor=engineer, ttl=timedelta(seconds=1))
+    EnrollmentToken.objects.filter(token_prefix=short_lived[:12]).update(expires_at=timezone.now())
+    expired = client.post("/api/v1/enroll/", {"token": short_lived, "client_id": "car-4"}, format="json")
+    assert (expired.status_code, expired.json()["code"]) == (400, "token_expired")
+    assert "expired at" in expired.json()["token"][0]
 
 
 @pytest.mark.services

@@ -248,3 +248,17 @@ def test_bf16_base_keeps_fp32_adapters_and_tracks_the_fp32_model() -> None:
     assert (low_precision - reference).abs().max().item() < 0.5
     losses = train_steps(half, token_batch(), steps=3)
     assert losses[-1] < losses[0]
+
+
+def test_bf16_autocast_trains_fp32_adapters_and_stays_close() -> None:
+    model = attach_expert_adapters(build_model(), ExpertLoraConfig(rank=4, experts=[1]))
+    load_adapter_state_dict(model, {k: torch.full_like(v, 0.02) for k, v in adapter_state_dict(model).items()})
+    ids = token_batch(seed=8)
+    with torch.no_grad():
+        reference = model(ids).logits
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(ids).logits
+    logits.float().pow(2).mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trainable_parameters(model))
+    assert (logits.detach().float() - reference).abs().mean().item() < 0.02

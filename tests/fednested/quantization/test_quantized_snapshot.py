@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,7 +11,14 @@ import pytest
 import torch
 
 from fednested.adapters import AdapterError, ExpertLoraConfig, attach_expert_adapters, trainable_parameters
-from fednested.checkpoints import load_version, save_version
+from fednested.checkpoints import (
+    CheckpointError,
+    FileEntry,
+    file_sha256,
+    load_version,
+    read_manifest,
+    save_version,
+)
 from fednested.deltas import DeltaError, expert_deltas, merge_expert_deltas
 from fednested.models import build_model
 from fednested.quantization import (
@@ -142,3 +150,23 @@ def test_misuse_is_refused_with_a_reason() -> None:
     plain_quantized = quantize_base(build_model(), 4)
     with pytest.raises(DeltaError, match="is quantized; merge into the full-precision model"):
         merge_expert_deltas(plain_quantized, {"model.layers.0.mlp.experts.down_proj/expert=0": torch.zeros(128, 256)})
+
+
+def test_streaming_load_checks_expert_shapes_and_integrity(tmp_path: Path) -> None:
+    save_version(build_model("tiny", "mixtral"), tmp_path / "v", version_id="v", parent_version=None)
+    wider = build_model("tiny", "mixtral")
+    wider.model.layers[1].mlp.experts.gate_up_proj = torch.nn.Parameter(torch.zeros(4, 512, 96))
+    save_version(wider, tmp_path / "w", version_id="w", parent_version=None)
+    shutil.copy(tmp_path / "w" / "experts.safetensors", tmp_path / "v" / "experts.safetensors")
+    with pytest.raises(CheckpointError, match=r"experts\.safetensors: truncated"):
+        load_quantized_version(tmp_path / "v", 4)
+    manifest = read_manifest(tmp_path / "v")
+    path = tmp_path / "v" / "experts.safetensors"
+    manifest.files["experts.safetensors"] = FileEntry(file_sha256(path), path.stat().st_size, "experts")
+    (tmp_path / "v" / "manifest.json").write_text(manifest.to_json())
+    with pytest.raises(
+        CheckpointError,
+        match=r"experts\.safetensors: other shapes: tensor 'model\.layers\.1\.mlp\.experts\.gate_up_proj' has shape "
+        r"\[4, 512, 96\], the config needs \[4, 512, 128\]",
+    ):
+        load_quantized_version(tmp_path / "v", 4)
