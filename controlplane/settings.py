@@ -80,7 +80,19 @@ def database_from_url(url: str) -> dict[str, Any]:
         # sqlite:///relative/path, sqlite:////absolute/path, sqlite://:memory:
         if parts.netloc == ":memory:" or parts.path in {"", "/", "/:memory:"}:
             return {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}
-        return {"ENGINE": "django.db.backends.sqlite3", "NAME": unquote(parts.path[1:])}
+        return {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": unquote(parts.path[1:]),
+            # The embedded mode runs several processes on one file (server, ingest worker, demo orchestrator):
+            # take the write lock when a transaction starts (a deferred one that read first cannot upgrade once
+            # another process wrote: "database is locked" at once, whatever the timeout), wait for other writers
+            # instead of failing after 5 s, and let readers and the writer proceed together (write-ahead log).
+            "OPTIONS": {
+                "transaction_mode": "IMMEDIATE",
+                "timeout": 60.0,
+                "init_command": "PRAGMA journal_mode=WAL;PRAGMA synchronous=NORMAL",
+            },
+        }
     raise ImproperlyConfigured(f"DATABASE_URL scheme {scheme!r} is not supported: use postgres:// or sqlite://")
 
 

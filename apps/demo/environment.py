@@ -17,8 +17,8 @@ SERVICE_VARIABLES = (
     "FEDNESTED_TOPIC_PREFIX",
     "FEDNESTED_REQUIRE_SERVICES",
 )
-# The control plane's settings, with SQLite set up for several writing processes (apps/demo/settings.py).
-DEMO_SETTINGS_MODULE = "apps.demo.settings"
+# The control plane's own settings: their SQLite set-up already serves several writing processes.
+DEMO_SETTINGS_MODULE = "controlplane.settings"
 
 
 @dataclass(frozen=True)

@@ -62,10 +62,12 @@ def test_database_from_url_postgres() -> None:
 
 
 def test_database_from_url_sqlite_and_errors() -> None:
-    assert database_from_url("sqlite:///var/db.sqlite3") == {
-        "ENGINE": "django.db.backends.sqlite3",
-        "NAME": "var/db.sqlite3",
-    }
+    sqlite = database_from_url("sqlite:///var/db.sqlite3")
+    assert (sqlite["ENGINE"], sqlite["NAME"]) == ("django.db.backends.sqlite3", "var/db.sqlite3")
+    # Several processes write the embedded mode's file: the write lock is taken up front, waits are long.
+    assert sqlite["OPTIONS"]["transaction_mode"] == "IMMEDIATE"
+    assert sqlite["OPTIONS"]["timeout"] == 60.0
+    assert "journal_mode=WAL" in sqlite["OPTIONS"]["init_command"]
     assert database_from_url("sqlite:////tmp/x.sqlite3")["NAME"] == "/tmp/x.sqlite3"
     assert database_from_url("sqlite://:memory:")["NAME"] == ":memory:"
     with pytest.raises(ImproperlyConfigured, match="names no database"):

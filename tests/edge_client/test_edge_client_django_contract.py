@@ -49,7 +49,7 @@ def test_client_enrolls_and_reads_the_champion_through_the_real_api(
         assert device.status == "active"
         assert credential.client_id == "edge-contract-1"
 
-        with pytest.raises(EnrollmentError, match=r"HTTP 400\): token: enrollment token .* was already used"):
+        with pytest.raises(EnrollmentError, match=r"HTTP 400\): the token was already used"):
             ensure_enrolled(
                 StateDir(tmp_path / "other"), api, sidecar, client_id="edge-contract-2", token_file=token_file
             )

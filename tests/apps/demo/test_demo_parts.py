@@ -51,7 +51,8 @@ def test_demo_environment_drops_services_and_points_everything_at_the_demo_folde
     database = database_from_url(env["DATABASE_URL"])
     assert database["ENGINE"] == "django.db.backends.sqlite3"
     assert database["NAME"] == str(paths.database)
-    assert env["DJANGO_SETTINGS_MODULE"] == "apps.demo.settings"
+    assert env["DJANGO_SETTINGS_MODULE"] == "controlplane.settings"
+    assert database["OPTIONS"]["transaction_mode"] == "IMMEDIATE"
     assert not running_in_demo_environment(paths)
 
 
