@@ -33,6 +33,9 @@ djangocheck:
 # the end names the stages that failed.
 test:
 	@export FEDNESTED_SERVICES_ENV="$(CURDIR)/var/services/env.sh"
+	# One intra-op thread per test process: on 2 shared cores, torch's default of a thread per core makes the
+	# tiny models' steps many times slower (oversubscription), and the suite runs subprocesses side by side.
+	export OMP_NUM_THREADS=1
 	trap 'scripts/services.sh stop' EXIT
 	trap 'exit 130' INT
 	trap 'exit 143' TERM
