@@ -11,7 +11,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -64,16 +63,22 @@ class BenchSettings:
     threads: int = 0  # 0: probe and take the fastest
 
 
-def _rss_mb() -> float:
+def _status_mb(field: str) -> float:
     with open("/proc/self/status", encoding="ascii") as status:
         for line in status:
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
-    return float("nan")
+    raise RuntimeError(f"/proc/self/status has no {field} line")
+
+
+def _rss_mb() -> float:
+    return _status_mb("VmRSS")
 
 
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
+    # VmHWM is this address space's own high-water mark. getrusage's ru_maxrss is not: Linux carries the larger of
+    # the parent's peak into the child across fork+exec, so every worker would report at least the parent's RSS.
+    return _status_mb("VmHWM")
 
 
 # --------------------------------------------------------------------------------------------------------------------

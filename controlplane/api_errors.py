@@ -27,7 +27,7 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
         exc = DrfValidationError(detail=detail, code=getattr(exc, "code", None) or "invalid")
     response = drf_exception_handler(exc, context)
     if response is not None and isinstance(exc, APIException) and isinstance(response.data, dict):
-        codes = exc.get_codes()
-        if "detail" in response.data and "code" not in response.data and isinstance(codes, str):
-            response.data["code"] = codes
+        api_codes = exc.get_codes()
+        if "detail" in response.data and "code" not in response.data and isinstance(api_codes, str):
+            response.data["code"] = api_codes
     return response

@@ -57,6 +57,23 @@ def make_device(engineer: User, client_id: str, *, domain: str = "automotive") -
     return enrollment.device, enrollment.api_token
 
 
+@pytest.fixture(scope="session", autouse=True)
+def control_topics_exist() -> None:
+    """On Kafka (make test), create the control plane's topics once, as a deployment does before it starts.
+
+    The control plane publishes RoundStart and ModelAvailable on commit and refuses to auto-create topics (their
+    partitions and retention come from config); tests that need their own topics use their own prefix.
+    """
+    from django.conf import settings
+
+    from apps.federation.events import bus_settings
+    from fednested.messaging import KafkaBusSettings, bootstrap_topics
+
+    bus = bus_settings()
+    if settings.FEDNESTED_BUS == "kafka" and isinstance(bus, KafkaBusSettings):
+        bootstrap_topics(bus)
+
+
 @pytest.fixture
 def cast(db: Any) -> dict[str, Member]:
     """The fixed cast, each with an authenticated API client; the device is enrolled through the real service."""

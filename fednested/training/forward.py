@@ -58,14 +58,14 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def resolve_precision(precision: Precision, device: torch.device) -> Literal["fp32", "bf16"]:
-    """Pick the compute precision: `auto` means bf16 autocast where it is faster than fp32, i.e. on CUDA devices
-    with bf16 support, and fp32 on CPU.
+    """Pick the compute precision: `auto` means bf16 autocast on CUDA devices with bf16 support, fp32 on CPU.
 
-    On CPU bf16 was measured and lost (docs/benchmarks.md): on an AVX512-BF16 EPYC, bf16 GEMMs alone ran 2-3x
-    faster, but an edge training step ran 10-40% slower for the tiny and small presets (casts around many small
-    per-expert matmuls) and peaked at about 800 MB more RSS (oneDNN caches a primitive per matmul shape, and routed
-    expert batches change shape every step). `precision="bf16"` still forces it, e.g. on CPUs with AMX tiles.
-    The choice depends on the device type only, so `auto` keeps runs bitwise reproducible.
+    On CPU bf16 autocast was measured (docs/benchmarks.md) and does not pay for itself, although bf16 GEMMs alone
+    run 2-3x faster there: a training step of the small preset ran 2.8x slower on a quiet AMX Xeon, and on a shared
+    AVX512-BF16 EPYC between 0.7x and 1.2x of fp32 from run to run; on both it peaked at about 900 MB more RSS
+    (oneDNN keeps a primitive per matmul shape, and routed expert batches change shape every step), which is what
+    an edge device can least afford. `precision="bf16"` still forces it. The choice depends on the device type
+    only, so `auto` keeps runs bitwise reproducible.
     """
     if precision != "auto":
         return precision

@@ -92,7 +92,7 @@ def test_messages_train_on_assistant_turns_only(tokenizer: PreTrainedTokenizerFa
         content = _ids(tokenizer, message.content)
         expected_ids += [role[message.role], *content, end]
         trained = message.role == "assistant"
-        expected_labels += [IGNORE_INDEX] + (content + [end] if trained else [IGNORE_INDEX] * (len(content) + 1))
+        expected_labels += [IGNORE_INDEX] + ([*content, end] if trained else [IGNORE_INDEX] * (len(content) + 1))
     expected_ids.append(eos)
     expected_labels.append(eos)
     assert example.input_ids == expected_ids

@@ -1,4 +1,4 @@
-"""The edge adapter loop on the tiny preset: determinism, budgets, exact gradient accumulation, frozen base, learning."""
+"""The edge adapter loop on the tiny preset: determinism, budgets, exact accumulation, frozen base, learning."""
 
 from __future__ import annotations
 
@@ -99,7 +99,8 @@ def test_only_adapters_change_and_only_they_reach_the_optimizer(
     trainable = trainable_parameters(model)
     assert metrics.trainable_parameters == sum(parameter.numel() for parameter in trainable)
     names = [name for name, parameter in model.named_parameters() if parameter.requires_grad]
-    assert names and all("lora_" in name for name in names)
+    assert names
+    assert all("lora_" in name for name in names)
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             assert torch.equal(parameter, frozen_before[name]), f"frozen parameter {name} changed"
@@ -201,3 +202,30 @@ def test_bad_configurations_and_inputs_are_refused_with_the_reason(tokenizer: Pr
         train_adapters(plain, tokenizer, [], _small_run())
     with pytest.raises(ValueError, match="no training data"):
         train_adapters(_adapted_model(tokenizer), tokenizer, [], _small_run())
+
+
+def test_pre_encoded_examples_train_exactly_like_the_records_they_came_from(
+    corpus: dict[str, DomainCorpus], tokenizer: PreTrainedTokenizerFast
+) -> None:
+    records = _medical(corpus)
+    from_records, from_examples = _adapted_model(tokenizer), _adapted_model(tokenizer)
+    train_adapters(from_records, tokenizer, records, _small_run())
+    train_adapters(from_examples, tokenizer, encode_records(records, tokenizer), _small_run())
+    state_a, state_b = adapter_state_dict(from_records), adapter_state_dict(from_examples)
+    assert all(torch.equal(state_a[key], state_b[key]) for key in state_a)
+
+
+def test_expert_recompute_gives_the_same_adapters_and_is_switched_off_afterwards(
+    corpus: dict[str, DomainCorpus], tokenizer: PreTrainedTokenizerFast
+) -> None:
+    plain, recomputed = _adapted_model(tokenizer), _adapted_model(tokenizer)
+    train_adapters(plain, tokenizer, _medical(corpus), _small_run())
+    train_adapters(recomputed, tokenizer, _medical(corpus), _small_run(recompute_experts=True))
+    state_a, state_b = adapter_state_dict(plain), adapter_state_dict(recomputed)
+    for key in state_a:
+        torch.testing.assert_close(state_a[key], state_b[key], rtol=1e-5, atol=1e-7)
+    switches = [
+        module.recompute_activations for module in recomputed.modules() if hasattr(module, "recompute_activations")
+    ]
+    assert switches
+    assert not any(switches)
