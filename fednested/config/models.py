@@ -81,7 +81,8 @@ class EdgeTrainingSettings(ConfigModel):
     max_seconds: float | None = Field(default=None, gt=0, description="Wall-clock budget per run; null: no limit.")
     seed: int = Field(default=0, ge=0, description="Seed for data order and dropout.")
     precision: Precision = Field(
-        default="auto", description="auto picks bf16 where the hardware supports it, fp32 otherwise."
+        default="auto",
+        description="auto: bf16 autocast on CUDA, fp32 on CPU (measured faster there, docs/benchmarks.md).",
     )
     num_threads: int | None = Field(default=None, ge=1, description="CPU threads for training; null: PyTorch default.")
 
@@ -187,7 +188,7 @@ class Tier1TrainingSettings(ConfigModel):
     max_grad_norm: float | None = Field(default=1.0, gt=0, description="Gradient clipping norm; null disables it.")
     max_steps: int = Field(default=1000, ge=1, description="Optimizer steps of one core update.")
     seed: int = Field(default=0, ge=0, description="Seed for data order and dropout.")
-    precision: Precision = Field(default="auto", description="auto picks bf16 where supported, fp32 otherwise.")
+    precision: Precision = Field(default="auto", description="auto: bf16 on CUDA, fp32 on CPU.")
     deepspeed_config: Path | None = Field(
         default=None, description="DeepSpeed JSON config for multi-GPU training; null trains in one process."
     )
