@@ -4,6 +4,7 @@ in-process (tests, demo); the CLI wraps it."""
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from collections.abc import Callable
@@ -271,6 +272,13 @@ class ClientRun:
             self.spool_telemetry(outbox, base_version, None, started_at, outcome="failed")
             sidecar.record("training.failed", {"base_version": base_version, "error": f"{type(exc).__name__}: {exc}"})
             raise
+        unusable = training_unusable(result)
+        if unusable:
+            # Nothing worth sending: no step ran (a budget too small for one step) or the loss diverged. Said as a
+            # failed run, not an update the server would reject (or a NaN the spool cannot even write).
+            self.spool_telemetry(outbox, base_version, result, started_at, outcome="failed")
+            sidecar.record("training.failed", {"base_version": base_version, "error": unusable})
+            raise EdgeClientError(f"training on {base_version} produced no usable update: {unusable}")
         self.spool_update(outbox, base_version, result)
         self.spool_telemetry(outbox, base_version, result, started_at, outcome="succeeded")
         self.report.trained_on.append(base_version)
@@ -525,3 +533,12 @@ def run_client(
     (with a message naming what was wrong and where) when it cannot go on."""
     settings = config if isinstance(config, ClientSettings) else ClientSettings.from_config(config)
     return ClientRun(settings, options or RunOptions(), sleep=sleep).run()
+
+
+def training_unusable(result: LocalTrainingResult) -> str | None:
+    """Why a local training result must not leave the device as an update, or None when it may."""
+    if result.metrics.steps == 0:
+        return "no optimizer step ran within the training budget (raise training.max_seconds or max_steps)"
+    if not math.isfinite(result.metrics.final_loss):
+        return f"the training loss is not finite ({result.metrics.final_loss}): the adapters diverged"
+    return None

@@ -34,6 +34,11 @@ _TORCH_TO_SAFETENSORS = {
     torch.bool: "BOOL",
 }
 _SAFETENSORS_HEADER_LIMIT = 100 * 1024 * 1024
+# Bytes per element of each safetensors dtype: a tensor's byte span must be exactly its shape's worth, or bytes
+# could leave the device under a tensor that declares fewer.
+_SAFETENSORS_ITEMSIZE = {
+    name: torch.empty((), dtype=dtype).element_size() for dtype, name in _TORCH_TO_SAFETENSORS.items()
+}
 
 
 @dataclass(frozen=True)
@@ -120,11 +125,23 @@ def safetensors_header(body: bytes) -> tuple[list[TensorInfo], dict[str, str]]:
     for name, spec in header.items():
         if not isinstance(spec, dict) or not {"dtype", "shape", "data_offsets"} <= set(spec):
             raise PayloadFormatError(f"tensor {name!r}: expected dtype, shape and data_offsets")
-        start, end = spec["data_offsets"]
-        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end):
-            raise PayloadFormatError(f"tensor {name!r}: bad data_offsets {spec['data_offsets']}")
+        offsets, shape, dtype = spec["data_offsets"], spec["shape"], spec["dtype"]
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(v) for v in offsets)):
+            raise PayloadFormatError(f"tensor {name!r}: bad data_offsets {offsets!r} (expected [start, end])")
+        start, end = offsets
+        if start > end:
+            raise PayloadFormatError(f"tensor {name!r}: data_offsets {offsets} end before they start")
+        if not (isinstance(shape, list) and all(_is_count(v) for v in shape)):
+            raise PayloadFormatError(f"tensor {name!r}: bad shape {shape!r} (expected a list of non-negative ints)")
+        if dtype not in _SAFETENSORS_ITEMSIZE:
+            raise PayloadFormatError(f"tensor {name!r}: unknown dtype {dtype!r}")
+        expected = math.prod(shape) * _SAFETENSORS_ITEMSIZE[dtype]
+        if end - start != expected:
+            raise PayloadFormatError(
+                f"tensor {name!r}: {end - start} data bytes for a {dtype} tensor of shape {shape} ({expected} expected)"
+            )
         spans.append((start, end))
-        tensors.append(TensorInfo(name=name, dtype=str(spec["dtype"]), shape=tuple(spec["shape"]), nbytes=end - start))
+        tensors.append(TensorInfo(name=name, dtype=dtype, shape=tuple(shape), nbytes=end - start))
     data_length = len(body) - 8 - header_length
     covered = 0
     for start, end in sorted(spans):
@@ -134,6 +151,10 @@ def safetensors_header(body: bytes) -> tuple[list[TensorInfo], dict[str, str]]:
     if covered != data_length:
         raise PayloadFormatError(f"data section is {data_length} bytes but the tensors account for {covered}")
     return tensors, {str(k): v for k, v in raw_metadata.items()}
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def tensor_infos(tensors: Mapping[str, torch.Tensor]) -> list[TensorInfo]:

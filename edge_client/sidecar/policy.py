@@ -48,6 +48,10 @@ class EndpointRule:
         if port != self.port:
             return False
         # Dot segments are refused outright, encoded or not: "/api/v1/../admin" must not pass a "/api/v1/" prefix.
+        # Encoded or back slashes are refused too: a normalising proxy may turn "..%2fadmin" into "../admin".
+        lowered = parts.path.lower()
+        if "\\" in parts.path or "%2f" in lowered or "%5c" in lowered:
+            return False
         if any(unquote(segment) in {".", ".."} for segment in parts.path.split("/")):
             return False
         return any(parts.path.startswith(prefix) for prefix in self.path_prefixes)

@@ -136,6 +136,10 @@ def verify_version(directory: str | Path) -> Manifest:
     for kind, name in PARTITION_FILES.items():
         if name not in manifest.files and manifest.partition is not None and manifest.partition.names_of_kind(kind):
             raise CheckpointError(Path(directory) / name, "missing", "not listed in manifest.json")
+    if CONFIG_NAME not in manifest.files:
+        # The config decides how the weights are used (and carries run-time keys the architecture id leaves out):
+        # it is loaded only when the manifest vouches for its bytes.
+        raise CheckpointError(Path(directory) / CONFIG_NAME, "missing", "not listed in manifest.json")
     verify_files(directory, manifest)
     return manifest
 

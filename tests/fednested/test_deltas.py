@@ -94,7 +94,7 @@ def test_server_side_deltas_need_only_adapters_config_and_shapes() -> None:
 def test_merging_the_weighted_sum_equals_merging_each_delta_scaled() -> None:
     updates = [
         expert_deltas(trained_adapters("mixtral", ExpertLoraConfig(rank=2, experts=experts), seed=seed))
-        for seed, experts in ((1, [0, 1]), (2, [1, 2]), (3, [3]))
+        for seed, experts in ((1, [0, 1]), (2, [1]), (3, [3]))
     ]
     weights = [0.5, 0.3, 0.2]
     eta = 0.7
@@ -105,11 +105,15 @@ def test_merging_the_weighted_sum_equals_merging_each_delta_scaled() -> None:
         merge_expert_deltas(one_by_one, update, eta=eta * weight)
     for (name, a), (_, b) in zip(at_once.named_parameters(), one_by_one.named_parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
-    # experts no update touched stay bitwise untouched
-    untouched = build_model("tiny", "mixtral")
-    assert "model.layers.0.mlp.experts.gate_up_proj/expert=3" in updates[2]
-    assert "model.layers.0.mlp.experts.gate_up_proj/expert=0" not in updates[2]
-    assert model_fingerprint(untouched) != model_fingerprint(at_once)
+    # expert 2 is in no update: its slices stay bitwise what they were; expert 3's moved
+    fresh = dict(build_model("tiny", "mixtral").named_parameters())
+    merged = dict(at_once.named_parameters())
+    fused = [name for name in merged if name.endswith(("experts.gate_up_proj", "experts.down_proj"))]
+    assert fused
+    assert all(f"{name}/expert=2" not in update for update in updates for name in fused)
+    for name in fused:
+        assert torch.equal(merged[name][2], fresh[name][2]), name
+        assert not torch.equal(merged[name][3], fresh[name][3]), name
 
 
 def test_weighted_sum_treats_missing_keys_as_zero_and_checks_shapes() -> None:

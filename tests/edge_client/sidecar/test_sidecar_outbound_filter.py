@@ -23,6 +23,7 @@ from edge_client.sidecar import (
     safetensors_header,
     verify_chain,
 )
+from edge_client.sidecar.outbound import PayloadFormatError
 
 URL = "http://127.0.0.1:8000"
 PAYLOAD_URL = f"{URL}/api/v1/updates/0b4f3c9e-1111-4222-8333-944455556666/payload/"
@@ -150,6 +151,10 @@ def test_oversized_payload_and_too_many_tensors_are_refused(tmp_path: Path) -> N
         "http://127.0.0.1:8000/admin/",
         "http://127.0.0.1:8000/api/v1/../admin/",
         "http://127.0.0.1:8000/api/v1/%2e%2e/admin/",
+        "http://127.0.0.1:8000/api/v1/..%2fadmin/",
+        "http://127.0.0.1:8000/api/v1/..%2Fadmin/",
+        "http://127.0.0.1:8000/api/v1/x/..%5c..%5cadmin/",
+        "http://127.0.0.1:8000/api/v1/x/..\\..\\admin/",
         "kafka://10.0.0.9:9092/updates.experts.local",
         "kafka://127.0.0.1:9092/tasks.training",
         "embedded:control.federation_rounds",
@@ -302,3 +307,28 @@ def test_policy_file_round_trip_yaml(tmp_path: Path) -> None:
     assert policy.is_local_only(tmp_path / "audit" / "audit.jsonl")
     assert policy.tensor_name_allowed(LORA_A)
     assert not policy.tensor_name_allowed("model.layers.0.mlp.gate.weight")
+
+
+def _raw_safetensors(header: dict[str, Any], data: bytes) -> bytes:
+    encoded = json.dumps(header).encode()
+    return struct.pack("<Q", len(encoded)) + encoded + data
+
+
+@pytest.mark.parametrize(
+    ("spec", "data", "problem"),
+    [
+        ({"dtype": "F32", "shape": [2], "data_offsets": 8}, b"\0" * 8, "bad data_offsets"),
+        ({"dtype": "F32", "shape": [2], "data_offsets": [0, 4, 8]}, b"\0" * 8, "bad data_offsets"),
+        ({"dtype": "F32", "shape": [2], "data_offsets": [True, 8]}, b"\0" * 8, "bad data_offsets"),
+        ({"dtype": "F32", "shape": 5, "data_offsets": [0, 8]}, b"\0" * 8, "bad shape"),
+        ({"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}, b"\0" * 8, "bad shape"),
+        ({"dtype": "Q4", "shape": [2], "data_offsets": [0, 8]}, b"\0" * 8, "unknown dtype"),
+        # A one-element tensor that spans 1000 bytes: the extra bytes would leave unaccounted for.
+        ({"dtype": "F32", "shape": [1], "data_offsets": [0, 1000]}, b"\0" * 1000, "4 expected"),
+    ],
+)
+def test_malformed_tensor_entries_are_format_errors_not_crashes(
+    spec: dict[str, Any], data: bytes, problem: str
+) -> None:
+    with pytest.raises(PayloadFormatError, match=problem):
+        safetensors_header(_raw_safetensors({"lora_A": spec}, data))

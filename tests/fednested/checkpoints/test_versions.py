@@ -185,3 +185,12 @@ def test_other_version_and_existing_directory(saved: Path) -> None:
     with pytest.raises(CheckpointError, match="exists: a version directory is immutable"):
         save_version(build_model(), saved, version_id="v1b", parent_version="v1")
     assert not [p for p in saved.parent.iterdir() if p.name.startswith(".v1")], "no staging directory left behind"
+
+
+def test_a_config_the_manifest_does_not_list_is_never_loaded(saved: Path) -> None:
+    manifest_path = saved / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["files"]["config.json"]
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=r"config\.json: missing: not listed in manifest\.json"):
+        load_version(saved)
