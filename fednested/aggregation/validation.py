@@ -15,9 +15,9 @@ import torch
 from torch import Tensor
 
 from fednested.adapters.lora import (
+    LORA_FACTORS,
     AdapterError,
     ExpertLoraConfig,
-    LoraFactor,
     adapter_key,
     layer_index,
     parse_adapter_key,
@@ -29,7 +29,6 @@ from fednested.deltas import DeltaKey, ExpertShapes, delta_key
 
 # How many offending tensors a message lists before it says "and N more".
 _SHOWN = 5
-_FACTORS: tuple[LoraFactor, ...] = ("lora_A", "lora_B")
 DEFAULT_DTYPES: frozenset[torch.dtype] = frozenset({torch.float32, torch.float16, torch.bfloat16})
 
 
@@ -121,7 +120,7 @@ def validate_update(
     for param_name, expert in pairs:
         _, out_features, in_features = shapes[param_name]
         wanted_shapes = {"lora_A": (adapter_config.rank, in_features), "lora_B": (out_features, adapter_config.rank)}
-        for factor in _FACTORS:
+        for factor in LORA_FACTORS:
             key, wanted = adapter_key(param_name, expert, factor), wanted_shapes[factor]
             if tuple(adapters[key].shape) != wanted:
                 wrong_shape.append(f"{key} has {list(adapters[key].shape)}, expected {list(wanted)}")
@@ -196,7 +195,7 @@ def _check_names(
         else:
             factors.setdefault((param_name, expert), set()).add(factor)
     for (param_name, expert), present in sorted(factors.items()):
-        for factor in _FACTORS:
+        for factor in LORA_FACTORS:
             if factor not in present:
                 problems.append(f"{adapter_key(param_name, expert, factor)!r} is missing")
     if problems:
