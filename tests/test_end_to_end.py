@@ -15,6 +15,7 @@ for setting up the registry, the REST API (officer token) for the approval, the 
 """
 
 import hashlib
+import io
 import json
 import os
 import random
@@ -49,12 +50,19 @@ from apps.demo.processes import ManagedProcess, start_process
 from apps.demo.run import register_first_version
 from apps.federation.choices import UpdateStatus
 from apps.federation.models import EdgeDevice, Update
-from apps.federation.services import enroll_device, issue_enrollment_token, open_round, revoke_device
+from apps.federation.services import (
+    enroll_device,
+    issue_enrollment_token,
+    open_round,
+    revoke_device,
+    store_update_payload,
+)
 from apps.governance.choices import ApprovalStatus
 from apps.governance.models import ApprovalRequest, AuditEvent
 from apps.governance.services import approve_version, request_approval
 from apps.registry.models import ModelVersion, VersionEvaluation
 from apps.registry.services import ArtifactSpec, register_version
+from apps.registry.storage import artifact_path
 from edge_client.state import StateDir
 from fednested.adapters.lora import ExpertLoraConfig, adapter_key
 from fednested.checkpoints import read_manifest
@@ -456,16 +464,18 @@ def adapters_for(shapes: dict[str, tuple[int, int, int]], seed: int) -> dict[str
     return tensors
 
 
-def store_payload(plane: ControlPlane, update_id: str, raw: bytes) -> dict[str, Any]:
-    """Put payload bytes where an upload lands and return the claim check an envelope carries."""
-    path = plane.artifacts / "updates" / f"{update_id}.safetensors"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(raw)
-    return {
-        "uri": f"artifacts://updates/{update_id}.safetensors",
-        "sha256": hashlib.sha256(raw).hexdigest(),
-        "size_bytes": len(raw),
-    }
+def store_payload(plane: ControlPlane, sender: Sender, update_id: str, raw: bytes) -> dict[str, Any]:
+    """Upload payload bytes as the sender's device does and return the claim check an envelope carries."""
+    receipt = store_update_payload(
+        sender.device,
+        update_id,
+        io.BytesIO(raw),
+        declared_sha256=hashlib.sha256(raw).hexdigest(),
+        content_length=len(raw),
+        max_bytes=len(raw),
+        root=plane.artifacts,
+    )
+    return {"uri": receipt.uri, "sha256": receipt.sha256, "size_bytes": receipt.bytes}
 
 
 def envelope(
@@ -535,7 +545,7 @@ def test_bad_input_is_rejected_with_reasons_in_api_and_console_and_nothing_valid
         raw = save_safetensors(adapters_for(shapes, seed=seed))
         return envelope(
             sender,
-            store_payload(plane, update_id, raw),
+            store_payload(plane, sender, update_id, raw),
             base_version="v1",
             round_id=strict_round.round_id,
             update_id=update_id,
@@ -546,7 +556,7 @@ def test_bad_input_is_rejected_with_reasons_in_api_and_console_and_nothing_valid
         raw = save_safetensors({key: value.contiguous() for key, value in tensors.items()})
         return envelope(
             good,
-            store_payload(plane, update_id, raw),
+            store_payload(plane, good, update_id, raw),
             base_version="v1",
             round_id=strict_round.round_id,
             update_id=update_id,
@@ -559,8 +569,8 @@ def test_bad_input_is_rejected_with_reasons_in_api_and_console_and_nothing_valid
 
     # sha256 mismatch: the stored bytes are not what the envelope claims.
     update_id = str(uuid.uuid4())
-    claim = store_payload(plane, update_id, valid)
-    (plane.artifacts / "updates" / f"{update_id}.safetensors").write_bytes(valid[:-8] + b"\x00" * 8)
+    claim = store_payload(plane, good, update_id, valid)
+    artifact_path(claim["uri"], plane.artifacts).write_bytes(valid[:-8] + b"\x00" * 8)
     tampered = envelope(good, claim, base_version="v1", round_id=strict_round.round_id, update_id=update_id)
     publish(tampered)
     rejected_expected[str(tampered.update_id)] = "sha256_mismatch"
@@ -568,7 +578,7 @@ def test_bad_input_is_rejected_with_reasons_in_api_and_console_and_nothing_valid
     update_id = str(uuid.uuid4())
     event = envelope(
         good,
-        store_payload(plane, update_id, valid),
+        store_payload(plane, good, update_id, valid),
         base_version="v1",
         round_id=no_staleness_round.round_id,
         update_id=update_id,
@@ -614,7 +624,9 @@ def test_bad_input_is_rejected_with_reasons_in_api_and_console_and_nothing_valid
     refused_expected.append("unknown_client")
     publish(envelope(revoked, claim, base_version="v1", round_id=None, update_id=str(uuid.uuid4())))
     refused_expected.append("revoked_client")
-    publish(envelope(good, claim, base_version="v9", round_id=None, update_id=str(uuid.uuid4())))
+    update_id = str(uuid.uuid4())
+    unknown_base = store_payload(plane, good, update_id, valid)
+    publish(envelope(good, unknown_base, base_version="v9", round_id=None, update_id=update_id))
     refused_expected.append("unknown_base_version")
     publish(first_valid)
     refused_expected.append("replayed")

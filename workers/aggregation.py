@@ -84,6 +84,10 @@ class AggregationOutcome:
     weights: dict[str, dict[str, float]]
 
 
+class CandidateAlreadyRegistered(RuntimeError):
+    """The round's candidate version id is already registered, so aggregating it again would clobber its files."""
+
+
 def candidate_version_id(round_: Round) -> str:
     """The candidate's id: one per round, so a retried task cannot register a second candidate for it."""
     return f"{round_.round_id}-candidate"
@@ -209,6 +213,12 @@ def _aggregate_claimed_round(task: TrainingTask, round_: Round) -> AggregationOu
     weights_by_update = dict(zip(applied, weights, strict=True))
     version_id = candidate_version_id(round_)
     directory = artifact_root / "versions" / version_id
+    if ModelVersion.objects.filter(version_id=version_id).exists():
+        # Never overwrite (or delete) the files of a registered version: they are what its registry entry vouches for.
+        raise CandidateAlreadyRegistered(
+            f"round {round_.round_id}: model version {version_id!r} is already registered; "
+            f"its files under {directory} are left as they are"
+        )
     if directory.exists():
         # Left by an attempt that died before registering it; nothing refers to an unregistered directory.
         shutil.rmtree(directory)

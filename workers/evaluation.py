@@ -89,15 +89,22 @@ def evaluate_candidate(task: TrainingTask) -> ApprovalRequest:
     if not isinstance(version_id, str):
         raise ValueError(f"task {task.pk}: params need 'version_id' (the version to evaluate), got {task.params!r}")
     version = ModelVersion.objects.select_related("parent").get(version_id=version_id)
-    folder = task.params.get("heldout_dir") or str(Path(settings.FEDNESTED_ARTIFACT_ROOT) / HELDOUT_FOLDER)
-    records = heldout_sets(Path(folder))
+    folder = task.params.get("heldout_dir") or HELDOUT_FOLDER
+    if not isinstance(folder, str):
+        raise ValueError(f"task {task.pk}: params 'heldout_dir' must be a path in the artifact store, got {folder!r}")
+    try:
+        # Relative paths, artifacts:// and file:// URIs, all confined to the artifact store.
+        heldout = artifact_path(folder, Path(settings.FEDNESTED_ARTIFACT_ROOT))
+    except ValueError as error:
+        raise ValueError(f"task {task.pk}: params 'heldout_dir': {error}") from None
+    records = heldout_sets(heldout)
     config = EvalConfig(seq_len=int(task.params.get("seq_len", 256)))
     scores = score_version(version, records, config)
     parent_scores = score_version(version.parent, records, config) if version.parent is not None else None
     rows = domain_evaluations(scores, parent_scores)
     requester = approval_requester(task)
     with transaction.atomic():
-        record_version_evaluation(version, rows, actor_label=ACTOR_LABEL, heldout=folder)
+        record_version_evaluation(version, rows, actor_label=ACTOR_LABEL, heldout=str(heldout))
         lines = [
             f"{row.domain}: loss {row.loss:.4f}"
             + (f" (parent {row.parent_loss:.4f})" if row.parent_loss is not None else "")

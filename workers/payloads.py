@@ -1,8 +1,9 @@
 """Update payloads in the artifact store (claim checks): resolve the URI, check size and sha256, decode the tensors.
 
 Shared by the ingest worker (first check) and the aggregation task (which reads the payload again and re-checks it,
-since the store may have changed in between). Problems with the payload itself are `UpdateRejected`; a store that
-cannot be read at all is an OSError, so the caller retries instead of rejecting a valid update.
+since the store may have changed in between). Problems with the payload itself (missing, not a regular file, not
+readable, wrong size or sha256) are `UpdateRejected`; a store that cannot be read at all is an OSError, so the caller
+retries instead of rejecting a valid update.
 """
 
 import hashlib
@@ -39,13 +40,20 @@ def fetch_payload(uri: str, *, sha256: str, size_bytes: int, max_bytes: int, roo
             f"no payload at {uri} (upload it before publishing the envelope)",
             client_id=client_id,
         ) from None
+    if not path.is_file():
+        raise UpdateRejected(RejectionCode.MALFORMED, f"payload at {uri} is not a regular file", client_id=client_id)
     if actual_size != size_bytes:
         raise UpdateRejected(
             RejectionCode.SHA256_MISMATCH,
             f"payload at {uri} has {actual_size} bytes, the envelope says {size_bytes}",
             client_id=client_id,
         )
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except (PermissionError, IsADirectoryError) as error:
+        raise UpdateRejected(
+            RejectionCode.MALFORMED, f"payload at {uri} cannot be read: {error.strerror}", client_id=client_id
+        ) from None
     digest = hashlib.sha256(raw).hexdigest()
     if digest != sha256:
         raise UpdateRejected(

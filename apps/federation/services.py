@@ -496,11 +496,18 @@ def receive_update(envelope: Mapping[str, Any], *, device: EdgeDevice) -> tuple[
     if event.round_id is None:
         # No RoundStart reached the device: the update joins the oldest open round on its base version, or waits,
         # round-less, for the next round opened on it (open_round adopts it).
+        # Locked (as below) until this transaction ends, so aggregation cannot claim the round in between: an update
+        # is never buffered into a round whose aggregation already started.
         round_ = (
-            Round.objects.filter(base_version=base_version, status=RoundStatus.OPEN).order_by("opened_at", "id").first()
+            Round.objects.select_for_update()
+            .filter(base_version=base_version, status=RoundStatus.OPEN)
+            .order_by("opened_at", "id")
+            .first()
         )
+        if round_ is not None and round_.status != RoundStatus.OPEN:
+            round_ = None
     else:
-        round_ = Round.objects.filter(round_id=event.round_id).first()
+        round_ = Round.objects.select_for_update().filter(round_id=event.round_id).first()
         if round_ is None:
             raise ValidationError({"round_id": f"unknown round {event.round_id!r}"})
         if round_.status != RoundStatus.OPEN:

@@ -2,6 +2,7 @@
 envelopes are signed as the edge client signs them; payloads written where the envelope's claim check points."""
 
 import hashlib
+import io
 import shutil
 import uuid
 from collections.abc import Callable
@@ -18,10 +19,11 @@ from safetensors.torch import save as save_safetensors
 from apps.accounts.choices import Role
 from apps.accounts.models import User
 from apps.federation.models import EdgeDevice, Round
-from apps.federation.services import enroll_device, issue_enrollment_token, open_round
+from apps.federation.services import enroll_device, issue_enrollment_token, open_round, store_update_payload
 from apps.registry.choices import ArtifactPartition
 from apps.registry.models import ModelFamily, ModelVersion
 from apps.registry.services import ArtifactSpec, create_model_family, register_version
+from apps.registry.storage import artifact_path
 from fednested.adapters.lora import ExpertLoraConfig, adapter_key
 from fednested.checkpoints import MANIFEST_NAME, Manifest, read_manifest, save_version
 from fednested.data import (
@@ -174,17 +176,27 @@ def random_adapters(
     return tensors
 
 
-def write_payload(world: WorkerWorld, update_id: str, adapters: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Store the adapters as the control plane stores an upload; returns the envelope's payload reference."""
+def write_payload(
+    world: WorkerWorld, device: "Device", update_id: str, adapters: dict[str, torch.Tensor]
+) -> dict[str, Any]:
+    """Upload the adapters as a device does (the control plane's payload upload, which records the device as the
+    update id's owner); returns the envelope's payload reference."""
     raw = save_safetensors({key: tensor.contiguous() for key, tensor in adapters.items()})
-    path = world.root / "updates" / f"{update_id}.safetensors"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(raw)
-    return {
-        "uri": f"artifacts://updates/{update_id}.safetensors",
-        "sha256": hashlib.sha256(raw).hexdigest(),
-        "size_bytes": len(raw),
-    }
+    receipt = store_update_payload(
+        device.row,
+        update_id,
+        io.BytesIO(raw),
+        declared_sha256=hashlib.sha256(raw).hexdigest(),
+        content_length=len(raw),
+        max_bytes=len(raw),
+        root=world.root,
+    )
+    return {"uri": receipt.uri, "sha256": receipt.sha256, "size_bytes": receipt.bytes}
+
+
+def payload_file(world: WorkerWorld, envelope: UpdateEnvelope) -> Path:
+    """Where the envelope's payload lies in the test's artifact store."""
+    return artifact_path(envelope.payload.uri, world.root)
 
 
 def signed_envelope(
@@ -236,7 +248,7 @@ def make_update(world: WorkerWorld) -> Callable[..., tuple[UpdateEnvelope, dict[
         adapters = overrides.pop("adapters", None) or random_adapters(
             world.shapes, {LAYER0_DOWN: [1], LAYER1_UP: [2]}, seed
         )
-        payload = write_payload(world, update_id, adapters)
+        payload = write_payload(world, device, update_id, adapters)
         return signed_envelope(device, payload, round_id=round_id, update_id=update_id, **overrides), adapters
 
     return build

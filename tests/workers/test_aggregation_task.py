@@ -15,11 +15,12 @@ from apps.federation.services import create_training_task
 from apps.governance.models import ApprovalRequest, AuditEvent
 from apps.registry.choices import LineageKind
 from apps.registry.models import ModelVersion
+from apps.registry.storage import artifact_path
 from fednested.adapters.lora import adapter_key
 from fednested.checkpoints import CheckpointError, file_sha256, load_version
 from fednested.messaging import encode
 from tests.workers.conftest import ADAPTER, LAYER0_DOWN, LAYER1_UP, WorkerWorld, as_message, enroll
-from workers.aggregation import aggregate_round_task, candidate_version_id
+from workers.aggregation import CandidateAlreadyRegistered, aggregate_round_task, candidate_version_id
 from workers.evaluation import evaluate_version_task
 from workers.ingest.consumer import MAX_AUTOMATIC_AGGREGATION_ATTEMPTS, enqueue_due_rounds, ingest_message
 
@@ -190,7 +191,7 @@ def test_updates_whose_payload_changed_since_ingest_are_rejected_at_aggregation(
 ) -> None:
     round_, _, task = buffered_round
     for update in Update.objects.all():
-        path = world.root / "updates" / f"{update.update_id}.safetensors"
+        path = artifact_path(update.envelope["payload"]["uri"], world.root)
         path.write_bytes(path.read_bytes()[:-1] + b"!")
     with django_capture_on_commit_callbacks(execute=False):
         assert aggregate_round_task(task.pk) is None
@@ -201,3 +202,21 @@ def test_updates_whose_payload_changed_since_ingest_are_rejected_at_aggregation(
     round_.refresh_from_db()
     assert round_.status == RoundStatus.CANCELLED
     assert TrainingTask.objects.get(pk=task.pk).status == TaskStatus.SUCCEEDED
+
+
+def test_aggregation_never_deletes_the_files_of_a_registered_candidate(
+    world: WorkerWorld,
+    buffered_round: tuple[Round, list[dict[str, torch.Tensor]], TrainingTask],
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    round_, _, task = buffered_round
+    version_id = candidate_version_id(round_)
+    world.register_child(world.base, version_id)
+    directory = world.root / "versions" / version_id
+    directory.mkdir(parents=True)
+    (directory / "core.safetensors").write_bytes(b"registered bytes")
+    with django_capture_on_commit_callbacks(execute=False), pytest.raises(CandidateAlreadyRegistered):
+        aggregate_round_task(task.pk)
+    assert (directory / "core.safetensors").read_bytes() == b"registered bytes"
+    assert version_id in TrainingTask.objects.get(pk=task.pk).error
+    assert Round.objects.get(pk=round_.pk).status == RoundStatus.OPEN

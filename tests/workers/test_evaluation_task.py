@@ -96,6 +96,30 @@ def test_missing_held_out_sets_fail_the_task_with_the_folder_named(
     assert not ApprovalRequest.objects.exists()
 
 
+@pytest.mark.parametrize("heldout_dir", ["../outside", "/etc", "file:///etc", "artifacts://heldout/../../outside"])
+def test_held_out_folder_outside_the_artifact_store_is_refused(
+    world: WorkerWorld, django_capture_on_commit_callbacks: Any, heldout_dir: str
+) -> None:
+    outside = world.root.parent / "outside"
+    shutil.copytree(world.root / "heldout", outside)
+    task = evaluation_task(world, django_capture_on_commit_callbacks, heldout_dir=heldout_dir)
+    with pytest.raises(ValueError, match="points outside the artifact store"):
+        evaluate_version_task(task.pk)
+    failed = TrainingTask.objects.get(pk=task.pk)
+    assert failed.status == TaskStatus.FAILED
+    assert "params 'heldout_dir'" in failed.error
+    assert not ApprovalRequest.objects.exists()
+
+
+def test_held_out_folder_is_named_inside_the_artifact_store(
+    world: WorkerWorld, django_capture_on_commit_callbacks: Any
+) -> None:
+    shutil.move(world.root / "heldout", world.root / "sets")
+    task = evaluation_task(world, django_capture_on_commit_callbacks, heldout_dir="artifacts://sets")
+    assert ApprovalRequest.objects.filter(pk=evaluate_version_task(task.pk)).exists()
+    assert {row.domain for row in world.base.evaluations.all()} == {"medical", "recipes"}
+
+
 def test_second_request_for_a_version_is_refused_by_governance(
     world: WorkerWorld, django_capture_on_commit_callbacks: Any
 ) -> None:

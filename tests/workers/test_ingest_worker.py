@@ -17,7 +17,15 @@ from apps.governance.models import AuditEvent
 from apps.registry.services import move_alias
 from fednested.aggregation import RejectionCode
 from fednested.messaging import encode
-from tests.workers.conftest import LAYER0_DOWN, WorkerWorld, as_message, enroll, random_adapters
+from tests.workers.conftest import (
+    LAYER0_DOWN,
+    WorkerWorld,
+    as_message,
+    enroll,
+    payload_file,
+    random_adapters,
+    signed_envelope,
+)
 from workers.ingest.consumer import enqueue_due_rounds, ingest_message
 
 MakeUpdate = Callable[..., Any]
@@ -102,8 +110,8 @@ def test_unknown_revoked_and_forged_senders_are_refused_without_a_row(
         RejectionCode.BAD_SIGNATURE
     )
 
+    late, _ = make_update(device)  # uploaded before the revocation, published after it
     revoke_device(device.row, actor=world.engineer, reason="stolen")
-    late, _ = make_update(device)
     assert ingest_message(as_message(encode(late), "car-1")).code is RejectionCode.REVOKED_CLIENT
     assert Update.objects.count() == 0
 
@@ -165,7 +173,7 @@ def test_payload_that_does_not_match_its_claim_check_is_rejected(
 ) -> None:
     device = enroll(world, "car-1")
     envelope, _ = make_update(device)
-    path = world.root / "updates" / f"{envelope.update_id}.safetensors"
+    path = payload_file(world, envelope)
     raw = path.read_bytes()
     if damage == "tamper":
         path.write_bytes(raw[:-1] + bytes([raw[-1] ^ 1]))
@@ -176,6 +184,8 @@ def test_payload_that_does_not_match_its_claim_check_is_rejected(
     else:
         junk = b"\x00" * len(raw)
         path.write_bytes(junk)
+        # The device uploaded these bytes: the staged record and the envelope both carry their sha256.
+        StagedPayload.objects.filter(update_id=str(envelope.update_id)).update(sha256=hashlib.sha256(junk).hexdigest())
         payload = {**envelope.payload.model_dump(), "sha256": hashlib.sha256(junk).hexdigest()}
         envelope = envelope.model_copy(update={"payload": envelope.payload.model_validate(payload)})
         envelope = envelope.signed_hmac_sha256(device.signing_key)
@@ -257,15 +267,42 @@ def test_an_update_without_a_round_joins_the_open_round_on_its_base(
 
 def test_an_envelope_pointing_at_another_devices_upload_is_refused(world: WorkerWorld, make_update: MakeUpdate) -> None:
     owner, thief = enroll(world, "car-owner"), enroll(world, "car-thief")
-    envelope, _ = make_update(thief)
-    StagedPayload.objects.create(
-        update_id=str(envelope.update_id),
-        device=owner.row,
-        uri=envelope.payload.uri,
-        sha256=envelope.payload.sha256,
-        size_bytes=envelope.payload.size_bytes,
-    )
-    outcome = ingest_message(as_message(encode(envelope), "car-thief"))
+    owned, _ = make_update(owner)
+    # The thief claims the owner's update id and upload as its own.
+    stolen = signed_envelope(thief, owned.payload.model_dump(), update_id=str(owned.update_id))
+    outcome = ingest_message(as_message(encode(stolen), "car-thief"))
     assert (outcome.status, outcome.code) == ("refused", RejectionCode.MALFORMED)
     assert "was uploaded by device 'car-owner', not 'car-thief'" in outcome.message
     assert Update.objects.count() == 0
+
+
+def test_an_envelope_whose_uri_is_not_its_own_upload_is_refused(world: WorkerWorld, make_update: MakeUpdate) -> None:
+    owner, thief = enroll(world, "car-owner"), enroll(world, "car-thief")
+    owned, _ = make_update(owner)
+    # A fresh update id of the thief's own, pointing at the owner's payload: nothing was uploaded under it.
+    borrowed = signed_envelope(thief, owned.payload.model_dump())
+    outcome = ingest_message(as_message(encode(borrowed), "car-thief"))
+    assert (outcome.status, outcome.code) == ("refused", RejectionCode.MALFORMED)
+    assert f"payload uri {owned.payload.uri!r}: device 'car-thief' uploaded no payload" in outcome.message
+    # Its own upload, but the envelope points elsewhere (here: the base version's weights).
+    own, _ = make_update(thief)
+    elsewhere = {**own.payload.model_dump(), "uri": "artifacts://versions/v1/manifest.json"}
+    redirected = signed_envelope(thief, elsewhere, update_id=str(own.update_id))
+    outcome = ingest_message(as_message(encode(redirected), "car-thief"))
+    assert (outcome.status, outcome.code) == ("refused", RejectionCode.MALFORMED)
+    assert "'artifacts://versions/v1/manifest.json'" in outcome.message
+    assert "is not the upload of update id" in outcome.message
+    assert Update.objects.count() == 0
+
+
+def test_a_payload_uri_that_is_a_directory_is_rejected_not_an_error(
+    world: WorkerWorld, make_update: MakeUpdate
+) -> None:
+    device = enroll(world, "car-1")
+    envelope, _ = make_update(device)
+    path = payload_file(world, envelope)
+    path.unlink()
+    path.mkdir()
+    outcome = ingest_message(as_message(encode(envelope), "car-1"))
+    assert (outcome.status, outcome.code) == ("rejected", RejectionCode.MALFORMED)
+    assert "is not a regular file" in outcome.message

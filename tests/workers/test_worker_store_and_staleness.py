@@ -70,3 +70,14 @@ def test_staleness_counts_versions_behind_the_champion(world: WorkerWorld) -> No
     assert staleness_of(branch, champion) is None
     candidate = world.register_child(v3, "v4")
     assert staleness_of(candidate, champion) == 0
+
+
+def test_payload_uri_naming_a_directory_is_a_rejection_not_an_os_error(tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    (root / "updates" / "u1").mkdir(parents=True)
+    size = (root / "updates" / "u1").stat().st_size  # the size matches, so only the file check stands in the way
+    with pytest.raises(UpdateRejected) as caught:
+        fetch_payload(
+            "artifacts://updates/u1", sha256="0" * 64, size_bytes=size, max_bytes=10**9, root=root, client_id="c"
+        )
+    assert (caught.value.code, "is not a regular file" in caught.value.message) == (RejectionCode.MALFORMED, True)

@@ -141,14 +141,38 @@ def _check_identity(envelope: UpdateEnvelope) -> EdgeDevice:
             f"update {envelope.update_id}: signature {envelope.signature[:20]!r}… does not verify under any live key "
             f"of device {device.client_id!r}",
         )
+    _check_staged_payload(envelope, device)
+    return device
+
+
+def _check_staged_payload(envelope: UpdateEnvelope, device: EdgeDevice) -> None:
+    """The envelope's claim check must be this device's own upload for this update id, exactly as it was stored.
+
+    Without this a device could point its envelope at any file in the artifact store (another device's payload, a
+    model version's weights) and have it checked and aggregated as its own.
+    """
     staged = StagedPayload.objects.filter(update_id=str(envelope.update_id)).select_related("device").first()
-    if staged is not None and staged.device_id != device.pk:
+    if staged is None:
+        raise UpdateRejected(
+            RejectionCode.MALFORMED,
+            f"payload uri {envelope.payload.uri!r}: device {device.client_id!r} uploaded no payload for update id "
+            f"{envelope.update_id} (upload it before publishing the envelope)",
+        )
+    if staged.device_id != device.pk:
         raise UpdateRejected(
             RejectionCode.MALFORMED,
             f"update id {envelope.update_id} was uploaded by device {staged.device.client_id!r}, "
             f"not {device.client_id!r}",
         )
-    return device
+    claimed = (envelope.payload.uri, envelope.payload.sha256, envelope.payload.size_bytes)
+    stored = (staged.uri, staged.sha256, staged.size_bytes)
+    if claimed != stored:
+        raise UpdateRejected(
+            RejectionCode.MALFORMED,
+            f"payload uri {envelope.payload.uri!r} (sha256 {envelope.payload.sha256}, {envelope.payload.size_bytes} "
+            f"bytes) is not the upload of update id {envelope.update_id} ({staged.uri}, sha256 {staged.sha256}, "
+            f"{staged.size_bytes} bytes)",
+        )
 
 
 def _check_references(envelope: UpdateEnvelope) -> tuple[ModelVersion, Round | None]:

@@ -1,11 +1,14 @@
 """Federation services: device revocation, rounds, training tasks and their dispatch, edge updates — each audited."""
 
+import os
+import threading
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
 import pytest
 from django.core.exceptions import PermissionDenied, ValidationError
+from django.db import connection, connections, transaction
 from django.utils import timezone
 from rest_framework.test import APIClient
 
@@ -13,7 +16,7 @@ from apps.accounts.choices import Role
 from apps.accounts.models import User
 from apps.federation.choices import RoundStatus, TaskStatus, UpdateStatus
 from apps.federation.jobs import WORKER_TASKS
-from apps.federation.models import EdgeDevice, TrainingTask, Update
+from apps.federation.models import EdgeDevice, Round, TrainingTask, Update
 from apps.federation.services import (
     buffer_update,
     claim_round_for_aggregation,
@@ -244,6 +247,52 @@ def test_update_to_a_closed_round_is_refused(
         receive_update(
             envelope_factory(client_id="car-1", base_version="tiny-moe-v1", round_id="round-1"), device=device
         )
+
+
+@pytest.mark.services
+@pytest.mark.django_db(transaction=True)
+def test_aggregation_cannot_claim_a_round_while_an_update_is_joining_it(
+    engineer: User,
+    base: ModelVersion,
+    device_factory: Callable[..., Any],
+    envelope_factory: Callable[..., Any],
+    round_factory: Callable[..., Any],
+) -> None:
+    if connection.vendor != "postgresql":
+        reason = "the race needs concurrent transactions: run with DATABASE_URL=postgres://… (make test)"
+        if os.environ.get("FEDNESTED_REQUIRE_SERVICES"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    device, _ = device_factory(engineer, "car-1")
+    round_ = round_factory(base, actor=engineer, round_id="round-1")
+    received, claimed = threading.Event(), threading.Event()
+    order: list[str] = []
+
+    def claim() -> None:
+        try:
+            assert received.wait(30)
+            if claim_round_for_aggregation(Round.objects.get(pk=round_.pk), actor_label="test"):
+                order.append("claimed")
+            claimed.set()
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=claim)
+    thread.start()
+    try:
+        with transaction.atomic():
+            update, created = receive_update(
+                envelope_factory(client_id="car-1", base_version="tiny-moe-v1", round_id="round-1"), device=device
+            )
+            received.set()
+            # The round row is locked by the receiving transaction: the claim waits for it to end.
+            claimed_meanwhile = claimed.wait(1.0)
+            order.append("received")
+    finally:
+        received.set()
+        thread.join(timeout=30)
+    assert not claimed_meanwhile, "aggregation claimed the round while an update was being received into it"
+    assert (created, update.round_id, order) == (True, round_.pk, ["received", "claimed"])
 
 
 def test_update_status_transitions_and_rejection_are_audited(
