@@ -36,18 +36,19 @@ from apps.governance.audit import record_audit_event
 from apps.governance.models import AuditEvent
 from apps.registry.choices import VersionStatus
 from apps.registry.models import ModelVersion
+from apps.registry.services import SHA256_PATTERN
 from apps.registry.storage import artifact_uri
 from fednested.aggregation.settings import ROUND_SETTING_KEYS, RoundAggregationSettings, RoundSettingsError
 from fednested.messaging import SchemaError, UpdateEnvelope, decode
+from fednested.messaging.schemas import CLIENT_ID_REGEX
 
 logger = logging.getLogger(__name__)
 
 ENROLLMENT_TOKEN_PREFIX = "fne"
-# The same alphabet as the wire schemas' ClientId: a client id is also a certificate CN and a Kafka principal.
-CLIENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+# The wire schemas' ClientId alphabet: a client id is also a certificate CN and a Kafka principal.
+CLIENT_ID_PATTERN = re.compile(CLIENT_ID_REGEX)
 ROUND_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 REJECTION_CODE_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
-SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 MAX_ENROLLMENT_TOKEN_TTL = timedelta(days=30)
 # Updates a round may still take: not yet applied, not rejected.
 PENDING_UPDATE_STATUSES = (UpdateStatus.RECEIVED, UpdateStatus.VALIDATED, UpdateStatus.BUFFERED)

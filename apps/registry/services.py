@@ -18,9 +18,10 @@ from django.utils import timezone
 from apps.governance.audit import actor_label_for, record_audit_event
 from apps.registry.choices import ArtifactPartition, LineageKind, VersionStatus
 from apps.registry.models import Alias, LineageEdge, ModelFamily, ModelVersion, VersionArtifact, VersionEvaluation
+from fednested.messaging.schemas import SHA256_HEX_REGEX
 
 VERSION_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
+SHA256_PATTERN = re.compile(SHA256_HEX_REGEX)
 SLUG_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 # An artifact URI travels in ModelAvailable events, whose schema allows 1-200 characters without whitespace.
 ARTIFACT_URI_PATTERN = re.compile(r"^\S{1,200}$")

@@ -24,11 +24,14 @@ from pydantic import (
 )
 
 # A client id is the CN of the device certificate, so it stays within what a CN and a Kafka principal can hold.
-ClientId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")]
+# The patterns are public so the control plane checks the same alphabet it accepts on the wire.
+CLIENT_ID_REGEX = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+SHA256_HEX_REGEX = r"^[0-9a-f]{64}$"
+ClientId = Annotated[str, StringConstraints(pattern=CLIENT_ID_REGEX)]
 Identifier = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^\S+$")]
 # Artifact and payload locations (s3://, file://, https://): no whitespace, bounded so a message stays small.
 Uri = Annotated[str, StringConstraints(min_length=1, max_length=2048, pattern=r"^\S+$")]
-Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+Sha256Hex = Annotated[str, StringConstraints(pattern=SHA256_HEX_REGEX)]
 # "layer.expert", e.g. "3.7": the partition map's name for expert 7 of MoE layer 3.
 ExpertKey = Annotated[str, StringConstraints(pattern=r"^(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)$")]
 NonNegativeInt = Annotated[int, Field(ge=0)]
