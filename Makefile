@@ -11,7 +11,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv test lint typecheck djangocheck pytest demo bench-edge services-start services-stop services-status clean
+.PHONY: venv test lint typecheck djangocheck pytest demo bench-edge bench-aggregate bench-async services-start services-stop services-status clean
 
 venv:
 	@echo "virtualenv: $(VENV)"
@@ -60,6 +60,14 @@ demo:
 
 bench-edge:
 	$(PY) -m bench.edge
+
+# Middle-loop aggregation: ours (factored, K-independent memory) against a Flower-style dense aggregate.
+bench-aggregate:
+	$(PY) -m bench.aggregate
+
+# Asynchronous buffered aggregation against synchronous FedAvg on a simulated clock (tiny model, real training).
+bench-async:
+	$(PY) -m bench.asynchronous
 
 # The test services on their own, for running single tests by hand (docs/operations/services.md).
 services-start:

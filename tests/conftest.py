@@ -18,7 +18,8 @@ from rest_framework.test import APIClient
 from apps.accounts.choices import Role
 from apps.accounts.models import User
 from apps.accounts.services import create_user_with_role, issue_api_token
-from apps.federation.models import EdgeDevice, Round
+from apps.federation.choices import UpdateStatus
+from apps.federation.models import EdgeDevice, Round, Update
 from apps.federation.services import enroll_device, issue_enrollment_token, open_round
 from apps.registry.choices import ArtifactPartition
 from apps.registry.models import ModelFamily, ModelVersion
@@ -190,6 +191,44 @@ def user_factory(db: Any) -> Callable[[str, str], tuple[User, str]]:
 def device_factory(db: Any) -> Callable[..., tuple[EdgeDevice, str]]:
     """(device, API token plaintext) for a device enrolled through the real enrollment service."""
     return make_device
+
+
+@pytest.fixture
+def update_row_factory(db: Any) -> Callable[..., Update]:
+    """An Update row as the update service records a checked envelope, for tests of what reads updates (views,
+    admin, adoption, status moves). The checks that lead to such a row are tested through `submit_update` in
+    tests/workers and tests/apps/federation."""
+    return make_update_row
+
+
+def make_update_row(
+    device: EdgeDevice,
+    base_version: str,
+    *,
+    round_: Round | None = None,
+    status: str = UpdateStatus.BUFFERED,
+    code: str = "",
+    message: str = "",
+) -> Update:
+    envelope = make_envelope(client_id=device.client_id, base_version=base_version, update_id=str(uuid.uuid4()))
+    return Update.objects.create(
+        update_id=envelope["update_id"],
+        device=device,
+        base_version=ModelVersion.objects.get(version_id=base_version),
+        round=round_,
+        status=status,
+        rejection_code=code,
+        rejection_message=message,
+        staleness=0,
+        payload_uri=envelope["payload"]["uri"],
+        payload_sha256=envelope["payload"]["sha256"],
+        payload_bytes=envelope["payload"]["size_bytes"],
+        examples=envelope["examples"],
+        routed_tokens=envelope["routed_tokens"],
+        metrics=envelope["metrics"],
+        envelope=envelope,
+        status_changed_at=timezone.now(),
+    )
 
 
 def make_envelope(

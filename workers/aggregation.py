@@ -1,10 +1,14 @@
-"""Aggregation job (middle loop): a round's buffered edge updates → per-expert weighted deltas → a candidate version.
+"""Aggregation job (middle loop): a window's buffered edge updates → bounded per-expert weights → the factored
+aggregate applied to the *current champion* → a candidate version whose parent is that champion.
 
 `aggregate_round_task(task_pk)` runs one TrainingTask of kind expert_aggregation. It claims the task and then the
-round with conditional updates (so two workers never aggregate one round), re-checks every buffered payload, merges
-W_e ← W_e + η·ΔW_e into the base version, saves and registers the candidate with its lineage, marks the updates
-applied, closes the round and starts the candidate's evaluation — the registry writes in one transaction. When it
-fails after claiming the round, the round is reopened (its updates stay buffered) and the task is marked failed.
+window with conditional updates (so two workers never aggregate one window), re-checks every buffered update (device
+still enrolled, staleness τ against today's champion, payload size and sha256), weights them (staleness
+(1+τ)^-a, routed-token claims bounded by the device's history and the per-update share cap, reliability from the
+device's record), and combines them expert by expert from their factors read lazily from the artifact store, so
+memory does not grow with K·d². The candidate is saved, registered with its lineage, the updates are marked
+applied, the window closes and (asynchronous) the next window of its series opens — the registry writes in one
+transaction. When it fails after claiming the window, the window is reopened (its updates stay buffered).
 """
 
 import logging
@@ -17,11 +21,13 @@ from celery import shared_task
 from django.conf import settings
 from django.db import InterfaceError, OperationalError, transaction
 
-from apps.federation.choices import RoundStatus, TaskKind
+from apps.federation.choices import DeviceStatus, RoundStatus, TaskKind, UpdateStatus
 from apps.federation.models import Round, TrainingTask, Update
+from apps.federation.payloads import adapter_config_of, checked_payload_path
 from apps.federation.services import (
     claim_round_for_aggregation,
     close_round,
+    continue_series,
     create_training_task,
     fail_training_task,
     finish_training_task,
@@ -30,47 +36,35 @@ from apps.federation.services import (
     reopen_round_after_failure,
     start_training_task,
 )
-from apps.registry.choices import ArtifactPartition
+from apps.federation.windows import buffered_updates, champion_version, round_settings, staleness_of
 from apps.registry.models import ModelVersion
-from apps.registry.services import ArtifactSpec, register_version
+from apps.registry.services import register_saved_version
 from apps.registry.storage import artifact_path
-from fednested.aggregation import (
-    RejectionCode,
-    UpdateFacts,
-    UpdateRejected,
-    aggregate_expert_deltas,
-    expert_weights,
-    validate_update,
-)
+from fednested.aggregation import RejectionCode, UpdateFacts, UpdateRejected, expert_of_delta
+from fednested.aggregation.factored import aggregate_factored
+from fednested.aggregation.factors import FactorFile, FactorFileError
 from fednested.aggregation.settings import RoundAggregationSettings
-from fednested.checkpoints import MANIFEST_NAME, Manifest, file_sha256, load_version, save_version
+from fednested.aggregation.weights import bound_claimed_tokens, bounded_expert_weights, reliability_from_history
+from fednested.checkpoints import load_version, save_version
 from fednested.data.tokenizer import load_tokenizer
-from fednested.deltas import ExpertDeltas, expert_deltas_from_adapters, expert_param_shapes, merge_expert_deltas
+from fednested.deltas import merge_expert_deltas
 from fednested.messaging import AdapterSummary
-from workers.payloads import adapter_config_of, decode_adapters, fetch_payload
-from workers.rounds import buffered_updates, champion_version, round_settings, staleness_of
 
 logger = logging.getLogger(__name__)
 
 ACTOR_LABEL = "worker:aggregation"
-# fednested manifest file partitions → registry artifact partitions. The fused experts file holds every expert of
-# every layer, so it is registered without a layer or expert index.
-_REGISTRY_PARTITIONS = {
-    "core": ArtifactPartition.CORE,
-    "experts": ArtifactPartition.EXPERT,
-    "gate": ArtifactPartition.GATE,
-    "config": ArtifactPartition.CONFIG,
-    "tokenizer": ArtifactPartition.TOKENIZER,
-}
+# How many of a device's latest decided updates its reliability and its claim history are read from.
+HISTORY_LENGTH = 20
 
 
 @dataclass(frozen=True)
 class Contribution:
-    """One buffered update, re-checked: its dense deltas and the facts its weights come from."""
+    """One buffered update, re-checked: its factors (read lazily) and the facts its weights come from."""
 
     update: Update
-    deltas: ExpertDeltas
+    factors: FactorFile
     facts: UpdateFacts[str]
+    claim_note: str | None
 
 
 @dataclass(frozen=True)
@@ -82,40 +76,67 @@ class AggregationOutcome:
     applied: tuple[str, ...]
     rejected: dict[str, str]
     weights: dict[str, dict[str, float]]
+    record: dict[str, Any]
 
 
 class CandidateAlreadyRegistered(RuntimeError):
-    """The round's candidate version id is already registered, so aggregating it again would clobber its files."""
+    """The window's candidate version id is already registered, so aggregating it again would clobber its files."""
 
 
 def candidate_version_id(round_: Round) -> str:
-    """The candidate's id: one per round, so a retried task cannot register a second candidate for it."""
+    """The candidate's id: one per window, so a retried task cannot register a second candidate for it."""
     return f"{round_.round_id}-candidate"
 
 
+def device_history(update: Update) -> tuple[int, int, list[float]]:
+    """(accepted, rejected, claimed training tokens of accepted) over the device's latest decided updates."""
+    decided = (
+        Update.objects.filter(device_id=update.device_id, status__in=[UpdateStatus.APPLIED, UpdateStatus.REJECTED])
+        .exclude(pk=update.pk)
+        .order_by("-received_at", "-id")
+        .values_list("status", "metrics")[:HISTORY_LENGTH]
+    )
+    accepted = rejected = 0
+    tokens: list[float] = []
+    for status, metrics in decided:
+        if status == UpdateStatus.APPLIED:
+            accepted += 1
+            claimed = metrics.get("tokens") if isinstance(metrics, dict) else None
+            if isinstance(claimed, int | float) and claimed > 0:
+                tokens.append(float(claimed))
+        else:
+            rejected += 1
+    return accepted, rejected, tokens
+
+
 def contribution_of(
-    update: Update,
-    *,
-    base_manifest: Manifest,
-    shapes: dict[str, tuple[int, int, int]],
-    settings_: RoundAggregationSettings,
-    champion: ModelVersion | None,
-    artifact_root: Path,
+    update: Update, *, settings_: RoundAggregationSettings, champion: ModelVersion, artifact_root: Path
 ) -> Contribution:
-    """Fetch, re-check (sha256, tensors, norms, staleness against today's champion) and densify one update."""
+    """Re-check one buffered update against today's champion and open its factors (nothing dense, nothing whole)."""
     client_id = update.device.client_id
+    if update.device.status != DeviceStatus.ACTIVE:
+        raise UpdateRejected(
+            RejectionCode.REVOKED_CLIENT,
+            f"device {client_id!r} was revoked after this update was buffered",
+            client_id=client_id,
+        )
     staleness = staleness_of(update.base_version, champion)
-    if staleness is None or staleness > settings_.max_staleness:
-        behind = "is off the champion's lineage" if staleness is None else f"is {staleness} versions behind"
+    if staleness is None:
+        raise UpdateRejected(
+            RejectionCode.NOT_ON_LINEAGE,
+            f"its base {update.base_version.version_id!r} is not an ancestor of the champion {champion.version_id!r}",
+            client_id=client_id,
+        )
+    if staleness > settings_.max_staleness:
         raise UpdateRejected(
             RejectionCode.TOO_STALE,
-            f"by aggregation time its base {update.base_version.version_id!r} {behind} the champion "
-            f"(limit {settings_.max_staleness})",
+            f"its base {update.base_version.version_id!r} is τ={staleness} promotions behind the champion "
+            f"{champion.version_id!r}, the limit is {settings_.max_staleness}",
             client_id=client_id,
         )
     envelope: dict[str, Any] = update.envelope
     config = adapter_config_of(AdapterSummary.model_validate(envelope["adapter"], strict=False), client_id=client_id)
-    raw = fetch_payload(
+    path = checked_payload_path(
         update.payload_uri,
         sha256=update.payload_sha256,
         size_bytes=update.payload_bytes,
@@ -123,33 +144,32 @@ def contribution_of(
         root=artifact_root,
         client_id=client_id,
     )
-    validated = validate_update(
-        decode_adapters(raw, client_id=client_id), config, base_manifest, settings_.limits, client_id=client_id
+    try:
+        factors = FactorFile(update.update_id, path, config.scale)
+    except FactorFileError as error:
+        raise UpdateRejected(RejectionCode.MALFORMED, str(error), client_id=client_id) from None
+    accepted, rejected, history = device_history(update)
+    claimed = update.metrics.get("tokens") if isinstance(update.metrics, dict) else None
+    routed, claim_note = bound_claimed_tokens(
+        {str(expert): int(tokens) for expert, tokens in update.routed_tokens.items()},
+        claimed_tokens=float(claimed) if isinstance(claimed, int | float) else 0.0,
+        history=history,
+        factor=settings_.claim_history_factor,
     )
+    experts = frozenset(expert_of_delta(key) for key in factors.delta_keys())
     facts = UpdateFacts(
         update_id=update.update_id,
-        experts=validated.experts,
+        experts=experts,
         staleness=staleness,
         examples=update.examples,
-        routed_tokens={str(expert): int(tokens) for expert, tokens in update.routed_tokens.items()},
+        routed_tokens=routed,
+        reliability=reliability_from_history(accepted, rejected),
     )
-    return Contribution(
-        update=update, deltas=expert_deltas_from_adapters(validated.adapters, config, shapes), facts=facts
-    )
-
-
-def artifact_specs(manifest: Manifest) -> list[ArtifactSpec]:
-    """Registry file entries for every file of a saved version, from its manifest (sha256 and sizes as recorded)."""
-    return [
-        ArtifactSpec(
-            file_name=name, sha256=entry.sha256, size_bytes=entry.bytes, partition=_REGISTRY_PARTITIONS[entry.partition]
-        )
-        for name, entry in sorted(manifest.files.items())
-    ]
+    return Contribution(update=update, factors=factors, facts=facts, claim_note=claim_note)
 
 
 def aggregate_round(task: TrainingTask) -> AggregationOutcome | None:
-    """Aggregate the task's round into a candidate; None when another task already claimed the round."""
+    """Aggregate the task's window into a candidate; None when another task already claimed the window."""
     round_ = task.round
     if round_ is None:
         raise ValueError(f"task {task.pk}: an expert_aggregation task needs a round")
@@ -159,7 +179,7 @@ def aggregate_round(task: TrainingTask) -> AggregationOutcome | None:
     try:
         return _aggregate_claimed_round(task, round_)
     except Exception as error:
-        # This task holds the round: hand it back, buffered updates and all, rather than leave it aggregating.
+        # This task holds the window: hand it back, buffered updates and all, rather than leave it aggregating.
         reopen_round_after_failure(
             round_, reason=f"task {task.pk}: {type(error).__name__}: {error}", actor_label=ACTOR_LABEL
         )
@@ -169,48 +189,68 @@ def aggregate_round(task: TrainingTask) -> AggregationOutcome | None:
 def _aggregate_claimed_round(task: TrainingTask, round_: Round) -> AggregationOutcome:
     settings_ = round_settings(round_)
     artifact_root = Path(settings.FEDNESTED_ARTIFACT_ROOT)
-    base = round_.base_version
-    base_directory = artifact_path(base.artifact_uri, artifact_root)
-    model, base_manifest = load_version(base_directory, expected_version=base.version_id)
-    shapes = expert_param_shapes(model)
-    champion = champion_version()
+    # Before any version was approved there is no line yet: the window's own base stands in for the champion.
+    champion = champion_version() or round_.base_version
     contributions: list[Contribution] = []
     rejected: dict[str, str] = {}
     for update in buffered_updates(round_):
         try:
             contributions.append(
-                contribution_of(
-                    update,
-                    base_manifest=base_manifest,
-                    shapes=shapes,
-                    settings_=settings_,
-                    champion=champion,
-                    artifact_root=artifact_root,
-                )
+                contribution_of(update, settings_=settings_, champion=champion, artifact_root=artifact_root)
             )
         except UpdateRejected as rejection:
             reject_update(update, rejection.code.value, f"at aggregation: {rejection.message}", actor_label=ACTOR_LABEL)
             rejected[update.update_id] = rejection.code.value
     if not contributions:
-        close_round(
-            round_,
-            actor=None,
-            actor_label=ACTOR_LABEL,
-            status=RoundStatus.CANCELLED,
-            reason=f"no buffered update passed re-validation ({len(rejected)} rejected)",
-        )
-        return AggregationOutcome(round_.round_id, None, (), rejected, {})
+        with transaction.atomic():
+            close_round(
+                round_,
+                actor=None,
+                actor_label=ACTOR_LABEL,
+                status=RoundStatus.CANCELLED,
+                reason=f"no buffered update passed re-validation ({len(rejected)} rejected)",
+            )
+            continue_series(round_, base_version=champion, actor_label=ACTOR_LABEL)
+        return AggregationOutcome(round_.round_id, None, (), rejected, {}, {})
     aggregation = settings_.aggregation
-    weights = expert_weights([contribution.facts for contribution in contributions], aggregation.weighting)
-    aggregated = aggregate_expert_deltas(
-        [(contribution.deltas, weight) for contribution, weight in zip(contributions, weights, strict=True)],
-        method=aggregation.method,
-        clip_norm=aggregation.clip_norm,
-        trim_fraction=aggregation.trim_fraction,
+    plan = bounded_expert_weights([contribution.facts for contribution in contributions], aggregation.weighting)
+    champion_directory = artifact_path(champion.artifact_uri, artifact_root)
+    model, champion_manifest = load_version(champion_directory, expected_version=champion.version_id)
+
+    def merge(key: str, delta: Any) -> None:
+        merge_expert_deltas(model, {key: delta}, eta=aggregation.server_learning_rate)
+
+    report = aggregate_factored(
+        [contribution.factors for contribution in contributions], plan.weights, aggregation, merge
     )
-    merge_expert_deltas(model, aggregated, eta=aggregation.server_learning_rate)
     applied = tuple(contribution.update.update_id for contribution in contributions)
-    weights_by_update = dict(zip(applied, weights, strict=True))
+    weights_by_update = dict(zip(applied, plan.weights, strict=True))
+    record: dict[str, Any] = {
+        "trigger": task.params.get("trigger"),
+        "parent": champion.version_id,
+        "updates": {
+            contribution.update.update_id: {
+                "client_id": contribution.update.device.client_id,
+                "base_version": contribution.update.base_version.version_id,
+                "staleness": contribution.facts.staleness,
+                "reliability": round(contribution.facts.reliability, 6),
+                "share_capped_experts": plan.capped.get(contribution.update.update_id, []),
+                **({"claim_bounded": contribution.claim_note} if contribution.claim_note else {}),
+            }
+            for contribution in contributions
+        },
+        "rejected": rejected,
+        "aggregation": {
+            "method": aggregation.method,
+            "clip_norm": aggregation.clip_norm,
+            "norm_bound_multiplier": aggregation.norm_bound_multiplier,
+            "trim_fraction": aggregation.trim_fraction,
+            "server_learning_rate": aggregation.server_learning_rate,
+            "staleness_exponent": aggregation.weighting.staleness_exponent,
+            "max_update_share": aggregation.weighting.max_update_share,
+        },
+        "report": report.to_dict(),
+    }
     version_id = candidate_version_id(round_)
     directory = artifact_root / "versions" / version_id
     if ModelVersion.objects.filter(version_id=version_id).exists():
@@ -222,55 +262,43 @@ def _aggregate_claimed_round(task: TrainingTask, round_: Round) -> AggregationOu
     if directory.exists():
         # Left by an attempt that died before registering it; nothing refers to an unregistered directory.
         shutil.rmtree(directory)
-    has_tokenizer = any(entry.partition == "tokenizer" for entry in base_manifest.files.values())
-    manifest = save_version(
+    has_tokenizer = any(entry.partition == "tokenizer" for entry in champion_manifest.files.values())
+    save_version(
         model,
         directory,
         version_id=version_id,
-        parent_version=base.version_id,
-        tokenizer=load_tokenizer(base_directory) if has_tokenizer else None,
+        parent_version=champion.version_id,
+        tokenizer=load_tokenizer(champion_directory) if has_tokenizer else None,
         lineage={
             "round": round_.round_id,
             "task": task.pk,
             "updates": list(applied),
-            "aggregation": {
-                "method": aggregation.method,
-                "clip_norm": aggregation.clip_norm,
-                "trim_fraction": aggregation.trim_fraction,
-                "server_learning_rate": aggregation.server_learning_rate,
-                "staleness_exponent": aggregation.weighting.staleness_exponent,
-                "weights": weights_by_update,
-            },
+            "staleness": {update_id: entry["staleness"] for update_id, entry in record["updates"].items()},
+            "aggregation": record["aggregation"] | {"weights": weights_by_update, "notes": report.notes},
         },
     )
-    specs = [
-        *artifact_specs(manifest),
-        ArtifactSpec(
-            file_name=MANIFEST_NAME,
-            sha256=file_sha256(directory / MANIFEST_NAME),
-            size_bytes=(directory / MANIFEST_NAME).stat().st_size,
-            partition=ArtifactPartition.MANIFEST,
-        ),
-    ]
     with transaction.atomic():
-        version = register_version(
-            family=base.family,
-            version_id=version_id,
-            manifest=manifest.to_dict(),
-            artifacts=specs,
-            artifact_uri=directory.resolve().as_uri(),
+        version = register_saved_version(
+            directory,
+            family=champion.family,
             actor=None,
             actor_label=ACTOR_LABEL,
-            parent=base,
+            parent=champion,
             runs=[f"aggregation-task-{task.pk}"],
             contributing_updates=applied,
         )
-        mark_updates_applied(
-            [contribution.update for contribution in contributions], version=version, actor_label=ACTOR_LABEL
-        )
+        updates = [contribution.update for contribution in contributions]
+        mark_updates_applied(updates, version=version, actor_label=ACTOR_LABEL)
+        for contribution in contributions:
+            Update.objects.filter(pk=contribution.update.pk).update(staleness=contribution.facts.staleness)
         close_round(
-            round_, actor=None, actor_label=ACTOR_LABEL, reason=f"aggregated {len(applied)} updates into {version_id}"
+            round_,
+            actor=None,
+            actor_label=ACTOR_LABEL,
+            reason=f"aggregated {len(applied)} updates onto {champion.version_id} into {version_id}",
         )
+        Round.objects.filter(pk=round_.pk).update(candidate=version, record=record)
+        continue_series(round_, base_version=champion, actor_label=ACTOR_LABEL)
         create_training_task(
             kind=TaskKind.EVALUATION,
             actor=None,
@@ -278,9 +306,14 @@ def _aggregate_claimed_round(task: TrainingTask, round_: Round) -> AggregationOu
             params={"version_id": version_id, "round_id": round_.round_id},
         )
     logger.info(
-        "round %s: %d updates → candidate %s (%d rejected)", round_.round_id, len(applied), version_id, len(rejected)
+        "round %s: %d updates onto %s → candidate %s (%d rejected)",
+        round_.round_id,
+        len(applied),
+        champion.version_id,
+        version_id,
+        len(rejected),
     )
-    return AggregationOutcome(round_.round_id, version_id, applied, rejected, weights_by_update)
+    return AggregationOutcome(round_.round_id, version_id, applied, rejected, weights_by_update, record)
 
 
 @shared_task(  # type: ignore[untyped-decorator]

@@ -36,8 +36,7 @@ from apps.governance.models import ApprovalRequest
 from apps.governance.services import approve_version
 from apps.registry.choices import ArtifactPartition
 from apps.registry.models import ModelVersion
-from apps.registry.services import ArtifactSpec, create_model_family, register_version
-from fednested.checkpoints import MANIFEST_NAME, Manifest, file_sha256
+from apps.registry.services import create_model_family, register_saved_version
 from fednested.data import Record, write_jsonl
 
 # Domains the devices train on, in order: the first `devices` of them are used, one device each.
@@ -107,26 +106,6 @@ def create_cast() -> Cast:
     return Cast(officer=officer, officer_password=passwords[0], engineer=engineer, engineer_password=passwords[1])
 
 
-def artifact_specs(directory: Path, manifest: Manifest) -> list[ArtifactSpec]:
-    """Registry entries for a saved version's files (as its manifest records them) and the manifest itself."""
-    specs = [
-        ArtifactSpec(
-            file_name=name, sha256=entry.sha256, size_bytes=entry.bytes, partition=REGISTRY_PARTITIONS[entry.partition]
-        )
-        for name, entry in sorted(manifest.files.items())
-    ]
-    manifest_file = directory / MANIFEST_NAME
-    specs.append(
-        ArtifactSpec(
-            file_name=MANIFEST_NAME,
-            sha256=file_sha256(manifest_file),
-            size_bytes=manifest_file.stat().st_size,
-            partition=ArtifactPartition.MANIFEST,
-        )
-    )
-    return specs
-
-
 def register_first_version(first: FirstVersion, engineer: User) -> ModelVersion:
     """Register the bootstrapped model as family tiny-moe's first (candidate) version, as an engineer would."""
     manifest = first.manifest
@@ -138,12 +117,9 @@ def register_first_version(first: FirstVersion, engineer: User) -> ModelVersion:
         actor=engineer,
     )
     lineage = manifest.lineage
-    return register_version(
+    return register_saved_version(
+        first.directory,
         family=family,
-        version_id=manifest.version_id,
-        manifest=manifest.to_dict(),
-        artifacts=artifact_specs(first.directory, manifest),
-        artifact_uri=first.directory.resolve().as_uri(),
         actor=engineer,
         datasets=lineage.get("datasets", []),
         runs=lineage.get("runs", []),

@@ -10,6 +10,16 @@ class DeviceStatus(models.TextChoices):
     REVOKED = "revoked", "Revoked"
 
 
+class RoundMode(models.TextChoices):
+    """How a round (aggregation window) takes updates: see docs/ARCHITECTURE.md, "Aggregation (middle loop)"."""
+
+    # FedBuff: any update on an ancestor of the champion within max_staleness; the aggregate goes onto the champion
+    # current at aggregation time; a successor window opens when this one is claimed, so updates keep arriving.
+    ASYNC = "async", "Asynchronous (buffered)"
+    # A fixed cohort trains one fixed base; aggregation when every member reported, or at the deadline with enough.
+    SYNC = "sync", "Synchronous (cohort)"
+
+
 class RoundStatus(models.TextChoices):
     """A round collects updates while open, is claimed once for aggregation, then closes."""
 
@@ -38,10 +48,9 @@ class TaskStatus(models.TextChoices):
 
 
 class UpdateStatus(models.TextChoices):
-    """An edge update's way through ingestion: received → validated → buffered → applied, or rejected."""
+    """An edge update is recorded once it was checked: buffered (waiting for aggregation) or rejected with its
+    reason; a buffered update is then applied in a candidate, or rejected when re-checked at aggregation."""
 
-    RECEIVED = "received", "Received"
-    VALIDATED = "validated", "Validated"
     REJECTED = "rejected", "Rejected"
     BUFFERED = "buffered", "Buffered"
     APPLIED = "applied", "Applied"

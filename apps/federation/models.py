@@ -3,7 +3,7 @@
 from django.conf import settings
 from django.db import models
 
-from apps.federation.choices import DeviceStatus, RoundStatus, TaskKind, TaskStatus, UpdateStatus
+from apps.federation.choices import DeviceStatus, RoundMode, RoundStatus, TaskKind, TaskStatus, UpdateStatus
 
 
 class EnrollmentToken(models.Model):
@@ -55,10 +55,29 @@ class EdgeDevice(models.Model):
 
 
 class Round(models.Model):
-    """A federation round on one base version: it buffers edge updates until K arrive or the deadline passes."""
+    """An aggregation window: it buffers edge updates until they are ready (K, a deadline, or a full cohort), then
+    one aggregation applies them to the current champion and produces a candidate.
+
+    Asynchronous windows take updates on any ancestor of the champion within the staleness limit and form a series:
+    claiming one for aggregation opens the next with the same settings. Synchronous rounds take their cohort's
+    updates on `base_version` only.
+    """
 
     round_id = models.CharField(max_length=64, unique=True)
-    base_version = models.ForeignKey("registry.ModelVersion", on_delete=models.PROTECT, related_name="rounds")
+    mode = models.CharField(max_length=8, choices=RoundMode.choices, default=RoundMode.ASYNC, db_index=True)
+    base_version = models.ForeignKey(
+        "registry.ModelVersion",
+        on_delete=models.PROTECT,
+        related_name="rounds",
+        help_text="sync: the version the cohort trains; async: the champion when the window opened.",
+    )
+    series = models.CharField(
+        max_length=64, db_index=True, help_text="Round id of the first window of an asynchronous series."
+    )
+    sequence = models.PositiveIntegerField(default=1, help_text="Position of this window in its series.")
+    cohort = models.ManyToManyField(
+        EdgeDevice, blank=True, related_name="cohort_rounds", help_text="sync: the devices expected to report."
+    )
     status = models.CharField(max_length=16, choices=RoundStatus.choices, default=RoundStatus.OPEN, db_index=True)
     buffer_size_k = models.PositiveIntegerField(help_text="Aggregate once this many validated updates are buffered.")
     deadline_at = models.DateTimeField(help_text="Aggregate what is buffered by this time, even if fewer than K.")
@@ -68,12 +87,25 @@ class Round(models.Model):
     )
     opened_at = models.DateTimeField(auto_now_add=True)
     closed_at = models.DateTimeField(null=True, blank=True)
+    candidate = models.ForeignKey(
+        "registry.ModelVersion",
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="+",
+        help_text="The candidate this window's aggregation produced.",
+    )
+    record = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text="What the aggregation did: trigger, parent, staleness and weights per update, scaling, notes.",
+    )
 
     class Meta:
         ordering = ("-opened_at", "-id")
 
     def __str__(self) -> str:
-        return f"{self.round_id} ({self.status})"
+        return f"{self.round_id} ({self.mode}, {self.status})"
 
 
 class TrainingTask(models.Model):
@@ -108,13 +140,16 @@ class Update(models.Model):
     device = models.ForeignKey(EdgeDevice, on_delete=models.PROTECT, related_name="updates")
     base_version = models.ForeignKey("registry.ModelVersion", on_delete=models.PROTECT, related_name="edge_updates")
     round = models.ForeignKey(Round, null=True, blank=True, on_delete=models.PROTECT, related_name="updates")
-    status = models.CharField(max_length=16, choices=UpdateStatus.choices, default=UpdateStatus.RECEIVED, db_index=True)
+    status = models.CharField(max_length=16, choices=UpdateStatus.choices, db_index=True)
     rejection_code = models.CharField(max_length=64, blank=True)
     rejection_message = models.TextField(blank=True)
     payload_uri = models.CharField(max_length=200)
     payload_sha256 = models.CharField(max_length=64)
     payload_bytes = models.BigIntegerField()
     examples = models.PositiveIntegerField(default=0)
+    staleness = models.PositiveIntegerField(
+        null=True, blank=True, help_text="τ: promotions between its base and the champion when last checked."
+    )
     routed_tokens = models.JSONField(default=dict, blank=True, help_text="Tokens routed per expert ('layer.expert').")
     metrics = models.JSONField(default=dict, blank=True)
     envelope = models.JSONField(help_text="The envelope as validated, kept for audit and re-validation.")

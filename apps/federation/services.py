@@ -28,7 +28,7 @@ from apps.accounts.choices import Role
 from apps.accounts.models import User
 from apps.accounts.services import deactivate_user, issue_api_token
 from apps.accounts.tokens import new_secret, secret_sha256
-from apps.federation.choices import DeviceStatus, RoundStatus, TaskKind, TaskStatus, UpdateStatus
+from apps.federation.choices import DeviceStatus, RoundMode, RoundStatus, TaskKind, TaskStatus, UpdateStatus
 from apps.federation.events import publish_round_start_on_commit
 from apps.federation.jobs import send_training_task_on_commit
 from apps.federation.models import EdgeDevice, EnrollmentToken, Round, StagedPayload, TrainingTask, Update
@@ -38,6 +38,7 @@ from apps.registry.choices import VersionStatus
 from apps.registry.models import ModelVersion
 from apps.registry.services import SHA256_PATTERN
 from apps.registry.storage import artifact_uri
+from fednested.aggregation import RejectionCode
 from fednested.aggregation.settings import ROUND_SETTING_KEYS, RoundAggregationSettings, RoundSettingsError
 from fednested.messaging import SchemaError, UpdateEnvelope, decode
 from fednested.messaging.schemas import CLIENT_ID_REGEX
@@ -50,8 +51,8 @@ CLIENT_ID_PATTERN = re.compile(CLIENT_ID_REGEX)
 ROUND_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 REJECTION_CODE_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 MAX_ENROLLMENT_TOKEN_TTL = timedelta(days=30)
-# Updates a round may still take: not yet applied, not rejected.
-PENDING_UPDATE_STATUSES = (UpdateStatus.RECEIVED, UpdateStatus.VALIDATED, UpdateStatus.BUFFERED)
+MAX_ROUND_DURATION = timedelta(days=30)
+MAX_BUFFER_SIZE_K = 10_000
 PAYLOAD_CHUNK_BYTES = 1 << 20
 
 
@@ -268,16 +269,28 @@ def open_round(
     actor: Any,
     config: dict[str, Any] | None = None,
     round_id: str | None = None,
+    mode: str = RoundMode.ASYNC,
+    cohort: Sequence[EdgeDevice] = (),
 ) -> Round:
-    """Open a round on `base_version` and announce it (RoundStart) once committed."""
+    """Open an aggregation window and announce it (RoundStart) once committed.
+
+    Asynchronous (default): devices train the champion (`base_version` is the champion they start from); updates on
+    any ancestor of the champion within `max_staleness` are taken, and the window starts a series that continues
+    after each aggregation. Synchronous: `cohort` trains `base_version`; aggregation waits for all of them or the
+    deadline with `min_cohort_fraction`. Updates that were waiting without a window and fit this one join it.
+    """
     round_id = round_id or f"round-{uuid.uuid4().hex[:12]}"
     if not ROUND_ID_PATTERN.match(round_id):
         raise ValidationError({"round_id": f"{round_id!r} must use only A-Z a-z 0-9 . _ - (≤64)"})
-    if buffer_size_k < 1:
-        raise ValidationError({"buffer_size_k": f"K must be at least 1, got {buffer_size_k}"})
+    if mode not in RoundMode.values:
+        raise ValidationError({"mode": f"mode must be one of {', '.join(RoundMode.values)}, got {mode!r}"})
+    if buffer_size_k < 1 or buffer_size_k > MAX_BUFFER_SIZE_K:
+        raise ValidationError({"buffer_size_k": f"K must lie in [1, {MAX_BUFFER_SIZE_K}], got {buffer_size_k}"})
     now = timezone.now()
     if deadline_at <= now:
         raise ValidationError({"deadline_at": f"deadline {deadline_at.isoformat()} is not in the future"})
+    if deadline_at - now > MAX_ROUND_DURATION:
+        raise ValidationError({"deadline_at": f"a window lasts at most {MAX_ROUND_DURATION.days} days"})
     if base_version.status in (VersionStatus.REJECTED, VersionStatus.ARCHIVED):
         raise ValidationError(
             {"base_version": f"version {base_version.version_id!r} is {base_version.status}; rounds need a live one"}
@@ -285,38 +298,110 @@ def open_round(
     if config is not None and not isinstance(config, dict):
         raise ValidationError({"config": "config must be a JSON object"})
     check_round_config(config or {})
+    members = list(dict.fromkeys(cohort))
+    if mode == RoundMode.SYNC:
+        if not members:
+            raise ValidationError({"cohort": "a synchronous round needs a cohort of at least one device"})
+        inactive = [device.client_id for device in members if device.status != DeviceStatus.ACTIVE]
+        if inactive:
+            raise ValidationError({"cohort": f"devices {', '.join(inactive)} are revoked"})
+    elif members:
+        raise ValidationError({"cohort": "only synchronous rounds have a cohort; asynchronous windows take any device"})
     if Round.objects.filter(round_id=round_id).exists():
         raise ValidationError({"round_id": f"round {round_id!r} already exists"})
-    round_ = Round.objects.create(
+    round_ = _create_window(
         round_id=round_id,
+        mode=mode,
         base_version=base_version,
         buffer_size_k=buffer_size_k,
         deadline_at=deadline_at,
         config=config or {},
+        series=round_id,
+        sequence=1,
         opened_by=actor if getattr(actor, "is_authenticated", False) else None,
+        cohort=members,
     )
-    # Updates that arrived without a round while none was open on this base wait for this one (nothing is lost).
-    adopted = list(
-        Update.objects.filter(round__isnull=True, base_version=base_version, status__in=PENDING_UPDATE_STATUSES)
-        .order_by("received_at", "id")
-        .values_list("update_id", flat=True)
-    )
-    if adopted:
-        Update.objects.filter(update_id__in=adopted).update(round=round_)
+    adopted = _adopt_waiting_updates(round_)
     record_audit_event(
         actor=actor,
         verb="federation.round.opened",
         target=round_,
-        data={"round_id": round_id, "base_version": base_version.version_id, "k": buffer_size_k, "adopted": adopted},
+        data={
+            "round_id": round_id,
+            "mode": mode,
+            "base_version": base_version.version_id,
+            "k": buffer_size_k,
+            "cohort": [device.client_id for device in members],
+            "adopted": adopted,
+        },
     )
+    return round_
+
+
+def _create_window(*, cohort: Sequence[EdgeDevice] = (), **fields: Any) -> Round:
+    round_ = Round.objects.create(**fields)
+    if cohort:
+        round_.cohort.set(cohort)
     publish_round_start_on_commit(
-        round_id=round_id,
-        base_version=base_version.version_id,
-        deadline=deadline_at,
+        round_id=round_.round_id,
+        base_version=round_.base_version.version_id,
+        deadline=round_.deadline_at,
         config=round_.config,
         started_at=round_.opened_at,
     )
     return round_
+
+
+def _adopt_waiting_updates(round_: Round) -> list[str]:
+    """Buffered updates without a window (they arrived while none fitted) that this window takes: all of them for
+    an asynchronous window (staleness is counted at aggregation), those of its cohort on its base for a sync one."""
+    waiting = Update.objects.filter(round__isnull=True, status=UpdateStatus.BUFFERED)
+    if round_.mode == RoundMode.SYNC:
+        waiting = waiting.filter(base_version=round_.base_version, device__in=round_.cohort.all())
+    adopted = list(waiting.order_by("received_at", "id").values_list("update_id", flat=True))
+    if adopted:
+        Update.objects.filter(update_id__in=adopted).update(round=round_)
+    return adopted
+
+
+def continue_series(round_: Round, *, base_version: ModelVersion, actor_label: str) -> Round | None:
+    """Open the next window of an asynchronous series (same K, config and window length) once `round_` has been
+    aggregated or cancelled by aggregation, so updates keep arriving; None for a synchronous round. Call it in the
+    transaction that closes `round_`."""
+    if round_.mode != RoundMode.ASYNC:
+        return None
+    sequence = round_.sequence + 1
+    round_id = f"{round_.series[:52]}.{sequence}"
+    if Round.objects.filter(round_id=round_id).exists():
+        round_id = f"{round_.series[:40]}.{sequence}-{uuid.uuid4().hex[:8]}"
+    length = max(round_.deadline_at - round_.opened_at, timedelta(seconds=1))
+    successor = _create_window(
+        round_id=round_id,
+        mode=round_.mode,
+        base_version=base_version,
+        buffer_size_k=round_.buffer_size_k,
+        deadline_at=timezone.now() + length,
+        config=round_.config,
+        series=round_.series,
+        sequence=sequence,
+        opened_by=round_.opened_by,
+    )
+    adopted = _adopt_waiting_updates(successor)
+    record_audit_event(
+        actor=None,
+        actor_label=actor_label,
+        verb="federation.round.opened",
+        target=successor,
+        data={
+            "round_id": round_id,
+            "mode": round_.mode,
+            "continues": round_.round_id,
+            "base_version": base_version.version_id,
+            "k": round_.buffer_size_k,
+            "adopted": adopted,
+        },
+    )
+    return successor
 
 
 @transaction.atomic
@@ -342,6 +427,8 @@ def reopen_round_after_failure(round_: Round, *, reason: str, actor_label: str) 
     reopened = Round.objects.filter(pk=round_.pk, status=RoundStatus.AGGREGATING).update(status=RoundStatus.OPEN)
     round_.refresh_from_db(fields=["status"])
     if reopened:
+        # Updates that arrived while it aggregated waited without a window; they join it again.
+        _adopt_waiting_updates(round_)
         record_audit_event(
             actor=None,
             actor_label=actor_label,
@@ -471,90 +558,6 @@ def parse_update_envelope(envelope: Mapping[str, Any]) -> UpdateEnvelope:
 
 
 @transaction.atomic
-def receive_update(envelope: Mapping[str, Any], *, device: EdgeDevice) -> tuple[Update, bool]:
-    """Record an update envelope sent by `device`: (row, True) when new, (existing row, False) for a resend.
-
-    Idempotent on `update_id`: resending the same envelope changes nothing. A different envelope under a used
-    `update_id` is refused. A device submits updates for itself only.
-    """
-    device.refresh_from_db(fields=["status"])
-    if device.status != DeviceStatus.ACTIVE:
-        raise PermissionDenied(f"device {device.client_id!r} is {device.status} and may not submit updates")
-    event = parse_update_envelope(envelope)
-    if event.client_id != device.client_id:
-        raise PermissionDenied(
-            f"envelope client_id {event.client_id!r} is not the authenticated device {device.client_id!r}; "
-            "a device submits updates for itself only"
-        )
-    update_id = str(event.update_id)
-    existing = Update.objects.filter(update_id=update_id).first()
-    if existing is not None:
-        return _resent(existing, event, device), False
-    base_version = ModelVersion.objects.filter(version_id=event.base_version).first()
-    if base_version is None:
-        raise ValidationError({"base_version": f"unknown model version {event.base_version!r}"})
-    round_ = None
-    if event.round_id is None:
-        # No RoundStart reached the device: the update joins the oldest open round on its base version, or waits,
-        # round-less, for the next round opened on it (open_round adopts it).
-        # Locked (as below) until this transaction ends, so aggregation cannot claim the round in between: an update
-        # is never buffered into a round whose aggregation already started.
-        round_ = (
-            Round.objects.select_for_update()
-            .filter(base_version=base_version, status=RoundStatus.OPEN)
-            .order_by("opened_at", "id")
-            .first()
-        )
-        if round_ is not None and round_.status != RoundStatus.OPEN:
-            round_ = None
-    else:
-        round_ = Round.objects.select_for_update().filter(round_id=event.round_id).first()
-        if round_ is None:
-            raise ValidationError({"round_id": f"unknown round {event.round_id!r}"})
-        if round_.status != RoundStatus.OPEN:
-            raise ValidationError({"round_id": f"round {event.round_id!r} is {round_.status}, not open"})
-        if round_.base_version_id != base_version.pk:
-            trained = round_.base_version.version_id
-            raise ValidationError(
-                {"base_version": f"round {round_.round_id!r} trains {trained!r}, not {base_version.version_id!r}"}
-            )
-    now = timezone.now()
-    try:
-        with transaction.atomic():
-            update = Update.objects.create(
-                update_id=update_id,
-                device=device,
-                base_version=base_version,
-                round=round_,
-                payload_uri=event.payload.uri,
-                payload_sha256=event.payload.sha256,
-                payload_bytes=event.payload.size_bytes,
-                examples=event.examples,
-                routed_tokens=dict(event.routed_tokens),
-                metrics=dict(event.metrics),
-                envelope=event.model_dump(mode="json"),
-                status_changed_at=now,
-            )
-    except IntegrityError:
-        # The same update id arrived twice at once; the other request stored it.
-        return _resent(Update.objects.get(update_id=update_id), event, device), False
-    EdgeDevice.objects.filter(pk=device.pk).update(last_seen=now)
-    record_audit_event(
-        actor=device.user,
-        actor_label=device_actor_label(device.client_id),
-        verb="federation.update.received",
-        target=update,
-        data={
-            "update_id": update_id,
-            "base_version": base_version.version_id,
-            "round": round_.round_id if round_ is not None else None,
-            "payload_sha256": update.payload_sha256,
-        },
-    )
-    return update, True
-
-
-@transaction.atomic
 def record_refused_update(
     *,
     code: str,
@@ -583,14 +586,6 @@ def record_refused_update(
     )
 
 
-def _resent(existing: Update, event: UpdateEnvelope, device: EdgeDevice) -> Update:
-    if existing.device_id != device.pk or existing.envelope != event.model_dump(mode="json"):
-        raise ValidationError(
-            {"update_id": f"update id {existing.update_id} was already used for a different envelope; use a new one"}
-        )
-    return existing
-
-
 def _move_update(
     update: Update, *, to: str, from_statuses: Sequence[str], actor_label: str, data: dict[str, Any], **fields: Any
 ) -> Update:
@@ -614,22 +609,6 @@ def _move_update(
 
 
 @transaction.atomic
-def mark_update_validated(update: Update, *, actor_label: str = "system") -> Update:
-    """received → validated (identity, signature, shapes and norms checked by the ingestion worker)."""
-    return _move_update(
-        update, to=UpdateStatus.VALIDATED, from_statuses=[UpdateStatus.RECEIVED], actor_label=actor_label, data={}
-    )
-
-
-@transaction.atomic
-def buffer_update(update: Update, *, actor_label: str = "system") -> Update:
-    """validated → buffered (waiting for K updates or the round deadline)."""
-    return _move_update(
-        update, to=UpdateStatus.BUFFERED, from_statuses=[UpdateStatus.VALIDATED], actor_label=actor_label, data={}
-    )
-
-
-@transaction.atomic
 def mark_updates_applied(updates: Sequence[Update], *, version: ModelVersion, actor_label: str = "system") -> None:
     """buffered → applied in `version`, for each of `updates`; all or nothing."""
     for update in updates:
@@ -645,7 +624,7 @@ def mark_updates_applied(updates: Sequence[Update], *, version: ModelVersion, ac
 
 @transaction.atomic
 def reject_update(update: Update, code: str, message: str, *, actor_label: str = "system") -> Update:
-    """Reject an update that is not yet applied, with a machine code (e.g. 'stale_base') and a human message."""
+    """Reject a buffered update (e.g. when aggregation re-checks it), with a machine code and a human message."""
     if not REJECTION_CODE_PATTERN.match(code):
         raise ValidationError({"code": f"rejection code {code!r} must be a lowercase identifier like 'stale_base'"})
     if not message.strip():
@@ -653,7 +632,7 @@ def reject_update(update: Update, code: str, message: str, *, actor_label: str =
     return _move_update(
         update,
         to=UpdateStatus.REJECTED,
-        from_statuses=[UpdateStatus.RECEIVED, UpdateStatus.VALIDATED, UpdateStatus.BUFFERED],
+        from_statuses=[UpdateStatus.BUFFERED],
         actor_label=actor_label,
         data={"code": code, "message": message},
         rejection_code=code,
@@ -673,7 +652,7 @@ class ReadableBody(Protocol):
 class PayloadRefused(Exception):
     """An upload the control plane does not store; `code` is the protocol's machine code (device-protocol.md §3)."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: RejectionCode, message: str) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
@@ -700,7 +679,7 @@ def canonical_update_id(raw: str) -> str:
     try:
         return str(uuid.UUID(raw))
     except ValueError:
-        raise PayloadRefused("invalid_update_id", f"update id {raw[:80]!r} is not a UUID") from None
+        raise PayloadRefused(RejectionCode.INVALID_UPDATE_ID, f"update id {raw[:80]!r} is not a UUID") from None
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -722,7 +701,9 @@ def _receive_body(body: ReadableBody, directory: Path, update_id: str, *, max_by
             while chunk := body.read(PAYLOAD_CHUNK_BYTES):
                 size += len(chunk)
                 if size > max_bytes:
-                    raise PayloadRefused("oversized", f"payload is over the server's limit of {max_bytes} bytes")
+                    raise PayloadRefused(
+                        RejectionCode.OVERSIZED, f"payload is over the server's limit of {max_bytes} bytes"
+                    )
                 digest.update(chunk)
                 handle.write(chunk)
             handle.flush()
@@ -752,24 +733,32 @@ def store_update_payload(
     update_id = canonical_update_id(update_id)
     device.refresh_from_db(fields=["status"])
     if device.status != DeviceStatus.ACTIVE:
-        raise PayloadRefused("revoked_client", f"device {device.client_id!r} is {device.status}")
+        raise PayloadRefused(RejectionCode.REVOKED_CLIENT, f"device {device.client_id!r} is {device.status}")
     declared = declared_sha256.strip().lower()
     if not SHA256_PATTERN.match(declared):
-        raise PayloadRefused("sha256_missing", "X-Content-SHA256 must be the body's sha256 as 64 hex digits")
+        raise PayloadRefused(
+            RejectionCode.SHA256_MISSING, "X-Content-SHA256 must be the body's sha256 as 64 hex digits"
+        )
     owner = StagedPayload.objects.filter(update_id=update_id).select_related("device").first()
     if owner is not None and owner.device_id != device.pk:
         # Refused before reading a byte: the id is taken, whatever the body holds.
-        raise PayloadRefused("not_owner", f"update id {update_id} belongs to another device; mint a new one")
+        raise PayloadRefused(
+            RejectionCode.NOT_OWNER, f"update id {update_id} belongs to another device; mint a new one"
+        )
     if content_length is not None and content_length > max_bytes:
-        raise PayloadRefused("oversized", f"payload is {content_length} bytes, the server's limit is {max_bytes}")
+        raise PayloadRefused(
+            RejectionCode.OVERSIZED, f"payload is {content_length} bytes, the server's limit is {max_bytes}"
+        )
     relative = payload_relative_path(device.client_id, update_id)
     final = root / relative
     temporary, sha256, size = _receive_body(body, final.parent, update_id, max_bytes=max_bytes)
     try:
         if content_length is not None and size != content_length:
-            raise PayloadRefused("incomplete_body", f"body ended after {size} of {content_length} bytes")
+            raise PayloadRefused(RejectionCode.INCOMPLETE_BODY, f"body ended after {size} of {content_length} bytes")
         if sha256 != declared:
-            raise PayloadRefused("sha256_mismatch", f"body hashes to {sha256}, X-Content-SHA256 says {declared}")
+            raise PayloadRefused(
+                RejectionCode.SHA256_MISMATCH, f"body hashes to {sha256}, X-Content-SHA256 says {declared}"
+            )
         return _claim_payload(device, update_id, relative, final, temporary, sha256, size)
     finally:
         temporary.unlink(missing_ok=True)
@@ -785,10 +774,12 @@ def _claim_payload(
                 existing = StagedPayload.objects.select_for_update().filter(update_id=update_id).first()
                 if existing is not None:
                     if existing.device_id != device.pk:
-                        raise PayloadRefused("not_owner", f"update id {update_id} belongs to another device")
+                        raise PayloadRefused(
+                            RejectionCode.NOT_OWNER, f"update id {update_id} belongs to another device"
+                        )
                     if existing.sha256 != sha256:
                         raise PayloadRefused(
-                            "conflict",
+                            RejectionCode.CONFLICT,
                             f"update id {update_id} already holds a payload with sha256 {existing.sha256}; "
                             "an update id names one payload",
                         )
@@ -816,4 +807,4 @@ def _claim_payload(
         except IntegrityError:
             # Another upload of this id committed its claim first; the next pass answers as for a retry.
             continue
-    raise PayloadRefused("conflict", f"update id {update_id} is being uploaded concurrently; retry")
+    raise PayloadRefused(RejectionCode.CONFLICT, f"update id {update_id} is being uploaded concurrently; retry")

@@ -9,6 +9,7 @@ import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from django.core.exceptions import ValidationError
@@ -18,6 +19,7 @@ from django.utils import timezone
 from apps.governance.audit import actor_label_for, record_audit_event
 from apps.registry.choices import ArtifactPartition, LineageKind, VersionStatus
 from apps.registry.models import Alias, LineageEdge, ModelFamily, ModelVersion, VersionArtifact, VersionEvaluation
+from fednested.checkpoints import MANIFEST_NAME, CheckpointError, Manifest, file_sha256, read_manifest, verify_files
 from fednested.messaging.schemas import SHA256_HEX_REGEX
 
 VERSION_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -209,6 +211,79 @@ def register_version(
         },
     )
     return version
+
+
+# fednested manifest file partitions → registry artifact partitions. The fused experts file holds every expert of
+# every layer, so it is registered without a layer or expert index.
+REGISTRY_PARTITIONS = {
+    "core": ArtifactPartition.CORE,
+    "experts": ArtifactPartition.EXPERT,
+    "gate": ArtifactPartition.GATE,
+    "config": ArtifactPartition.CONFIG,
+    "tokenizer": ArtifactPartition.TOKENIZER,
+}
+
+
+def saved_version_artifacts(directory: Path, manifest: Manifest) -> list[ArtifactSpec]:
+    """Registry entries for every file of a saved version (sha256 and size as its manifest records them) and for
+    its manifest.json itself (hashed as it lies on disk: devices download and check it first)."""
+    specs = [
+        ArtifactSpec(
+            file_name=name, sha256=entry.sha256, size_bytes=entry.bytes, partition=REGISTRY_PARTITIONS[entry.partition]
+        )
+        for name, entry in sorted(manifest.files.items())
+    ]
+    manifest_file = directory / MANIFEST_NAME
+    specs.append(
+        ArtifactSpec(
+            file_name=MANIFEST_NAME,
+            sha256=file_sha256(manifest_file),
+            size_bytes=manifest_file.stat().st_size,
+            partition=ArtifactPartition.MANIFEST,
+        )
+    )
+    return specs
+
+
+@transaction.atomic
+def register_saved_version(
+    directory: Path,
+    *,
+    family: ModelFamily,
+    actor: Any,
+    actor_label: str = "",
+    parent: ModelVersion | None = None,
+    datasets: Iterable[str] = (),
+    runs: Iterable[str] = (),
+    contributing_updates: Iterable[str] = (),
+) -> ModelVersion:
+    """Register a version directory written by `fednested.checkpoints.save_version`: its manifest, every file's
+    sha256 (verified against the files first) and its lineage. The one way a saved directory enters the registry."""
+    try:
+        manifest = read_manifest(directory)
+        verify_files(directory, manifest)
+    except CheckpointError as error:
+        raise ValidationError({"directory": str(error)}) from error
+    if manifest.parent_version != (parent.version_id if parent is not None else None):
+        raise ValidationError(
+            {
+                "parent": f"the manifest names parent {manifest.parent_version!r}, the registration "
+                f"{parent.version_id if parent is not None else None!r}"
+            }
+        )
+    return register_version(
+        family=family,
+        version_id=manifest.version_id,
+        manifest=manifest.to_dict(),
+        artifacts=saved_version_artifacts(directory, manifest),
+        artifact_uri=directory.resolve().as_uri(),
+        actor=actor,
+        actor_label=actor_label,
+        parent=parent,
+        datasets=datasets,
+        runs=runs,
+        contributing_updates=contributing_updates,
+    )
 
 
 @transaction.atomic

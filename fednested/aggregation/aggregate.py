@@ -36,6 +36,9 @@ class AggregationConfig:
     method: AggregationMethod = "weighted_mean"
     # Joint Frobenius bound on one update's delta for one expert (all its matrices together); None = no clipping.
     clip_norm: float | None = None
+    # Norm bound relative to the window (Sun et al., 2019): an update whose delta for an expert is longer than this
+    # multiple of the median over that expert's contributors is scaled down to it; None = no bound.
+    norm_bound_multiplier: float | None = None
     # trimmed_mean only: fraction trimmed from each end per coordinate.
     trim_fraction: float = 0.1
     # η in W_e ← W_e + η·ΔW_e.
@@ -43,6 +46,9 @@ class AggregationConfig:
 
     def __post_init__(self) -> None:
         _check_method(self.method, self.trim_fraction, self.clip_norm)
+        bound = self.norm_bound_multiplier
+        if bound is not None and not (math.isfinite(bound) and bound >= 1):
+            raise ValueError(f"norm_bound_multiplier must be None or a finite number >= 1, got {bound}")
         if not math.isfinite(self.server_learning_rate):
             raise ValueError(f"server_learning_rate must be finite, got {self.server_learning_rate}")
 

@@ -25,6 +25,16 @@ class RejectionCode(StrEnum):
     BAD_DTYPE = "bad_dtype"
     NON_FINITE = "non_finite"
     NORM_EXCEEDED = "norm_exceeded"
+    NOT_ON_LINEAGE = "not_on_lineage"
+    IMPLAUSIBLE_CLAIM = "implausible_claim"
+    UNKNOWN_ROUND = "unknown_round"
+    ROUND_CLOSED = "round_closed"
+    NOT_IN_COHORT = "not_in_cohort"
+    NOT_OWNER = "not_owner"
+    CONFLICT = "conflict"
+    INVALID_UPDATE_ID = "invalid_update_id"
+    SHA256_MISSING = "sha256_missing"
+    INCOMPLETE_BODY = "incomplete_body"
 
     @property
     def description(self) -> str:
@@ -47,6 +57,16 @@ REJECTION_DESCRIPTIONS: dict[RejectionCode, str] = {
     RejectionCode.BAD_DTYPE: "an adapter tensor has a dtype that is not accepted",
     RejectionCode.NON_FINITE: "an adapter tensor holds NaN or infinite values",
     RejectionCode.NORM_EXCEEDED: "the update's delta norm is above the per-tensor or total limit",
+    RejectionCode.NOT_ON_LINEAGE: "the base version is not the champion or one of its ancestors; pull the champion",
+    RejectionCode.IMPLAUSIBLE_CLAIM: "the routed-token or example counts cannot come from the training it reports",
+    RejectionCode.UNKNOWN_ROUND: "the envelope names a round the control plane does not know",
+    RejectionCode.ROUND_CLOSED: "the synchronous round the update was made for is no longer open",
+    RejectionCode.NOT_IN_COHORT: "the device is not in the cohort of the synchronous round it names",
+    RejectionCode.NOT_OWNER: "the update id or payload belongs to another device; mint a new update id",
+    RejectionCode.CONFLICT: "the update id already names other bytes or another envelope; an id names one update",
+    RejectionCode.INVALID_UPDATE_ID: "the update id is not a UUID",
+    RejectionCode.SHA256_MISSING: "the upload did not declare its sha256 (X-Content-SHA256)",
+    RejectionCode.INCOMPLETE_BODY: "the upload ended before its declared Content-Length",
 }
 
 

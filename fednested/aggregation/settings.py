@@ -21,6 +21,10 @@ from fednested.aggregation.weights import WeightingConfig
 ROUND_SETTING_KEYS: dict[str, str] = {
     "aggregation_method": f"one of {', '.join(AGGREGATION_METHODS)}",
     "clip_norm": "a number > 0, or null for no clipping",
+    "norm_bound_multiplier": "a number >= 1 (bound = that × the median norm per expert), or null for no bound",
+    "max_update_share": "a number in (0, 1]: the most of an expert's routed-token weight one update may claim, or null",
+    "claim_history_factor": "a number >= 1: routed tokens are scaled down when an update claims more training tokens "
+    "than this × the median of the device's earlier accepted updates",
     "trim_fraction": "a number in [0, 0.5)",
     "server_learning_rate": "a finite number (η in W ← W + η·ΔW)",
     "staleness_exponent": "a number >= 0 (a in (1 + τ)^-a)",
@@ -31,9 +35,14 @@ ROUND_SETTING_KEYS: dict[str, str] = {
     "max_payload_bytes": "an integer > 0",
     "max_delta_norm": "a number > 0, or null",
     "max_total_norm": "a number > 0, or null",
-    "max_wait_s": "a number of seconds > 0, or null (then only the round deadline counts)",
+    "max_wait_s": "a number of seconds in (0, 2592000] (30 days), or null (then only the round deadline counts)",
     "min_updates_at_deadline": "an integer >= 1",
+    "min_cohort_fraction": "a number in (0, 1]: the share of a synchronous round's cohort needed at the deadline",
 }
+
+
+# Longer than any sensible window, and small enough that timedelta and the database hold it.
+MAX_WAIT_S = 30 * 24 * 3600
 
 
 class RoundSettingsError(ValueError):
@@ -49,6 +58,8 @@ class RoundAggregationSettings:
     max_staleness: int = 4
     max_wait: timedelta | None = None
     min_updates_at_deadline: int = 1
+    min_cohort_fraction: float = 1.0
+    claim_history_factor: float = 4.0
 
     @classmethod
     def from_mapping(cls, config: Mapping[str, Any], *, where: str = "round config") -> RoundAggregationSettings:
@@ -80,12 +91,18 @@ class RoundAggregationSettings:
                 by_routed_tokens=value("weight_by_routed_tokens", bool, weighting.by_routed_tokens),
                 by_examples=value("weight_by_examples", bool, weighting.by_examples),
                 by_reliability=value("weight_by_reliability", bool, weighting.by_reliability),
+                max_update_share=_optional_float(
+                    value("max_update_share", number, weighting.max_update_share, nullable=True)
+                ),
             )
             clip_norm = value("clip_norm", number, aggregation.clip_norm, nullable=True)
             aggregation = AggregationConfig(
                 weighting=weighting,
                 method=value("aggregation_method", str, aggregation.method),
                 clip_norm=float(clip_norm) if clip_norm is not None else None,
+                norm_bound_multiplier=_optional_float(
+                    value("norm_bound_multiplier", number, aggregation.norm_bound_multiplier, nullable=True)
+                ),
                 trim_fraction=float(value("trim_fraction", number, aggregation.trim_fraction)),
                 server_learning_rate=float(value("server_learning_rate", number, aggregation.server_learning_rate)),
             )
@@ -105,12 +122,23 @@ class RoundAggregationSettings:
         if max_staleness < 0:
             raise RoundSettingsError(f"{where}: 'max_staleness' must be {ROUND_SETTING_KEYS['max_staleness']}")
         max_wait_s = value("max_wait_s", number, None, nullable=True)
-        if max_wait_s is not None and max_wait_s <= 0:
+        if max_wait_s is not None and not 0 < max_wait_s <= MAX_WAIT_S:
             raise RoundSettingsError(f"{where}: 'max_wait_s' must be {ROUND_SETTING_KEYS['max_wait_s']}")
         minimum = value("min_updates_at_deadline", int, defaults.min_updates_at_deadline)
         if minimum < 1:
             raise RoundSettingsError(
                 f"{where}: 'min_updates_at_deadline' must be {ROUND_SETTING_KEYS['min_updates_at_deadline']}"
+            )
+        fraction = float(value("min_cohort_fraction", number, defaults.min_cohort_fraction))
+        if not 0 < fraction <= 1:
+            raise RoundSettingsError(
+                f"{where}: 'min_cohort_fraction' must be {ROUND_SETTING_KEYS['min_cohort_fraction']}, got {fraction}"
+            )
+        history_factor = float(value("claim_history_factor", number, defaults.claim_history_factor))
+        if history_factor < 1:
+            raise RoundSettingsError(
+                f"{where}: 'claim_history_factor' must be {ROUND_SETTING_KEYS['claim_history_factor']}, "
+                f"got {history_factor}"
             )
         return cls(
             aggregation=aggregation,
@@ -118,4 +146,10 @@ class RoundAggregationSettings:
             max_staleness=max_staleness,
             max_wait=timedelta(seconds=max_wait_s) if max_wait_s is not None else None,
             min_updates_at_deadline=minimum,
+            min_cohort_fraction=fraction,
+            claim_history_factor=history_factor,
         )
+
+
+def _optional_float(raw: Any) -> float | None:
+    return None if raw is None else float(raw)

@@ -14,8 +14,9 @@ deltas that touched it, and an expert no update routed tokens to keeps weight 0 
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Hashable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Generic, TypeVar
 
 ExpertId = TypeVar("ExpertId", bound=Hashable)
@@ -31,10 +32,16 @@ class WeightingConfig:
     # Off by default: routed tokens already grow with the amount of local data, so both would count it twice.
     by_examples: bool = False
     by_reliability: bool = True
+    # Routed tokens are the device's own claim: no update's share of an expert's routed-token weight exceeds this
+    # (water-filling; with too few contributors for the cap they share equally). None = no cap.
+    max_update_share: float | None = 0.5
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.staleness_exponent) and self.staleness_exponent >= 0):
             raise ValueError(f"staleness_exponent must be a finite number >= 0, got {self.staleness_exponent}")
+        share = self.max_update_share
+        if share is not None and not (math.isfinite(share) and 0 < share <= 1):
+            raise ValueError(f"max_update_share must be None or a number in (0, 1], got {share}")
 
 
 @dataclass(frozen=True)
@@ -102,6 +109,97 @@ def normalise_per_expert(weights: Sequence[Mapping[ExpertId, float]]) -> list[di
     ]
 
 
-def expert_weights(updates: Sequence[UpdateFacts[ExpertId]], config: WeightingConfig) -> list[dict[ExpertId, float]]:
-    """Normalised per-expert weights ŵ[i, e] for a buffer of updates, in the order given."""
+def cap_shares(values: Sequence[float], cap: float) -> list[float]:
+    """`values` as shares summing to 1 with none above `cap` (water-filling: capped entries are fixed at the cap,
+    the rest keep their proportions). Zeros stay 0; when fewer than 1/cap entries are positive, they share equally."""
+    if not (0 < cap <= 1):
+        raise ValueError(f"cap must lie in (0, 1], got {cap}")
+    positive = [index for index, value in enumerate(values) if value > 0]
+    shares = [0.0] * len(values)
+    if not positive:
+        return shares
+    if cap * len(positive) <= 1:
+        for index in positive:
+            shares[index] = 1.0 / len(positive)
+        return shares
+    capped: set[int] = set()
+    while True:
+        free = [index for index in positive if index not in capped]
+        free_total = sum(values[index] for index in free)
+        remaining = 1.0 - cap * len(capped)
+        over = [index for index in free if values[index] / free_total * remaining > cap]
+        if not over:
+            for index in free:
+                shares[index] = values[index] / free_total * remaining
+            for index in capped:
+                shares[index] = cap
+            return shares
+        capped.update(over)
+
+
+@dataclass(frozen=True)
+class WeightPlan(Generic[ExpertId]):
+    """Normalised per-expert weights, and for each update the experts whose routed-token claim was capped."""
+
+    weights: list[dict[ExpertId, float]]
+    capped: dict[str, list[ExpertId]]
+
+
+def bounded_expert_weights(updates: Sequence[UpdateFacts[ExpertId]], config: WeightingConfig) -> WeightPlan[ExpertId]:
+    """ŵ[i, e] with each update's routed-token share of expert e capped at `max_update_share` before the
+    server's own factors (staleness, examples, reliability) are applied; normalised per expert."""
+    if config.max_update_share is None or not config.by_routed_tokens:
+        return WeightPlan(expert_weights_uncapped(updates, config), {})
+    per_update = [raw_expert_weights(update, replace(config, by_routed_tokens=False)) for update in updates]
+    experts = sorted({expert for update in updates for expert in update.experts}, key=str)
+    capped: dict[str, list[ExpertId]] = {}
+    raw: list[dict[ExpertId, float]] = [{} for _ in updates]
+    for expert in experts:
+        carriers = [index for index, update in enumerate(updates) if expert in update.experts]
+        claims = [float(updates[index].routed_tokens.get(expert, 0)) for index in carriers]
+        total = sum(claims)
+        shares = cap_shares(claims, config.max_update_share)
+        for index, claim, share in zip(carriers, claims, shares, strict=True):
+            raw[index][expert] = per_update[index][expert] * share
+            if total > 0 and claim / total > share + 1e-12:
+                capped.setdefault(updates[index].update_id, []).append(expert)
+    return WeightPlan(normalise_per_expert(raw), capped)
+
+
+def expert_weights_uncapped(
+    updates: Sequence[UpdateFacts[ExpertId]], config: WeightingConfig
+) -> list[dict[ExpertId, float]]:
+    """ŵ[i, e] from the raw claims, without the share cap (what the cap is measured against)."""
     return normalise_per_expert([raw_expert_weights(update, config) for update in updates])
+
+
+def expert_weights(updates: Sequence[UpdateFacts[ExpertId]], config: WeightingConfig) -> list[dict[ExpertId, float]]:
+    """Normalised per-expert weights ŵ[i, e] for a buffer of updates, in the order given (claims capped)."""
+    return bounded_expert_weights(updates, config).weights
+
+
+def reliability_from_history(accepted: int, rejected: int) -> float:
+    """A device's reliability ρ from its own record: the posterior mean (accepted + 1) / (accepted + rejected + 2)
+    of a Beta(1, 1) prior: 0.5 for a device with no record, near 1 after a long clean record; every rejected update
+    (bad signature, NaN, oversized, …) pulls it down."""
+    if accepted < 0 or rejected < 0:
+        raise ValueError(f"counts must be >= 0, got accepted={accepted}, rejected={rejected}")
+    return (accepted + 1) / (accepted + rejected + 2)
+
+
+def bound_claimed_tokens(
+    routed_tokens: Mapping[ExpertId, int], *, claimed_tokens: float, history: Sequence[float], factor: float
+) -> tuple[dict[ExpertId, int], str | None]:
+    """Routed-token counts scaled down when the update claims more training tokens than `factor` × the median of
+    the device's earlier accepted claims (`history`, at least 3 of them); the reason says by how much."""
+    if len(history) < 3 or claimed_tokens <= 0:
+        return dict(routed_tokens), None
+    ceiling = factor * statistics.median(history)
+    if claimed_tokens <= ceiling:
+        return dict(routed_tokens), None
+    ratio = ceiling / claimed_tokens
+    bounded = {expert: int(tokens * ratio) for expert, tokens in routed_tokens.items()}
+    return bounded, (
+        f"claims {claimed_tokens:.0f} training tokens, over {factor:g}× the median {statistics.median(history):.0f} "
+        f"of the device's last {len(history)} accepted updates; routed tokens scaled by {ratio:.4g}"
+    )

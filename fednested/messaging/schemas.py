@@ -35,6 +35,10 @@ Sha256Hex = Annotated[str, StringConstraints(pattern=SHA256_HEX_REGEX)]
 # "layer.expert", e.g. "3.7": the partition map's name for expert 7 of MoE layer 3.
 ExpertKey = Annotated[str, StringConstraints(pattern=r"^(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)$")]
 NonNegativeInt = Annotated[int, Field(ge=0)]
+# Counts a device reports (examples, routed tokens): bounded so that no claim overflows a database column or turns
+# into an infinite weight; 2^31 - 1 is far above what one local run on an edge device can process.
+MAX_COUNT = 2**31 - 1
+Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 # "hmac-sha256:<hex>" today; device-key schemes ("ed25519:<base64>") can be added without a schema change.
 Signature = Annotated[str, StringConstraints(pattern=r"^$|^[a-z0-9-]+:[A-Za-z0-9+/=_-]+$", max_length=1024)]
@@ -153,8 +157,8 @@ class UpdateEnvelope(EventModel):
     client_id: ClientId
     base_version: Identifier
     round_id: Identifier | None = None
-    examples: NonNegativeInt
-    routed_tokens: dict[ExpertKey, NonNegativeInt]
+    examples: Count
+    routed_tokens: dict[ExpertKey, Count] = Field(max_length=65_536)
     metrics: dict[Identifier, FiniteFloat] = Field(default_factory=dict)
     payload: PayloadRef
     adapter: AdapterSummary

@@ -12,7 +12,7 @@ from django.contrib.admin.sites import site as admin_site
 from django.test import Client
 from django.urls import reverse
 
-from apps.federation.services import create_training_task, receive_update, store_update_payload
+from apps.federation.services import create_training_task, store_update_payload
 from apps.governance.services import approve_version, request_approval
 from apps.registry.models import ModelFamily, ModelVersion
 from apps.registry.services import DomainEvaluation, record_version_evaluation
@@ -25,7 +25,7 @@ def test_every_admin_list_and_detail_page_renders(
     family_factory: Callable[..., ModelFamily],
     version_factory: Callable[..., ModelVersion],
     round_factory: Callable[..., Any],
-    envelope_factory: Callable[..., Any],
+    update_row_factory: Callable[..., Any],
     client: Client,
     tmp_path: Path,
 ) -> None:
@@ -43,7 +43,7 @@ def test_every_admin_list_and_detail_page_renders(
     approve_version(request_approval(v1, actor=cast["engineer"].user), actor=cast["officer"].user)
     round_factory(v1, round_id="round-a")
     create_training_task(kind="evaluation", actor=cast["engineer"].user)
-    receive_update(envelope_factory(client_id="car-0001", base_version="tiny-moe-v1"), device=cast["device"].device)
+    update_row_factory(cast["device"].device, "tiny-moe-v1")
     root = cast["officer"].user
     root.is_staff = root.is_superuser = True
     root.save()

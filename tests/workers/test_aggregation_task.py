@@ -1,5 +1,5 @@
-"""aggregate_round_task end to end: buffered updates of a round → a registered candidate whose experts moved by
-exactly η times the routed-token-weighted mean of the clients' dense deltas."""
+"""aggregate_round_task end to end: buffered updates of a window → a registered candidate on the champion whose
+experts moved by exactly η times the routed-token-weighted mean of the clients' dense deltas."""
 
 from collections.abc import Callable
 from datetime import timedelta
@@ -12,6 +12,7 @@ from django.utils import timezone
 from apps.federation.choices import RoundStatus, TaskKind, TaskStatus, UpdateStatus
 from apps.federation.models import Round, TrainingTask, Update
 from apps.federation.services import create_training_task
+from apps.federation.updates import MAX_AUTOMATIC_AGGREGATION_ATTEMPTS, enqueue_due_windows
 from apps.governance.models import ApprovalRequest, AuditEvent
 from apps.registry.choices import LineageKind
 from apps.registry.models import ModelVersion
@@ -19,10 +20,10 @@ from apps.registry.storage import artifact_path
 from fednested.adapters.lora import adapter_key
 from fednested.checkpoints import CheckpointError, file_sha256, load_version
 from fednested.messaging import encode
-from tests.workers.conftest import ADAPTER, LAYER0_DOWN, LAYER1_UP, WorkerWorld, as_message, enroll
+from tests.federation_world import ADAPTER, LAYER0_DOWN, LAYER1_UP, WorkerWorld, as_message, enroll
 from workers.aggregation import CandidateAlreadyRegistered, aggregate_round_task, candidate_version_id
 from workers.evaluation import evaluate_version_task
-from workers.ingest.consumer import MAX_AUTOMATIC_AGGREGATION_ATTEMPTS, enqueue_due_rounds, ingest_message
+from workers.ingest.consumer import ingest_message
 
 ETA = 0.5
 
@@ -36,7 +37,8 @@ def dense(adapters: dict[str, torch.Tensor], param: str, expert: int) -> torch.T
 def buffered_round(
     world: WorkerWorld, make_update: Callable[..., Any], django_capture_on_commit_callbacks: Any
 ) -> tuple[Round, list[dict[str, torch.Tensor]], TrainingTask]:
-    round_ = world.open_round(k=2, config={"server_learning_rate": ETA})
+    # No share cap: this fixture checks the routed-token weighting itself (the cap has tests of its own).
+    round_ = world.open_round(k=2, config={"server_learning_rate": ETA, "max_update_share": None})
     tokens = [{"0.1": 30, "1.2": 10}, {"0.1": 10, "1.2": 30}]
     adapters = []
     with django_capture_on_commit_callbacks(execute=False):
@@ -152,7 +154,7 @@ def test_broker_less_ingest_goes_on_when_aggregation_fails_and_stops_retrying(
         retries = []
         for _ in range(MAX_AUTOMATIC_AGGREGATION_ATTEMPTS):
             with django_capture_on_commit_callbacks(execute=True):
-                retries.append(enqueue_due_rounds(later))
+                retries.append(enqueue_due_windows(later))
     finally:
         app.conf.task_always_eager = eager
     assert [outcome.status for outcome in outcomes] == ["buffered", "buffered"]

@@ -20,7 +20,7 @@ from fednested.checkpoints import load_version
 from fednested.data import read_jsonl
 from fednested.data.tokenizer import load_tokenizer
 from fednested.evaluation.domains import EvalConfig, evaluate_records
-from tests.workers.conftest import WorkerWorld
+from tests.federation_world import WorkerWorld
 from workers.evaluation import evaluate_version_task
 
 

@@ -17,7 +17,7 @@ from apps.federation.choices import UpdateStatus
 from apps.federation.models import Update
 from apps.governance.models import AuditEvent
 from fednested.messaging import KafkaBusSettings, Topic, TopicsConfig, bootstrap_topics, make_bus
-from tests.workers.conftest import WorkerWorld, enroll
+from tests.federation_world import WorkerWorld, enroll
 from workers.ingest.consumer import CRASH_POINT_ENV
 
 pytestmark = [pytest.mark.kafka, pytest.mark.services, pytest.mark.slow, pytest.mark.timeout(300)]
@@ -90,12 +90,13 @@ def test_worker_killed_after_db_commit_reprocesses_without_applying_twice(
     assert restarted.returncode == 0, restarted.stderr[-3000:]
     rows = dict(Update.objects.values_list("update_id", "status"))
     assert rows == {str(envelope.update_id): UpdateStatus.BUFFERED for envelope in envelopes}
-    # The redelivered first message was recognised as a replay and recorded as such, once.
-    replays = [event.data for event in AuditEvent.objects.filter(verb="federation.update.refused")]
-    assert [(data["code"], data["update_id"]) for data in replays] == [("replayed", first)]
+    # The redelivered first message was recognised as the same envelope again and recorded as such, once.
+    resent = [event.data for event in AuditEvent.objects.filter(verb="federation.update.resent")]
+    assert [data["update_id"] for data in resent] == [first]
+    assert not AuditEvent.objects.filter(verb="federation.update.refused").exists()
     assert AuditEvent.objects.filter(verb="federation.update.buffered").count() == 3
 
     # Everything is committed now: a third run finds nothing to do.
     again = run_worker(env, "--idle-exit", "3")
     assert again.returncode == 0, again.stderr[-3000:]
-    assert AuditEvent.objects.filter(verb="federation.update.refused").count() == 1
+    assert AuditEvent.objects.filter(verb="federation.update.resent").count() == 1

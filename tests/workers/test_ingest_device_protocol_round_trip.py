@@ -22,7 +22,7 @@ from edge_client.transport.http import ControlPlaneClient, ControlPlaneRejected
 from edge_client.transport.retry import RetryPolicy
 from fednested.checkpoints import verify_version
 from fednested.messaging import encode
-from tests.workers.conftest import (
+from tests.federation_world import (
     LAYER0_DOWN,
     LAYER1_UP,
     Device,

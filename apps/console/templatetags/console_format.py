@@ -22,8 +22,6 @@ BADGE_STYLES = {
     "active": "good",
     "revoked": "bad",
     # updates
-    "received": "info",
-    "validated": "info",
     "buffered": "info",
     "applied": "good",
     # rounds and tasks

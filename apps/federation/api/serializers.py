@@ -5,9 +5,11 @@ from typing import Any
 from rest_framework import serializers
 
 from apps.accounts.models import User
-from apps.federation.choices import TaskKind
+from apps.federation.choices import RoundMode, TaskKind
 from apps.federation.models import EdgeDevice, EnrollmentToken, Round, TrainingTask, Update
+from apps.federation.services import MAX_BUFFER_SIZE_K
 from apps.registry.models import ModelVersion
+from fednested.aggregation import RejectionCode
 
 
 class EdgeDeviceSerializer(serializers.ModelSerializer[EdgeDevice]):
@@ -87,12 +89,26 @@ class RoundSerializer(serializers.ModelSerializer[Round]):
     )
     opened_by = serializers.SlugRelatedField[User](slug_field="username", read_only=True)
     round_id = serializers.CharField(max_length=64, required=False)
+    mode = serializers.ChoiceField(choices=RoundMode.choices, default=RoundMode.ASYNC)
+    cohort = serializers.SlugRelatedField[EdgeDevice](
+        slug_field="client_id",
+        queryset=EdgeDevice.objects.all(),
+        many=True,
+        required=False,
+        help_text="sync only: client ids of the devices expected to report.",
+    )
+    candidate = serializers.SlugRelatedField[ModelVersion](slug_field="version_id", read_only=True)
+    buffer_size_k = serializers.IntegerField(min_value=1, max_value=MAX_BUFFER_SIZE_K)
 
     class Meta:
         model = Round
         fields = (
             "round_id",
+            "mode",
+            "series",
+            "sequence",
             "base_version",
+            "cohort",
             "status",
             "buffer_size_k",
             "deadline_at",
@@ -100,8 +116,19 @@ class RoundSerializer(serializers.ModelSerializer[Round]):
             "opened_by",
             "opened_at",
             "closed_at",
+            "candidate",
+            "record",
         )
-        read_only_fields = ("status", "opened_by", "opened_at", "closed_at")
+        read_only_fields = (
+            "series",
+            "sequence",
+            "status",
+            "opened_by",
+            "opened_at",
+            "closed_at",
+            "candidate",
+            "record",
+        )
 
 
 class CloseRoundSerializer(serializers.Serializer[dict[str, Any]]):
@@ -153,6 +180,7 @@ class UpdateSerializer(serializers.ModelSerializer[Update]):
             "payload_sha256",
             "payload_bytes",
             "examples",
+            "staleness",
             "routed_tokens",
             "metrics",
             "received_at",
@@ -165,6 +193,15 @@ class UpdateSerializer(serializers.ModelSerializer[Update]):
         if not update.rejection_code:
             return None
         return {"code": update.rejection_code, "message": update.rejection_message}
+
+
+class UpdateRefusalSerializer(serializers.Serializer[dict[str, Any]]):
+    """Why an envelope was not buffered: `status` rejected (its row is in `record`) or refused (no row)."""
+
+    detail = serializers.CharField()
+    code = serializers.ChoiceField(choices=[code.value for code in RejectionCode])
+    status = serializers.ChoiceField(choices=["rejected", "refused"])
+    record = UpdateSerializer(required=False)
 
 
 class UpdateEnvelopeInputSerializer(serializers.Serializer[dict[str, Any]]):

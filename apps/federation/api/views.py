@@ -40,9 +40,10 @@ from apps.federation.api.serializers import (
     RoundSerializer,
     TrainingTaskSerializer,
     UpdateEnvelopeInputSerializer,
+    UpdateRefusalSerializer,
     UpdateSerializer,
 )
-from apps.federation.choices import RoundStatus
+from apps.federation.choices import RoundMode, RoundStatus
 from apps.federation.models import EdgeDevice, EnrollmentToken, Round, TrainingTask, Update
 from apps.federation.services import (
     PayloadRefused,
@@ -51,28 +52,36 @@ from apps.federation.services import (
     enroll_device,
     issue_enrollment_token,
     open_round,
-    receive_update,
+    parse_update_envelope,
     record_device_heartbeat,
     revoke_device,
     store_update_payload,
 )
+from apps.federation.updates import submit_update
 from apps.registry.storage import artifact_root
+from fednested.aggregation import RejectionCode
 
 ENGINEER = frozenset({Role.ENGINEER})
 DEVICE = frozenset({Role.DEVICE})
 WITH_DEVICES = frozenset({Role.OFFICER, Role.ENGINEER, Role.DEVICE})
 NATURAL_KEY_PATTERN = r"[^/]+"
 SHA256_HEADER = "X-Content-SHA256"
-# Protocol codes of refused uploads (docs/api/device-protocol.md §3) → HTTP status.
-PAYLOAD_REFUSAL_STATUS = {
-    "invalid_update_id": status.HTTP_400_BAD_REQUEST,
-    "sha256_missing": status.HTTP_400_BAD_REQUEST,
-    "sha256_mismatch": status.HTTP_400_BAD_REQUEST,
-    "incomplete_body": status.HTTP_400_BAD_REQUEST,
-    "revoked_client": status.HTTP_403_FORBIDDEN,
-    "not_owner": status.HTTP_403_FORBIDDEN,
-    "conflict": status.HTTP_409_CONFLICT,
-    "oversized": status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
+# Rejection codes (one vocabulary for uploads, envelopes and the bus; docs/api/device-protocol.md) → HTTP status
+# of a refused upload or a refused envelope. A code not listed is a 422: the request was well-formed, its content
+# is not acceptable.
+REFUSAL_STATUS = {
+    RejectionCode.MALFORMED: status.HTTP_400_BAD_REQUEST,
+    RejectionCode.INVALID_UPDATE_ID: status.HTTP_400_BAD_REQUEST,
+    RejectionCode.SHA256_MISSING: status.HTTP_400_BAD_REQUEST,
+    RejectionCode.SHA256_MISMATCH: status.HTTP_400_BAD_REQUEST,
+    RejectionCode.INCOMPLETE_BODY: status.HTTP_400_BAD_REQUEST,
+    RejectionCode.UNKNOWN_CLIENT: status.HTTP_403_FORBIDDEN,
+    RejectionCode.REVOKED_CLIENT: status.HTTP_403_FORBIDDEN,
+    RejectionCode.BAD_SIGNATURE: status.HTTP_403_FORBIDDEN,
+    RejectionCode.NOT_OWNER: status.HTTP_403_FORBIDDEN,
+    RejectionCode.CONFLICT: status.HTTP_409_CONFLICT,
+    RejectionCode.REPLAYED: status.HTTP_409_CONFLICT,
+    RejectionCode.OVERSIZED: status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
 }
 
 
@@ -178,7 +187,7 @@ class EnrollView(APIView):
 class RoundViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet[Round]):
     """Federation rounds: devices read them; engineers open and close them."""
 
-    queryset = Round.objects.select_related("base_version", "opened_by").all()
+    queryset = Round.objects.select_related("base_version", "opened_by", "candidate").prefetch_related("cohort").all()
     serializer_class = RoundSerializer
     filterset_class = RoundFilterSet
     lookup_field = "round_id"
@@ -200,6 +209,8 @@ class RoundViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Ge
             deadline_at=data["deadline_at"],
             config=data.get("config") or {},
             round_id=data.get("round_id"),
+            mode=data.get("mode", RoundMode.ASYNC),
+            cohort=data.get("cohort", []),
             actor=request.user,
         )
         return Response(RoundSerializer(round_).data, status=status.HTTP_201_CREATED)
@@ -242,7 +253,11 @@ class TrainingTaskViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, view
 
 
 class UpdateViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet[Update]):
-    """Edge updates: devices submit their own envelopes (201 new, 200 resend) and see only their own updates."""
+    """Edge updates: devices submit their own envelopes and see only their own updates.
+
+    A submitted envelope goes through the same service as one from the bus: 201 buffered, 200 the identical envelope
+    was already received, 422 recorded as rejected (the body names the code), 400/403/409/413 refused.
+    """
 
     serializer_class = UpdateSerializer
     filterset_class = UpdateFilterSet
@@ -261,16 +276,38 @@ class UpdateViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.G
             return queryset.filter(device__user=cast(User, self.request.user))
         return queryset
 
-    @extend_schema(request=UpdateEnvelopeInputSerializer, responses={201: UpdateSerializer, 200: UpdateSerializer})
+    @extend_schema(
+        request=UpdateEnvelopeInputSerializer,
+        responses={
+            201: UpdateSerializer,
+            200: UpdateSerializer,
+            422: UpdateRefusalSerializer,
+            400: UpdateRefusalSerializer,
+            403: UpdateRefusalSerializer,
+            409: UpdateRefusalSerializer,
+        },
+    )
     def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         serializer = UpdateEnvelopeInputSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         # An admin has every API right but is no device; updates are tied to an enrolled device.
         device = requesting_device(request, "submits updates")
-        update, created = receive_update(serializer.validated_data, device=device)
-        return Response(
-            UpdateSerializer(update).data, status=status.HTTP_201_CREATED if created else status.HTTP_200_OK
+        envelope = parse_update_envelope(serializer.validated_data)
+        outcome = submit_update(
+            envelope, where="api:POST /api/v1/updates/", actor_label=f"device:{device.client_id}", sender=device
         )
+        if outcome.status in ("buffered", "duplicate") and outcome.update_pk is not None:
+            update = self.get_queryset().get(pk=outcome.update_pk)
+            created = outcome.status == "buffered"
+            return Response(
+                UpdateSerializer(update).data, status=status.HTTP_201_CREATED if created else status.HTTP_200_OK
+            )
+        code = outcome.code or RejectionCode.MALFORMED
+        body: dict[str, Any] = {"detail": outcome.message, "code": code.value, "status": outcome.status}
+        if outcome.status == "rejected" and outcome.update_pk is not None:
+            body["record"] = UpdateSerializer(self.get_queryset().get(pk=outcome.update_pk)).data
+            return Response(body, status=status.HTTP_422_UNPROCESSABLE_ENTITY)
+        return Response(body, status=REFUSAL_STATUS.get(code, status.HTTP_422_UNPROCESSABLE_ENTITY))
 
     @extend_schema(
         request={"application/octet-stream": OpenApiTypes.BINARY},
@@ -300,8 +337,6 @@ class UpdateViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.G
                 root=artifact_root(),
             )
         except PayloadRefused as refusal:
-            return Response(
-                {"detail": refusal.message, "code": refusal.code}, status=PAYLOAD_REFUSAL_STATUS[refusal.code]
-            )
+            return Response({"detail": refusal.message, "code": refusal.code}, status=REFUSAL_STATUS[refusal.code])
         body = {"update_id": receipt.update_id, "uri": receipt.uri, "sha256": receipt.sha256, "bytes": receipt.bytes}
         return Response(body, status=status.HTTP_201_CREATED if receipt.created else status.HTTP_200_OK)

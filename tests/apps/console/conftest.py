@@ -5,7 +5,7 @@ from typing import Any
 
 import pytest
 
-from apps.federation.services import receive_update, reject_update
+from apps.federation.services import reject_update
 from apps.governance.services import request_approval
 from apps.registry.choices import CHAMPION_ALIAS, VersionStatus
 from apps.registry.models import ModelFamily, ModelVersion
@@ -16,7 +16,7 @@ from apps.registry.services import (
     register_version,
     set_version_status,
 )
-from tests.conftest import Member, make_artifacts, make_manifest
+from tests.conftest import Member, make_artifacts, make_manifest, make_update_row
 
 PASSWORD = "console-test-password-1"
 
@@ -85,8 +85,7 @@ def scene(
     move_alias(name=CHAMPION_ALIAS, version=v1, actor=None, actor_label="tests")
     device = cast["device"].device
     assert device is not None
-    good, _ = receive_update(envelope_factory(client_id=device.client_id, base_version="v1"), device=device)
-    bad, _ = receive_update(envelope_factory(client_id=device.client_id, base_version="v1"), device=device)
+    good, bad = make_update_row(device, "v1"), make_update_row(device, "v1")
     reject_update(bad, "non_finite", "tensor 'lora_A.expert3' has 12 NaN values", actor_label="tests")
     v2 = _register(family, "v2", parent=v1, scores=CANDIDATE_SCORES, updates=[good.update_id])
     approval = request_approval(v2, actor=cast["engineer"].user, note="round 1 of the demo")

@@ -6,10 +6,11 @@ from typing import Any
 
 import pytest
 from django.utils import timezone
+from rest_framework.test import APIClient
 
 from apps.federation.models import Update
-from apps.federation.services import reject_update
 from apps.registry.models import ModelFamily, ModelVersion
+from tests.federation_world import WorkerWorld, enroll
 
 pytestmark = pytest.mark.django_db
 
@@ -65,36 +66,50 @@ def test_engineer_opens_and_closes_rounds_and_creates_tasks(cast: dict[str, Any]
 
 
 def test_device_submits_its_updates_and_sees_rejections(
-    cast: dict[str, Any], v1: ModelVersion, envelope_factory: Callable[..., Any], device_factory: Callable[..., Any]
+    world: WorkerWorld, make_update: Callable[..., Any], user_factory: Callable[..., Any]
 ) -> None:
-    device = cast["device"].client
-    envelope = envelope_factory(client_id="car-0001", base_version="tiny-moe-v1")
-    first = device.post("/api/v1/updates/", envelope, format="json")
+    """POST /api/v1/updates/ goes through the same update service as the bus: every check, one transaction."""
+    car = enroll(world, "car-1")
+    device = APIClient()
+    device.credentials(HTTP_AUTHORIZATION=f"Token {car.api_token}")
+    envelope, _ = make_update(car)
+    body = envelope.model_dump(mode="json", by_alias=True)
+    first = device.post("/api/v1/updates/", body, format="json")
     assert first.status_code == 201, first.content
-    assert first.json()["status"] == "received"
-    assert first.json()["rejection"] is None
-    resend = device.post("/api/v1/updates/", envelope, format="json")
-    assert resend.status_code == 200
-    assert resend.json()["update_id"] == first.json()["update_id"]
+    assert (first.json()["status"], first.json()["staleness"], first.json()["rejection"]) == ("buffered", 0, None)
+    resend = device.post("/api/v1/updates/", body, format="json")
+    assert (resend.status_code, resend.json()["update_id"]) == (200, first.json()["update_id"])
+    assert Update.objects.count() == 1
 
-    other = envelope_factory(client_id="car-0002", base_version="tiny-moe-v1")
-    impersonation = device.post("/api/v1/updates/", other, format="json")
-    assert impersonation.status_code == 403
+    # Another device's envelope: refused (no row) whatever its signature, since the sender is authenticated.
+    other = enroll(world, "car-2")
+    theirs, _ = make_update(other)
+    impersonation = device.post("/api/v1/updates/", theirs.model_dump(mode="json", by_alias=True), format="json")
+    assert (impersonation.status_code, impersonation.json()["code"]) == (403, "not_owner")
     assert "for itself only" in impersonation.json()["detail"]
-    broken = device.post("/api/v1/updates/", dict(envelope, payload={"uri": "x"}), format="json")
+    # A forged signature on the device's own envelope: refused.
+    forged, _ = make_update(car)
+    forged = forged.signed_hmac_sha256(b"not the key")
+    refused = device.post("/api/v1/updates/", forged.model_dump(mode="json", by_alias=True), format="json")
+    assert (refused.status_code, refused.json()["code"], refused.json()["status"]) == (403, "bad_signature", "refused")
+    # A content problem: recorded as rejected, the row in the answer.
+    stale, _ = make_update(car, base_version="v1", round_id="round-unknown")
+    rejected = device.post("/api/v1/updates/", stale.model_dump(mode="json", by_alias=True), format="json")
+    assert (rejected.status_code, rejected.json()["code"]) == (422, "unknown_round")
+    assert rejected.json()["record"]["status"] == "rejected"
+    broken = device.post("/api/v1/updates/", dict(body, payload={"uri": "x"}), format="json")
     assert broken.status_code == 400
     assert "payload.sha256" in str(broken.json()["envelope"])
     assert device.post("/api/v1/updates/", [1, 2], format="json").status_code == 400
 
-    update = Update.objects.get(update_id=first.json()["update_id"])
-    reject_update(update, "norm_exceeded", "expert 0.0 delta norm 41.2 > clip 10.0", actor_label="worker:ingest")
-    engineer = cast["engineer"].client
-    rejected = engineer.get("/api/v1/updates/", {"status": "rejected"}).json()
-    assert rejected["count"] == 1
-    detail = engineer.get(f"/api/v1/updates/{update.update_id}/").json()
-    assert detail["rejection"] == {"code": "norm_exceeded", "message": "expert 0.0 delta norm 41.2 > clip 10.0"}
-    assert engineer.get("/api/v1/updates/", {"status": "received"}).json()["count"] == 0
-    assert engineer.get("/api/v1/updates/", {"client_id": "car-0001"}).json()["count"] == 1
+    engineer = APIClient()
+    engineer.credentials(HTTP_AUTHORIZATION=f"Token {user_factory('erik', 'engineer')[1]}")
+    listed = engineer.get("/api/v1/updates/", {"status": "rejected"}).json()
+    assert [row["rejection"]["code"] for row in listed["results"]] == ["unknown_round"]
+    assert engineer.get("/api/v1/updates/", {"client_id": "car-1"}).json()["count"] == 2
+    assert engineer.get("/api/v1/updates/", {"status": "buffered"}).json()["count"] == 1
+    # Devices see their own updates only.
+    assert {row["client_id"] for row in device.get("/api/v1/updates/").json()["results"]} == {"car-1"}
 
 
 def test_engineer_revokes_a_device_which_then_cannot_authenticate(cast: dict[str, Any]) -> None:

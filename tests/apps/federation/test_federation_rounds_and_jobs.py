@@ -1,6 +1,6 @@
-"""Round lifecycle gaps closed for the federated loop: config checked at opening, round-less updates joining the
-open round (or the next one), reopening after a failed aggregation, refused envelopes on record, and jobs that fail
-in broker-less mode without breaking the caller."""
+"""Round (aggregation window) lifecycle: config and mode checked at opening, waiting updates joining the next window
+that fits, reopening after a failed aggregation, refused envelopes on record, and jobs that fail in broker-less mode
+without breaking the caller."""
 
 from collections.abc import Callable
 from datetime import timedelta
@@ -12,7 +12,7 @@ from django.utils import timezone
 
 from apps.accounts.choices import Role
 from apps.accounts.models import User
-from apps.federation.choices import RoundStatus, TaskStatus, UpdateStatus
+from apps.federation.choices import RoundMode, RoundStatus, TaskStatus, UpdateStatus
 from apps.federation.jobs import WORKER_TASKS
 from apps.federation.models import Round, TrainingTask, Update
 from apps.federation.services import (
@@ -20,10 +20,9 @@ from apps.federation.services import (
     close_round,
     create_training_task,
     open_round,
-    receive_update,
     record_refused_update,
-    reject_update,
     reopen_round_after_failure,
+    revoke_device,
 )
 from apps.governance.models import AuditEvent
 from apps.registry.models import ModelFamily, ModelVersion
@@ -72,57 +71,68 @@ def test_open_round_checks_its_aggregation_settings(
     assert not Round.objects.exists()
 
 
-def test_a_bad_round_config_is_a_400_naming_the_key(cast: dict[str, Any], base: ModelVersion) -> None:
-    response = cast["engineer"].client.post(
-        "/api/v1/rounds/",
-        {
-            "base_version": "tiny-moe-v1",
-            "buffer_size_k": 2,
-            "deadline_at": (timezone.now() + timedelta(hours=1)).isoformat(),
-            "config": {"trim_fraction": 0.9},
-        },
-        format="json",
-    )
-    assert response.status_code == 400
-    [message] = response.json()["config"]
-    assert message == "config key 'trim_fraction': config: trim_fraction must lie in [0, 0.5), got 0.9"
-    assert not Round.objects.exists()
-    # Keys the aggregation does not know are the devices' settings (RoundStart carries them): they pass.
-    assert open_on(base, cast["engineer"].user, "round-ok", local_epochs=2).config == {"local_epochs": 2}
-
-
-def test_updates_without_a_round_join_the_oldest_open_round_on_their_base(
+def test_updates_waiting_without_a_window_join_the_next_one_that_fits(
     engineer: User,
     base: ModelVersion,
-    family_factory: Callable[..., ModelFamily],
-    version_factory: Callable[..., ModelVersion],
     device_factory: Callable[..., Any],
-    envelope_factory: Callable[..., Any],
+    update_row_factory: Callable[..., Any],
+    version_factory: Callable[..., ModelVersion],
 ) -> None:
+    device, _ = device_factory(engineer, "car-1")
+    stranger, _ = device_factory(engineer, "car-2")
     other_base = version_factory(ModelFamily.objects.get(), "tiny-moe-v2", parent=base)
-    device, _ = device_factory(engineer, "car-1")
-    open_on(other_base, engineer, "round-other")
-    first = open_on(base, engineer, "round-first")
-    open_on(base, engineer, "round-second")
-    update, _ = receive_update(envelope_factory(client_id="car-1", base_version="tiny-moe-v1"), device=device)
-    assert update.round == first
-    event = AuditEvent.objects.get(verb="federation.update.received", object_id=str(update.pk))
-    assert event.data["round"] == "round-first"
+    waiting = update_row_factory(device, "tiny-moe-v1")
+    elsewhere = update_row_factory(device, "tiny-moe-v2")
+    outsider = update_row_factory(stranger, "tiny-moe-v1")
+    rejected = update_row_factory(device, "tiny-moe-v1", status=UpdateStatus.REJECTED, code="too_stale", message="x")
+    # A synchronous round takes only its cohort's updates on its base.
+    sync = open_round(
+        base_version=base,
+        buffer_size_k=2,
+        deadline_at=timezone.now() + timedelta(hours=1),
+        actor=engineer,
+        round_id="round-sync",
+        mode=RoundMode.SYNC,
+        cohort=[device],
+    )
+    assert list(Update.objects.filter(round=sync).values_list("update_id", flat=True)) == [waiting.update_id]
+    # An asynchronous window takes every other waiting update, whatever its base: staleness is counted when it is
+    # aggregated. Rejected updates stay where they are.
+    window = open_on(other_base, engineer, "round-7")
+    adopted = set(Update.objects.filter(round=window).values_list("update_id", flat=True))
+    assert adopted == {elsewhere.update_id, outsider.update_id}
+    assert Update.objects.get(pk=rejected.pk).round is None
+    opened = AuditEvent.objects.get(verb="federation.round.opened", object_id=str(window.pk))
+    assert sorted(opened.data["adopted"]) == sorted(adopted)
+    assert (window.mode, window.series, window.sequence) == (RoundMode.ASYNC, "round-7", 1)
 
 
-def test_round_less_updates_wait_for_the_next_round_on_their_base(
-    engineer: User, base: ModelVersion, device_factory: Callable[..., Any], envelope_factory: Callable[..., Any]
+def test_rounds_are_opened_with_a_mode_that_fits_their_cohort(
+    engineer: User, base: ModelVersion, device_factory: Callable[..., Any]
 ) -> None:
     device, _ = device_factory(engineer, "car-1")
-    waiting, _ = receive_update(envelope_factory(client_id="car-1", base_version="tiny-moe-v1"), device=device)
-    rejected, _ = receive_update(envelope_factory(client_id="car-1", base_version="tiny-moe-v1"), device=device)
-    reject_update(rejected, "too_stale", "too far behind")
-    assert waiting.round is None
-    round_ = open_on(base, engineer, "round-7")
-    assert Update.objects.get(pk=waiting.pk).round == round_
-    assert Update.objects.get(pk=rejected.pk).round is None
-    opened = AuditEvent.objects.get(verb="federation.round.opened", object_id=str(round_.pk))
-    assert opened.data["adopted"] == [waiting.update_id]
+    deadline = timezone.now() + timedelta(hours=1)
+    with pytest.raises(ValidationError, match="a synchronous round needs a cohort"):
+        open_round(base_version=base, buffer_size_k=1, deadline_at=deadline, actor=engineer, mode=RoundMode.SYNC)
+    with pytest.raises(ValidationError, match="only synchronous rounds have a cohort"):
+        open_round(base_version=base, buffer_size_k=1, deadline_at=deadline, actor=engineer, cohort=[device])
+    with pytest.raises(ValidationError, match="mode must be one of async, sync"):
+        open_round(base_version=base, buffer_size_k=1, deadline_at=deadline, actor=engineer, mode="lockstep")
+    with pytest.raises(ValidationError, match="a window lasts at most 30 days"):
+        open_round(base_version=base, buffer_size_k=1, deadline_at=deadline + timedelta(days=60), actor=engineer)
+    with pytest.raises(ValidationError, match=r"K must lie in \[1, 10000\]"):
+        open_round(base_version=base, buffer_size_k=10**6, deadline_at=deadline, actor=engineer)
+    revoke_device(device, actor=engineer, reason="lost")
+    with pytest.raises(ValidationError, match="devices car-1 are revoked"):
+        open_round(
+            base_version=base,
+            buffer_size_k=1,
+            deadline_at=deadline,
+            actor=engineer,
+            mode=RoundMode.SYNC,
+            cohort=[device],
+        )
+    assert Round.objects.count() == 0
 
 
 def test_a_failed_aggregation_reopens_its_round_once(engineer: User, base: ModelVersion) -> None:
