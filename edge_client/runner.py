@@ -13,6 +13,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from pydantic import BaseModel
+
 from edge_client.enrollment import ensure_enrolled
 from edge_client.errors import EdgeClientError
 from edge_client.local_training import LocalTrainingResult, adapter_summary, train_local_adapters
@@ -33,7 +35,7 @@ from fednested.checkpoints import (
     save_update,
     verify_version,
 )
-from fednested.config import Tier2Config
+from fednested.config import EdgeDataSettings, EdgeModelSettings, Tier2Config
 from fednested.data.jsonl import JsonlFormatError, read_jsonl_files
 from fednested.data.records import Record
 from fednested.messaging.bus import Consumer, Message, make_bus
@@ -45,10 +47,16 @@ from fednested.training.edge import EdgeTrainConfig
 StopReason = Literal["goals_met", "max_wait", "interrupted"]
 
 
+def _tier2_default(model: type[BaseModel], name: str) -> Any:
+    """The tier2 config's default for a setting, so settings built directly (tests) match a file that omits it."""
+    return model.model_fields[name].default
+
+
 @dataclass(frozen=True)
 class ClientSettings:
     """Everything one device run needs, resolved to concrete values; `from_config` builds it from a tier2 config
-    file (fednested.config.Tier2Config), tests may build it directly."""
+    file (fednested.config.Tier2Config), tests may build it directly. `adapter`, `training` and `retry` are the
+    config's own dataclasses; the defaults it shares with the config are read from the config models."""
 
     client_id: str
     control_plane_url: str
@@ -59,14 +67,14 @@ class ClientSettings:
     bus: KafkaBusSettings | EmbeddedBusSettings
     adapter: ExpertLoraConfig = field(default_factory=ExpertLoraConfig)
     training: EdgeTrainConfig = field(default_factory=EdgeTrainConfig)
-    quantize_bits: QuantizeBits = 0
+    quantize_bits: QuantizeBits = field(default=_tier2_default(EdgeModelSettings, "quantize_bits"))
     display_name: str | None = None
     spool_dir: Path | None = None
     audit_log: Path | None = None
-    strict_data: bool = False
+    strict_data: bool = field(default=_tier2_default(EdgeDataSettings, "strict"))
     retry: RetryPolicy = field(default_factory=RetryPolicy)
-    http_timeout_s: float = 30.0
-    poll_interval_s: float = 0.5
+    http_timeout_s: float = field(default=_tier2_default(Tier2Config, "http_timeout_s"))
+    poll_interval_s: float = field(default=_tier2_default(Tier2Config, "poll_interval_s"))
 
     @property
     def resolved_spool_dir(self) -> Path:
@@ -88,13 +96,14 @@ class ClientSettings:
             data_files=tuple(config.data.train_files),
             strict_data=config.data.strict,
             bus=config.bus,
-            adapter=ExpertLoraConfig(**config.adapter.model_dump()),
-            training=EdgeTrainConfig(**config.training.model_dump()),
+            # The config's sections are these dataclasses already (fednested.config): taken as they are.
+            adapter=config.adapter,
+            training=config.training,
             quantize_bits=config.model.quantize_bits,
             display_name=config.display_name,
             spool_dir=config.spool_dir,
             audit_log=config.audit_log_path,
-            retry=RetryPolicy(**config.retry.model_dump()),
+            retry=config.retry,
             http_timeout_s=config.http_timeout_s,
             poll_interval_s=config.poll_interval_s,
         )

@@ -213,6 +213,7 @@ def signed_envelope(
     update_id: str | None = None,
     routed_tokens: dict[str, int] | None = None,
     examples: int = 16,
+    metrics: dict[str, float] | None = None,
 ) -> UpdateEnvelope:
     envelope = UpdateEnvelope.model_validate(
         {
@@ -224,7 +225,7 @@ def signed_envelope(
             "round_id": round_id,
             "examples": examples,
             "routed_tokens": routed_tokens if routed_tokens is not None else {"0.1": 40, "1.2": 25},
-            "metrics": {"train_loss": 2.5},
+            "metrics": metrics if metrics is not None else {"train_loss": 2.5},
             "payload": payload,
             "adapter": {"rank": ADAPTER.rank, "alpha": ADAPTER.alpha, "target_modules": list(ADAPTER.targets)},
             "created_at": datetime(2026, 1, 1, tzinfo=UTC).isoformat(),

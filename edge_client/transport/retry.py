@@ -5,30 +5,14 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import TypeVar
 
 from edge_client.errors import EdgeClientError
 
+# Declared beside the tier2 config (its YAML section `retry:` is this dataclass); re-exported for the client's callers.
+from fednested.config.retry import RetryPolicy as RetryPolicy
+
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Delay n (0-based) is min(max_delay_s, initial_delay_s · multiplier^n), then scaled by a uniform factor in
-    [1 - jitter, 1], so devices that lost the link together do not come back in lockstep ("equal jitter")."""
-
-    initial_delay_s: float = 0.5
-    multiplier: float = 2.0
-    max_delay_s: float = 30.0
-    jitter: float = 0.5
-    max_attempts: int = 8
-
-    def __post_init__(self) -> None:
-        if self.initial_delay_s < 0 or self.max_delay_s < self.initial_delay_s:
-            raise ValueError("retry: need 0 <= initial_delay_s <= max_delay_s")
-        if self.multiplier < 1.0 or not 0.0 <= self.jitter <= 1.0 or self.max_attempts < 1:
-            raise ValueError("retry: need multiplier >= 1, 0 <= jitter <= 1 and max_attempts >= 1")
 
 
 def backoff_delays(policy: RetryPolicy, rng: random.Random) -> Iterator[float]:

@@ -16,11 +16,11 @@ from fednested.adapters.lora import (
     trainable_parameters,
 )
 from fednested.adapters.routed import (
-    EXPERT_TARGETS,
     FrozenExpertLinear,
     routed_experts_forward,
     set_expert_recompute,
 )
+from fednested.config.adapter import EXPERT_TARGETS
 
 __all__ = [
     "EXPERT_TARGETS",

@@ -17,7 +17,6 @@ import math
 import re
 import warnings
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, cast
 
 import torch
@@ -27,89 +26,24 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from fednested.adapters.routed import (
-    EXPERT_TARGETS,
     FrozenExpertLinear,
     StackedLora,
     expert_shape,
     num_experts,
     routed_experts_forward,
 )
+from fednested.config.adapter import EXPERT_TARGETS
+
+# The config and its error are declared in the torch-free config package (the tier2 YAML section `adapter:` is this
+# dataclass); re-exported here, where the adapters are attached from it.
+from fednested.config.adapter import AdapterError as AdapterError
+from fednested.config.adapter import ExpertLoraConfig as ExpertLoraConfig
 
 LoraFactor = Literal["lora_A", "lora_B"]
 LORA_FACTORS: tuple[LoraFactor, ...] = ("lora_A", "lora_B")
 _ADAPTER_KEY = re.compile(r"^(?P<param>.+)/expert=(?P<expert>\d+)/(?P<factor>lora_A|lora_B)$")
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _CONFIG_ATTRIBUTE = "_fednested_expert_lora_config"
-
-
-class AdapterError(ValueError):
-    """Adapter tensors or settings that do not fit the model (the message names the key or field)."""
-
-
-@dataclass
-class ExpertLoraConfig:
-    """Which expert FFN weights get LoRA, and how: ΔW_e = (alpha / rank) · B_e · A_e.
-
-    layers / experts: indexes to adapt (None = every MoE layer / every expert); targets: fused expert tensors.
-    init_seed: A is drawn from a generator seeded per layer, so the same config gives the same initial adapters.
-    """
-
-    rank: int = 8
-    alpha: float = 16
-    dropout: float = 0.0
-    layers: list[int] | None = None
-    experts: list[int] | None = None
-    targets: tuple[str, ...] = EXPERT_TARGETS
-    init_seed: int = 0
-    # PEFT's own bookkeeping lives under this adapter name; one adapter per model is what fednested uses.
-    adapter_name: str = field(default="default")
-
-    def __post_init__(self) -> None:
-        self.targets = tuple(self.targets)
-        if self.layers is not None:
-            self.layers = sorted({int(i) for i in self.layers})
-        if self.experts is not None:
-            self.experts = sorted({int(i) for i in self.experts})
-        self.validate()
-
-    def validate(self) -> None:
-        if not isinstance(self.rank, int) or self.rank <= 0:
-            raise AdapterError(f"ExpertLoraConfig.rank must be a positive integer, got {self.rank!r}")
-        if not math.isfinite(self.alpha) or self.alpha <= 0:
-            raise AdapterError(f"ExpertLoraConfig.alpha must be a positive number, got {self.alpha!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise AdapterError(f"ExpertLoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        unknown = [t for t in self.targets if t not in EXPERT_TARGETS]
-        if unknown or not self.targets:
-            raise AdapterError(
-                f"ExpertLoraConfig.targets must be a non-empty subset of {EXPERT_TARGETS}, got {unknown}"
-            )
-        for name, indexes in (("layers", self.layers), ("experts", self.experts)):
-            if indexes is not None and (not indexes or min(indexes) < 0):
-                raise AdapterError(f"ExpertLoraConfig.{name} must be None or non-negative indexes, got {indexes}")
-
-    @property
-    def scale(self) -> float:
-        return float(self.alpha) / self.rank
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["targets"] = list(self.targets)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ExpertLoraConfig:
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise AdapterError(f"unknown ExpertLoraConfig field(s) {unknown}")
-        values = dict(data)
-        if "targets" in values:
-            values["targets"] = tuple(values["targets"])
-        try:
-            return cls(**values)
-        except TypeError as error:
-            raise AdapterError(f"malformed ExpertLoraConfig: {error}") from error
 
 
 def adapter_key(param_name: str, expert: int, factor: LoraFactor) -> str:

@@ -16,10 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-# The two fused expert tensors of transformers 5 MoE families: gate_up_proj [E, 2I, H] and down_proj [E, H, I].
-GATE_UP = "gate_up_proj"
-DOWN = "down_proj"
-EXPERT_TARGETS: tuple[str, ...] = (GATE_UP, DOWN)
+from fednested.config.adapter import EXPERT_TARGETS
+
+# The two fused expert tensors of transformers 5 MoE families, declared with the adapter config that allows them.
+GATE_UP, DOWN = EXPERT_TARGETS
 
 
 @runtime_checkable

@@ -12,6 +12,7 @@ from typing import Any, Literal, overload
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from fednested.config.fields import SettingError
 from fednested.config.models import CONFIG_MODELS, ConfigKind, Tier1Config, Tier2Config
 
 
@@ -167,16 +168,23 @@ def _problem(root: yaml.Node | None, item: Any) -> ConfigProblem:
     loc = tuple(part for part in item["loc"] if isinstance(part, int | str))
     kind = item["type"]
     context = item.get("ctx") or {}
+    setting_error = context.get("error") if kind == "value_error" else None
     if kind in {"union_tag_not_found", "union_tag_invalid"}:
         # A tagged section (bus: kind: kafka|embedded): the problem is the tag key itself, not the whole section.
         loc = (*loc, str(context.get("discriminator", "kind")).strip("'"))
+    elif isinstance(setting_error, SettingError) and setting_error.field is not None:
+        # A dataclass section's own check (fednested.config.fields) names its field; point at that field's line.
+        loc = (*loc, setting_error.field)
     line, field = _walk(root, loc)
     if kind in {"missing", "union_tag_not_found"}:
         message = "required setting is missing"
         if kind == "union_tag_not_found":
             message += " (kafka or embedded)"
-    elif kind == "extra_forbidden":
+    elif kind in {"extra_forbidden", "unexpected_keyword_argument"}:
+        # extra_forbidden from a pydantic section, unexpected_keyword_argument from a dataclass section.
         message = "unknown setting (check the spelling; `fednested init-config` writes every valid one)"
+    elif isinstance(setting_error, SettingError):
+        message = setting_error.problem
     elif kind == "union_tag_invalid":
         message = f"must be one of {context.get('expected_tags')} (got {context.get('tag')!r})"
     else:

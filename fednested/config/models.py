@@ -1,26 +1,33 @@
 """Typed tier1 (cluster) and tier2 (edge device) configurations; every field carries the description that
 `fednested init-config` writes as a comment into the sample file.
 
-Field names mirror the dataclasses they feed (EdgeTrainConfig, ExpertLoraConfig, RetryPolicy), so callers build
-those with `Dataclass(**section.model_dump())` without importing torch here.
+The tier2 sections `adapter`, `training` and `retry` are the dataclasses the edge code runs on (ExpertLoraConfig,
+EdgeTrainConfig, RetryPolicy), used here as they are: their defaults, bounds and help texts are declared once, in
+those dataclasses. They live in this package, not beside the code that uses them, because this package must not
+import torch: the CLI (`fednested init-config`, `fednested config validate`) loads configs without it.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Self
+from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from fednested.config.adapter import ExpertLoraConfig
+from fednested.config.retry import RetryPolicy
+from fednested.config.training import EdgeTrainConfig, Precision
 from fednested.messaging.settings import BusSettings, EmbeddedBusSettings
 
 ConfigKind = Literal["tier1", "tier2"]
-Precision = Literal["auto", "fp32", "bf16"]
 
 
 class ConfigModel(BaseModel):
-    """Base of every config section: unknown keys are errors (a typo must not silently fall back to a default)."""
+    """Base of every config section: unknown keys are errors (a typo must not silently fall back to a default).
+
+    The dataclass sections refuse unknown keys too: a dataclass takes no keyword it does not declare.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -46,69 +53,6 @@ class EdgeModelSettings(ConfigModel):
     quantize_bits: Literal[0, 4, 8] = Field(
         default=0, description="Quantize the frozen base weights to 8 or 4 bits to save memory; 0 keeps full precision."
     )
-
-
-class AdapterSettings(ConfigModel):
-    """Per-expert LoRA adapters: ΔW_e = (alpha / rank) · B_e · A_e."""
-
-    rank: int = Field(default=8, ge=1, le=1024, description="LoRA rank r.")
-    alpha: float = Field(default=16.0, gt=0, description="LoRA scaling numerator; the delta is scaled by alpha / rank.")
-    dropout: float = Field(default=0.0, ge=0, lt=1, description="Dropout on the adapter input during training.")
-    layers: list[int] | None = Field(
-        default=None, description="MoE layer indexes to adapt; null adapts every MoE layer."
-    )
-    experts: list[int] | None = Field(default=None, description="Expert indexes to adapt; null adapts every expert.")
-    targets: list[str] = Field(
-        default=["gate_up_proj", "down_proj"],
-        min_length=1,
-        description="Expert weight tensors that get adapters.",
-    )
-    init_seed: int = Field(default=0, ge=0, description="Seed for the initial A matrices (same seed, same adapters).")
-
-
-class EdgeTrainingSettings(ConfigModel):
-    """Local adapter training; the first of max_steps, max_epochs and max_seconds reached ends a run."""
-
-    seq_len: int = Field(default=256, ge=8, description="Tokens per training row.")
-    rows_per_batch: int = Field(default=4, ge=1, description="Rows per micro-batch.")
-    grad_accum_steps: int = Field(default=1, ge=1, description="Micro-batches accumulated per optimizer step.")
-    learning_rate: float = Field(default=2e-3, gt=0, description="AdamW learning rate of the adapters.")
-    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
-    warmup_steps: int = Field(default=0, ge=0, description="Linear learning-rate warm-up steps.")
-    max_grad_norm: float | None = Field(default=1.0, gt=0, description="Gradient clipping norm; null disables it.")
-    max_steps: int | None = Field(default=100, ge=1, description="Optimizer steps per run; null for no step limit.")
-    max_epochs: float | None = Field(default=None, gt=0, description="Passes over the data per run; null: no limit.")
-    max_seconds: float | None = Field(default=None, gt=0, description="Wall-clock budget per run; null: no limit.")
-    seed: int = Field(default=0, ge=0, description="Seed for data order and dropout.")
-    precision: Precision = Field(
-        default="auto",
-        description="auto: bf16 autocast on CUDA, fp32 on CPU (measured faster there, docs/benchmarks.md).",
-    )
-    num_threads: int | None = Field(default=None, ge=1, description="CPU threads for training; null: PyTorch default.")
-
-    @model_validator(mode="after")
-    def _has_a_budget(self) -> Self:
-        if self.max_steps is None and self.max_epochs is None and self.max_seconds is None:
-            raise ValueError("set at least one of max_steps, max_epochs, max_seconds, or a run never ends")
-        return self
-
-
-class RetrySettings(ConfigModel):
-    """Exponential back-off with jitter for calls to the control plane and the bus."""
-
-    initial_delay_s: float = Field(default=0.5, ge=0, description="First wait after a failed attempt, in seconds.")
-    multiplier: float = Field(default=2.0, ge=1, description="Each further wait grows by this factor.")
-    max_delay_s: float = Field(default=30.0, ge=0, description="Upper bound of one wait, in seconds.")
-    jitter: float = Field(
-        default=0.5, ge=0, le=1, description="Each wait is scaled by a random factor in [1 - jitter, 1]."
-    )
-    max_attempts: int = Field(default=8, ge=1, description="Attempts before giving up (the spool keeps the payload).")
-
-    @model_validator(mode="after")
-    def _delays_ordered(self) -> Self:
-        if self.max_delay_s < self.initial_delay_s:
-            raise ValueError(f"max_delay_s {self.max_delay_s} is below initial_delay_s {self.initial_delay_s}")
-        return self
 
 
 class Tier2Config(ConfigModel):
@@ -145,9 +89,12 @@ class Tier2Config(ConfigModel):
     poll_interval_s: float = Field(default=0.5, gt=0, description="How long one wait for control events lasts.")
     data: EdgeDataSettings = Field(description="Private training data.")
     model: EdgeModelSettings = Field(default_factory=EdgeModelSettings, description="Frozen base snapshot.")
-    adapter: AdapterSettings = Field(default_factory=AdapterSettings, description="Per-expert LoRA adapters.")
-    training: EdgeTrainingSettings = Field(default_factory=EdgeTrainingSettings, description="Local adapter training.")
-    retry: RetrySettings = Field(default_factory=RetrySettings, description="Back-off for network calls.")
+    adapter: ExpertLoraConfig = Field(default_factory=ExpertLoraConfig, description="Per-expert LoRA adapters.")
+    training: EdgeTrainConfig = Field(
+        default_factory=EdgeTrainConfig,
+        description="Local adapter training; the first of max_steps, max_epochs and max_seconds reached ends a run.",
+    )
+    retry: RetryPolicy = Field(default_factory=RetryPolicy, description="Back-off for network calls.")
     bus: BusSettings = Field(
         default_factory=EmbeddedBusSettings,
         description="Event bus: kind embedded (an SQLite file shared on one machine, the demo) "

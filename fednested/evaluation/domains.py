@@ -14,10 +14,11 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from fednested.config.training import Precision
 from fednested.data.encoding import encode_records
 from fednested.data.packing import iter_batches, pack_whole_examples
 from fednested.data.records import Record
-from fednested.training.forward import Precision, model_device, packed_loss_sum, resolve_precision
+from fednested.training.forward import model_device, packed_loss_sum, resolve_precision
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from fednested.adapters.lora import expert_stacks
-from fednested.adapters.routed import EXPERT_TARGETS, routed_experts_forward
+from fednested.adapters.routed import routed_experts_forward
 from fednested.checkpoints.errors import CheckpointError
 from fednested.checkpoints.manifest import Manifest
 from fednested.checkpoints.versions import (
@@ -28,6 +28,7 @@ from fednested.checkpoints.versions import (
     load_partition_file,
     open_version,
 )
+from fednested.config.adapter import EXPERT_TARGETS
 from fednested.partition import PartitionKind
 
 

@@ -1,5 +1,6 @@
 """Training: the edge adapter loop and the packed forward/loss it shares with evaluation."""
 
+from fednested.config.training import Precision
 from fednested.training.edge import (
     EdgeTrainConfig,
     StopReason,
@@ -7,7 +8,7 @@ from fednested.training.edge import (
     train_adapters,
     trainable_parameters,
 )
-from fednested.training.forward import Precision, causal_lm_parts, packed_loss_sum, resolve_precision
+from fednested.training.forward import causal_lm_parts, packed_loss_sum, resolve_precision
 
 __all__ = [
     "EdgeTrainConfig",

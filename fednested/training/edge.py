@@ -19,54 +19,15 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from fednested.adapters.routed import set_expert_recompute
+
+# Declared in the torch-free config package (the tier2 YAML section `training:` is this dataclass); re-exported here.
+from fednested.config.training import EdgeTrainConfig as EdgeTrainConfig
 from fednested.data.encoding import EncodedExample, encode_records
 from fednested.data.packing import PackedBatch, iter_batches, pack_examples
 from fednested.data.records import ChatRecord, PromptCompletionRecord, Record, TextRecord
-from fednested.training.forward import Precision, model_device, packed_loss_sum, resolve_precision
+from fednested.training.forward import model_device, packed_loss_sum, resolve_precision
 
 StopReason: TypeAlias = Literal["max_steps", "max_seconds", "max_epochs"]
-
-
-@dataclass(frozen=True)
-class EdgeTrainConfig:
-    """Everything that decides an edge training run; `max_steps`, `max_epochs` and `max_seconds` are budgets and
-    the first one reached ends the run (at least one must be set)."""
-
-    seq_len: int = 256
-    rows_per_batch: int = 4
-    grad_accum_steps: int = 1
-    learning_rate: float = 2e-3
-    weight_decay: float = 0.0
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int = 0
-    max_grad_norm: float | None = 1.0
-    max_steps: int | None = 100
-    max_epochs: float | None = None
-    max_seconds: float | None = None
-    seed: int = 0
-    precision: Precision = "auto"
-    num_threads: int | None = None
-    # Recompute expert FFN activations in the backward instead of keeping them: about a third more expert compute
-    # for most of the activation memory (what decides peak RSS on a small device once the base is quantized).
-    recompute_experts: bool = False
-
-    def __post_init__(self) -> None:
-        if self.max_steps is None and self.max_epochs is None and self.max_seconds is None:
-            raise ValueError("set at least one budget: max_steps, max_epochs or max_seconds")
-        positive = {"seq_len": self.seq_len, "rows_per_batch": self.rows_per_batch}
-        positive |= {"grad_accum_steps": self.grad_accum_steps}
-        for name, value in positive.items():
-            if value < 1:
-                raise ValueError(f"{name} must be at least 1, got {value}")
-        for name, budget in (("max_steps", self.max_steps), ("max_epochs", self.max_epochs)):
-            if budget is not None and budget <= 0:
-                raise ValueError(f"{name} must be positive when set, got {budget}")
-        if self.max_seconds is not None and self.max_seconds <= 0:
-            raise ValueError(f"max_seconds must be positive when set, got {self.max_seconds}")
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
 
 
 @dataclass

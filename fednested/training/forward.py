@@ -8,15 +8,14 @@ domains exactly by tokens.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, TypeAlias
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from fednested.config.training import Precision
 from fednested.data.encoding import IGNORE_INDEX
 from fednested.data.packing import PackedBatch
-
-Precision: TypeAlias = Literal["auto", "fp32", "bf16"]
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import yaml
 
 from apps.federation.models import EdgeDevice, StagedPayload
 from apps.federation.services import issue_enrollment_token
+from apps.federation.updates import device_signing_keys
 from apps.registry.services import ArtifactSpec, create_model_family, move_alias, register_version
 from apps.registry.storage import artifact_path
 from edge_client.enrollment import EnrollmentError, ensure_enrolled
@@ -22,7 +23,6 @@ from edge_client.sidecar import AuditLog, Sidecar, example_policy, load_policy
 from edge_client.state import StateDir
 from edge_client.transport.http import ControlPlaneClient
 from fednested.messaging.topics import Topic
-from workers.ingest.consumer import device_signing_keys
 
 
 def _client(tmp_path: Path, url: str) -> tuple[ControlPlaneClient, Sidecar]:

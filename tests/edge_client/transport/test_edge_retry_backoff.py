@@ -6,6 +6,8 @@ import time
 import pytest
 
 from edge_client.transport.retry import RetriesExhausted, RetryPolicy, backoff_delays, call_with_retries
+from fednested import config
+from fednested.config import SettingError
 
 
 def test_delays_grow_exponentially_up_to_the_cap_with_equal_jitter() -> None:
@@ -68,15 +70,26 @@ def test_deadline_stops_before_sleeping_past_it() -> None:
 
 
 @pytest.mark.parametrize(
-    "kwargs",
+    ("kwargs", "field", "problem"),
     [
-        {"initial_delay_s": -1.0},
-        {"max_delay_s": 0.1, "initial_delay_s": 1.0},
-        {"multiplier": 0.5},
-        {"jitter": 2.0},
-        {"max_attempts": 0},
+        ({"initial_delay_s": -1.0}, "initial_delay_s", "must be at least 0, got -1.0"),
+        (
+            {"max_delay_s": 0.1, "initial_delay_s": 1.0},
+            "max_delay_s",
+            "must be at least initial_delay_s (1.0), got 0.1",
+        ),
+        ({"multiplier": 0.5}, "multiplier", "must be at least 1, got 0.5"),
+        ({"jitter": 2.0}, "jitter", "must be at most 1, got 2.0"),
+        ({"max_attempts": 0}, "max_attempts", "must be at least 1, got 0"),
     ],
 )
-def test_invalid_policies_are_refused(kwargs: dict[str, float]) -> None:
-    with pytest.raises(ValueError, match="retry:"):
+def test_invalid_policies_are_refused_naming_the_field(kwargs: dict[str, float], field: str, problem: str) -> None:
+    with pytest.raises(SettingError) as caught:
         RetryPolicy(**kwargs)  # type: ignore[arg-type]
+    assert (caught.value.field, caught.value.problem) == (field, problem)
+    assert str(caught.value) == f"RetryPolicy.{field} {problem}"
+
+
+def test_the_client_uses_the_policy_declared_beside_the_tier2_config() -> None:
+    assert RetryPolicy is config.RetryPolicy
+    assert config.Tier2Config.model_fields["retry"].default_factory is RetryPolicy

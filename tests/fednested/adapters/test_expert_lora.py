@@ -17,6 +17,7 @@ from fednested.adapters import (
     attach_expert_adapters,
     expected_adapter_shapes,
     expert_lora_config,
+    expert_lora_layers,
     load_adapter_state_dict,
     routed_experts_forward,
     set_expert_recompute,
@@ -155,13 +156,28 @@ def test_loading_mismatched_adapter_tensors_names_the_key() -> None:
         load_adapter_state_dict(model, {**state, key: torch.full((2, 128), float("nan"))})
 
 
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"rank": 0}, "ExpertLoraConfig.rank must be at least 1, got 0"),
+        ({"rank": 2.5}, "ExpertLoraConfig.rank must be an integer, got 2.5"),
+        (
+            {"targets": ("q_proj",)},
+            "ExpertLoraConfig.targets must be a non-empty subset of ('gate_up_proj', 'down_proj'), got ['q_proj']",
+        ),
+        ({"targets": ()}, "ExpertLoraConfig.targets must have at least 1 item(s), got ()"),
+        ({"dropout": 1.0}, "ExpertLoraConfig.dropout must be less than 1, got 1.0"),
+        ({"alpha": float("inf")}, "ExpertLoraConfig.alpha must be a finite number, got inf"),
+        ({"experts": [2, -1]}, "ExpertLoraConfig.experts must be non-negative indexes, got [-1, 2]"),
+    ],
+)
+def test_bad_config_values_are_refused_naming_the_field(settings: dict[str, object], message: str) -> None:
+    with pytest.raises(AdapterError) as caught:
+        ExpertLoraConfig(**settings)  # type: ignore[arg-type]
+    assert str(caught.value) == message
+
+
 def test_bad_configs_are_refused_with_the_field() -> None:
-    with pytest.raises(AdapterError, match="rank must be a positive integer"):
-        ExpertLoraConfig(rank=0)
-    with pytest.raises(AdapterError, match="targets must be a non-empty subset"):
-        ExpertLoraConfig(targets=("q_proj",))
-    with pytest.raises(AdapterError, match="dropout must be in"):
-        ExpertLoraConfig(dropout=1.0)
     with pytest.raises(AdapterError, match=r"layer\(s\) \[5\]; MoE layers are \[0, 1\]"):
         attach_expert_adapters(build_model(), ExpertLoraConfig(layers=[5]))
     with pytest.raises(AdapterError, match="expert 9"):
@@ -171,6 +187,17 @@ def test_bad_configs_are_refused_with_the_field() -> None:
     )
     with pytest.raises(AdapterError, match=r"unknown ExpertLoraConfig field\(s\) \['bogus'\]"):
         ExpertLoraConfig.from_dict({"bogus": 1})
+
+
+def test_manifests_that_still_name_the_peft_adapter_load() -> None:
+    # Update manifests written while `adapter_name` was a config field carry PEFT's default name; it is internal now.
+    written_before = {**ExpertLoraConfig(rank=2).to_dict(), "adapter_name": "default"}
+    assert ExpertLoraConfig.from_dict(written_before) == ExpertLoraConfig(rank=2)
+    assert "adapter_name" not in ExpertLoraConfig().to_dict()
+    with pytest.raises(AdapterError, match=r"unknown ExpertLoraConfig field\(s\) \['adapter_name'\]"):
+        ExpertLoraConfig.from_dict({**written_before, "adapter_name": "other"})
+    model = attach_expert_adapters(build_model(), ExpertLoraConfig(rank=2))
+    assert expert_lora_layers(model)[0].active_adapters == ["default"]
 
 
 def test_one_target_only_adapts_that_tensor() -> None:
@@ -262,3 +289,15 @@ def test_bf16_autocast_trains_fp32_adapters_and_stays_close() -> None:
     logits.float().pow(2).mean().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trainable_parameters(model))
     assert (logits.detach().float() - reference).abs().mean().item() < 0.02
+
+
+def test_the_config_package_declares_the_adapter_config_and_its_targets_once() -> None:
+    # The torch-free config package holds the adapter config (the tier2 YAML section is that dataclass); the adapters
+    # re-export it, and the targets it allows are the fused tensors the routed forward adapts.
+    from fednested import config
+    from fednested.adapters import EXPERT_TARGETS
+    from fednested.config.adapter import EXPERT_TARGETS as ALLOWED_TARGETS
+
+    assert ExpertLoraConfig is config.ExpertLoraConfig
+    assert AdapterError is config.AdapterError
+    assert ALLOWED_TARGETS is EXPERT_TARGETS

@@ -1,6 +1,12 @@
 """Loading tier1/tier2 configs: samples validate, every error names file, line, field and problem, and relative
 paths resolve against the config file's directory."""
 
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,12 +15,17 @@ from pydantic import BaseModel
 
 from fednested.config import (
     ConfigError,
+    EdgeTrainConfig,
+    ExpertLoraConfig,
+    RetryPolicy,
     Tier1Config,
     Tier2Config,
     load_config,
     render_sample,
 )
 from fednested.messaging import EmbeddedBusSettings, KafkaBusSettings
+
+ROOT = Path(__file__).resolve().parents[3]
 
 MINIMAL_TIER2 = """\
 kind: tier2
@@ -60,7 +71,14 @@ def count_fields(model: type[BaseModel], instance: BaseModel) -> int:
     for name, info in model.model_fields.items():
         assert info.description, f"{model.__name__}.{name} has no description for the sample's comment"
         value = getattr(instance, name)
-        total += 1 + (count_fields(type(value), value) if isinstance(value, BaseModel) else 0)
+        total += 1
+        if isinstance(value, BaseModel):
+            total += count_fields(type(value), value)
+        elif dataclasses.is_dataclass(value):
+            # A dataclass section (adapter, training, retry): every field has its help text in its metadata.
+            specs = dataclasses.fields(value)
+            assert all(spec.metadata.get("help") for spec in specs), f"{type(value).__name__} lacks a help text"
+            total += len(specs)
     return total
 
 
@@ -130,8 +148,11 @@ def test_cross_field_rules_say_what_to_change(tmp_path: Path) -> None:
         lines[0]
         == f"{path}:3: field 'control_plane_url': must be an http:// or https:// URL with a host, got 'ftp://cp'"
     )
-    assert lines[1].startswith(f"{path}:8: field 'training': set at least one of max_steps, max_epochs, max_seconds")
-    assert lines[2].startswith(f"{path}:9: field 'retry': max_delay_s 1.0 is below initial_delay_s 10.0")
+    assert lines[1] == (
+        f"{path}:8: field 'training': set at least one budget (max_steps, max_epochs or max_seconds), "
+        "or a run never ends"
+    )
+    assert lines[2] == f"{path}:9: field 'retry.max_delay_s': must be at least initial_delay_s (10.0), got 1.0"
     assert lines[3] == f"{path}:10: field 'bus.kind': must be one of 'kafka', 'embedded' (got 'rabbitmq')"
 
 
@@ -177,3 +198,110 @@ def test_missing_file_and_directory_are_reported(tmp_path: Path) -> None:
 def test_sample_round_trips_through_yaml_unchanged() -> None:
     document = yaml.safe_load(render_sample("tier2"))
     assert Tier2Config.model_validate(document).model_dump(mode="json") == document
+
+
+UNKNOWN_SETTING = "unknown setting (check the spelling; `fednested init-config` writes every valid one)"
+
+
+@pytest.mark.parametrize(
+    ("section", "key"),
+    [
+        ("adapter", "rnak"),
+        # Internal to the adapters (PEFT's adapter name), so not a setting a device can choose.
+        ("adapter", "adapter_name"),
+        ("training", "learning_rat"),
+        ("retry", "jiter"),
+    ],
+)
+def test_an_unknown_key_in_a_dataclass_section_is_refused_with_its_path(tmp_path: Path, section: str, key: str) -> None:
+    path = write(tmp_path, MINIMAL_TIER2 + f"{section}:\n  {key}: 1\n")
+    assert error_lines(path) == [f"{path}:9: field '{section}.{key}': {UNKNOWN_SETTING}"]
+
+
+@pytest.mark.parametrize(
+    ("setting", "expected"),
+    [
+        ("adapter:\n  rank: 0\n", "field 'adapter.rank': must be at least 1, got 0"),
+        ("adapter:\n  dropout: 1\n", "field 'adapter.dropout': must be less than 1, got 1.0"),
+        (
+            "adapter:\n  targets: [q_proj]\n",
+            "field 'adapter.targets': must be a non-empty subset of ('gate_up_proj', 'down_proj'), got ['q_proj']",
+        ),
+        ("adapter:\n  experts: []\n", "field 'adapter.experts': must have at least 1 item(s), got []"),
+        ("training:\n  seq_len: 4\n", "field 'training.seq_len': must be at least 8, got 4"),
+        (
+            "training:\n  adam_betas: [0.9, 1.5]\n",
+            "field 'training.adam_betas': must be two numbers in [0, 1), got (0.9, 1.5)",
+        ),
+        (
+            "training:\n  precision: fp16\n",
+            "field 'training.precision': Input should be 'auto', 'fp32' or 'bf16' (got 'fp16')",
+        ),
+        ("retry:\n  jitter: 2\n", "field 'retry.jitter': must be at most 1, got 2.0"),
+        ("retry:\n  max_attempts: 0\n", "field 'retry.max_attempts': must be at least 1, got 0"),
+    ],
+)
+def test_a_bad_value_in_a_dataclass_section_is_refused_naming_the_field(
+    tmp_path: Path, setting: str, expected: str
+) -> None:
+    path = write(tmp_path, MINIMAL_TIER2 + setting)
+    assert error_lines(path) == [f"{path}:9: {expected}"]
+
+
+def test_dataclass_sections_are_the_edge_dataclasses_themselves(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        MINIMAL_TIER2
+        + "adapter: {rank: 4, experts: [3, 1]}\ntraining: {recompute_experts: true}\nretry: {jitter: 0}\n",
+    )
+    config = load_config(path, "tier2")
+    assert config.adapter == ExpertLoraConfig(rank=4, experts=[1, 3])
+    assert config.training == EdgeTrainConfig(recompute_experts=True)
+    assert config.retry == RetryPolicy(jitter=0.0)
+
+
+# Runs in a fresh interpreter on a copy of the package whose dataclasses got new defaults in their source.
+CHANGED_DEFAULTS_PROBE = """
+import json, sys, yaml
+import fednested
+from fednested.config import Tier2Config, render_sample
+assert fednested.__file__.startswith(sys.argv[1]), fednested.__file__
+minimal = {"client_id": "e", "control_plane_url": "http://cp", "enrollment_token_file": "t",
+           "sidecar_policy_path": "p", "data": {"train_files": ["d"]}}
+defaults = Tier2Config.model_validate(minimal)
+sections = {"adapter": {"alpha": 4}, "training": {"seed": 1}, "retry": {"jitter": 0}}
+partial = Tier2Config.model_validate({**minimal, **sections})
+sample = yaml.safe_load(render_sample("tier2"))
+print(json.dumps({
+    "model": [defaults.adapter.rank, defaults.training.max_steps, defaults.retry.max_attempts],
+    "partial_section": [partial.adapter.rank, partial.training.max_steps, partial.retry.max_attempts],
+    "sample": [sample["adapter"]["rank"], sample["training"]["max_steps"], sample["retry"]["max_attempts"]],
+}))
+"""
+
+
+def test_a_default_changed_in_the_dataclass_reaches_the_yaml_model_and_the_sample(tmp_path: Path) -> None:
+    package = tmp_path / "fednested"
+    shutil.copytree(ROOT / "fednested", package, ignore=shutil.ignore_patterns("__pycache__"))
+    # One edit per dataclass, in its source, as an engineer would make it; nothing else is touched.
+    edits = {
+        "adapter.py": ("rank: int = field(default=8,", "rank: int = field(default=5,"),
+        "training.py": ("default=100, metadata", "default=7, metadata"),
+        "retry.py": ("default=8, metadata", "default=3, metadata"),
+    }
+    for name, (old, new) in edits.items():
+        source = package / "config" / name
+        text = source.read_text(encoding="utf-8")
+        assert text.count(old) == 1, f"{name}: the default to change is not where this test expects it"
+        source.write_text(text.replace(old, new), encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    result = subprocess.run(
+        [sys.executable, "-c", CHANGED_DEFAULTS_PROBE, str(package)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout) == {"model": [5, 7, 3], "partial_section": [5, 7, 3], "sample": [5, 7, 3]}

@@ -195,6 +195,12 @@ def test_bad_configurations_and_inputs_are_refused_with_the_reason(tokenizer: Pr
         EdgeTrainConfig(max_steps=None)
     with pytest.raises(ValueError, match="grad_accum_steps must be at least 1"):
         EdgeTrainConfig(grad_accum_steps=0)
+    with pytest.raises(ValueError, match=r"^EdgeTrainConfig\.seq_len must be at least 8, got 4$"):
+        EdgeTrainConfig(seq_len=4)
+    with pytest.raises(ValueError, match=r"adam_betas must be two numbers in \[0, 1\), got \(0\.9, 1\.0\)"):
+        EdgeTrainConfig(adam_betas=(0.9, 1.0))
+    with pytest.raises(ValueError, match="precision must be one of auto, fp32, bf16, got 'fp16'"):
+        EdgeTrainConfig(precision="fp16")  # type: ignore[arg-type]
     plain = build_model("tiny", vocab_size=len(tokenizer), seed=0)
     for parameter in plain.parameters():
         parameter.requires_grad_(False)
