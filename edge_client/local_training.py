@@ -47,14 +47,22 @@ def router_modules(model: nn.Module) -> list[tuple[int, nn.Module]]:
 
 
 @contextmanager
-def count_routed_tokens(model: nn.Module) -> Iterator[dict[str, int]]:
+def count_routed_tokens(model: nn.Module, *, pad_id: int | None = None) -> Iterator[dict[str, int]]:
     """Within the block, count per "layer.expert" the tokens each router sent to each expert (a token routed to
     top-k experts counts once for each of them). Only forwards with autograd on are counted: evaluation passes
-    under no_grad do not train the expert, so they must not earn it aggregation weight."""
+    under no_grad do not train the expert, so they must not earn it aggregation weight. With `pad_id`, padding
+    positions are not counted either, so that per layer the counts add up to exactly top-k × the real tokens
+    trained on — the relation the control plane checks the claim against."""
     routers = router_modules(model)
     if not routers:
         raise ValueError(f"{type(model).__name__} has no top-k router modules; is it a supported MoE model?")
     counts: dict[str, int] = {}
+    # The real (non-padding) positions of the forward in progress, as the input embedding saw its token ids.
+    real_positions: list[torch.Tensor | None] = [None]
+
+    def remember_input(module: nn.Module, inputs: Any) -> None:
+        ids = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
+        real_positions[0] = (ids != pad_id).reshape(-1) if ids is not None and pad_id is not None else None
 
     def make_hook(layer: int) -> Any:
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
@@ -62,8 +70,11 @@ def count_routed_tokens(model: nn.Module) -> Iterator[dict[str, int]]:
                 return
             if not (isinstance(output, tuple) and len(output) == 3 and isinstance(output[2], torch.Tensor)):
                 raise TypeError(f"router of layer {layer} returned {type(output).__name__}, not (logits, scores, idx)")
-            indices = output[2].reshape(-1)
-            per_expert = torch.bincount(indices)
+            indices = output[2]
+            real = real_positions[0]
+            if real is not None and indices.dim() == 2 and real.numel() == indices.shape[0]:
+                indices = indices[real.to(indices.device)]
+            per_expert = torch.bincount(indices.reshape(-1))
             for expert, tokens in enumerate(per_expert.tolist()):
                 if tokens:
                     key = f"{layer}.{expert}"
@@ -72,6 +83,9 @@ def count_routed_tokens(model: nn.Module) -> Iterator[dict[str, int]]:
         return hook
 
     handles = [module.register_forward_hook(make_hook(layer)) for layer, module in routers]
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if pad_id is not None and isinstance(embedding, nn.Module):
+        handles.append(embedding.register_forward_pre_hook(remember_input))
     try:
         yield counts
     finally:
@@ -90,7 +104,9 @@ def train_local_adapters(
     if not records:
         raise ValueError("no training records: the local data files held no valid lines")
     started_at = datetime.now(UTC)
-    with count_routed_tokens(model) as routed:
+    # The id the training loop pads rows with (fednested.training.edge.train_adapters picks it the same way).
+    pad_id = tokenizer.pad_token_id if isinstance(tokenizer.pad_token_id, int) else tokenizer.eos_token_id
+    with count_routed_tokens(model, pad_id=pad_id if isinstance(pad_id, int) else None) as routed:
         metrics = train_adapters(model, tokenizer, records, config)
     finished_at = datetime.now(UTC)
     adapters = {name: tensor.detach().to("cpu").clone() for name, tensor in adapter_state_dict(model).items()}

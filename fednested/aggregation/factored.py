@@ -157,6 +157,11 @@ def aggregate_factored(
         for expert, weight in update_weights.items():
             if not (math.isfinite(weight) and weight >= 0):
                 raise ValueError(f"update {source.update_id}: weight for expert {expert} must be finite and >= 0")
+    seen: set[str] = set()
+    for source in sources:
+        if source.update_id in seen:
+            raise ValueError(f"update {source.update_id} is given twice; an update is aggregated once")
+        seen.add(source.update_id)
     report = AggregationReport(method=config.method)
     trim_warned: list[str] = []
     for expert, keys in _group_by_expert(sources).items():
@@ -190,7 +195,10 @@ def aggregate_factored(
             ]
             shapes = {(tuple(factors[u][key].lora_a.shape[1:]), factors[u][key].out_features) for u, _ in present}
             if len(shapes) > 1:
-                raise ValueError(f"delta {key!r} has different shapes across updates: {sorted(shapes)}")
+                by_update = {
+                    u: (list(factors[u][key].lora_a.shape[1:]), factors[u][key].out_features) for u, _ in present
+                }
+                raise ValueError(f"delta {key!r} has different shapes across updates (in, out): {by_update}")
             if config.method == "weighted_mean":
                 delta = _weighted_mean([(factors[u][key], weight, scaling[u]) for u, weight in present])
             else:
@@ -208,6 +216,8 @@ def aggregate_factored(
             emit(key, delta)
             report.deltas += 1
         report.experts[expert] = record
+        # Drop this expert's factors before the next expert's are read: the peak holds one expert's, not two.
+        del factors
     if trim_warned:
         report.notes.append(
             f"trimmed_mean with trim_fraction={config.trim_fraction} trims nothing for {len(trim_warned)} expert(s) "

@@ -78,7 +78,7 @@ def parse_safetensors_header(head: bytes, *, file_size: int, where: str) -> dict
         if not isinstance(entry, dict):
             raise FactorFileError(f"{label}: entry must be an object")
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype not in SAFETENSORS_DTYPES:
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
             allowed = ", ".join(SAFETENSORS_DTYPES)
             raise FactorFileError(f"{label}: dtype {str(dtype)[:40]!r} is not one of {allowed}")
         if not (
@@ -125,6 +125,15 @@ class LoraFactors:
     lora_a: Tensor
     lora_b: Tensor
     scale: float
+
+    @classmethod
+    def checked(cls, lora_a: Tensor, lora_b: Tensor, scale: float, *, where: str) -> LoraFactors:
+        """The pair as fp32, after checking that A is [r, in] and B is [out, r] with the same r."""
+        if lora_a.dim() != 2 or lora_b.dim() != 2 or lora_a.shape[0] != lora_b.shape[1]:
+            raise FactorFileError(
+                f"{where}: lora_A {list(lora_a.shape)} and lora_B {list(lora_b.shape)} are not [r, in] and [out, r]"
+            )
+        return cls(lora_a.detach().to(torch.float32), lora_b.detach().to(torch.float32), scale)
 
     @property
     def out_features(self) -> int:
@@ -205,9 +214,10 @@ class FactorFile:
             head = handle.read(8 + MAX_HEADER_BYTES)
         self.spans = parse_safetensors_header(head, file_size=size, where=f"update {update_id} ({path.name})")
         self.pairs = _pairs(list(self.spans), f"update {update_id}")
+        self._keys = frozenset(self.pairs)
 
     def delta_keys(self) -> frozenset[DeltaKey]:
-        return frozenset(self.pairs)
+        return self._keys
 
     def read(self, key: DeltaKey) -> LoraFactors:
         name_a, name_b = self.pairs[key]
@@ -222,4 +232,4 @@ class FactorFile:
                 tensors.append(_tensor_from_bytes(raw, span).to(torch.float32))
         finally:
             os.close(descriptor)
-        return LoraFactors(tensors[0], tensors[1], self.scale)
+        return LoraFactors.checked(tensors[0], tensors[1], self.scale, where=f"update {self.update_id}: {key}")

@@ -32,9 +32,10 @@ class WeightingConfig:
     # Off by default: routed tokens already grow with the amount of local data, so both would count it twice.
     by_examples: bool = False
     by_reliability: bool = True
-    # Routed tokens are the device's own claim: no update's share of an expert's routed-token weight exceeds this
-    # (water-filling; with too few contributors for the cap they share equally). None = no cap.
-    max_update_share: float | None = 0.5
+    # No update's share of an expert's weight exceeds this (water-filling), applied to the routed-token claims and
+    # again to the final weights when the expert has enough contributors for it (n·cap > 1). Below one half, so that
+    # no single update holds the weighted median. None = no cap.
+    max_update_share: float | None = 0.4
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.staleness_exponent) and self.staleness_exponent >= 0):
@@ -146,8 +147,10 @@ class WeightPlan(Generic[ExpertId]):
 
 
 def bounded_expert_weights(updates: Sequence[UpdateFacts[ExpertId]], config: WeightingConfig) -> WeightPlan[ExpertId]:
-    """ŵ[i, e] with each update's routed-token share of expert e capped at `max_update_share` before the
-    server's own factors (staleness, examples, reliability) are applied; normalised per expert."""
+    """ŵ[i, e] with each update's share of expert e capped at `max_update_share`: first its routed-token claim
+    (before the server's own factors — staleness, examples, reliability — are applied), then, where the expert has
+    more than 1/cap contributors, its final normalised weight, so that no factor lets one update own an expert.
+    With fewer contributors the final cap cannot hold; the claims are then equal and staleness still counts."""
     if config.max_update_share is None or not config.by_routed_tokens:
         return WeightPlan(expert_weights_uncapped(updates, config), {})
     per_update = [raw_expert_weights(update, replace(config, by_routed_tokens=False)) for update in updates]
@@ -163,7 +166,18 @@ def bounded_expert_weights(updates: Sequence[UpdateFacts[ExpertId]], config: Wei
             raw[index][expert] = per_update[index][expert] * share
             if total > 0 and claim / total > share + 1e-12:
                 capped.setdefault(updates[index].update_id, []).append(expert)
-    return WeightPlan(normalise_per_expert(raw), capped)
+    weights = normalise_per_expert(raw)
+    cap = config.max_update_share
+    for expert in experts:
+        carriers = [index for index, weight in enumerate(weights) if weight.get(expert, 0.0) > 0]
+        if cap * len(carriers) <= 1:
+            continue
+        shares = cap_shares([weights[index][expert] for index in carriers], cap)
+        for index, share in zip(carriers, shares, strict=True):
+            if weights[index][expert] > share + 1e-12 and expert not in capped.get(updates[index].update_id, []):
+                capped.setdefault(updates[index].update_id, []).append(expert)
+            weights[index][expert] = share
+    return WeightPlan(weights, capped)
 
 
 def expert_weights_uncapped(

@@ -109,12 +109,18 @@ def test_zero_routed_tokens_means_no_contribution_to_that_expert() -> None:
         UpdateFacts("first", experts_of(first), staleness=0, examples=5, routed_tokens={"0.0": 10, "0.1": 10}),
         UpdateFacts("second", experts_of(second), staleness=0, examples=5, routed_tokens={"0.0": 30}),
     ]
-    weights = expert_weights(facts, WeightingConfig())
+    weights = expert_weights(facts, WeightingConfig(max_update_share=None))
     assert weights[1]["0.1"] == 0.0
     result = aggregate_expert_deltas([(first, weights[0]), (second, weights[1])])
     assert torch.equal(result[delta_key(UP, 1)], first[delta_key(UP, 1)])
     manual = (10 * first[delta_key(UP, 0)] + 30 * second[delta_key(UP, 0)]) / 40
     torch.testing.assert_close(result[delta_key(UP, 0)], manual)
+    # The default share cap (1/2) leaves two contributors equal shares; zero tokens still mean no contribution.
+    capped = expert_weights(facts, WeightingConfig())
+    assert capped[1]["0.1"] == 0.0
+    result = aggregate_expert_deltas([(first, capped[0]), (second, capped[1])])
+    assert torch.equal(result[delta_key(UP, 1)], first[delta_key(UP, 1)])
+    torch.testing.assert_close(result[delta_key(UP, 0)], (first[delta_key(UP, 0)] + second[delta_key(UP, 0)]) / 2)
 
 
 def test_expert_nobody_trained_is_left_out() -> None:

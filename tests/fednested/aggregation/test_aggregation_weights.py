@@ -71,7 +71,7 @@ def test_weights_are_normalised_per_expert() -> None:
         facts("b", {"0.0": 30}, staleness=3),
         facts("c", {"0.1": 10, "0.2": 0}, staleness=1, reliability=0.25),
     ]
-    weights = expert_weights(updates, WeightingConfig())
+    weights = expert_weights(updates, WeightingConfig(max_update_share=None))
     for expert in ("0.0", "0.1"):
         assert sum(update.get(expert, 0.0) for update in weights) == pytest.approx(1.0)
     # Expert 0.0: a has 10·1, b has 30·(1/2) = 15 → 0.4 and 0.6.
@@ -79,6 +79,15 @@ def test_weights_are_normalised_per_expert() -> None:
     assert weights[1]["0.0"] == pytest.approx(0.6)
     # Nobody routed tokens to 0.2: it stays all zero, so aggregation leaves that expert alone.
     assert weights[2]["0.2"] == 0.0
+    # With the default share cap of 1/2, two contributors' claims split 1/2 each before staleness and reliability:
+    # expert 0.0: a 1/2·1, b 1/2·(1/2) → 2/3 and 1/3; expert 0.1: a 1/2·1, c 1/2·2^-0.5·0.25.
+    capped = expert_weights(updates, WeightingConfig())
+    assert capped[0]["0.0"] == pytest.approx(2 / 3)
+    assert capped[1]["0.0"] == pytest.approx(1 / 3)
+    c = 2**-0.5 * 0.25
+    assert capped[0]["0.1"] == pytest.approx(1 / (1 + c))
+    assert capped[2]["0.1"] == pytest.approx(c / (1 + c))
+    assert capped[2]["0.2"] == 0.0
 
 
 def test_staler_update_gets_less_weight_all_else_equal() -> None:

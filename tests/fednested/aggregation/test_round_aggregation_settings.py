@@ -5,7 +5,7 @@ from typing import Any
 
 import pytest
 
-from fednested.aggregation.settings import RoundAggregationSettings, RoundSettingsError
+from fednested.aggregation.settings import MAX_WAIT_S, ROUND_SETTING_KEYS, RoundAggregationSettings, RoundSettingsError
 
 
 def test_empty_config_gives_the_defaults() -> None:
@@ -32,6 +32,10 @@ def test_every_known_key_is_read_and_unknown_keys_are_left_alone() -> None:
             "max_total_norm": None,
             "max_wait_s": 90,
             "min_updates_at_deadline": 2,
+            "norm_bound_multiplier": 3,
+            "max_update_share": 0.25,
+            "claim_history_factor": 2,
+            "min_cohort_fraction": 0.75,
             "local_steps": 50,
         }
     )
@@ -51,6 +55,42 @@ def test_every_known_key_is_read_and_unknown_keys_are_left_alone() -> None:
         timedelta(seconds=90),
         2,
     )
+    assert aggregation.norm_bound_multiplier == 3.0
+    assert weighting.max_update_share == 0.25
+    assert (settings.claim_history_factor, settings.min_cohort_fraction) == (2.0, 0.75)
+
+
+def test_new_keys_have_their_documented_defaults() -> None:
+    settings = RoundAggregationSettings.from_mapping({})
+    assert settings.aggregation.norm_bound_multiplier is None
+    assert settings.aggregation.weighting.max_update_share == 0.4
+    assert (settings.claim_history_factor, settings.min_cohort_fraction) == (4.0, 1.0)
+
+
+def test_bounds_can_be_switched_off_with_null_and_edges_are_accepted() -> None:
+    settings = RoundAggregationSettings.from_mapping(
+        {"norm_bound_multiplier": None, "max_update_share": None, "max_wait_s": MAX_WAIT_S}
+    )
+    assert settings.aggregation.norm_bound_multiplier is None
+    assert settings.aggregation.weighting.max_update_share is None
+    assert settings.max_wait == timedelta(days=30)
+    edges = RoundAggregationSettings.from_mapping(
+        {"norm_bound_multiplier": 1, "max_update_share": 1, "min_cohort_fraction": 1, "claim_history_factor": 1}
+    )
+    assert edges.aggregation.norm_bound_multiplier == 1.0
+    assert edges.aggregation.weighting.max_update_share == 1.0
+    assert (edges.min_cohort_fraction, edges.claim_history_factor) == (1.0, 1.0)
+
+
+def test_every_key_read_is_documented() -> None:
+    assert {
+        "norm_bound_multiplier",
+        "max_update_share",
+        "claim_history_factor",
+        "min_cohort_fraction",
+        "max_wait_s",
+    } <= set(ROUND_SETTING_KEYS)
+    assert MAX_WAIT_S == 2_592_000
 
 
 @pytest.mark.parametrize(
@@ -67,7 +107,20 @@ def test_every_known_key_is_read_and_unknown_keys_are_left_alone() -> None:
         ({"max_payload_bytes": 1.5}, "'max_payload_bytes' must be an integer > 0, got 1.5"),
         ({"max_payload_bytes": 0}, "max_bytes must be > 0"),
         ({"server_learning_rate": float("inf")}, "'server_learning_rate' must be a finite number"),
-        ({"max_wait_s": 0}, "'max_wait_s' must be a number of seconds > 0"),
+        ({"max_wait_s": 0}, r"'max_wait_s' must be a number of seconds in \(0, 2592000\] \(30 days\)"),
+        ({"max_wait_s": 1e300}, r"'max_wait_s' must be a number of seconds in \(0, 2592000\]"),
+        ({"max_wait_s": MAX_WAIT_S + 1}, r"'max_wait_s' must be a number of seconds in \(0, 2592000\]"),
+        ({"max_wait_s": float("inf")}, r"'max_wait_s' must be a number of seconds in \(0, 2592000\].*, got inf"),
+        ({"max_update_share": 0}, r"max_update_share must be None or a number in \(0, 1\], got 0.0"),
+        ({"max_update_share": 1.5}, r"max_update_share must be None or a number in \(0, 1\], got 1.5"),
+        ({"max_update_share": "half"}, r"'max_update_share' must be a number in \(0, 1\].*, got 'half'"),
+        ({"norm_bound_multiplier": 0.5}, "norm_bound_multiplier must be None or a finite number >= 1, got 0.5"),
+        ({"norm_bound_multiplier": True}, r"'norm_bound_multiplier' must be a number >= 1 .*, got True"),
+        ({"min_cohort_fraction": 0}, r"'min_cohort_fraction' must be a number in \(0, 1\].*, got 0.0"),
+        ({"min_cohort_fraction": 1.01}, r"'min_cohort_fraction' must be a number in \(0, 1\].*, got 1.01"),
+        ({"min_cohort_fraction": None}, r"'min_cohort_fraction' must be a number in \(0, 1\].*, got None"),
+        ({"claim_history_factor": 0.5}, r"'claim_history_factor' must be a number >= 1.*, got 0.5"),
+        ({"claim_history_factor": "4"}, r"'claim_history_factor' must be a number >= 1.*, got '4'"),
         ({"min_updates_at_deadline": 0}, "'min_updates_at_deadline' must be an integer >= 1"),
         ({"weight_by_examples": "yes"}, "'weight_by_examples' must be true or false, got 'yes'"),
     ],
