@@ -628,7 +628,9 @@ def test_bad_input_is_rejected_with_reasons_in_api_and_console_and_nothing_valid
     unknown_base = store_payload(plane, good, update_id, valid)
     publish(envelope(good, unknown_base, base_version="v9", round_id=None, update_id=update_id))
     refused_expected.append("unknown_base_version")
+    # The same envelope again is a duplicate (recorded, nothing changes); another envelope under its id is a replay.
     publish(first_valid)
+    publish(first_valid.model_copy(update={"examples": first_valid.examples + 1}).signed_hmac_sha256(good.signing_key))
     refused_expected.append("replayed")
     # And a valid update after all of that, from another device: it must be buffered like the first.
     last_valid = valid_update(spare, seed=6)
@@ -643,7 +645,8 @@ def test_bad_input_is_rejected_with_reasons_in_api_and_console_and_nothing_valid
         )
         rejected = Update.objects.filter(status=UpdateStatus.REJECTED).count() == len(rejected_expected)
         refused = AuditEvent.objects.filter(verb="federation.update.refused").count() == len(refused_expected)
-        return True if done and rejected and refused else None
+        resent = AuditEvent.objects.filter(verb="federation.update.resent").count() == 1
+        return True if done and rejected and refused and resent else None
 
     plane.wait_for("every envelope to be handled", settled, timeout_s=300)
     assert ingest.running, "the ingest worker stopped on bad input"

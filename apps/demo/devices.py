@@ -34,6 +34,8 @@ class DemoDevice:
     client_id: str
     domain: str
     directory: Path
+    # How many times the plan's step budget it trains per run: a larger factor makes it report later.
+    steps_factor: int = 1
 
     @property
     def config_path(self) -> Path:

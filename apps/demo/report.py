@@ -45,3 +45,30 @@ def loss_table(versions: Sequence[VersionScores], *, trained_domains: Sequence[s
     ]
     lines.insert(1, "  ".join("-" * width for width in widths))
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class AppliedUpdate:
+    """One update as a candidate applied it: who sent it, on which base, how stale, and its mean weight per expert."""
+
+    candidate: str
+    parent: str
+    client_id: str
+    base_version: str
+    staleness: int
+    weight: float
+
+
+def staleness_table(rows: Sequence[AppliedUpdate]) -> str:
+    """A fixed-width table of the updates each candidate applied, with τ and weight, one line per update."""
+    if not rows:
+        return "(no updates applied)"
+    header = ["candidate", "onto", "update from", "trained on", "τ", "weight"]
+    cells = [
+        [row.candidate, row.parent, row.client_id, row.base_version, str(row.staleness), f"{row.weight:.3f}"]
+        for row in rows
+    ]
+    widths = [max(len(line[column]) for line in [header, *cells]) for column in range(len(header))]
+    lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(line)).rstrip() for line in [header, *cells]]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)

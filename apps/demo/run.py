@@ -1,5 +1,7 @@
-"""The demo, step by step: a fresh control plane, v1 as champion, three edge devices in different domains, two
-federated rounds (train → updates → candidate → per-domain evaluation → approval → every device moves on).
+"""The demo, step by step: a fresh control plane, v1 as champion, three edge devices in different domains and of
+different speeds, and an asynchronous window series (K = 2): train → updates → candidate on the champion →
+per-domain evaluation → approval → every device moves on. The slowest device's update arrives after the first
+candidate and is applied to the next champion with its staleness weight.
 
 Every state change goes through the apps' services, exactly as the API and the workers make them; the control
 plane's HTTP server, the ingest worker and the devices are separate processes sharing the SQLite files.
@@ -9,7 +11,7 @@ import secrets
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,14 +29,13 @@ from apps.demo.devices import DemoDevice, EdgeTrainingPlan, client_command, clie
 from apps.demo.environment import DemoPaths
 from apps.demo.processes import DemoError, ManagedProcess, start_process, wait_for_http
 from apps.demo.progress import Progress
-from apps.demo.report import VersionScores, loss_table
-from apps.federation.choices import TaskKind, TaskStatus
-from apps.federation.models import EdgeDevice, TrainingTask, Update
+from apps.demo.report import AppliedUpdate, VersionScores, loss_table, staleness_table
+from apps.federation.choices import TaskKind, TaskStatus, UpdateStatus
+from apps.federation.models import EdgeDevice, Round, TrainingTask, Update
 from apps.federation.services import create_training_task, issue_enrollment_token, open_round
 from apps.governance.choices import ApprovalStatus
 from apps.governance.models import ApprovalRequest
 from apps.governance.services import approve_version
-from apps.registry.choices import ArtifactPartition
 from apps.registry.models import ModelVersion
 from apps.registry.services import create_model_family, register_saved_version
 from fednested.data import Record, write_jsonl
@@ -43,14 +44,10 @@ from fednested.data import Record, write_jsonl
 DEVICE_DOMAINS = ("medical", "legal", "recipes", "telemetry", "code")
 FAMILY_NAME = "tiny-moe"
 FIRST_VERSION = "v1"
-# fednested manifest file partitions → registry artifact partitions (the fused experts file holds every expert).
-REGISTRY_PARTITIONS = {
-    "core": ArtifactPartition.CORE,
-    "experts": ArtifactPartition.EXPERT,
-    "gate": ArtifactPartition.GATE,
-    "config": ArtifactPartition.CONFIG,
-    "tokenizer": ArtifactPartition.TOKENIZER,
-}
+# The asynchronous window series the demo opens, and its buffer size: two updates make a candidate, so a device
+# that reports late lands in a later window than the updates of its base version.
+SERIES = "demo"
+WINDOW_K = 2
 
 T = TypeVar("T")
 
@@ -85,13 +82,21 @@ class Cast:
     engineer_password: str
 
 
-def round_id(number: int) -> str:
-    return f"round-{number}"
+def window_id(number: int) -> str:
+    """The id of the series' `number`th window (apps.federation.services.continue_series names the next ones)."""
+    return SERIES if number == 1 else f"{SERIES}.{number}"
 
 
 def candidate_of(number: int) -> str:
-    """The candidate id the aggregation worker gives round `number` (workers.aggregation.candidate_version_id)."""
-    return f"{round_id(number)}-candidate"
+    """The candidate id the aggregation worker gives window `number` (workers.aggregation.candidate_version_id)."""
+    return f"{window_id(number)}-candidate"
+
+
+def steps_factor(index: int, devices: int) -> int:
+    """How many times the base step budget device `index` trains per run: 1×, 3×, 5×, … and the last one the slowest
+    by far, so that the order in which updates arrive (and so each window's members) does not hang on timing noise:
+    loading and enrolling take seconds, a step of the tiny model a tenth of one."""
+    return 4 * (devices - 1) if index == devices - 1 else 1 + 2 * index
 
 
 def create_cast() -> Cast:
@@ -159,10 +164,11 @@ class Demo:
                 continue
             self.seen_updates[update.update_id] = update.status
             reason = f" — {update.rejection_code}: {update.rejection_message}" if update.rejection_code else ""
-            round_name = update.round.round_id if update.round is not None else "no round"
+            round_name = f"window {update.round.round_id}" if update.round is not None else "waiting for a window"
+            staleness = f", τ={update.staleness}" if update.status == "applied" else ""
             self.progress.step(
                 f"  update {update.update_id[:8]} from {update.device.client_id} on {update.base_version.version_id}"
-                f" ({round_name}): {update.status}{reason}"
+                f" ({round_name}{staleness}): {update.status}{reason}"
             )
 
     def wait_for(self, what: str, check: Callable[[], T | None]) -> T:
@@ -237,9 +243,13 @@ class Demo:
 
     def prepare_devices(self, cast: Cast) -> None:
         self.url = f"http://127.0.0.1:{self.options.port}"
-        for index, domain in enumerate(DEVICE_DOMAINS[: self.options.devices], start=1):
+        count = self.options.devices
+        for index, domain in enumerate(DEVICE_DOMAINS[:count], start=1):
             client_id = f"edge-{domain}-{index:02d}"
-            device = DemoDevice(client_id=client_id, domain=domain, directory=self.paths.devices / client_id)
+            factor = steps_factor(index - 1, count)
+            device = DemoDevice(
+                client_id=client_id, domain=domain, directory=self.paths.devices / client_id, steps_factor=factor
+            )
             _, token = issue_enrollment_token(actor=cast.engineer, note=f"demo device {client_id}", domain=domain)
             prepare_device(
                 device,
@@ -247,12 +257,29 @@ class Demo:
                 enrollment_token=token,
                 control_plane_url=self.url,
                 bus_path=self.paths.bus,
-                plan=self.options.edge,
+                # More steps at a proportionally smaller learning rate: the same amount of learning as the others,
+                # with `factor` times the compute, i.e. a slower device rather than a more aggressive one.
+                plan=replace(
+                    self.options.edge,
+                    max_steps=self.options.edge.max_steps * factor,
+                    learning_rate=self.options.edge.learning_rate / factor,
+                ),
                 seed=self.options.bootstrap.seed + index,
             )
             self.devices.append(device)
-        listing = ", ".join(f"{d.client_id} ({d.domain})" for d in self.devices)
+        listing = ", ".join(
+            f"{d.client_id} ({d.domain}, {self.options.edge.max_steps * d.steps_factor} steps per run at "
+            f"1/{d.steps_factor} the learning rate)"
+            for d in self.devices
+        )
         self.progress.step(f"Prepared {len(self.devices)} devices with private data and one-time tokens: {listing}")
+        self.progress.step(
+            f"  {self.slow_device.client_id} is the slow one: its update on v1 will arrive after the first candidate"
+        )
+
+    @property
+    def slow_device(self) -> DemoDevice:
+        return self.devices[-1]
 
     def start_control_plane(self) -> None:
         manage = str(Path(settings.BASE_DIR) / "manage.py")
@@ -276,32 +303,56 @@ class Demo:
         self.processes.append(worker)
         self.progress.step(f"Ingest worker consuming updates.experts.local (log: {worker.log_path})")
 
-    def open_round(self, number: int, base: ModelVersion, cast: Cast) -> None:
+    def open_window(self, base: ModelVersion, cast: Cast) -> None:
         open_round(
             base_version=base,
-            buffer_size_k=len(self.devices),
+            buffer_size_k=WINDOW_K,
             deadline_at=timezone.now() + timedelta(seconds=self.options.step_timeout_s),
             actor=cast.engineer,
-            round_id=round_id(number),
+            round_id=window_id(1),
         )
         self.progress.step(
-            f"Round {number}: eric opened {round_id(number)} on {base.version_id} (K={len(self.devices)})"
+            f"eric opened the asynchronous window series '{SERIES}' (K={WINDOW_K}): updates on v1 or any later "
+            "champion are taken, each aggregate goes onto the champion of its day, and the next window opens itself"
         )
 
     def start_clients(self) -> None:
         final = candidate_of(self.options.rounds)
         for device in self.devices:
+            # The slow device trains once (on v1): its one late update is the point. The others train on every
+            # champion until the last candidate.
+            rounds = 1 if device is self.slow_device else self.options.rounds
             argv = client_command(
                 device,
-                rounds=self.options.rounds,
+                rounds=rounds,
                 until_version=final,
-                max_wait_s=self.options.step_timeout_s * (self.options.rounds + 1),
+                max_wait_s=self.options.step_timeout_s * (self.options.rounds + 2),
             )
             self.clients[device.client_id] = start_process(
                 f"edge client {device.client_id}", argv, env=self.env, log_path=device.log_path, cwd=device.directory
             )
         self.progress.step(
-            f"Started {len(self.devices)} edge clients (`fednested tier2 run-client`); each trains once per version"
+            f"Started {len(self.devices)} edge clients (`fednested tier2 run-client`); each trains once per champion"
+        )
+
+    def slow_update_waiting(self, first: ModelVersion) -> None:
+        """Before the first approval: the slow device's update on v1 has arrived and waits in the next window."""
+
+        def arrived() -> Update | None:
+            return (
+                Update.objects.filter(
+                    device__client_id=self.slow_device.client_id, base_version__version_id=FIRST_VERSION
+                )
+                .select_related("round", "base_version")
+                .first()
+            )
+
+        update = self.wait_for(f"the slow device's update ({self.slow_device.client_id})", arrived)
+        where = f"window {update.round.round_id}" if update.round is not None else "waiting for the next window"
+        self.progress.step(
+            f"  while olivia reviews {first.version_id}, {self.slow_device.client_id}'s update on "
+            f"{update.base_version.version_id} arrives: {update.status} ({where}); once {first.version_id} is "
+            "champion it is one promotion stale (τ=1)"
         )
 
     def candidate(self, number: int) -> ModelVersion:
@@ -309,8 +360,15 @@ class Demo:
         version = self.wait_for(
             f"candidate {version_id}", lambda: ModelVersion.objects.filter(version_id=version_id).first()
         )
-        applied = Update.objects.filter(applied_in=version).count()
-        self.progress.step(f"Round {number}: the aggregation worker built {version_id} from {applied} updates")
+        applied = Update.objects.filter(applied_in=version).select_related("device", "base_version")
+        parts = ", ".join(
+            f"{update.device.client_id} on {update.base_version.version_id} (τ={update.staleness})"
+            for update in applied
+        )
+        self.progress.step(
+            f"Window {window_id(number)}: the aggregation worker applied {parts} to the champion "
+            f"{version.parent.version_id if version.parent else '-'}: {version_id}"
+        )
         return version
 
     def approval_request(self, version: ModelVersion) -> ApprovalRequest:
@@ -369,6 +427,24 @@ class Demo:
             "Per-domain held-out loss of each version (change against its parent; * = a device trained there):\n\n"
             + loss_table(scores, trained_domains=trained)
         )
+        applied = self.applied_updates()
+        stale = [row for row in applied if row.staleness > 0]
+        self.progress.block(
+            "How each candidate was built (τ: promotions its base was behind the champion it was applied to; weight: "
+            "its mean normalised weight over the experts it carried, staleness (1+τ)^-0.5 and reliability "
+            "included):\n\n"
+            + staleness_table(applied)
+            + "\n\n"
+            + (
+                "Stale updates applied with their staleness weight: "
+                + ", ".join(
+                    f"{row.client_id} on {row.base_version} into {row.candidate} (τ={row.staleness})" for row in stale
+                )
+                if stale
+                else "No stale update was applied (the slow device reported before the first aggregation)."
+            )
+            + self.waiting_note()
+        )
         self.progress.block(
             f"Sign in at {self.url}/ to look around:\n"
             f"  governance officer  olivia / {cast.officer_password}\n"
@@ -376,6 +452,42 @@ class Demo:
             f"REST API: {self.url}/api/v1/docs/   Django admin: {self.url}/admin/\n"
             f"Everything lives in {self.paths.root} (logs in {self.paths.logs})."
         )
+
+    def applied_updates(self) -> list[AppliedUpdate]:
+        rows = []
+        for version in self.versions:
+            window = Round.objects.filter(candidate=version).first()
+            if window is None:
+                continue
+            report = window.record.get("report", {}).get("experts", {})
+            for update in Update.objects.filter(applied_in=version).select_related("device", "base_version"):
+                shares = [
+                    entry["weights"][update.update_id]
+                    for entry in report.values()
+                    if update.update_id in entry["weights"]
+                ]
+                rows.append(
+                    AppliedUpdate(
+                        candidate=version.version_id,
+                        parent=version.parent.version_id if version.parent else "-",
+                        client_id=update.device.client_id,
+                        base_version=update.base_version.version_id,
+                        staleness=update.staleness or 0,
+                        weight=sum(shares) / len(shares) if shares else 0.0,
+                    )
+                )
+        return rows
+
+    def waiting_note(self) -> str:
+        waiting = Update.objects.filter(status=UpdateStatus.BUFFERED).select_related("device", "base_version", "round")
+        if not waiting:
+            return ""
+        listing = ", ".join(
+            f"{update.device.client_id} on {update.base_version.version_id}"
+            f" ({'window ' + update.round.round_id if update.round else 'no window yet'})"
+            for update in waiting
+        )
+        return f"\nStill buffered for the next aggregation (nothing is lost): {listing}."
 
     # -- the whole run -----------------------------------------------------------------------------------------------
 
@@ -385,23 +497,19 @@ class Demo:
             base = self.bootstrap(cast)
             self.prepare_devices(cast)
             self.start_control_plane()
-            self.open_round(1, base, cast)
+            self.open_window(base, cast)
             self.start_clients()
             for number in range(1, self.options.rounds + 1):
                 version = self.candidate(number)
                 request = self.approval_request(version)
-                if number < self.options.rounds:
-                    # Opened before the approval, so devices hear RoundStart before ModelAvailable and tag their
-                    # next update with this round.
-                    self.open_round(number + 1, version, cast)
+                if number == 1:
+                    self.slow_update_waiting(version)
                 approve_version(
                     request,
                     actor=cast.officer,
-                    reason=f"Round {number}: per-domain losses reviewed in the demo; promoting {version.version_id}.",
+                    reason=f"Window {number}: per-domain losses reviewed in the demo; promoting {version.version_id}.",
                 )
-                self.progress.step(
-                    f"Round {number}: olivia approved {version.version_id}; champion moved, devices told"
-                )
+                self.progress.step(f"olivia approved {version.version_id}; champion moved, devices told")
                 self.versions.append(version)
                 self.devices_on(version)
             self.finish_clients()

@@ -65,6 +65,35 @@ def test_engineer_opens_and_closes_rounds_and_creates_tasks(cast: dict[str, Any]
     assert "already cancelled" in again.json()["status"][0]
 
 
+def test_engineer_opens_a_synchronous_round_with_a_cohort(cast: dict[str, Any], v1: ModelVersion) -> None:
+    engineer = cast["engineer"].client
+    deadline = (timezone.now() + timedelta(hours=3)).isoformat()
+    body = {"base_version": "tiny-moe-v1", "buffer_size_k": 1, "deadline_at": deadline, "round_id": "sync-1"}
+    opened = engineer.post("/api/v1/rounds/", {**body, "mode": "sync", "cohort": ["car-0001"]}, format="json")
+    assert opened.status_code == 201, opened.content
+    assert {key: opened.json()[key] for key in ("mode", "cohort", "series", "sequence", "candidate", "record")} == {
+        "mode": "sync",
+        "cohort": ["car-0001"],
+        "series": "sync-1",
+        "sequence": 1,
+        "candidate": None,
+        "record": {},
+    }
+    no_cohort = engineer.post("/api/v1/rounds/", {**body, "round_id": "sync-2", "mode": "sync"}, format="json")
+    assert (no_cohort.status_code, no_cohort.json()) == (
+        400,
+        {"cohort": ["a synchronous round needs a cohort of at least one device"]},
+    )
+    stranger = engineer.post(
+        "/api/v1/rounds/", {**body, "round_id": "sync-3", "mode": "sync", "cohort": ["car-9999"]}, format="json"
+    )
+    assert stranger.status_code == 400
+    assert "car-9999" in str(stranger.json()["cohort"])
+    huge = engineer.post("/api/v1/rounds/", {**body, "round_id": "big", "buffer_size_k": 10**9}, format="json")
+    assert huge.status_code == 400
+    assert "buffer_size_k" in huge.json()
+
+
 def test_device_submits_its_updates_and_sees_rejections(
     world: WorkerWorld, make_update: Callable[..., Any], user_factory: Callable[..., Any]
 ) -> None:

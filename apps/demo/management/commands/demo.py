@@ -34,7 +34,7 @@ class Command(BaseCommand):
         parser.add_argument("--no-serve", action="store_true", help="exit after the summary instead of serving")
         parser.add_argument("--port", type=int, default=8000, help="HTTP port (a free one is picked if taken)")
         parser.add_argument("--devices", type=int, default=3, help="simulated edge devices, 3-5 (default 3)")
-        parser.add_argument("--rounds", type=int, default=2, help="federated rounds (default 2)")
+        parser.add_argument("--rounds", type=int, default=2, help="candidates to build and approve (default 2)")
         parser.add_argument("--pretrain-steps", type=int, default=BootstrapConfig.pretrain_steps)
         parser.add_argument("--edge-steps", type=int, default=EdgeTrainingPlan.max_steps, help="steps per device round")
         parser.add_argument("--seed", type=int, default=0)
