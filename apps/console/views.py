@@ -95,7 +95,7 @@ def dashboard(request: HttpRequest) -> HttpResponse:
     )
     champion = Alias.objects.filter(name=CHAMPION_ALIAS).select_related("version").first()
     rounds = (
-        Round.objects.select_related("base_version")
+        Round.objects.select_related("base_version", "candidate")
         .annotate(update_count=Count("updates"))
         .order_by("-opened_at", "-id")[:5]
     )
@@ -151,7 +151,7 @@ def _lineage(version: ModelVersion) -> dict[str, Any]:
     known = {
         update.update_id: update
         for update in Update.objects.filter(Q(update_id__in=update_refs) | Q(applied_in=version)).select_related(
-            "device"
+            "device", "base_version"
         )
     }
     contributing = [(ref, known.get(ref)) for ref in update_refs]

@@ -9,7 +9,7 @@ from django.urls import reverse
 from apps.accounts.choices import Role
 from apps.accounts.models import User
 from apps.console.evaluation import DomainComparison, domain_losses
-from apps.federation.models import EdgeDevice, Update
+from apps.federation.models import EdgeDevice, Round, Update
 from apps.governance.choices import ApprovalStatus
 from apps.governance.models import ApprovalRequest, AuditEvent
 from apps.governance.services import request_approval
@@ -76,6 +76,18 @@ def test_dashboard_lists_versions_devices_updates_and_pending_approvals(
     assert "12 NaN values" in html
 
 
+def test_dashboard_shows_each_windows_mode_and_why_a_ready_one_waits(
+    cast: dict[str, Member], scene: dict[str, Any], round_factory: Any
+) -> None:
+    window = round_factory(scene["v1"], round_id="window-7")
+    Round.objects.filter(pk=window.pk).update(record={"waiting": "candidate v2 awaits an officer's decision"})
+    html = _signed_in(cast["officer"]).get(reverse("console:dashboard")).content.decode()
+    panel = html.split('id="rounds-title"')[1].split("</section>")[0]
+    assert "<code>window-7</code>" in panel
+    assert "Asynchronous (buffered)" in panel
+    assert "waiting: candidate v2 awaits an officer&#x27;s decision" in panel
+
+
 def test_version_page_shows_manifest_lineage_and_per_domain_deltas(
     cast: dict[str, Member], scene: dict[str, Any]
 ) -> None:
@@ -83,6 +95,7 @@ def test_version_page_shows_manifest_lineage_and_per_domain_deltas(
     assert scene["v2"].manifest_sha256 in html
     assert 'href="/versions/v1/"' in html  # parent
     assert f'href="/updates/{scene["good"].update_id}/"' in html  # contributing update
+    assert "trained on <code>v1</code>, τ=0" in html  # its base and staleness
     table = html.split('id="evaluation-title"')[1].split("</table>")[0]
     # cooking: 3.0 → 2.4 is better by 20 %; legal: 2.5 → 2.75 worse by 10 %; medical moved by 0.05 %: unchanged.
     assert '<td class="num delta-better">−0.600</td>' in table
