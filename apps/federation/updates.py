@@ -11,7 +11,7 @@ The Kafka consumer and `POST /api/v1/updates/` are thin entry points around this
 """
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -507,9 +507,3 @@ def enqueue_due_windows(now: datetime) -> list[int]:
         if task_pk is not None:
             created.append(task_pk)
     return created
-
-
-def round_waiting_reason(round_: Round) -> str | None:
-    """Why a ready window is not aggregating (shown in the API and console), if it waits."""
-    value = round_.record.get("waiting") if isinstance(round_.record, Mapping) else None
-    return value if isinstance(value, str) else None
