@@ -83,7 +83,8 @@ def count_routed_tokens(model: nn.Module, *, pad_id: int | None = None) -> Itera
         return hook
 
     handles = [module.register_forward_hook(make_hook(layer)) for layer, module in routers]
-    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    embedding = get_embeddings() if callable(get_embeddings) else None
     if pad_id is not None and isinstance(embedding, nn.Module):
         handles.append(embedding.register_forward_pre_hook(remember_input))
     try:

@@ -177,23 +177,23 @@ def _pairs(names: list[str], where: str) -> dict[DeltaKey, tuple[str, str]]:
     return complete
 
 
-@dataclass(frozen=True)
 class AdapterFactors:
     """Factors already in memory (an edge device's adapters, a test's tensors)."""
 
-    update_id: str
-    adapters: Mapping[str, Tensor]
-    scale: float
+    def __init__(self, update_id: str, adapters: Mapping[str, Tensor], scale: float) -> None:
+        self.update_id = update_id
+        self.adapters = adapters
+        self.scale = scale
+        self.pairs = _pairs(list(adapters), f"update {update_id}")
+        self._keys = frozenset(self.pairs)
 
     def delta_keys(self) -> frozenset[DeltaKey]:
-        return frozenset(_pairs(list(self.adapters), f"update {self.update_id}"))
+        return self._keys
 
     def read(self, key: DeltaKey) -> LoraFactors:
-        name_a, name_b = _pairs(list(self.adapters), f"update {self.update_id}")[key]
-        return LoraFactors(
-            self.adapters[name_a].detach().to(torch.float32),
-            self.adapters[name_b].detach().to(torch.float32),
-            self.scale,
+        name_a, name_b = self.pairs[key]
+        return LoraFactors.checked(
+            self.adapters[name_a], self.adapters[name_b], self.scale, where=f"update {self.update_id}: {key}"
         )
 
 
