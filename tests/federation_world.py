@@ -225,7 +225,8 @@ def signed_envelope(
             "round_id": round_id,
             "examples": examples,
             "routed_tokens": routed_tokens if routed_tokens is not None else {"0.1": 40, "1.2": 25},
-            "metrics": metrics if metrics is not None else {"train_loss": 2.5},
+            # 64 trained tokens: the default routed counts (40 and 25, one layer each) fit top-2 routing of them.
+            "metrics": metrics if metrics is not None else {"train_loss": 2.5, "tokens": 64.0},
             "payload": payload,
             "adapter": {"rank": ADAPTER.rank, "alpha": ADAPTER.alpha, "target_modules": list(ADAPTER.targets)},
             "created_at": datetime(2026, 1, 1, tzinfo=UTC).isoformat(),

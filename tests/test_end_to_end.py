@@ -491,7 +491,7 @@ def envelope(
             "round_id": round_id,
             "examples": 16,
             "routed_tokens": {"0.1": 40, "1.1": 25},
-            "metrics": {"train_loss": 2.5},
+            "metrics": {"train_loss": 2.5, "tokens": 64.0},
             "payload": payload,
             "adapter": {"rank": ADAPTER.rank, "alpha": ADAPTER.alpha, "target_modules": list(ADAPTER.targets)},
             "created_at": datetime(2026, 1, 1, tzinfo=UTC).isoformat(),

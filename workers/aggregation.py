@@ -43,7 +43,9 @@ from apps.registry.storage import artifact_path
 from fednested.aggregation import RejectionCode, UpdateFacts, UpdateRejected, expert_of_delta
 from fednested.aggregation.factored import aggregate_factored
 from fednested.aggregation.factors import FactorFile, FactorFileError
+from fednested.aggregation.rejections import DEVICE_FAULTS
 from fednested.aggregation.settings import RoundAggregationSettings
+from fednested.aggregation.validation import check_delta_norms
 from fednested.aggregation.weights import bound_claimed_tokens, bounded_expert_weights, reliability_from_history
 from fednested.checkpoints import load_version, save_version
 from fednested.data.tokenizer import load_tokenizer
@@ -89,22 +91,24 @@ def candidate_version_id(round_: Round) -> str:
 
 
 def device_history(update: Update) -> tuple[int, int, list[float]]:
-    """(accepted, rejected, claimed training tokens of accepted) over the device's latest decided updates."""
+    """(accepted, rejected for the device's own fault, claimed training tokens of accepted) over its latest decided
+    updates; rejections for timing or the server's state (too stale, a closed round, …) do not count."""
     decided = (
         Update.objects.filter(device_id=update.device_id, status__in=[UpdateStatus.APPLIED, UpdateStatus.REJECTED])
         .exclude(pk=update.pk)
         .order_by("-received_at", "-id")
-        .values_list("status", "metrics")[:HISTORY_LENGTH]
+        .values_list("status", "rejection_code", "metrics")[:HISTORY_LENGTH]
     )
     accepted = rejected = 0
     tokens: list[float] = []
-    for status, metrics in decided:
+    faults = {code.value for code in DEVICE_FAULTS}
+    for status, code, metrics in decided:
         if status == UpdateStatus.APPLIED:
             accepted += 1
             claimed = metrics.get("tokens") if isinstance(metrics, dict) else None
             if isinstance(claimed, int | float) and claimed > 0:
                 tokens.append(float(claimed))
-        else:
+        elif code in faults:
             rejected += 1
     return accepted, rejected, tokens
 
@@ -146,8 +150,13 @@ def contribution_of(
     )
     try:
         factors = FactorFile(update.update_id, path, config.scale)
+        # The window's limits may be stricter than the ones the update was first checked against (it may have
+        # waited without a window), and one delta that overflows would fail the whole window: check each norm
+        # again, one factor pair at a time, so a bad update is rejected alone.
+        norms = {key: factors.read(key).norm() for key in sorted(factors.delta_keys())}
     except FactorFileError as error:
         raise UpdateRejected(RejectionCode.MALFORMED, str(error), client_id=client_id) from None
+    check_delta_norms(norms, settings_.limits, client_id=client_id)
     accepted, rejected, history = device_history(update)
     claimed = update.metrics.get("tokens") if isinstance(update.metrics, dict) else None
     routed, claim_note = bound_claimed_tokens(
@@ -164,6 +173,7 @@ def contribution_of(
         examples=update.examples,
         routed_tokens=routed,
         reliability=reliability_from_history(accepted, rejected),
+        sender=client_id,
     )
     return Contribution(update=update, factors=factors, facts=facts, claim_note=claim_note)
 

@@ -274,7 +274,7 @@ class Demo:
         )
         self.progress.step(f"Prepared {len(self.devices)} devices with private data and one-time tokens: {listing}")
         self.progress.step(
-            f"  {self.slow_device.client_id} is the slow one: its update on v1 will arrive after the first candidate"
+            f"  {self.slow_device.client_id} is the slow one: its update on v1 should arrive after the first candidate"
         )
 
     @property
@@ -335,25 +335,25 @@ class Demo:
             f"Started {len(self.devices)} edge clients (`fednested tier2 run-client`); each trains once per champion"
         )
 
-    def slow_update_waiting(self, first: ModelVersion) -> None:
-        """Before the first approval: the slow device's update on v1 has arrived and waits in the next window."""
+    def late_updates_waiting(self, first: ModelVersion) -> None:
+        """Before the first approval: every device's update on v1 has arrived; those the first candidate did not take
+        wait in the next window and will be one promotion stale once it is champion. (Waiting for them makes the run
+        tell the same story whatever the timing: normally the slow device's update is the late one.)"""
 
-        def arrived() -> Update | None:
-            return (
-                Update.objects.filter(
-                    device__client_id=self.slow_device.client_id, base_version__version_id=FIRST_VERSION
-                )
-                .select_related("round", "base_version")
-                .first()
+        def all_arrived() -> list[Update] | None:
+            updates = list(
+                Update.objects.filter(base_version__version_id=FIRST_VERSION).select_related("device", "round")
             )
+            return updates if len({update.device_id for update in updates}) >= len(self.devices) else None
 
-        update = self.wait_for(f"the slow device's update ({self.slow_device.client_id})", arrived)
-        where = f"window {update.round.round_id}" if update.round is not None else "waiting for the next window"
-        self.progress.step(
-            f"  while olivia reviews {first.version_id}, {self.slow_device.client_id}'s update on "
-            f"{update.base_version.version_id} arrives: {update.status} ({where}); once {first.version_id} is "
-            "champion it is one promotion stale (τ=1)"
-        )
+        updates = self.wait_for("every device's update on v1", all_arrived)
+        for update in updates:
+            if update.applied_in_id is None and update.status == UpdateStatus.BUFFERED:
+                where = f"window {update.round.round_id}" if update.round is not None else "waiting for a window"
+                self.progress.step(
+                    f"  while olivia reviews {first.version_id}, {update.device.client_id}'s update on {FIRST_VERSION} "
+                    f"arrives: buffered ({where}); once {first.version_id} is champion it is one promotion stale (τ=1)"
+                )
 
     def candidate(self, number: int) -> ModelVersion:
         version_id = candidate_of(number)
@@ -503,7 +503,7 @@ class Demo:
                 version = self.candidate(number)
                 request = self.approval_request(version)
                 if number == 1:
-                    self.slow_update_waiting(version)
+                    self.late_updates_waiting(version)
                 approve_version(
                     request,
                     actor=cast.officer,

@@ -32,6 +32,7 @@ from apps.federation.choices import DeviceStatus, RoundMode, RoundStatus, TaskKi
 from apps.federation.events import publish_round_start_on_commit
 from apps.federation.jobs import send_training_task_on_commit
 from apps.federation.models import EdgeDevice, EnrollmentToken, Round, StagedPayload, TrainingTask, Update
+from apps.federation.windows import champion_version, staleness_of
 from apps.governance.audit import record_audit_event
 from apps.governance.models import AuditEvent
 from apps.registry.choices import VersionStatus
@@ -54,6 +55,15 @@ MAX_ENROLLMENT_TOKEN_TTL = timedelta(days=30)
 MAX_ROUND_DURATION = timedelta(days=30)
 MAX_BUFFER_SIZE_K = 10_000
 PAYLOAD_CHUNK_BYTES = 1 << 20
+
+
+_UNPRINTABLE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def printable(text: str, limit: int) -> str:
+    """`text` with control characters (NUL above all) shown as '?' and cut to `limit` characters."""
+    cleaned = _UNPRINTABLE.sub("?", text)
+    return cleaned if len(cleaned) <= limit else cleaned[: limit - 1] + "…"
 
 
 def device_actor_label(client_id: str) -> str:
@@ -302,6 +312,15 @@ def open_round(
     if mode == RoundMode.SYNC:
         if not members:
             raise ValidationError({"cohort": "a synchronous round needs a cohort of at least one device"})
+        champion = champion_version()
+        if staleness_of(base_version, champion) is None:
+            raise ValidationError(
+                {
+                    "base_version": f"version {base_version.version_id!r} is not the champion "
+                    f"({champion.version_id if champion else 'none'}) or one of its ancestors: updates on it "
+                    "could not be applied to the line of champions"
+                }
+            )
         inactive = [device.client_id for device in members if device.status != DeviceStatus.ACTIVE]
         if inactive:
             raise ValidationError({"cohort": f"devices {', '.join(inactive)} are revoked"})
@@ -361,6 +380,21 @@ def _adopt_waiting_updates(round_: Round) -> list[str]:
     adopted = list(waiting.order_by("received_at", "id").values_list("update_id", flat=True))
     if adopted:
         Update.objects.filter(update_id__in=adopted).update(round=round_)
+    return adopted
+
+
+@transaction.atomic
+def adopt_waiting_updates(round_: Round, *, actor_label: str) -> list[str]:
+    """Move the buffered updates that wait without a window into `round_` (as open_round does), audited."""
+    adopted = _adopt_waiting_updates(round_)
+    if adopted:
+        record_audit_event(
+            actor=None,
+            actor_label=actor_label,
+            verb="federation.round.adopted",
+            target=round_,
+            data={"round_id": round_.round_id, "adopted": adopted},
+        )
     return adopted
 
 
@@ -577,6 +611,12 @@ def record_refused_update(
         raise ValidationError({"code": f"refusal code {code!r} must be a lowercase identifier like 'bad_signature'"})
     if not message.strip():
         raise ValidationError({"message": "a refusal needs a message saying what was wrong"})
+    # What a hostile sender controls (its key, ids, and whatever the error message quotes) is kept printable and
+    # bounded: a NUL cannot be stored in PostgreSQL's jsonb, and an audit row is no place for megabytes.
+    message, where = printable(message, 2000), printable(where, 200)
+    key = printable(key, 200) if key is not None else None
+    update_id = printable(update_id, 200) if update_id is not None else None
+    client_id = printable(client_id, 200) if client_id is not None else None
     device = EdgeDevice.objects.filter(client_id=client_id).first() if client_id is not None else None
     data: dict[str, Any] = {"code": code, "message": message, "where": where, "key": key}
     if update_id is not None or client_id is not None:

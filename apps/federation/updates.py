@@ -19,13 +19,20 @@ from typing import Any, Literal
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
+from django.db.models import Count, QuerySet
 from django.utils import timezone
 
 from apps.accounts.models import ApiToken
 from apps.federation.choices import DeviceStatus, RoundMode, RoundStatus, TaskKind, TaskStatus, UpdateStatus
 from apps.federation.models import EdgeDevice, Round, StagedPayload, TrainingTask, Update
 from apps.federation.payloads import adapter_config_of, decode_adapters, fetch_payload
-from apps.federation.services import create_training_task, device_actor_label, record_refused_update
+from apps.federation.services import (
+    adopt_waiting_updates,
+    continue_series,
+    create_training_task,
+    device_actor_label,
+    record_refused_update,
+)
 from apps.federation.windows import (
     champion_version,
     round_settings,
@@ -34,8 +41,10 @@ from apps.federation.windows import (
     window_readiness,
 )
 from apps.governance.audit import record_audit_event
-from apps.registry.models import ModelVersion
-from fednested.aggregation import RejectionCode, UpdateRejected, validate_update
+from apps.registry.choices import CHAMPION_ALIAS
+from apps.registry.models import Alias, ModelVersion
+from fednested.adapters.lora import layer_index
+from fednested.aggregation import RejectionCode, UpdateRejected, expert_key, validate_update
 from fednested.aggregation.settings import RoundAggregationSettings, RoundSettingsError
 from fednested.checkpoints import CheckpointError, Manifest
 from fednested.messaging import UpdateEnvelope
@@ -168,7 +177,7 @@ def submit_update(
         rejection = error
     except RoundSettingsError as error:
         # The window's config was valid when it opened; one that no longer parses is the operators' to fix.
-        rejection = UpdateRejected(RejectionCode.MALFORMED, f"the window's settings are unusable: {error}")
+        rejection = UpdateRejected(RejectionCode.WINDOW_UNUSABLE, f"the window's settings are unusable: {error}")
     checked = _Checked(device=device, base=base, window=window, staleness=staleness, notes=notes)
     return _record(envelope, checked, rejection, where=where, actor_label=actor_label, now=now)
 
@@ -255,12 +264,10 @@ def _route(envelope: UpdateEnvelope, device: EdgeDevice, base: ModelVersion, *, 
                     f"the update is on {base.version_id!r}",
                 )
             return named
-        return (
-            rounds.filter(series=named.series, mode=RoundMode.ASYNC, status=RoundStatus.OPEN)
-            .order_by("sequence", "id")
-            .first()
-        )
-    window = rounds.filter(mode=RoundMode.ASYNC, status=RoundStatus.OPEN).order_by("opened_at", "id").first()
+        in_series = _open_async(rounds).filter(series=named.series).order_by("sequence", "id").first()
+        if in_series is not None:
+            return in_series
+    window = _open_async(rounds).order_by("opened_at", "id").first()
     if window is not None:
         return window
     return (
@@ -268,6 +275,20 @@ def _route(envelope: UpdateEnvelope, device: EdgeDevice, base: ModelVersion, *, 
         .order_by("opened_at", "id")
         .first()
     )
+
+
+def _open_async(rounds: QuerySet[Round]) -> QuerySet[Round]:
+    """Open asynchronous windows that still take updates: not those whose aggregation failed too often (they wait
+    for an engineer; their series goes on in a successor)."""
+    # A subquery rather than an annotation: the caller may lock the rows, and FOR UPDATE refuses GROUP BY.
+    stuck = (
+        TrainingTask.objects.filter(kind=TaskKind.EXPERT_AGGREGATION, status=TaskStatus.FAILED, round__isnull=False)
+        .values("round")
+        .annotate(failures=Count("id"))
+        .filter(failures__gte=MAX_AUTOMATIC_AGGREGATION_ATTEMPTS)
+        .values("round")
+    )
+    return rounds.filter(mode=RoundMode.ASYNC, status=RoundStatus.OPEN).exclude(pk__in=stuck)
 
 
 def _check_staleness(base: ModelVersion, config: RoundAggregationSettings) -> int:
@@ -298,36 +319,57 @@ def _base_manifest(base: ModelVersion) -> Manifest:
 
 
 def _check_claims(envelope: UpdateEnvelope, manifest: Manifest) -> None:
-    """Routed-token counts must name experts of the base and fit the training the device reports: per layer, the
-    counts add up to at most top-k × the tokens it trained on (each token is routed to k experts)."""
-    config = manifest.architecture.get("config") or {}
-    layers = int(config.get("num_hidden_layers", 0))
-    experts = int(config.get("num_local_experts", config.get("num_experts", 0)))
-    top_k = int(config.get("num_experts_per_tok", 0))
-    unknown = []
-    per_layer: dict[int, int] = {}
-    for name, tokens in envelope.routed_tokens.items():
-        layer, expert = (int(part) for part in name.split("."))
-        if not (0 <= layer < layers and 0 <= expert < experts):
-            unknown.append(name)
-        per_layer[layer] = per_layer.get(layer, 0) + tokens
+    """The device's own figures must fit together and the base: routed-token counts name experts of the base and,
+    per layer, add up to at most top-k × the tokens it trained on (each token is routed to k experts; the edge
+    client counts real tokens only, so an honest device meets this exactly); it trained on at least one token per
+    example."""
+    assert manifest.partition is not None  # _base_manifest required it
+    experts = {
+        expert_key(layer_index(name), expert)
+        for name, entry in manifest.partition.fused_expert_params().items()
+        for expert in range(int(entry.shape[0]))
+    }
+    unknown = sorted(set(envelope.routed_tokens) - experts)
     if unknown:
         raise UpdateRejected(
             RejectionCode.IMPLAUSIBLE_CLAIM,
-            f"routed_tokens names experts {', '.join(sorted(unknown)[:5])} the base ({layers} layers × {experts} "
-            "experts) does not have",
+            f"routed_tokens names experts {', '.join(unknown[:5])} the base ({len(experts)} experts in all) does not "
+            "have",
         )
     trained = envelope.metrics.get("tokens")
-    if trained is not None and top_k > 0:
-        ceiling = top_k * trained
-        over = {layer: total for layer, total in per_layer.items() if total > ceiling}
-        if over:
-            layer, total = min(over.items())
+    if trained is None:
+        if envelope.routed_tokens:
             raise UpdateRejected(
                 RejectionCode.IMPLAUSIBLE_CLAIM,
-                f"routed_tokens of layer {layer} add up to {total}, but {trained:.0f} trained tokens routed to top-"
-                f"{top_k} experts make at most {ceiling:.0f}",
+                "routed_tokens without a 'tokens' metric: say how many tokens the device trained on, so that the "
+                "counts can be checked",
             )
+        return
+    if trained < envelope.examples:
+        raise UpdateRejected(
+            RejectionCode.IMPLAUSIBLE_CLAIM,
+            f"{envelope.examples} examples cannot have been trained on {trained:.0f} tokens",
+        )
+    config = manifest.architecture.get("config") or {}
+    top_k = config.get("num_experts_per_tok") if isinstance(config, dict) else None
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
+        raise UpdateRejected(
+            RejectionCode.UNKNOWN_BASE_VERSION,
+            f"the base's config has no usable num_experts_per_tok ({top_k!r}); routed tokens cannot be checked",
+        )
+    per_layer: dict[str, int] = {}
+    for name, tokens in envelope.routed_tokens.items():
+        layer = name.split(".")[0]
+        per_layer[layer] = per_layer.get(layer, 0) + tokens
+    ceiling = top_k * trained
+    over = sorted((int(layer), total) for layer, total in per_layer.items() if total > ceiling)
+    if over:
+        layer_number, total = over[0]
+        raise UpdateRejected(
+            RejectionCode.IMPLAUSIBLE_CLAIM,
+            f"routed_tokens of layer {layer_number} add up to {total}, but {trained:.0f} trained tokens routed to "
+            f"top-{top_k} experts make at most {ceiling:.0f}",
+        )
 
 
 def _check_payload(envelope: UpdateEnvelope, manifest: Manifest, config: RoundAggregationSettings) -> dict[str, Any]:
@@ -428,7 +470,14 @@ def _record(
                 client_id=device.client_id,
                 actor_label=actor_label,
             )
-            return UpdateOutcome(where=where, status="refused", update_id=update_id, code=RejectionCode.REPLAYED)
+            return UpdateOutcome(
+                where=where,
+                status="refused",
+                update_id=update_id,
+                client_id=device.client_id,
+                code=RejectionCode.REPLAYED,
+                message=f"update {update_id} was recorded concurrently with another envelope",
+            )
         EdgeDevice.objects.filter(pk=device.pk).update(last_seen=moment)
         data: dict[str, Any] = {
             "update_id": update_id,
@@ -469,18 +518,29 @@ def _record(
 def enqueue_if_ready(round_: Round, now: datetime) -> int | None:
     """Create the window's aggregation task (sent after commit) when it is ready and none is pending; the caller
     holds the transaction. A window that is ready but must wait says why in its record."""
+    # One decision at a time across processes (ingest workers, API requests): the champion's alias row is the lock,
+    # so two windows never both decide they may aggregate onto the same champion.
+    Alias.objects.select_for_update().filter(name=CHAMPION_ALIAS).first()
     locked = Round.objects.select_for_update().get(pk=round_.pk)
     if locked.status != RoundStatus.OPEN:
         return None
     aggregations = TrainingTask.objects.filter(round=locked, kind=TaskKind.EXPERT_AGGREGATION)
     if aggregations.filter(status__in=[TaskStatus.PENDING, TaskStatus.RUNNING]).exists():
         return None
-    if aggregations.filter(status=TaskStatus.FAILED).count() >= MAX_AUTOMATIC_AGGREGATION_ATTEMPTS:
-        # A failure that repeats is not transient: an engineer starts the next attempt (POST /api/v1/tasks/).
+    failed = list(aggregations.filter(status=TaskStatus.FAILED).order_by("-finished_at", "-id"))
+    if len(failed) >= MAX_AUTOMATIC_AGGREGATION_ATTEMPTS:
+        # A failure that repeats is not transient: an engineer starts the next attempt (POST /api/v1/tasks/) or
+        # cancels the window. Meanwhile new updates go to the next window of its series, not into this one.
+        _note_waiting(
+            locked,
+            f"aggregation failed {len(failed)} times (last: {failed[0].error[:300]}); an engineer retries it "
+            "(POST /api/v1/tasks/) or cancels the window",
+        )
+        if not Round.objects.filter(series=locked.series, status=RoundStatus.OPEN, sequence__gt=locked.sequence):
+            continue_series(locked, base_version=champion_version() or locked.base_version, actor_label="system")
         return None
     readiness = window_readiness(locked, round_settings(locked), now)
-    if readiness.waiting != locked.record.get("waiting"):
-        Round.objects.filter(pk=locked.pk).update(record=locked.record | {"waiting": readiness.waiting})
+    _note_waiting(locked, readiness.waiting)
     if not readiness.ready:
         return None
     task = create_training_task(
@@ -493,10 +553,22 @@ def enqueue_if_ready(round_: Round, now: datetime) -> int | None:
     return task.pk
 
 
+def _note_waiting(round_: Round, waiting: str | None) -> None:
+    if waiting != round_.record.get("waiting"):
+        round_.record = round_.record | {"waiting": waiting}
+        Round.objects.filter(pk=round_.pk).update(record=round_.record)
+
+
 def enqueue_due_windows(now: datetime) -> list[int]:
     """Aggregation tasks for open windows that became ready without an arrival to trigger the check: a deadline
     passed, or the candidate they waited on was decided."""
     created = []
+    # Updates that waited without a window (none was open when they came, or one opened while they were being
+    # recorded) join the oldest open asynchronous window.
+    with transaction.atomic():
+        oldest = _open_async(Round.objects.select_for_update()).order_by("opened_at", "id").first()
+        if oldest is not None:
+            adopt_waiting_updates(oldest, actor_label="system")
     for round_ in Round.objects.filter(status=RoundStatus.OPEN).order_by("opened_at", "id"):
         try:
             with transaction.atomic():

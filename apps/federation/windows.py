@@ -7,8 +7,9 @@ from datetime import datetime
 
 from django.db.models import QuerySet
 
-from apps.federation.choices import RoundMode, RoundStatus, UpdateStatus
-from apps.federation.models import Round, Update
+from apps.federation.choices import RoundMode, RoundStatus, TaskKind, TaskStatus, UpdateStatus
+from apps.federation.models import Round, TrainingTask, Update
+from apps.governance.choices import ApprovalStatus
 from apps.registry.choices import CHAMPION_ALIAS, VersionStatus
 from apps.registry.models import Alias, ModelVersion
 from fednested.aggregation import BufferPolicy
@@ -98,6 +99,7 @@ def window_readiness(round_: Round, settings: RoundAggregationSettings, now: dat
         return Readiness(ready=False)
     updates = buffered_updates(round_)
     count = updates.count()
+    late: str | None = None
     if round_.mode == RoundMode.SYNC:
         cohort = set(round_.cohort.values_list("pk", flat=True))
         reported = set(updates.values_list("device_id", flat=True)) & cohort
@@ -108,7 +110,14 @@ def window_readiness(round_: Round, settings: RoundAggregationSettings, now: dat
             trigger = "deadline"
         else:
             trigger = None
+            if now >= round_.deadline_at:
+                late = (
+                    f"the deadline passed with {len(reported)} of {len(cohort)} cohort devices reported; "
+                    f"{needed} are needed (min_cohort_fraction {settings.min_cohort_fraction})"
+                )
     else:
+        # K counts devices, not updates: one device sending many update ids does not fill a window by itself.
+        count = updates.values("device_id").distinct().count()
         policy = BufferPolicy(
             size=round_.buffer_size_k,
             max_wait=settings.max_wait,
@@ -119,13 +128,42 @@ def window_readiness(round_: Round, settings: RoundAggregationSettings, now: dat
         decision = policy.decide(buffered=count, oldest_received_at=oldest, now=now)
         trigger = decision.reason.value if decision.ready and decision.reason is not None else None
     if trigger is None:
-        return Readiness(ready=False, buffered=count)
+        return Readiness(ready=False, waiting=late, buffered=count)
+    # One aggregation at a time: another window that is being aggregated, or whose task waits for a worker, would
+    # build its candidate on the same champion.
+    busy = (
+        Round.objects.filter(status=RoundStatus.AGGREGATING).exclude(pk=round_.pk).values_list("round_id", flat=True)
+    ).first() or (
+        TrainingTask.objects.filter(
+            kind=TaskKind.EXPERT_AGGREGATION, status__in=[TaskStatus.PENDING, TaskStatus.RUNNING], round__isnull=False
+        )
+        .exclude(round=round_)
+        .values_list("round__round_id", flat=True)
+        .first()
+    )
+    if busy is not None:
+        return Readiness(ready=False, trigger=trigger, waiting=f"window {busy} is being aggregated", buffered=count)
     waiting_on = pending_candidate()
     if waiting_on is not None:
-        return Readiness(
-            ready=False,
-            trigger=trigger,
-            waiting=f"candidate {waiting_on.version_id} awaits an officer's decision",
-            buffered=count,
-        )
+        return Readiness(ready=False, trigger=trigger, waiting=_why_pending(waiting_on), buffered=count)
     return Readiness(ready=True, trigger=trigger, buffered=count)
+
+
+def _why_pending(candidate: ModelVersion) -> str:
+    """What a window waits for: an officer's decision, or (when its evaluation failed and no officer was asked) an
+    engineer who evaluates it again (POST /api/v1/tasks/, kind evaluation)."""
+    if candidate.approval_requests.filter(status=ApprovalStatus.PENDING).exists():
+        return f"candidate {candidate.version_id} awaits an officer's decision"
+    failed = (
+        TrainingTask.objects.filter(
+            kind=TaskKind.EVALUATION, params__version_id=candidate.version_id, status=TaskStatus.FAILED
+        )
+        .order_by("-finished_at", "-id")
+        .first()
+    )
+    if failed is not None:
+        return (
+            f"candidate {candidate.version_id} could not be evaluated (task {failed.pk}: {failed.error[:200]}); "
+            "evaluate it again (POST /api/v1/tasks/, kind evaluation) so an officer can decide"
+        )
+    return f"candidate {candidate.version_id} is being evaluated"

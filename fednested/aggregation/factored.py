@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from fednested.aggregation.aggregate import AggregationConfig, ExpertKey, expert_of_delta
-from fednested.aggregation.factors import FactorSource, LoraFactors
+from fednested.aggregation.factors import FactorSource, LoraFactors, squared_norms
 from fednested.aggregation.rules import weighted_coordinate_median, weighted_trimmed_mean
 from fednested.deltas import DeltaKey
 
@@ -121,7 +121,8 @@ def _robust(pairs: Sequence[tuple[LoraFactors, float, float]], method: str, trim
     """Trimmed mean or coordinate median over row blocks of the dense deltas (pairs: factors, weight, scaling)."""
     first = pairs[0][0]
     rows, columns = first.out_features, int(first.lora_a.shape[1])
-    block = max(1, max_block // max(1, len(pairs) * columns * 4))
+    # The stack (4 bytes a value) and what sorting it keeps alive (values, int64 order, gathered weights: ~16 more).
+    block = max(1, max_block // max(1, len(pairs) * columns * 20))
     weights = torch.tensor([weight for _, weight, _ in pairs], dtype=torch.float64)
     result = torch.empty(rows, columns, dtype=torch.float32)
     for start in range(0, rows, block):
@@ -176,10 +177,12 @@ def aggregate_factored(
             source.update_id: {key: source.read(key) for key in keys if key in source.delta_keys()}
             for source, _ in contributing
         }
-        norms = {
-            update_id: math.sqrt(sum(pair.norm() ** 2 for pair in pairs.values()))
-            for update_id, pairs in factors.items()
-        }
+        squared = dict.fromkeys(factors, 0.0)
+        for key in keys:
+            holders = [update_id for update_id, pairs in factors.items() if key in pairs]
+            for update_id, value in zip(holders, squared_norms([factors[u][key] for u in holders]), strict=True):
+                squared[update_id] += value
+        norms = {update_id: math.sqrt(value) for update_id, value in squared.items()}
         scaling, scaled, bound = _scaling(norms, config)
         record = ExpertAggregation(
             expert=expert,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -148,6 +148,21 @@ class LoraFactors:
     def dense_rows(self, start: int, stop: int) -> Tensor:
         """Rows start..stop of the dense delta (what the robust rules need, a block at a time)."""
         return (self.lora_b[start:stop] @ self.lora_a) * self.scale
+
+
+def squared_norms(pairs: Sequence[LoraFactors]) -> list[float]:
+    """‖s·B·A‖_F² of each pair, from Gram matrices in float64; pairs of one shape are done in one batched product
+    (what the aggregation needs: the norms of K updates' deltas for one expert weight)."""
+    if not pairs:
+        return []
+    shapes = {(tuple(pair.lora_a.shape), tuple(pair.lora_b.shape)) for pair in pairs}
+    if len(shapes) > 1:
+        return [pair.norm() ** 2 for pair in pairs]
+    a = torch.stack([pair.lora_a for pair in pairs]).to(torch.float64)
+    b = torch.stack([pair.lora_b for pair in pairs]).to(torch.float64)
+    grams = (b.transpose(1, 2) @ b) * (a @ a.transpose(1, 2))
+    scales = torch.tensor([pair.scale for pair in pairs], dtype=torch.float64)
+    return (grams.sum(dim=(1, 2)).clamp(min=0.0) * scales.square()).tolist()
 
 
 class FactorSource(Protocol):

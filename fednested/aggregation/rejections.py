@@ -35,6 +35,8 @@ class RejectionCode(StrEnum):
     INVALID_UPDATE_ID = "invalid_update_id"
     SHA256_MISSING = "sha256_missing"
     INCOMPLETE_BODY = "incomplete_body"
+    WINDOW_UNUSABLE = "window_unusable"
+    NOT_CHECKED = "not_checked"
 
     @property
     def description(self) -> str:
@@ -67,7 +69,33 @@ REJECTION_DESCRIPTIONS: dict[RejectionCode, str] = {
     RejectionCode.INVALID_UPDATE_ID: "the update id is not a UUID",
     RejectionCode.SHA256_MISSING: "the upload did not declare its sha256 (X-Content-SHA256)",
     RejectionCode.INCOMPLETE_BODY: "the upload ended before its declared Content-Length",
+    RejectionCode.WINDOW_UNUSABLE: "the window's settings cannot be used (an operator must fix them); resend later",
+    RejectionCode.NOT_CHECKED: "recorded before every envelope was checked once; resend it",
 }
+
+# Rejections that say something about the device itself (what it sent), as opposed to timing or the server's state
+# (a base that became too stale, a closed round, a revoked device, unusable settings): only these lower its
+# reliability, so a slow honest device is not punished twice.
+DEVICE_FAULTS: frozenset[RejectionCode] = frozenset(
+    {
+        RejectionCode.MALFORMED,
+        RejectionCode.BAD_SIGNATURE,
+        RejectionCode.SHA256_MISMATCH,
+        RejectionCode.OVERSIZED,
+        RejectionCode.BAD_TENSOR_NAMES,
+        RejectionCode.BAD_SHAPES,
+        RejectionCode.BAD_DTYPE,
+        RejectionCode.NON_FINITE,
+        RejectionCode.NORM_EXCEEDED,
+        RejectionCode.IMPLAUSIBLE_CLAIM,
+        RejectionCode.NOT_OWNER,
+        RejectionCode.CONFLICT,
+        RejectionCode.REPLAYED,
+        RejectionCode.INVALID_UPDATE_ID,
+        RejectionCode.SHA256_MISSING,
+        RejectionCode.INCOMPLETE_BODY,
+    }
+)
 
 
 class UpdateRejected(Exception):

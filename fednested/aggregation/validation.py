@@ -30,6 +30,10 @@ from fednested.deltas import DeltaKey, ExpertShapes, delta_key
 # How many offending tensors a message lists before it says "and N more".
 _SHOWN = 5
 DEFAULT_DTYPES: frozenset[torch.dtype] = frozenset({torch.float32, torch.float16, torch.bfloat16})
+# A sanity ceiling on ‖scale·B·A‖ that holds whatever a window configures: trained LoRA deltas are orders of
+# magnitude smaller (weights are O(1)), and far above it the fp32 sums of a window's deltas can overflow to inf,
+# which would fail the whole window's aggregation instead of the one update.
+ABSOLUTE_MAX_DELTA_NORM = 1e6
 
 
 @dataclass(frozen=True)
@@ -142,6 +146,27 @@ def validate_update(
         )
         for param_name, expert in sorted(pairs)
     }
+    total_norm = check_delta_norms(norms, limits, client_id=client_id)
+    return ValidatedUpdate(
+        adapters=fp32,
+        experts=frozenset(expert_key(layer_index(param_name), expert) for param_name, expert in pairs),
+        delta_norms=norms,
+        total_norm=total_norm,
+        payload_bytes=payload_bytes,
+    )
+
+
+def check_delta_norms(norms: Mapping[DeltaKey, float], limits: UpdateLimits, *, client_id: str | None = None) -> float:
+    """The joint norm of an update's deltas, after checking each against `limits` and against
+    ABSOLUTE_MAX_DELTA_NORM; raises `norm_exceeded` naming the deltas. Used at intake and again at aggregation (the
+    window an update ends up in may set stricter limits than the one it was checked for)."""
+    absolute = [f"{key} has ‖ΔW‖ = {norm:.6g}" for key, norm in norms.items() if not norm <= ABSOLUTE_MAX_DELTA_NORM]
+    if absolute:
+        raise _reject(
+            RejectionCode.NORM_EXCEEDED,
+            f"{_listing(absolute)}; no delta may exceed {ABSOLUTE_MAX_DELTA_NORM:g}, whatever the window's limits",
+            client_id,
+        )
     if limits.max_delta_norm is not None:
         over = [f"{key} has ‖ΔW‖ = {norm:.6g}" for key, norm in norms.items() if not norm <= limits.max_delta_norm]
         if over:
@@ -157,13 +182,7 @@ def validate_update(
             f"the total delta norm is {total_norm:.6g}, the limit is {limits.max_total_norm}",
             client_id,
         )
-    return ValidatedUpdate(
-        adapters=fp32,
-        experts=frozenset(expert_key(layer_index(param_name), expert) for param_name, expert in pairs),
-        delta_norms=norms,
-        total_norm=total_norm,
-        payload_bytes=payload_bytes,
-    )
+    return total_norm
 
 
 def _check_names(

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Hashable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 ExpertId = TypeVar("ExpertId", bound=Hashable)
@@ -55,6 +55,13 @@ class UpdateFacts(Generic[ExpertId]):
     examples: int
     routed_tokens: Mapping[ExpertId, int] = field(default_factory=dict)
     reliability: float = 1.0
+    # Who sent it (a device's client id): the share cap holds per sender, so one device sending many update ids
+    # gets no more than one. Empty: the update is its own sender.
+    sender: str = ""
+
+    @property
+    def sender_key(self) -> str:
+        return self.sender or f"update:{self.update_id}"
 
     def __post_init__(self) -> None:
         if self.staleness < 0:
@@ -146,37 +153,73 @@ class WeightPlan(Generic[ExpertId]):
     capped: dict[str, list[ExpertId]]
 
 
+def _capped_by_sender(values: Sequence[float], senders: Sequence[str], cap: float) -> tuple[list[float], set[int]]:
+    """Shares of `values` (summing to 1) with no sender's total above `cap`, each sender's share split among its
+    entries in proportion; and which entries lost share to the cap."""
+    totals: dict[str, float] = {}
+    for sender, value in zip(senders, values, strict=True):
+        totals[sender] = totals.get(sender, 0.0) + value
+    order = list(totals)
+    capped_totals = dict(zip(order, cap_shares([totals[sender] for sender in order], cap), strict=True))
+    overall = sum(values)
+    shares, lost = [], set()
+    for index, (sender, value) in enumerate(zip(senders, values, strict=True)):
+        share = capped_totals[sender] * value / totals[sender] if totals[sender] > 0 else 0.0
+        if overall > 0 and value / overall > share + 1e-12:
+            lost.add(index)
+        shares.append(share)
+    return shares, lost
+
+
 def bounded_expert_weights(updates: Sequence[UpdateFacts[ExpertId]], config: WeightingConfig) -> WeightPlan[ExpertId]:
-    """ŵ[i, e] with each update's share of expert e capped at `max_update_share`: first its routed-token claim
-    (before the server's own factors — staleness, examples, reliability — are applied), then, where the expert has
-    more than 1/cap contributors, its final normalised weight, so that no factor lets one update own an expert.
-    With fewer contributors the final cap cannot hold; the claims are then equal and staleness still counts."""
-    if config.max_update_share is None or not config.by_routed_tokens:
+    """ŵ[i, e] with each sender's share of expert e capped at `max_update_share`.
+
+    What a device claims (routed tokens, and examples when weighted) is capped first, before the server's own
+    factors (staleness, reliability) are applied; then, where the expert has more than 1/cap senders, the final
+    normalised weights are capped too, so no factor lets one sender own an expert. With fewer senders the final
+    cap cannot hold: their claims then count equally and staleness still counts. The cap is per sender (device),
+    so many update ids from one device weigh no more than one.
+    """
+    cap = config.max_update_share
+    if cap is None:
         return WeightPlan(expert_weights_uncapped(updates, config), {})
-    per_update = [raw_expert_weights(update, replace(config, by_routed_tokens=False)) for update in updates]
+    server = [
+        staleness_weight(update.staleness, config.staleness_exponent)
+        * (update.reliability if config.by_reliability else 1.0)
+        for update in updates
+    ]
     experts = sorted({expert for update in updates for expert in update.experts}, key=str)
     capped: dict[str, list[ExpertId]] = {}
+
+    def mark(index: int, expert: ExpertId) -> None:
+        listed = capped.setdefault(updates[index].update_id, [])
+        if expert not in listed:
+            listed.append(expert)
+
     raw: list[dict[ExpertId, float]] = [{} for _ in updates]
     for expert in experts:
         carriers = [index for index, update in enumerate(updates) if expert in update.experts]
-        claims = [float(updates[index].routed_tokens.get(expert, 0)) for index in carriers]
-        total = sum(claims)
-        shares = cap_shares(claims, config.max_update_share)
-        for index, claim, share in zip(carriers, claims, shares, strict=True):
-            raw[index][expert] = per_update[index][expert] * share
-            if total > 0 and claim / total > share + 1e-12:
-                capped.setdefault(updates[index].update_id, []).append(expert)
+        claims = [
+            float(updates[index].routed_tokens.get(expert, 0) if config.by_routed_tokens else 1)
+            * float(updates[index].examples if config.by_examples else 1)
+            for index in carriers
+        ]
+        shares, lost = _capped_by_sender(claims, [updates[index].sender_key for index in carriers], cap)
+        for position, (index, share) in enumerate(zip(carriers, shares, strict=True)):
+            raw[index][expert] = server[index] * share
+            if position in lost:
+                mark(index, expert)
     weights = normalise_per_expert(raw)
-    cap = config.max_update_share
     for expert in experts:
         carriers = [index for index, weight in enumerate(weights) if weight.get(expert, 0.0) > 0]
-        if cap * len(carriers) <= 1:
+        senders = [updates[index].sender_key for index in carriers]
+        if cap * len(set(senders)) <= 1:
             continue
-        shares = cap_shares([weights[index][expert] for index in carriers], cap)
-        for index, share in zip(carriers, shares, strict=True):
-            if weights[index][expert] > share + 1e-12 and expert not in capped.get(updates[index].update_id, []):
-                capped.setdefault(updates[index].update_id, []).append(expert)
+        shares, lost = _capped_by_sender([weights[index][expert] for index in carriers], senders, cap)
+        for position, (index, share) in enumerate(zip(carriers, shares, strict=True)):
             weights[index][expert] = share
+            if position in lost:
+                mark(index, expert)
     return WeightPlan(weights, capped)
 
 

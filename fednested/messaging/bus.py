@@ -65,6 +65,9 @@ def read_message(topic: Topic, partition: int, offset: int, key: str, raw: bytes
         event = decode(raw)
     except SchemaError as error:
         return Message(topic, partition, offset, key, raw, timestamp_ms, error=error)
+    except Exception as error:  # no record may stop a consumer: say what it was instead
+        failure = SchemaError(f"payload could not be decoded ({type(error).__name__}: {str(error)[:200]})")
+        return Message(topic, partition, offset, key, raw, timestamp_ms, error=failure)
     try:
         resolve_key(topic, event, key)
     except TopicError as error:  # a valid event on the wrong topic or under the wrong key

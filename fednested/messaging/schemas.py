@@ -28,7 +28,8 @@ from pydantic import (
 CLIENT_ID_REGEX = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 SHA256_HEX_REGEX = r"^[0-9a-f]{64}$"
 ClientId = Annotated[str, StringConstraints(pattern=CLIENT_ID_REGEX)]
-Identifier = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^\S+$")]
+# Printable only: no whitespace and no control characters (a NUL cannot even be stored in PostgreSQL's jsonb).
+Identifier = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^[^\s\x00-\x1f\x7f]+$")]
 # Artifact and payload locations (s3://, file://, https://): no whitespace, bounded so a message stays small.
 Uri = Annotated[str, StringConstraints(min_length=1, max_length=2048, pattern=r"^\S+$")]
 Sha256Hex = Annotated[str, StringConstraints(pattern=SHA256_HEX_REGEX)]
@@ -262,6 +263,11 @@ def decode(raw: bytes) -> Event:
         raise SchemaError(
             f"malformed JSON at line {error.lineno} column {error.colno} (char {error.pos}): {error.msg}"
         ) from None
+    except RecursionError:
+        raise SchemaError("malformed JSON: nested too deeply") from None
+    except ValueError as error:
+        # e.g. an integer literal with more digits than Python converts (sys.set_int_max_str_digits).
+        raise SchemaError(f"malformed JSON: {str(error)[:200]}") from None
     if not isinstance(document, dict):
         raise SchemaError(f"payload must be a JSON object, got {type(document).__name__}")
     name = document.get("schema")

@@ -163,8 +163,17 @@ def test_broker_less_ingest_goes_on_when_aggregation_fails_and_stops_retrying(
     assert all("experts.safetensors" in task.error for task in tasks)
     # Two automatic retries after the first failure, then none: the failure is not transient.
     assert [len(created) for created in retries] == [1, 1, 0]
-    assert Round.objects.get(pk=round_.pk).status == RoundStatus.OPEN
+    stuck = Round.objects.get(pk=round_.pk)
+    assert stuck.status == RoundStatus.OPEN
     assert set(Update.objects.values_list("status", flat=True)) == {UpdateStatus.BUFFERED}
+    # The window says why it no longer aggregates, and its series goes on: new updates join the next window.
+    assert stuck.record["waiting"].startswith(f"aggregation failed {MAX_AUTOMATIC_AGGREGATION_ATTEMPTS} times (last: ")
+    successor = Round.objects.get(series=round_.series, sequence=2)
+    assert successor.status == RoundStatus.OPEN
+    device = enroll(world, "car-late")
+    late, _ = make_update(device, seed=9, round_id=round_.round_id)
+    with django_capture_on_commit_callbacks(execute=False):
+        assert ingest_message(as_message(encode(late), "car-late")).round_id == successor.round_id
 
 
 def test_a_round_is_aggregated_once(

@@ -217,17 +217,24 @@ def test_tensor_checks_reject_with_the_tensor_named(world: WorkerWorld, make_upd
     envelope, _ = make_update(device, adapters=extra)
     assert ingest_message(as_message(encode(envelope), "car-1")).code is RejectionCode.BAD_TENSOR_NAMES
 
-    huge = {name: tensor * 1e4 for name, tensor in random_adapters(world.shapes, {LAYER0_DOWN: [0]}, seed=6).items()}
+    huge = {name: tensor * 10 for name, tensor in random_adapters(world.shapes, {LAYER0_DOWN: [0]}, seed=6).items()}
     round_ = world.open_round(config={"max_delta_norm": 50.0})
     envelope, _ = make_update(device, adapters=huge, round_id=round_.round_id)
     outcome = ingest_message(as_message(encode(envelope), "car-1"))
     assert outcome.code is RejectionCode.NORM_EXCEEDED
     assert "the per-delta limit is 50.0" in outcome.message
 
+    # Whatever a window allows, no delta may be long enough for a window's fp32 sums to overflow.
+    absurd = {name: tensor * 1e4 for name, tensor in random_adapters(world.shapes, {LAYER0_DOWN: [0]}, seed=6).items()}
+    envelope, _ = make_update(device, adapters=absurd)
+    outcome = ingest_message(as_message(encode(envelope), "car-1"))
+    assert outcome.code is RejectionCode.NORM_EXCEEDED
+    assert "no delta may exceed 1e+06, whatever the window's limits" in outcome.message
+
     small_round = world.open_round(config={"max_payload_bytes": 1024})
     envelope, _ = make_update(device, round_id=small_round.round_id)
     assert ingest_message(as_message(encode(envelope), "car-1")).code is RejectionCode.OVERSIZED
-    assert Update.objects.filter(status=UpdateStatus.REJECTED).count() == 4
+    assert Update.objects.filter(status=UpdateStatus.REJECTED).count() == 5
 
 
 def test_deadline_starts_aggregation_of_a_partial_buffer(

@@ -75,13 +75,13 @@ def ingest_message(message: Message) -> UpdateOutcome:
         raise
     except DatabaseError as error:
         # A value the database refuses (it passed every check we know of): the message is bad, not the worker.
-        logger.exception("update %s at %s broke a database constraint", envelope.update_id, where)
+        logger.exception("message at %s broke a database constraint", where)
         return refuse_message(
             where=where, code=RejectionCode.MALFORMED, message=f"the database refused it: {error}", key=message.key
         )
     except Exception as error:
         # A defect of ours that this message triggers must not stop ingestion for every device: record and move on.
-        logger.exception("update %s at %s: unexpected error", envelope.update_id, where)
+        logger.exception("message at %s: unexpected error", where)
         return refuse_message(
             where=where,
             code=RejectionCode.MALFORMED,

@@ -20,7 +20,7 @@ def settle_updates(apps: StateApps, schema_editor: BaseDatabaseSchemaEditor) -> 
     Update = apps.get_model("federation", "Update")
     Update.objects.filter(status__in=["received", "validated"]).update(
         status="rejected",
-        rejection_code="malformed",
+        rejection_code="not_checked",
         rejection_message="recorded before the update path checked every envelope once; resend it",
     )
 

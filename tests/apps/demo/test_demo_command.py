@@ -14,7 +14,7 @@ from django.conf import settings
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
-def test_demo_runs_two_rounds_and_moves_every_device(tmp_path: Path) -> None:
+def test_demo_applies_a_stale_update_and_moves_every_device(tmp_path: Path) -> None:
     demo_dir = tmp_path / "demo"
     (demo_dir / "stale").mkdir(parents=True)  # the demo starts clean
     env = {**os.environ, "DATABASE_URL": "postgres://nobody@127.0.0.1:1/unused"}  # must be ignored by the demo
@@ -47,22 +47,33 @@ def test_demo_runs_two_rounds_and_moves_every_device(tmp_path: Path) -> None:
     assert not (demo_dir / "stale").exists()
     for line in (
         "olivia approved it: it is the champion",
-        "Round 1: the aggregation worker built round-1-candidate from 3 updates",
-        "Round 2: olivia approved round-2-candidate; champion moved, devices told",
-        "all 3 devices report round-2-candidate as their current version",
+        "Window demo: the aggregation worker applied",
+        "to the champion v1: demo-candidate",
+        "Window demo.2: the aggregation worker applied",
+        "to the champion demo-candidate: demo.2-candidate",
+        "olivia approved demo.2-candidate; champion moved, devices told",
+        "all 3 devices report demo.2-candidate as their current version",
+        "Stale updates applied with their staleness weight: ",
         "governance officer  olivia / ",
     ):
         assert line in output, line
     table = output.split("Per-domain held-out loss of each version")[1]
     header = next(line for line in table.splitlines() if line.startswith("domain"))
-    assert header.split() == ["domain", "v1", "round-1-candidate", "round-2-candidate"]
+    assert header.split() == ["domain", "v1", "demo-candidate", "demo.2-candidate"]
     with sqlite3.connect(demo_dir / "db.sqlite3") as database:
-        applied = database.execute("select count(*) from federation_update where status = 'applied'").fetchone()
+        applied = database.execute(
+            "select v.version_id, u.staleness, count(*) from federation_update u "
+            "join registry_modelversion v on v.id = u.applied_in_id group by 1, 2 order by 1, 2"
+        ).fetchall()
         decisions = database.execute("select decision, count(*) from governance_approvaldecision group by 1").fetchall()
         devices = database.execute(
             "select count(*) from federation_edgedevice d join registry_modelversion v on v.id = d.current_version_id "
-            "where v.version_id = 'round-2-candidate'"
+            "where v.version_id = 'demo.2-candidate'"
         ).fetchone()
-    assert applied == (6,)  # three devices × two rounds, nothing lost
+        lost = database.execute("select count(*) from federation_update where status = 'rejected'").fetchone()
+    # K = 2: two fresh updates make the first candidate; the late update on v1 (τ = 1 by then) and a fresh one on
+    # demo-candidate make the second.
+    assert applied == [("demo-candidate", 0, 2), ("demo.2-candidate", 0, 1), ("demo.2-candidate", 1, 1)]
+    assert lost == (0,)
     assert decisions == [("approved", 3)]  # v1 and both candidates, each by the officer
     assert devices == (3,)
