@@ -14,7 +14,8 @@ class RoundMode(models.TextChoices):
     """How a round (aggregation window) takes updates: see docs/ARCHITECTURE.md, "Aggregation (middle loop)"."""
 
     # FedBuff: any update on an ancestor of the champion within max_staleness; the aggregate goes onto the champion
-    # current at aggregation time; a successor window opens when this one is claimed, so updates keep arriving.
+    # current at aggregation time; the next window opens when this one is aggregated (updates arriving meanwhile
+    # wait for it).
     ASYNC = "async", "Asynchronous (buffered)"
     # A fixed cohort trains one fixed base; aggregation when every member reported, or at the deadline with enough.
     SYNC = "sync", "Synchronous (cohort)"

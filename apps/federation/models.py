@@ -59,8 +59,8 @@ class Round(models.Model):
     one aggregation applies them to the current champion and produces a candidate.
 
     Asynchronous windows take updates on any ancestor of the champion within the staleness limit and form a series:
-    claiming one for aggregation opens the next with the same settings. Synchronous rounds take their cohort's
-    updates on `base_version` only.
+    aggregating one (or giving up on it after repeated failures) opens the next with the same settings.
+    Synchronous rounds take their cohort's updates on `base_version` only.
     """
 
     round_id = models.CharField(max_length=64, unique=True)
