@@ -231,6 +231,11 @@ FEDNESTED_ARTIFACT_ROOT = Path(envstr("FEDNESTED_ARTIFACT_ROOT", str(VAR_DIR / "
 FEDNESTED_ENROLLMENT_TOKEN_TTL_S = envint("FEDNESTED_ENROLLMENT_TOKEN_TTL_S", 24 * 3600)
 # Largest update payload a device may upload (PUT /api/v1/updates/<id>/payload/); larger ones get 413. The default
 # is the aggregation's own default limit (fednested UpdateLimits.max_bytes), so nothing stored is refused later.
+# An aggregation still running after this long is presumed lost (its worker died after claiming the window): the
+# ingest worker's periodic check fails its task and reopens the window, so one crash cannot block every window.
+FEDNESTED_AGGREGATION_TIMEOUT_S = envint("FEDNESTED_AGGREGATION_TIMEOUT_S", 2 * 3600)
+if FEDNESTED_AGGREGATION_TIMEOUT_S <= 0:
+    raise ImproperlyConfigured(f"FEDNESTED_AGGREGATION_TIMEOUT_S={FEDNESTED_AGGREGATION_TIMEOUT_S} must be > 0")
 FEDNESTED_MAX_UPDATE_BYTES = envint("FEDNESTED_MAX_UPDATE_BYTES", 64 * 1024 * 1024)
 if FEDNESTED_MAX_UPDATE_BYTES <= 0:
     raise ImproperlyConfigured(f"FEDNESTED_MAX_UPDATE_BYTES={FEDNESTED_MAX_UPDATE_BYTES} must be > 0")

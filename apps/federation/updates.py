@@ -13,7 +13,7 @@ The Kafka consumer and `POST /api/v1/updates/` are thin entry points around this
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,7 +31,9 @@ from apps.federation.services import (
     continue_series,
     create_training_task,
     device_actor_label,
+    fail_training_task,
     record_refused_update,
+    reopen_round_after_failure,
 )
 from apps.federation.windows import (
     champion_version,
@@ -553,6 +555,30 @@ def enqueue_if_ready(round_: Round, now: datetime) -> int | None:
     return task.pk
 
 
+def release_lost_aggregations(now: datetime) -> list[str]:
+    """Windows whose aggregation has been running longer than FEDNESTED_AGGREGATION_TIMEOUT_S: the task is failed
+    as presumed lost and the window reopened with its updates (the next check retries it, within the attempt limit).
+    Returns the round ids released."""
+    cutoff = now - timedelta(seconds=settings.FEDNESTED_AGGREGATION_TIMEOUT_S)
+    released = []
+    lost = TrainingTask.objects.filter(
+        kind=TaskKind.EXPERT_AGGREGATION, status=TaskStatus.RUNNING, started_at__lt=cutoff, round__isnull=False
+    ).select_related("round")
+    for task in lost:
+        with transaction.atomic():
+            error = (
+                f"presumed lost: still running {settings.FEDNESTED_AGGREGATION_TIMEOUT_S} s after it started "
+                f"at {task.started_at:%Y-%m-%d %H:%M:%S} UTC (its worker stopped?)"
+            )
+            if not fail_training_task(task.pk, error=error, actor_label="system"):
+                continue
+            assert task.round is not None
+            reopen_round_after_failure(task.round, reason=f"task {task.pk}: {error}", actor_label="system")
+            released.append(task.round.round_id)
+            logger.warning("window %s: aggregation task %s %s; reopened", task.round.round_id, task.pk, error)
+    return released
+
+
 def _note_waiting(round_: Round, waiting: str | None) -> None:
     if waiting != round_.record.get("waiting"):
         round_.record = round_.record | {"waiting": waiting}
@@ -563,6 +589,7 @@ def enqueue_due_windows(now: datetime) -> list[int]:
     """Aggregation tasks for open windows that became ready without an arrival to trigger the check: a deadline
     passed, or the candidate they waited on was decided."""
     created = []
+    release_lost_aggregations(now)
     # Updates that waited without a window (none was open when they came, or one opened while they were being
     # recorded) join the oldest open asynchronous window.
     with transaction.atomic():

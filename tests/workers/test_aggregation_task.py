@@ -11,7 +11,7 @@ from django.utils import timezone
 
 from apps.federation.choices import RoundStatus, TaskKind, TaskStatus, UpdateStatus
 from apps.federation.models import Round, TrainingTask, Update
-from apps.federation.services import create_training_task
+from apps.federation.services import claim_round_for_aggregation, create_training_task, start_training_task
 from apps.federation.updates import MAX_AUTOMATIC_AGGREGATION_ATTEMPTS, enqueue_due_windows
 from apps.governance.models import ApprovalRequest, AuditEvent
 from apps.registry.choices import LineageKind
@@ -174,6 +174,31 @@ def test_broker_less_ingest_goes_on_when_aggregation_fails_and_stops_retrying(
     late, _ = make_update(device, seed=9, round_id=round_.round_id)
     with django_capture_on_commit_callbacks(execute=False):
         assert ingest_message(as_message(encode(late), "car-late")).round_id == successor.round_id
+
+
+def test_an_aggregation_whose_worker_died_is_released_after_the_timeout(
+    world: WorkerWorld,
+    buffered_round: tuple[Round, list[dict[str, torch.Tensor]], TrainingTask],
+    django_capture_on_commit_callbacks: Any,
+    settings: Any,
+) -> None:
+    round_, _, task = buffered_round
+    # The worker claimed the task and the window, then died: both stay as it left them.
+    assert start_training_task(task.pk, actor_label="worker:aggregation")
+    assert claim_round_for_aggregation(round_, actor_label="worker:aggregation")
+    settings.FEDNESTED_AGGREGATION_TIMEOUT_S = 600
+    with django_capture_on_commit_callbacks(execute=False):
+        assert enqueue_due_windows(timezone.now() + timedelta(minutes=5)) == []
+        assert Round.objects.get(pk=round_.pk).status == RoundStatus.AGGREGATING
+        [retry] = enqueue_due_windows(timezone.now() + timedelta(minutes=11))
+    lost = TrainingTask.objects.get(pk=task.pk)
+    assert lost.status == TaskStatus.FAILED
+    assert lost.error.startswith("presumed lost: still running 600 s after it started")
+    assert Round.objects.get(pk=round_.pk).status == RoundStatus.OPEN
+    # The window is ready again (its updates stayed buffered): the same check starts the next attempt.
+    assert TrainingTask.objects.get(pk=retry).round == round_
+    with django_capture_on_commit_callbacks(execute=False):
+        assert aggregate_round_task(retry) == candidate_version_id(round_)
 
 
 def test_a_round_is_aggregated_once(
