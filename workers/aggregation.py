@@ -12,6 +12,7 @@ transaction. When it fails after claiming the window, the window is reopened (it
 """
 
 import logging
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from celery import shared_task
 from django.conf import settings
 from django.db import InterfaceError, OperationalError, transaction
 
-from apps.federation.choices import DeviceStatus, RoundStatus, TaskKind, UpdateStatus
+from apps.federation.choices import DeviceStatus, RoundStatus, TaskKind, TaskStatus, UpdateStatus
 from apps.federation.models import Round, TrainingTask, Update
 from apps.federation.payloads import adapter_config_of, checked_payload_path
 from apps.federation.services import (
@@ -183,17 +184,34 @@ def aggregate_round(task: TrainingTask) -> AggregationOutcome | None:
     round_ = task.round
     if round_ is None:
         raise ValueError(f"task {task.pk}: an expert_aggregation task needs a round")
-    if not claim_round_for_aggregation(round_, actor_label=ACTOR_LABEL):
+    if not claim_round_for_aggregation(round_, actor_label=ACTOR_LABEL, task_pk=task.pk):
         logger.info("round %s is %s; task %s leaves it alone", round_.round_id, round_.status, task.pk)
         return None
     try:
         return _aggregate_claimed_round(task, round_)
     except Exception as error:
-        # This task holds the window: hand it back, buffered updates and all, rather than leave it aggregating.
+        # This task holds the window: hand it back, buffered updates and all, rather than leave it aggregating. A
+        # task released as lost meanwhile holds it no longer, and this changes nothing.
         reopen_round_after_failure(
-            round_, reason=f"task {task.pk}: {type(error).__name__}: {error}", actor_label=ACTOR_LABEL
+            round_, reason=f"task {task.pk}: {type(error).__name__}: {error}", actor_label=ACTOR_LABEL, task_pk=task.pk
         )
         raise
+
+
+class AggregationReleased(RuntimeError):
+    """The task was presumed lost and released while it still ran: its result is discarded, the window is not its."""
+
+
+def _still_owned(task: TrainingTask, round_: Round) -> None:
+    """Inside the final transaction: the task is still running and still holds the window (locked), or it raises."""
+    status = TrainingTask.objects.select_for_update().filter(pk=task.pk).values_list("status", flat=True).first()
+    locked = Round.objects.select_for_update().get(pk=round_.pk)
+    owner = locked.record.get("claimed_by_task") if isinstance(locked.record, dict) else None
+    if status != TaskStatus.RUNNING or locked.status != RoundStatus.AGGREGATING or owner != task.pk:
+        raise AggregationReleased(
+            f"task {task.pk} is {status} and window {round_.round_id} is {locked.status} (held by task {owner}): "
+            "the task was released as lost while it ran; its candidate is discarded"
+        )
 
 
 def _aggregate_claimed_round(task: TrainingTask, round_: Round) -> AggregationOutcome:
@@ -269,13 +287,15 @@ def _aggregate_claimed_round(task: TrainingTask, round_: Round) -> AggregationOu
             f"round {round_.round_id}: model version {version_id!r} is already registered; "
             f"its files under {directory} are left as they are"
         )
-    if directory.exists():
-        # Left by an attempt that died before registering it; nothing refers to an unregistered directory.
-        shutil.rmtree(directory)
+    # Written under a name of this task's own and moved into place only while it still holds the window: a task
+    # released as lost (and still running) can never write over the files of the attempt that replaced it.
+    staging = artifact_root / "versions" / f".{version_id}.task-{task.pk}"
+    if staging.exists():
+        shutil.rmtree(staging)
     has_tokenizer = any(entry.partition == "tokenizer" for entry in champion_manifest.files.values())
     save_version(
         model,
-        directory,
+        staging,
         version_id=version_id,
         parent_version=champion.version_id,
         tokenizer=load_tokenizer(champion_directory) if has_tokenizer else None,
@@ -287,7 +307,41 @@ def _aggregate_claimed_round(task: TrainingTask, round_: Round) -> AggregationOu
             "aggregation": record["aggregation"] | {"weights": weights_by_update, "notes": report.notes},
         },
     )
+    try:
+        version = _register_candidate(
+            task, round_, staging, directory, champion, contributions, applied, record, version_id
+        )
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    logger.info(
+        "round %s: %d updates onto %s → candidate %s (%d rejected)",
+        round_.round_id,
+        len(applied),
+        champion.version_id,
+        version.version_id,
+        len(rejected),
+    )
+    return AggregationOutcome(round_.round_id, version_id, applied, rejected, weights_by_update, record)
+
+
+def _register_candidate(
+    task: TrainingTask,
+    round_: Round,
+    staging: Path,
+    directory: Path,
+    champion: ModelVersion,
+    contributions: list[Contribution],
+    applied: tuple[str, ...],
+    record: dict[str, Any],
+    version_id: str,
+) -> ModelVersion:
+    """The one transaction that makes the candidate real: files moved into place, registry, updates, window."""
     with transaction.atomic():
+        _still_owned(task, round_)
+        if directory.exists():
+            # Left by an attempt that died before registering it; nothing refers to an unregistered directory.
+            shutil.rmtree(directory)
+        os.replace(staging, directory)
         version = register_saved_version(
             directory,
             family=champion.family,
@@ -315,15 +369,7 @@ def _aggregate_claimed_round(task: TrainingTask, round_: Round) -> AggregationOu
             round_=round_,
             params={"version_id": version_id, "round_id": round_.round_id},
         )
-    logger.info(
-        "round %s: %d updates onto %s → candidate %s (%d rejected)",
-        round_.round_id,
-        len(applied),
-        champion.version_id,
-        version_id,
-        len(rejected),
-    )
-    return AggregationOutcome(round_.round_id, version_id, applied, rejected, weights_by_update, record)
+    return version
 
 
 @shared_task(  # type: ignore[untyped-decorator]

@@ -404,6 +404,9 @@ def continue_series(round_: Round, *, base_version: ModelVersion, actor_label: s
     transaction that closes `round_`."""
     if round_.mode != RoundMode.ASYNC:
         return None
+    if Round.objects.filter(series=round_.series, sequence__gt=round_.sequence).exists():
+        # The series already went on (e.g. past a window whose aggregation kept failing): never fork it.
+        return None
     sequence = round_.sequence + 1
     round_id = f"{round_.series[:52]}.{sequence}"
     if Round.objects.filter(round_id=round_id).exists():
@@ -439,30 +442,47 @@ def continue_series(round_: Round, *, base_version: ModelVersion, actor_label: s
 
 
 @transaction.atomic
-def claim_round_for_aggregation(round_: Round, *, actor_label: str) -> bool:
-    """open → aggregating, once: True for the one caller that claimed it, False for everyone else."""
-    claimed = Round.objects.filter(pk=round_.pk, status=RoundStatus.OPEN).update(status=RoundStatus.AGGREGATING)
-    round_.refresh_from_db(fields=["status"])
+def claim_round_for_aggregation(round_: Round, *, actor_label: str, task_pk: int | None = None) -> bool:
+    """open → aggregating, once: True for the one caller that claimed it, False for everyone else. The claiming
+    task is recorded, so only it can close or reopen the window (a task released as lost cannot)."""
+    locked = Round.objects.select_for_update().get(pk=round_.pk)
+    claimed = 0
+    if locked.status == RoundStatus.OPEN:
+        claimed = Round.objects.filter(pk=round_.pk, status=RoundStatus.OPEN).update(
+            status=RoundStatus.AGGREGATING, record=locked.record | {"claimed_by_task": task_pk}
+        )
+    round_.refresh_from_db(fields=["status", "record"])
     if claimed:
         record_audit_event(
-            actor=None, actor_label=actor_label, verb="federation.round.aggregating", target=round_, data={}
+            actor=None,
+            actor_label=actor_label,
+            verb="federation.round.aggregating",
+            target=round_,
+            data={"task": task_pk},
         )
     return bool(claimed)
 
 
 @transaction.atomic
-def reopen_round_after_failure(round_: Round, *, reason: str, actor_label: str) -> bool:
+def reopen_round_after_failure(round_: Round, *, reason: str, actor_label: str, task_pk: int | None = None) -> bool:
     """aggregating → open after a failed aggregation, so its buffered updates wait for the next attempt.
 
-    False (and nothing changes) when the round is not aggregating, e.g. the failure came after it was closed.
+    False (and nothing changes) when the round is not aggregating, e.g. the failure came after it was closed, or
+    (with `task_pk`) when another task holds it now. Updates that arrived meanwhile are adopted by the periodic
+    check, into whichever window takes updates then.
     """
     if not reason.strip():
         raise ValidationError({"reason": "say why the aggregation failed"})
-    reopened = Round.objects.filter(pk=round_.pk, status=RoundStatus.AGGREGATING).update(status=RoundStatus.OPEN)
-    round_.refresh_from_db(fields=["status"])
+    locked = Round.objects.select_for_update().get(pk=round_.pk)
+    reopened = 0
+    owner = locked.record.get("claimed_by_task") if isinstance(locked.record, dict) else None
+    if locked.status == RoundStatus.AGGREGATING and (task_pk is None or owner in (None, task_pk)):
+        reopened = Round.objects.filter(pk=round_.pk, status=RoundStatus.AGGREGATING).update(
+            status=RoundStatus.OPEN,
+            record={key: value for key, value in locked.record.items() if key != "claimed_by_task"},
+        )
+    round_.refresh_from_db(fields=["status", "record"])
     if reopened:
-        # Updates that arrived while it aggregated waited without a window; they join it again.
-        _adopt_waiting_updates(round_)
         record_audit_event(
             actor=None,
             actor_label=actor_label,

@@ -352,6 +352,8 @@ def _check_claims(envelope: UpdateEnvelope, manifest: Manifest) -> None:
             RejectionCode.IMPLAUSIBLE_CLAIM,
             f"{envelope.examples} examples cannot have been trained on {trained:.0f} tokens",
         )
+    if not envelope.routed_tokens:
+        return
     config = manifest.architecture.get("config") or {}
     top_k = config.get("num_experts_per_tok") if isinstance(config, dict) else None
     if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
@@ -427,6 +429,8 @@ def _record(
     update_id, device = str(envelope.update_id), checked.device
     task_pk = None
     with transaction.atomic():
+        # Locks in one order everywhere (the champion's alias, then the window): enqueue_if_ready takes the same.
+        Alias.objects.select_for_update().filter(name=CHAMPION_ALIAS).first()
         # Re-read under lock what may have moved since the checks: the device's standing and the window (a window
         # claimed for aggregation meanwhile takes nothing more; the update then goes to its successor or waits).
         status = EdgeDevice.objects.select_for_update().filter(pk=device.pk).values_list("status", flat=True).first()
@@ -556,27 +560,37 @@ def enqueue_if_ready(round_: Round, now: datetime) -> int | None:
 
 
 def release_lost_aggregations(now: datetime) -> list[str]:
-    """Windows whose aggregation has been running longer than FEDNESTED_AGGREGATION_TIMEOUT_S: the task is failed
-    as presumed lost and the window reopened with its updates (the next check retries it, within the attempt limit).
-    Returns the round ids released."""
-    cutoff = now - timedelta(seconds=settings.FEDNESTED_AGGREGATION_TIMEOUT_S)
-    released = []
-    lost = TrainingTask.objects.filter(
-        kind=TaskKind.EXPERT_AGGREGATION, status=TaskStatus.RUNNING, started_at__lt=cutoff, round__isnull=False
-    ).select_related("round")
-    for task in lost:
+    """Aggregations presumed lost after FEDNESTED_AGGREGATION_TIMEOUT_S, so that one crash cannot hold up every
+    window (only one aggregates at a time): a task still running that long (its worker died after claiming the
+    window) is failed and its window reopened; a task never started that long (its message was lost) is failed; a
+    window left aggregating with no live task is reopened. A released task that turns out to be alive cannot
+    register its result (workers.aggregation checks that it still holds the window). Returns the windows reopened.
+    """
+    timeout = settings.FEDNESTED_AGGREGATION_TIMEOUT_S
+    cutoff = now - timedelta(seconds=timeout)
+    reopened = []
+    aggregations = TrainingTask.objects.filter(kind=TaskKind.EXPERT_AGGREGATION, round__isnull=False)
+    for task in aggregations.filter(status=TaskStatus.RUNNING, started_at__lt=cutoff).select_related("round"):
+        error = f"presumed lost: still running {timeout} s after it started at {task.started_at:%Y-%m-%d %H:%M:%S} UTC"
         with transaction.atomic():
-            error = (
-                f"presumed lost: still running {settings.FEDNESTED_AGGREGATION_TIMEOUT_S} s after it started "
-                f"at {task.started_at:%Y-%m-%d %H:%M:%S} UTC (its worker stopped?)"
-            )
             if not fail_training_task(task.pk, error=error, actor_label="system"):
                 continue
             assert task.round is not None
-            reopen_round_after_failure(task.round, reason=f"task {task.pk}: {error}", actor_label="system")
-            released.append(task.round.round_id)
-            logger.warning("window %s: aggregation task %s %s; reopened", task.round.round_id, task.pk, error)
-    return released
+            if reopen_round_after_failure(
+                task.round, reason=f"task {task.pk}: {error}", actor_label="system", task_pk=task.pk
+            ):
+                reopened.append(task.round.round_id)
+        logger.warning("aggregation task %s %s", task.pk, error)
+    for task in aggregations.filter(status=TaskStatus.PENDING, created_at__lt=cutoff):
+        error = f"presumed lost: not started {timeout} s after it was created (its message never reached a worker)"
+        if fail_training_task(task.pk, error=error, actor_label="system"):
+            logger.warning("aggregation task %s %s", task.pk, error)
+    live = aggregations.filter(status__in=[TaskStatus.PENDING, TaskStatus.RUNNING]).values("round")
+    for orphan in Round.objects.filter(status=RoundStatus.AGGREGATING).exclude(pk__in=live):
+        with transaction.atomic():
+            if reopen_round_after_failure(orphan, reason="no aggregation task holds it any more", actor_label="system"):
+                reopened.append(orphan.round_id)
+    return reopened
 
 
 def _note_waiting(round_: Round, waiting: str | None) -> None:

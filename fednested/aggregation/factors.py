@@ -33,6 +33,10 @@ SAFETENSORS_DTYPES: dict[str, tuple[torch.dtype, int]] = {
 }
 
 
+# Pairs whose norms are computed in one batched product (a chunk's float64 copies are the extra memory).
+NORM_CHUNK = 32
+
+
 class FactorFileError(ValueError):
     """A payload that is not a readable adapter file; the message says what is wrong and where."""
 
@@ -158,11 +162,16 @@ def squared_norms(pairs: Sequence[LoraFactors]) -> list[float]:
     shapes = {(tuple(pair.lora_a.shape), tuple(pair.lora_b.shape)) for pair in pairs}
     if len(shapes) > 1:
         return [pair.norm() ** 2 for pair in pairs]
-    a = torch.stack([pair.lora_a for pair in pairs]).to(torch.float64)
-    b = torch.stack([pair.lora_b for pair in pairs]).to(torch.float64)
-    grams = (b.transpose(1, 2) @ b) * (a @ a.transpose(1, 2))
-    scales = torch.tensor([pair.scale for pair in pairs], dtype=torch.float64)
-    return (grams.sum(dim=(1, 2)).clamp(min=0.0) * scales.square()).tolist()
+    squared: list[float] = []
+    # In chunks: the float64 copies of a chunk, not of all K pairs, are what this adds to the peak.
+    for start in range(0, len(pairs), NORM_CHUNK):
+        chunk = pairs[start : start + NORM_CHUNK]
+        a = torch.stack([pair.lora_a for pair in chunk]).to(torch.float64)
+        b = torch.stack([pair.lora_b for pair in chunk]).to(torch.float64)
+        grams = (b.transpose(1, 2) @ b) * (a @ a.transpose(1, 2))
+        scales = torch.tensor([pair.scale for pair in chunk], dtype=torch.float64)
+        squared.extend((grams.sum(dim=(1, 2)).clamp(min=0.0) * scales.square()).tolist())
+    return squared
 
 
 class FactorSource(Protocol):

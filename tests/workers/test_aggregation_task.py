@@ -21,7 +21,13 @@ from fednested.adapters.lora import adapter_key
 from fednested.checkpoints import CheckpointError, file_sha256, load_version
 from fednested.messaging import encode
 from tests.federation_world import ADAPTER, LAYER0_DOWN, LAYER1_UP, WorkerWorld, as_message, enroll
-from workers.aggregation import CandidateAlreadyRegistered, aggregate_round_task, candidate_version_id
+from workers import aggregation
+from workers.aggregation import (
+    AggregationReleased,
+    CandidateAlreadyRegistered,
+    aggregate_round_task,
+    candidate_version_id,
+)
 from workers.evaluation import evaluate_version_task
 from workers.ingest.consumer import ingest_message
 
@@ -183,9 +189,9 @@ def test_an_aggregation_whose_worker_died_is_released_after_the_timeout(
     settings: Any,
 ) -> None:
     round_, _, task = buffered_round
-    # The worker claimed the task and the window, then died: both stay as it left them.
+    # The worker claimed the task and the window, then stalled: both stay as it left them.
     assert start_training_task(task.pk, actor_label="worker:aggregation")
-    assert claim_round_for_aggregation(round_, actor_label="worker:aggregation")
+    assert claim_round_for_aggregation(round_, actor_label="worker:aggregation", task_pk=task.pk)
     settings.FEDNESTED_AGGREGATION_TIMEOUT_S = 600
     with django_capture_on_commit_callbacks(execute=False):
         assert enqueue_due_windows(timezone.now() + timedelta(minutes=5)) == []
@@ -197,8 +203,43 @@ def test_an_aggregation_whose_worker_died_is_released_after_the_timeout(
     assert Round.objects.get(pk=round_.pk).status == RoundStatus.OPEN
     # The window is ready again (its updates stayed buffered): the same check starts the next attempt.
     assert TrainingTask.objects.get(pk=retry).round == round_
+    # The stalled worker wakes up and finishes its work: it no longer holds the window, so its candidate is
+    # discarded and the window is left to the new attempt.
+    with django_capture_on_commit_callbacks(execute=False), pytest.raises(AggregationReleased):
+        aggregation._aggregate_claimed_round(TrainingTask.objects.get(pk=task.pk), round_)
+    assert not ModelVersion.objects.filter(version_id=candidate_version_id(round_)).exists()
+    assert Round.objects.get(pk=round_.pk).status == RoundStatus.OPEN
+    assert not list((world.root / "versions").glob(".*"))  # its staging directory is gone
     with django_capture_on_commit_callbacks(execute=False):
         assert aggregate_round_task(retry) == candidate_version_id(round_)
+    assert set(Update.objects.values_list("status", flat=True)) == {UpdateStatus.APPLIED}
+
+
+def test_a_task_that_never_started_and_a_window_no_task_holds_are_released(
+    world: WorkerWorld,
+    buffered_round: tuple[Round, list[dict[str, torch.Tensor]], TrainingTask],
+    django_capture_on_commit_callbacks: Any,
+    settings: Any,
+) -> None:
+    round_, _, task = buffered_round
+    settings.FEDNESTED_AGGREGATION_TIMEOUT_S = 600
+    later = timezone.now() + timedelta(minutes=11)
+    with django_capture_on_commit_callbacks(execute=False):
+        [retry] = enqueue_due_windows(later)
+    lost = TrainingTask.objects.get(pk=task.pk)
+    assert (lost.status, lost.error.startswith("presumed lost: not started 600 s after it was created")) == (
+        TaskStatus.FAILED,
+        True,
+    )
+    # A window left aggregating by nobody (no pending or running task) is reopened by the same check.
+    TrainingTask.objects.filter(pk=retry).update(status=TaskStatus.CANCELLED)
+    Round.objects.filter(pk=round_.pk).update(status=RoundStatus.AGGREGATING)
+    with django_capture_on_commit_callbacks(execute=False):
+        enqueue_due_windows(later)
+    assert Round.objects.get(pk=round_.pk).status == RoundStatus.OPEN
+    assert AuditEvent.objects.filter(
+        verb="federation.round.reopened", data__reason="no aggregation task holds it any more"
+    ).exists()
 
 
 def test_a_round_is_aggregated_once(
