@@ -29,7 +29,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from bench.edge import _machine, _peak_rss_mb, _rss_mb
+from bench.report import machine as machine_info
+from bench.report import peak_rss_mb, rss_mb, write_report
 from fednested.adapters.lora import adapter_key, layer_index
 from fednested.aggregation import (
     AggregationConfig,
@@ -276,9 +277,9 @@ def _save_merged(model: nn.Module, shapes: Mapping[str, tuple[int, ...]], layers
 def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     settings = BenchSettings.from_dict(spec["settings"])
     torch.set_num_threads(settings.threads)
-    baseline = _rss_mb()
+    baseline = rss_mb()
     model, shapes = _build(settings)
-    model_rss = _rss_mb()
+    model_rss = rss_mb()
     count = spec["count"]
     paths = [update_path(Path(spec["update_dir"]), index) for index in range(count)]
     weights = update_weights(experts_of_shapes(shapes), count, settings.seed)
@@ -305,7 +306,7 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
             "worst_key": worst,
             "median_rel_error_vs_float64": float(np.median(list(errors.values()))),
             "seconds": time.perf_counter() - started,
-            "peak_rss_mb": _peak_rss_mb(),
+            "peak_rss_mb": peak_rss_mb(),
         }
     # CPU time next to wall time: on a shared machine a descheduled process loses wall time but not CPU time
     started, cpu_started = time.perf_counter(), time.process_time()
@@ -320,7 +321,7 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     result["seconds"] = time.perf_counter() - started
     result["cpu_seconds"] = time.process_time() - cpu_started
     # read before anything else is allocated: saving the merged weights below must not count towards the peak
-    result["peak_rss_mb"] = _peak_rss_mb()
+    result["peak_rss_mb"] = peak_rss_mb()
     if spec.get("save_merged"):
         _save_merged(
             model, shapes, layers if layers is not None else frozenset(map(layer_index, shapes)), spec["save_merged"]
@@ -410,7 +411,7 @@ def _best(attempts: list[dict[str, Any]]) -> dict[str, Any]:
 
 def run_benchmark(settings: BenchSettings, out: Path) -> dict[str, Any]:
     started = time.perf_counter()
-    machine = _machine(settings.threads)  # its load average is the one at the start
+    machine = machine_info(settings.threads)  # its load average is the one at the start
     model, shapes = _build(settings)
     del model
     all_layers = sorted({layer_index(name) for name in shapes})
@@ -540,11 +541,7 @@ def run_benchmark(settings: BenchSettings, out: Path) -> dict[str, Any]:
         "max_rel_error_vs_float64: every key at K = headline_count, max|ours − ref| / max|ref| per key, ref summed "
         "in float64 one dense product per update.",
     ]
-    report["load_average_at_end"] = list(os.getloadavg())
-    report["wall_seconds"] = time.perf_counter() - started
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    return report
+    return write_report(report, out, started=started)
 
 
 def main(argv: list[str] | None = None) -> int:

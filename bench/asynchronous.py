@@ -14,8 +14,6 @@ import heapq
 import itertools
 import json
 import math
-import os
-import platform
 import random
 import statistics
 import sys
@@ -30,6 +28,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from bench.report import machine as machine_info
+from bench.report import write_report
 from edge_client.local_training import count_routed_tokens
 from fednested.adapters import ExpertLoraConfig, adapter_state_dict, attach_expert_adapters
 from fednested.aggregation.aggregate import AggregationConfig, expert_of_delta
@@ -517,24 +517,6 @@ def compare_seed(world: World, settings: AsyncBenchSettings, seed: int) -> dict[
     return result
 
 
-def _machine() -> dict[str, Any]:
-    model_name = ""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
-            model_name = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "")
-    except OSError:
-        pass
-    return {
-        "platform": platform.platform(),
-        "processor": model_name or platform.processor(),
-        "usable_cpus": len(os.sched_getaffinity(0)),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "load_average_at_start": list(os.getloadavg()),
-    }
-
-
 NOTES = [
     "Time is simulated: one local run takes a lognormal time with mean 1 and sigma 1, drawn independently for every "
     "run (no fixed per-device speed); the training itself is real and its wall-clock time plays no part.",
@@ -558,7 +540,7 @@ def run_benchmark(settings: AsyncBenchSettings, out: Path) -> dict[str, Any]:
     """Every seed, both protocols; writes the report to `out` and returns it."""
     started = time.perf_counter()
     torch.set_num_threads(1)
-    machine = _machine()
+    machine = machine_info(torch.get_num_threads())
     world = build_world(settings)
     seeds = [compare_seed(world, settings, seed) for seed in settings.seeds]
     ratios = [seed["speedup_to_target"] for seed in seeds]
@@ -587,11 +569,7 @@ def run_benchmark(settings: AsyncBenchSettings, out: Path) -> dict[str, Any]:
     report["targets"] = {
         "async_speedup_to_target": {"target": ">= 2.5", "met": report["async_speedup_to_target"] >= 2.5},
     }
-    report["load_average_at_end"] = list(os.getloadavg())
-    report["wall_seconds"] = time.perf_counter() - started
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    return report
+    return write_report(report, out, started=started)
 
 
 def main(argv: list[str] | None = None) -> int:

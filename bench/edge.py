@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,8 @@ from typing import Any
 
 import torch
 
+from bench.report import machine as machine_info
+from bench.report import peak_rss_mb, rss_mb, write_report
 from fednested.data import (
     BpeTokenizerConfig,
     CorpusConfig,
@@ -63,24 +64,6 @@ class BenchSettings:
     threads: int = 0  # 0: probe and take the fastest
 
 
-def _status_mb(field: str) -> float:
-    with open("/proc/self/status", encoding="ascii") as status:
-        for line in status:
-            if line.startswith(f"{field}:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"/proc/self/status has no {field} line")
-
-
-def _rss_mb() -> float:
-    return _status_mb("VmRSS")
-
-
-def _peak_rss_mb() -> float:
-    # VmHWM is this address space's own high-water mark. getrusage's ru_maxrss is not: Linux carries the larger of
-    # the parent's peak into the child across fork+exec, so every worker would report at least the parent's RSS.
-    return _status_mb("VmHWM")
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # worker side: one configuration per process
 
@@ -119,13 +102,13 @@ def _run_ours(spec: dict[str, Any], settings: BenchSettings) -> dict[str, Any]:
     version = Path(spec["version_dir"])
     tokenizer = load_tokenizer(version)
     records = _text_records(Path(spec["data_path"]))
-    baseline = _rss_mb()
+    baseline = rss_mb()
     model: torch.nn.Module
     if spec["bits"] is None:
         model, _ = load_version(version)
     else:
         model, _ = load_quantized_version(version, spec["bits"])
-    loaded = _rss_mb()
+    loaded = rss_mb()
     adapted = attach_expert_adapters(
         model, ExpertLoraConfig(rank=settings.lora_rank, alpha=settings.lora_alpha, init_seed=0)
     )
@@ -159,7 +142,7 @@ def _run_ours(spec: dict[str, Any], settings: BenchSettings) -> dict[str, Any]:
         "trainable_parameters": trainable,
         "baseline_rss_mb": baseline,
         "loaded_rss_mb": loaded,
-        "peak_rss_mb": _peak_rss_mb(),
+        "peak_rss_mb": peak_rss_mb(),
     }
 
 
@@ -176,9 +159,9 @@ def _run_reference(spec: dict[str, Any], settings: BenchSettings) -> dict[str, A
     version = Path(spec["version_dir"])
     tokenizer = load_tokenizer(version)
     records = _text_records(Path(spec["data_path"]))
-    baseline = _rss_mb()
+    baseline = rss_mb()
     base, _ = load_version(version)
-    loaded = _rss_mb()
+    loaded = rss_mb()
     lora = LoraConfig(
         r=settings.lora_rank, lora_alpha=settings.lora_alpha, target_modules=[], target_parameters=EXPERT_TARGETS
     )
@@ -232,7 +215,7 @@ def _run_reference(spec: dict[str, Any], settings: BenchSettings) -> dict[str, A
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "baseline_rss_mb": baseline,
         "loaded_rss_mb": loaded,
-        "peak_rss_mb": _peak_rss_mb(),
+        "peak_rss_mb": peak_rss_mb(),
     }
 
 
@@ -340,26 +323,6 @@ def _spawn(spec: dict[str, Any], timeout_s: float) -> dict[str, Any]:
     return result
 
 
-def _machine(threads: int) -> dict[str, Any]:
-    model_name = ""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
-            model_name = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "")
-    except OSError:
-        pass
-    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
-    return {
-        "platform": platform.platform(),
-        "processor": model_name or platform.processor(),
-        "cpu_count": os.cpu_count(),
-        "usable_cpus": len(os.sched_getaffinity(0)),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": threads,
-        "load_average_at_start": list(load),
-    }
-
-
 def _configurations(presets: list[str], headline: str) -> list[dict[str, Any]]:
     """Every configuration once, the headline pair (reference and ours on the headline preset) twice, interleaved:
     on a shared machine the load drifts, and best-of-two per side keeps one unlucky minute from deciding the ratio."""
@@ -400,7 +363,7 @@ def run_benchmark(settings: BenchSettings, presets: list[str], out: Path) -> dic
             probe = _spawn({**common, "kind": "threads", "settings": asdict(settings)}, timeout_s=300)
             settings = replace(settings, threads=int(probe["best_threads"]))
         common["settings"] = asdict(settings)
-        machine = _machine(settings.threads)
+        machine = machine_info(settings.threads)
         peaks = [_spawn({**common, "kind": "peak"}, timeout_s=300)]
         attempts: dict[str, list[dict[str, Any]]] = {}
         for spec in _configurations(presets, headline):
@@ -469,11 +432,7 @@ def run_benchmark(settings: BenchSettings, presets: list[str], out: Path) -> dic
         "mfu": {"target": ">= 0.5 (aim)", "met": report["mfu"] >= 0.5},
         "rss_ratio_4bit": {"target": "<= 0.4", "met": report["rss_ratio_4bit"] <= 0.4},
     }
-    report["load_average_at_end"] = list(os.getloadavg())
-    report["wall_seconds"] = time.perf_counter() - started
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    return report
+    return write_report(report, out, started=started)
 
 
 def main(argv: list[str] | None = None) -> int:
