@@ -186,7 +186,13 @@ def write_payload(
 ) -> dict[str, Any]:
     """Upload the adapters as a device does (the control plane's payload upload, which records the device as the
     update id's owner); returns the envelope's payload reference."""
-    raw = save_safetensors({key: tensor.contiguous() for key, tensor in adapters.items()})
+    return write_raw_payload(
+        world, device, update_id, save_safetensors({k: t.contiguous() for k, t in adapters.items()})
+    )
+
+
+def write_raw_payload(world: WorkerWorld, device: "Device", update_id: str, raw: bytes) -> dict[str, Any]:
+    """Upload bytes as the device's payload, whatever they hold (the upload checks only size and sha256)."""
     receipt = store_update_payload(
         device.row,
         update_id,

@@ -74,15 +74,6 @@ class UpdateOutcome:
     update_pk: int | None = None
 
 
-class _Refused(Exception):
-    """A check failed before the envelope could be tied to a new update of an enrolled device (no row)."""
-
-    def __init__(self, code: RejectionCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
 @dataclass(frozen=True)
 class _Checked:
     """What the checks established: who sent it, on which base, for which window, and how stale it is."""
@@ -105,10 +96,12 @@ def device_signing_keys(device: EdgeDevice) -> list[bytes]:
     return [value.encode("ascii") for value in hashes]
 
 
-def refuse_message(*, where: str, code: RejectionCode, message: str, key: str | None = None) -> UpdateOutcome:
+def refuse_message(
+    *, where: str, code: RejectionCode, message: str, actor_label: str, key: str | None = None
+) -> UpdateOutcome:
     """Record a message that is no envelope at all (undecodable, another schema): audit only."""
     with transaction.atomic():
-        record_refused_update(code=code.value, message=message, where=where, key=key, actor_label="worker:ingest")
+        record_refused_update(code=code.value, message=message, where=where, key=key, actor_label=actor_label)
     logger.warning("refused %s (%s): %s", where, code.value, message)
     return UpdateOutcome(where=where, status="refused", code=code, message=message)
 
@@ -132,7 +125,7 @@ def submit_update(
         if existing is not None:
             if existing.device_id == device.pk and existing.envelope == envelope.model_dump(mode="json"):
                 return _duplicate(existing, where=where, actor_label=actor_label)
-            raise _Refused(
+            raise UpdateRejected(
                 RejectionCode.REPLAYED,
                 f"update {update_id} was already received ({existing.status})"
                 + ("" if existing.device_id == device.pk else " from another device")
@@ -141,10 +134,10 @@ def submit_update(
         _check_staged_payload(envelope, device)
         base = ModelVersion.objects.filter(version_id=envelope.base_version).first()
         if base is None:
-            raise _Refused(
+            raise UpdateRejected(
                 RejectionCode.UNKNOWN_BASE_VERSION, f"model version {envelope.base_version!r} is not registered"
             )
-    except _Refused as refusal:
+    except UpdateRejected as refusal:
         with transaction.atomic():
             record_refused_update(
                 code=refusal.code.value,
@@ -187,17 +180,17 @@ def submit_update(
 def _identify(envelope: UpdateEnvelope, sender: EdgeDevice | None) -> EdgeDevice:
     device = EdgeDevice.objects.filter(client_id=envelope.client_id).select_related("user").first()
     if device is None:
-        raise _Refused(RejectionCode.UNKNOWN_CLIENT, f"no enrolled device has client id {envelope.client_id!r}")
+        raise UpdateRejected(RejectionCode.UNKNOWN_CLIENT, f"no enrolled device has client id {envelope.client_id!r}")
     if sender is not None and sender.pk != device.pk:
-        raise _Refused(
+        raise UpdateRejected(
             RejectionCode.NOT_OWNER,
             f"envelope client_id {envelope.client_id!r} is not the authenticated device {sender.client_id!r}; "
             "a device submits updates for itself only",
         )
     if device.status != DeviceStatus.ACTIVE:
-        raise _Refused(RejectionCode.REVOKED_CLIENT, f"device {device.client_id!r} is {device.status}")
+        raise UpdateRejected(RejectionCode.REVOKED_CLIENT, f"device {device.client_id!r} is {device.status}")
     if not any(envelope.verify_hmac_sha256(key) for key in device_signing_keys(device)):
-        raise _Refused(
+        raise UpdateRejected(
             RejectionCode.BAD_SIGNATURE,
             f"update {envelope.update_id}: signature {envelope.signature[:20]!r}… does not verify under any live key "
             f"of device {device.client_id!r}",
@@ -213,13 +206,13 @@ def _check_staged_payload(envelope: UpdateEnvelope, device: EdgeDevice) -> None:
     """
     staged = StagedPayload.objects.filter(update_id=str(envelope.update_id)).select_related("device").first()
     if staged is None:
-        raise _Refused(
+        raise UpdateRejected(
             RejectionCode.MALFORMED,
             f"payload uri {envelope.payload.uri!r}: device {device.client_id!r} uploaded no payload for update id "
             f"{envelope.update_id} (upload it before publishing the envelope)",
         )
     if staged.device_id != device.pk:
-        raise _Refused(
+        raise UpdateRejected(
             RejectionCode.NOT_OWNER,
             f"update id {envelope.update_id} was uploaded by device {staged.device.client_id!r}, "
             f"not {device.client_id!r}",
@@ -227,7 +220,7 @@ def _check_staged_payload(envelope: UpdateEnvelope, device: EdgeDevice) -> None:
     claimed = (envelope.payload.uri, envelope.payload.sha256, envelope.payload.size_bytes)
     stored = (staged.uri, staged.sha256, staged.size_bytes)
     if claimed != stored:
-        raise _Refused(
+        raise UpdateRejected(
             RejectionCode.MALFORMED,
             f"payload uri {envelope.payload.uri!r} (sha256 {envelope.payload.sha256}, {envelope.payload.size_bytes} "
             f"bytes) is not the upload of update id {envelope.update_id} ({staged.uri}, sha256 {staged.sha256}, "

@@ -88,7 +88,6 @@ class Readiness:
     ready: bool
     trigger: str | None = None
     waiting: str | None = None
-    buffered: int = 0
 
 
 def window_readiness(round_: Round, settings: RoundAggregationSettings, now: datetime) -> Readiness:
@@ -98,7 +97,6 @@ def window_readiness(round_: Round, settings: RoundAggregationSettings, now: dat
     if round_.status != RoundStatus.OPEN:
         return Readiness(ready=False)
     updates = buffered_updates(round_)
-    count = updates.count()
     late: str | None = None
     if round_.mode == RoundMode.SYNC:
         cohort = set(round_.cohort.values_list("pk", flat=True))
@@ -128,7 +126,7 @@ def window_readiness(round_: Round, settings: RoundAggregationSettings, now: dat
         decision = policy.decide(buffered=count, oldest_received_at=oldest, now=now)
         trigger = decision.reason.value if decision.ready and decision.reason is not None else None
     if trigger is None:
-        return Readiness(ready=False, waiting=late, buffered=count)
+        return Readiness(ready=False, waiting=late)
     # One aggregation at a time: another window that is being aggregated, or whose task waits for a worker, would
     # build its candidate on the same champion.
     busy = (
@@ -142,11 +140,11 @@ def window_readiness(round_: Round, settings: RoundAggregationSettings, now: dat
         .first()
     )
     if busy is not None:
-        return Readiness(ready=False, trigger=trigger, waiting=f"window {busy} is being aggregated", buffered=count)
+        return Readiness(ready=False, trigger=trigger, waiting=f"window {busy} is being aggregated")
     waiting_on = pending_candidate()
     if waiting_on is not None:
-        return Readiness(ready=False, trigger=trigger, waiting=_why_pending(waiting_on), buffered=count)
-    return Readiness(ready=True, trigger=trigger, buffered=count)
+        return Readiness(ready=False, trigger=trigger, waiting=_why_pending(waiting_on))
+    return Readiness(ready=True, trigger=trigger)
 
 
 def _why_pending(candidate: ModelVersion) -> str:

@@ -3,8 +3,6 @@ staleness weights, windows that wait for an officer, synchronous cohorts, and th
 lies about its base, its claims or its tensors. Each is rejected or bounded with a recorded reason; nothing valid is
 lost."""
 
-import hashlib
-import io
 import json
 import math
 import shutil
@@ -21,7 +19,7 @@ from apps.accounts.choices import Role
 from apps.accounts.models import User
 from apps.federation.choices import RoundMode, RoundStatus, TaskKind, TaskStatus, UpdateStatus
 from apps.federation.models import Round, TrainingTask, Update
-from apps.federation.services import create_training_task, open_round, revoke_device, store_update_payload
+from apps.federation.services import create_training_task, open_round, revoke_device
 from apps.federation.updates import UpdateOutcome, enqueue_due_windows
 from apps.governance.choices import ApprovalStatus
 from apps.governance.models import ApprovalRequest, AuditEvent
@@ -42,6 +40,7 @@ from tests.federation_world import (
     enroll,
     random_adapters,
     signed_envelope,
+    write_raw_payload,
 )
 from workers import aggregation
 from workers.aggregation import aggregate_round_task
@@ -509,17 +508,3 @@ def test_a_payload_with_a_dtype_adapters_never_use_is_rejected_not_a_crash(
     outcome = ingest(signed_envelope(car, payload, update_id=update_id), car)
     assert (outcome.status, outcome.code) == ("rejected", RejectionCode.BAD_DTYPE)
     assert f"dtype '{dtype}' is not one of F32, F16, BF16" in outcome.message
-
-
-def write_raw_payload(world: WorkerWorld, device: Device, update_id: str, raw: bytes) -> dict[str, Any]:
-    """Upload bytes as the device's payload, whatever they hold (the upload checks only size and sha256)."""
-    receipt = store_update_payload(
-        device.row,
-        update_id,
-        io.BytesIO(raw),
-        declared_sha256=hashlib.sha256(raw).hexdigest(),
-        content_length=len(raw),
-        max_bytes=len(raw),
-        root=world.root,
-    )
-    return {"uri": receipt.uri, "sha256": receipt.sha256, "size_bytes": receipt.bytes}

@@ -59,13 +59,20 @@ def ingest_message(message: Message) -> UpdateOutcome:
     """
     where = message.where()
     if message.error is not None:
-        return refuse_message(where=where, code=RejectionCode.MALFORMED, message=str(message.error), key=message.key)
+        return refuse_message(
+            where=where,
+            code=RejectionCode.MALFORMED,
+            actor_label=ACTOR_LABEL,
+            message=str(message.error),
+            key=message.key,
+        )
     envelope = message.event
     if not isinstance(envelope, UpdateEnvelope):
         kind = type(envelope).__name__
         return refuse_message(
             where=where,
             code=RejectionCode.MALFORMED,
+            actor_label=ACTOR_LABEL,
             message=f"expected an UpdateEnvelope, got {kind}",
             key=message.key,
         )
@@ -77,7 +84,11 @@ def ingest_message(message: Message) -> UpdateOutcome:
         # A value the database refuses (it passed every check we know of): the message is bad, not the worker.
         logger.exception("message at %s broke a database constraint", where)
         return refuse_message(
-            where=where, code=RejectionCode.MALFORMED, message=f"the database refused it: {error}", key=message.key
+            where=where,
+            code=RejectionCode.MALFORMED,
+            actor_label=ACTOR_LABEL,
+            message=f"the database refused it: {error}",
+            key=message.key,
         )
     except Exception as error:
         # A defect of ours that this message triggers must not stop ingestion for every device: record and move on.
@@ -85,6 +96,7 @@ def ingest_message(message: Message) -> UpdateOutcome:
         return refuse_message(
             where=where,
             code=RejectionCode.MALFORMED,
+            actor_label=ACTOR_LABEL,
             message=f"could not be processed ({type(error).__name__}: {str(error)[:300]}); reported to operators",
             key=message.key,
         )
