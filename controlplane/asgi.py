@@ -1,4 +1,5 @@
-"""ASGI entry point: Channels routes HTTP to Django and websockets to controlplane.routing."""
+"""ASGI entry point: Channels routes HTTP to Django and websockets to controlplane.routing; request limits
+(controlplane/limits.py) answer oversized or credential-less uploads before Django reads their bodies."""
 
 import os
 
@@ -13,11 +14,12 @@ from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
+from controlplane.limits import RequestLimits  # noqa: E402
 from controlplane.routing import websocket_urlpatterns  # noqa: E402
 
 application = ProtocolTypeRouter(
     {
-        "http": django_asgi_application,
+        "http": RequestLimits(django_asgi_application),
         "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
     }
 )

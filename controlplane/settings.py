@@ -6,6 +6,7 @@ FEDNESTED_BUS=kafka.
 """
 
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -96,15 +97,55 @@ def database_from_url(url: str) -> dict[str, Any]:
     raise ImproperlyConfigured(f"DATABASE_URL scheme {scheme!r} is not supported: use postgres:// or sqlite://")
 
 
+def is_embedded_database(url: str) -> bool:
+    """True for the zero-setup single-machine mode: no DATABASE_URL, or an SQLite one (what `make demo` sets)."""
+    return urlsplit(url).scheme.lower() in {"", "sqlite"}
+
+
+def embedded_secret_key(path: Path) -> str:
+    """The embedded mode's signing key: random, made once into `path` (mode 0600) and read back by every process.
+
+    Made under a temporary name and linked into place, so processes starting together agree on one key.
+    """
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.with_name(f".{path.name}.{os.getpid()}")
+        descriptor = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w", encoding="ascii") as handle:
+            handle.write(secrets.token_urlsafe(48))
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.link(staging, path)
+        except FileExistsError:
+            pass  # another process made it first: use theirs
+        finally:
+            staging.unlink()
+    mode = path.stat().st_mode
+    if mode & 0o077:
+        raise ImproperlyConfigured(
+            f"{path} holds the signing key but is readable by others (mode {mode & 0o777:o}): chmod 600 {path}"
+        )
+    key = path.read_text(encoding="ascii").strip()
+    if not key:
+        raise ImproperlyConfigured(f"{path} is empty: delete it to have a new signing key made")
+    return key
+
+
 # --- core ----------------------------------------------------------------------------------------------------------
 
-# DEBUG defaults to on so that `make demo` needs no configuration; deployments set DEBUG=false and a SECRET_KEY.
-DEBUG = envbool("DEBUG", True)
+# Off unless asked for (DEBUG=true): debug error pages list every URL and show settings to whoever triggers them.
+DEBUG = envbool("DEBUG", False)
 SECRET_KEY = envstr("SECRET_KEY", "")
 if not SECRET_KEY:
-    if not DEBUG:
-        raise ImproperlyConfigured("SECRET_KEY (or SECRET_KEY_FILE) must be set when DEBUG is off")
-    SECRET_KEY = "dev-only-insecure-key-fednested-do-not-use-in-deployments"  # dev default, DEBUG only
+    if os.environ.get("SECRET_KEY_FILE"):
+        raise ImproperlyConfigured(f"SECRET_KEY_FILE={os.environ['SECRET_KEY_FILE']!r} is empty")
+    if not is_embedded_database(envstr("DATABASE_URL", "")):
+        raise ImproperlyConfigured(
+            "SECRET_KEY (or SECRET_KEY_FILE) must be set when DATABASE_URL names a database server: every process "
+            "of the deployment must sign with the same key (e.g. SECRET_KEY=$(openssl rand -base64 48))"
+        )
+    SECRET_KEY = embedded_secret_key(VAR_DIR / "secret_key")
 ALLOWED_HOSTS = envlist("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]")
 CSRF_TRUSTED_ORIGINS = envlist("CSRF_TRUSTED_ORIGINS", "")
 
@@ -240,11 +281,69 @@ FEDNESTED_MAX_UPDATE_BYTES = envint("FEDNESTED_MAX_UPDATE_BYTES", 64 * 1024 * 10
 if FEDNESTED_MAX_UPDATE_BYTES <= 0:
     raise ImproperlyConfigured(f"FEDNESTED_MAX_UPDATE_BYTES={FEDNESTED_MAX_UPDATE_BYTES} must be > 0")
 
+# --- device identity (docs/operations/identity.md) ---
+# The federation's CA directory (`fednested ca init`). Unset: devices still register the public key of their CSR
+# and sign updates with it, but get no certificate (the zero-setup embedded mode).
+FEDNESTED_CA_DIR = envstr("FEDNESTED_CA_DIR", "").strip()
+# Where the CRL is written whenever a certificate is revoked (HAProxy's crl-file); next to the CA by default.
+FEDNESTED_CRL_PATH = envstr("FEDNESTED_CRL_PATH", "").strip() or (
+    str(Path(FEDNESTED_CA_DIR) / "crl.pem") if FEDNESTED_CA_DIR else ""
+)
+FEDNESTED_DEVICE_CERT_VALIDITY_S = envint("FEDNESTED_DEVICE_CERT_VALIDITY_S", 7 * 24 * 3600)
+if not 60 <= FEDNESTED_DEVICE_CERT_VALIDITY_S <= 90 * 24 * 3600:
+    raise ImproperlyConfigured("FEDNESTED_DEVICE_CERT_VALIDITY_S must be between 60 s and 90 days")
+# A device whose enrollment answer was lost may repeat it with the same token and key for this long.
+FEDNESTED_ENROLLMENT_RETRY_S = envint("FEDNESTED_ENROLLMENT_RETRY_S", 3600)
+if not 0 <= FEDNESTED_ENROLLMENT_RETRY_S <= 7 * 24 * 3600:
+    raise ImproperlyConfigured("FEDNESTED_ENROLLMENT_RETRY_S must be between 0 and 7 days")
+# Replay window of update envelopes (besides the update id, which is accepted once): older or further in the future
+# than this is refused. Devices spool updates while offline, hence the generous age.
+FEDNESTED_UPDATE_MAX_AGE_S = envint("FEDNESTED_UPDATE_MAX_AGE_S", 30 * 24 * 3600)
+FEDNESTED_UPDATE_MAX_CLOCK_SKEW_S = envint("FEDNESTED_UPDATE_MAX_CLOCK_SKEW_S", 300)
+if FEDNESTED_UPDATE_MAX_AGE_S <= 0 or not 0 <= FEDNESTED_UPDATE_MAX_CLOCK_SKEW_S <= 24 * 3600:
+    raise ImproperlyConfigured("FEDNESTED_UPDATE_MAX_AGE_S must be > 0 and FEDNESTED_UPDATE_MAX_CLOCK_SKEW_S ≤ 1 day")
+# The secret HAProxy sends with every request (`fednested infra generate-haproxy-config --proxy-secret-file`): only
+# requests carrying it may name a verified client certificate in X-Fednested-Client-* headers. Set it only where
+# Django is reachable solely through HAProxy; then X-Forwarded-Proto (set by HAProxy) tells Django the request was
+# https, which the console's CSRF origin check needs.
+FEDNESTED_PROXY_SECRET = envstr("FEDNESTED_PROXY_SECRET", "").strip()
+if FEDNESTED_PROXY_SECRET:
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+# HAProxy's admin socket (`generate-haproxy-config --admin-socket`): a new CRL is loaded into it at once.
+FEDNESTED_HAPROXY_ADMIN_SOCKET = envstr("FEDNESTED_HAPROXY_ADMIN_SOCKET", "").strip()
+# Devices must present their client certificate (through HAProxy): a device's API token alone is refused.
+FEDNESTED_DEVICES_REQUIRE_CERTIFICATE = envbool("FEDNESTED_DEVICES_REQUIRE_CERTIFICATE", False)
+# TLS to Kafka (the SSL listener with client authentication): the CA, and the control plane's client certificate
+# and key (principal User:<CN>, e.g. fednested-controlplane; docs/operations/identity.md).
+FEDNESTED_KAFKA_SSL_CA = envstr("FEDNESTED_KAFKA_SSL_CA", "").strip()
+FEDNESTED_KAFKA_SSL_CERTIFICATE = envstr("FEDNESTED_KAFKA_SSL_CERTIFICATE", "").strip()
+FEDNESTED_KAFKA_SSL_KEY = envstr("FEDNESTED_KAFKA_SSL_KEY", "").strip()
+if bool(FEDNESTED_KAFKA_SSL_CERTIFICATE) != bool(FEDNESTED_KAFKA_SSL_KEY) or (
+    FEDNESTED_KAFKA_SSL_CERTIFICATE and not FEDNESTED_KAFKA_SSL_CA
+):
+    raise ImproperlyConfigured(
+        "FEDNESTED_KAFKA_SSL_CERTIFICATE and FEDNESTED_KAFKA_SSL_KEY go together, and need FEDNESTED_KAFKA_SSL_CA"
+    )
+
 # --- REST API ------------------------------------------------------------------------------------------------------
 
+# Largest request body anywhere but the payload upload (FEDNESTED_MAX_UPDATE_BYTES): JSON API bodies, console and
+# admin forms. The ASGI application refuses larger ones (413) before reading them (controlplane/limits.py), the JSON
+# parser reads no more than this whatever the headers say (controlplane/parsers.py), and Django's forms agree.
+FEDNESTED_MAX_REQUEST_BYTES = envint("FEDNESTED_MAX_REQUEST_BYTES", 1024 * 1024)
+if FEDNESTED_MAX_REQUEST_BYTES <= 0:
+    raise ImproperlyConfigured(f"FEDNESTED_MAX_REQUEST_BYTES={FEDNESTED_MAX_REQUEST_BYTES} must be > 0")
+DATA_UPLOAD_MAX_MEMORY_SIZE = FEDNESTED_MAX_REQUEST_BYTES
+
 REST_FRAMEWORK = {
+    # JSON only: the API takes no forms or files (the payload upload reads its octet-stream body itself), and the
+    # browsable API still posts JSON through its raw-data form.
+    "DEFAULT_PARSER_CLASSES": ["controlplane.parsers.BoundedJSONParser"],
+    "TEST_REQUEST_DEFAULT_FORMAT": "json",
     # Token first: its WWW-Authenticate header makes missing credentials a 401 rather than a 403.
     "DEFAULT_AUTHENTICATION_CLASSES": [
+        # A verified client certificate (passed by HAProxy) decides who a device is before any token is looked at.
+        "apps.accounts.authentication.ProxyClientCertificateAuthentication",
         "apps.accounts.authentication.ApiTokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],

@@ -21,3 +21,9 @@ urlpatterns = [
     path("api-auth/", include("rest_framework.urls")),
     path("", include("apps.console.urls")),
 ]
+
+# Outside the views too, the API answers JSON with a `code`, the console plain pages; never a debug page.
+handler400 = "controlplane.api_errors.bad_request"
+handler403 = "controlplane.api_errors.permission_denied"
+handler404 = "controlplane.api_errors.page_not_found"
+handler500 = "controlplane.api_errors.server_error"

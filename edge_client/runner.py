@@ -15,14 +15,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from edge_client.enrollment import ensure_enrolled
+from edge_client.enrollment import certificate_due, ensure_enrolled, renew_if_due
 from edge_client.errors import EdgeClientError
 from edge_client.local_training import LocalTrainingResult, adapter_summary, train_local_adapters
 from edge_client.sidecar import AuditLog, Sidecar, load_policy
 from edge_client.sidecar.audit import head_path_for
 from edge_client.snapshots import LoadedBase, PulledVersion, QuantizeBits, load_base, pull_champion
 from edge_client.spool import KIND_TELEMETRY, KIND_UPDATE, Deliverer, DeliveryReport, Outbox
-from edge_client.state import StateDir
+from edge_client.state import DeviceCredential, StateDir
 from edge_client.transport.bus import EventPublisher
 from edge_client.transport.http import ChampionInfo, ControlPlaneClient, ControlPlaneRejected, ControlPlaneUnavailable
 from edge_client.transport.retry import RetriesExhausted, RetryPolicy, call_with_retries
@@ -38,6 +38,7 @@ from fednested.checkpoints import (
 from fednested.config import EdgeDataSettings, EdgeModelSettings, Tier2Config
 from fednested.data.jsonl import JsonlFormatError, read_jsonl_files
 from fednested.data.records import Record
+from fednested.messaging.acls import EDGE_GROUP_PREFIX
 from fednested.messaging.bus import Consumer, Message, make_bus
 from fednested.messaging.schemas import ModelAvailable, RoundStart
 from fednested.messaging.settings import EmbeddedBusSettings, KafkaBusSettings
@@ -50,6 +51,18 @@ StopReason = Literal["goals_met", "max_wait", "interrupted"]
 def _tier2_default(model: type[BaseModel], name: str) -> Any:
     """The tier2 config's default for a setting, so settings built directly (tests) match a file that omits it."""
     return model.model_fields[name].default
+
+
+# Control events name versions and rounds a device keeps in memory; a flood of (hostile) events cannot grow them
+# past this: the oldest entries go first.
+MAX_REMEMBERED_EVENTS = 256
+
+
+def _remember(memory: dict[str, Any], key: str, value: Any) -> None:
+    memory.pop(key, None)
+    memory[key] = value
+    while len(memory) > MAX_REMEMBERED_EVENTS:
+        del memory[next(iter(memory))]
 
 
 @dataclass(frozen=True)
@@ -75,6 +88,7 @@ class ClientSettings:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     http_timeout_s: float = field(default=_tier2_default(Tier2Config, "http_timeout_s"))
     poll_interval_s: float = field(default=_tier2_default(Tier2Config, "poll_interval_s"))
+    control_plane_ca_file: Path | None = None
 
     @property
     def resolved_spool_dir(self) -> Path:
@@ -106,6 +120,7 @@ class ClientSettings:
             retry=config.retry,
             http_timeout_s=config.http_timeout_s,
             poll_interval_s=config.poll_interval_s,
+            control_plane_ca_file=config.control_plane_ca_file,
         )
 
 
@@ -170,6 +185,7 @@ class ClientRun:
         # version id -> (manifest sha256 the ModelAvailable event announced, where the event was read)
         self.announced: dict[str, tuple[str, str]] = {}
         self.champion_stale = True
+        self.credential: DeviceCredential | None = None
         self.version_report_refused: str | None = None
 
     # -- setup ---------------------------------------------------------------------------------------------------
@@ -181,6 +197,35 @@ class ClientRun:
             audit_path, head_path_for(audit_path), self.state.credential_file
         )
         return Sidecar(policy=policy, audit=AuditLog(audit_path))
+
+    def use_certificate(self, api: ControlPlaneClient, credential: DeviceCredential | None) -> None:
+        """On an https control plane: trust the configured CA (else the one enrollment returned) and, once enrolled
+        with a certificate, present it (mTLS). Plain http (the embedded demo) uses neither."""
+        if not self.settings.control_plane_url.startswith("https://"):
+            return
+        ca_file = self.settings.control_plane_ca_file
+        if ca_file is None and credential is not None and credential.ca_certificate:
+            ca_file = self.state.ca_file
+        certificate = None
+        if credential is not None and credential.certificate:
+            certificate = (self.state.certificate_file, self.state.device_key_file)
+        api.use_tls(ca_file=ca_file, certificate=certificate)
+
+    def renew_certificate(self, api: ControlPlaneClient, sidecar: Sidecar) -> None:
+        """Renew the client certificate once a third of its lifetime is left (a long-running device outlives it);
+        a failed renewal is retried on the next turn, while the current certificate still works."""
+        credential = self.credential
+        if credential is None or not certificate_due(credential):
+            return
+        try:
+            self.credential = self.retrying(
+                "renew certificate", lambda: renew_if_due(self.state, api, sidecar, credential)
+            )
+        except (RetriesExhausted, ControlPlaneRejected) as exc:
+            self.report.last_error = f"certificate renewal: {exc}"
+            sidecar.record("device.certificate_renewal_failed", {"error": str(exc)[:200]})
+            return
+        self.use_certificate(api, self.credential)
 
     def retrying(self, what: str, action: Callable[[], Any]) -> Any:
         return call_with_retries(
@@ -416,13 +461,13 @@ class ClientRun:
             return
         event = message.event
         if isinstance(event, RoundStart):
-            self.round_for_base[event.base_version] = event.round_id
+            _remember(self.round_for_base, event.base_version, event.round_id)
         elif (
             isinstance(event, ModelAvailable)
             and event.alias == "champion"
             and event.version_id != self.report.current_version
         ):
-            self.announced[event.version_id] = (event.manifest_sha256, message.where())
+            _remember(self.announced, event.version_id, (event.manifest_sha256, message.where()))
             self.champion_stale = True
 
     def sync_champion(self, api: ControlPlaneClient, sidecar: Sidecar) -> None:
@@ -430,13 +475,16 @@ class ClientRun:
         info = self.champion_info(api)
         if info is None:
             return
-        announced = self.announced.get(info.version_id)
+        announced = self.announced.pop(info.version_id, None)
         if announced is not None and announced[0] != info.manifest_sha256:
-            sidecar.record("control.manifest_mismatch", {"version_id": info.version_id, "event": announced[0]})
-            raise EdgeClientError(
+            # A forged or stale event must not stop the device: it is recorded and forgotten. The API stays the
+            # authority, and move_to still checks every downloaded byte against the API's manifest hash.
+            problem = (
                 f"ModelAvailable for {info.version_id} at {announced[1]} announces manifest sha256 {announced[0]}, "
-                f"but the API says {info.manifest_sha256}; not moving to it"
+                f"but the API says {info.manifest_sha256}; the event is ignored"
             )
+            sidecar.record("control.manifest_mismatch", {"version_id": info.version_id, "event": announced[0]})
+            self.report.last_error = problem
         self.move_to(api, info, sidecar)
 
     def remaining(self) -> float | None:
@@ -466,10 +514,8 @@ class ClientRun:
         settings = self.settings
         outbox = Outbox(settings.resolved_spool_dir)
         self.report.pending = len(outbox.pending())
-        with (
-            ControlPlaneClient(settings.control_plane_url, sidecar, timeout_s=settings.http_timeout_s) as api,
-            make_bus(settings.bus) as bus,
-        ):
+        with ControlPlaneClient(settings.control_plane_url, sidecar, timeout_s=settings.http_timeout_s) as api:
+            self.use_certificate(api, None)
             credential = self.retrying(
                 "enroll",
                 lambda: ensure_enrolled(
@@ -482,25 +528,32 @@ class ClientRun:
                 ),
             )
             api.api_token = credential.api_token
-            deliverer = Deliverer(
-                outbox,
-                api,
-                EventPublisher(bus, settings.bus, sidecar),
-                signing_key=credential.signing_key,
-                retry=settings.retry,
-                sleep=self.sleep,
-                on_event=sidecar.record,
-            )
-            # Whatever a previous run left in the spool goes first: it was trained and promised already.
-            self.absorb(deliverer.deliver_pending(deadline=self.deadline), outbox)
-            with bus.consumer(f"edge-{settings.client_id}", [Topic.CONTROL_ROUNDS]) as consumer:
-                self._loop(api, sidecar, outbox, deliverer, consumer)
+            self.use_certificate(api, credential)
+            self.credential = credential
+            self.renew_certificate(api, sidecar)
+            # The bus opens only now: on Kafka with TLS the device authenticates with the certificate enrollment
+            # just wrote to the state directory.
+            with make_bus(settings.bus) as bus:
+                deliverer = Deliverer(
+                    outbox,
+                    api,
+                    EventPublisher(bus, settings.bus, sidecar),
+                    signing_key=self.state.device_key(),
+                    retry=settings.retry,
+                    sleep=self.sleep,
+                    on_event=sidecar.record,
+                )
+                # Whatever a previous run left in the spool goes first: it was trained and promised already.
+                self.absorb(deliverer.deliver_pending(deadline=self.deadline), outbox)
+                with bus.consumer(f"{EDGE_GROUP_PREFIX}{settings.client_id}", [Topic.CONTROL_ROUNDS]) as consumer:
+                    self._loop(api, sidecar, outbox, deliverer, consumer)
 
     def _loop(
         self, api: ControlPlaneClient, sidecar: Sidecar, outbox: Outbox, deliverer: Deliverer, consumer: Consumer
     ) -> None:
         self.resume_current_version(sidecar)
         while True:
+            self.renew_certificate(api, sidecar)
             if self.champion_stale:
                 try:
                     self.sync_champion(api, sidecar)

@@ -16,6 +16,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric import ec
+
 from edge_client.errors import EdgeClientError
 from edge_client.sidecar import OutboundRefused
 from edge_client.sidecar.audit import canonical_json
@@ -209,13 +211,15 @@ class DeliveryReport:
     last_error: str | None = None
 
 
-def finalize_envelope(item: SpoolItem, receipt: dict[str, Any], signing_key: bytes) -> UpdateEnvelope:
+def finalize_envelope(
+    item: SpoolItem, receipt: dict[str, Any], signing_key: ec.EllipticCurvePrivateKey
+) -> UpdateEnvelope:
     """The envelope as published: the spooled fields plus the payload reference from the receipt, signed. Same
     inputs give the same bytes, so a resend after a crash is the identical envelope."""
     fields = dict(item.event)
     fields["payload"] = {"uri": receipt["uri"], "sha256": receipt["sha256"], "size_bytes": receipt["bytes"]}
     envelope = UpdateEnvelope.model_validate_json(canonical_json(fields))
-    return envelope.signed_hmac_sha256(signing_key)
+    return envelope.signed(signing_key)
 
 
 @dataclass
@@ -226,7 +230,7 @@ class Deliverer:
     outbox: Outbox
     api: ControlPlaneClient
     publisher: EventPublisher
-    signing_key: bytes
+    signing_key: ec.EllipticCurvePrivateKey
     retry: RetryPolicy
     rng: random.Random = field(default_factory=random.Random)
     sleep: Callable[[float], None] = time.sleep

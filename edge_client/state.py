@@ -4,7 +4,6 @@ verified model versions and the current version id. Every file is written atomic
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import stat
@@ -13,7 +12,10 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric import ec
+
 from edge_client.errors import EdgeClientError
+from fednested.identity.keys import IdentityError, generate_private_key, load_private_key, private_key_pem
 
 
 class StateError(EdgeClientError):
@@ -48,18 +50,15 @@ def atomic_write_bytes(path: Path, data: bytes, *, mode: int = 0o600) -> None:
 
 @dataclass(frozen=True)
 class DeviceCredential:
-    """What enrollment gives the device: its id and the API credential it authenticates and signs with."""
+    """What enrollment gives the device: its id, its API token, and — when the control plane has a CA — its client
+    certificate and the CA's certificate (PEM). The private key it signs with lives in its own file (`device.key`)."""
 
     client_id: str
     api_token: str
     control_plane_url: str
     enrolled_at: str
-
-    @property
-    def signing_key(self) -> bytes:
-        """The HMAC key of update envelopes: the sha256 (hex, ASCII) of the API token. The control plane stores
-        only token hashes, so this is the secret both sides hold (workers/ingest verifies with it)."""
-        return hashlib.sha256(self.api_token.encode()).hexdigest().encode("ascii")
+    certificate: str | None = None
+    ca_certificate: str | None = None
 
 
 class StateDir:
@@ -72,6 +71,36 @@ class StateDir:
     @property
     def credential_file(self) -> Path:
         return self.root / "credential.json"
+
+    @property
+    def device_key_file(self) -> Path:
+        return self.root / "device.key"
+
+    @property
+    def certificate_file(self) -> Path:
+        """The client certificate as a file, for TLS libraries that take paths (HTTP mTLS, Kafka)."""
+        return self.root / "device.crt"
+
+    @property
+    def ca_file(self) -> Path:
+        return self.root / "ca.crt"
+
+    def device_key(self) -> ec.EllipticCurvePrivateKey:
+        """The device's private key, created (0600) on first use. It is made before enrollment and never leaves the
+        device: a retried enrollment sends a CSR for the same key, so it gets the same identity back."""
+        path = self.device_key_file
+        try:
+            mode = stat.S_IMODE(path.stat().st_mode)
+        except FileNotFoundError:
+            key = generate_private_key()
+            atomic_write_bytes(path, private_key_pem(key), mode=0o600)
+            return key
+        if mode & 0o077:
+            raise StateError(f"device key {path} has mode {mode:o}; it must be 0600 (run: chmod 600 {path})")
+        try:
+            return load_private_key(path.read_bytes(), where=str(path))
+        except IdentityError as exc:
+            raise StateError(f"{exc}; restore the key or enroll this device again with a new token") from None
 
     @property
     def versions_dir(self) -> Path:
@@ -126,6 +155,10 @@ class StateDir:
             ) from exc
 
     def save_credential(self, credential: DeviceCredential) -> None:
+        if credential.certificate:
+            atomic_write_bytes(self.certificate_file, credential.certificate.encode(), mode=0o600)
+        if credential.ca_certificate:
+            atomic_write_bytes(self.ca_file, credential.ca_certificate.encode(), mode=0o600)
         atomic_write_bytes(self.credential_file, json.dumps(asdict(credential), indent=2).encode(), mode=0o600)
 
     def current_version(self) -> str | None:

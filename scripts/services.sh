@@ -54,6 +54,8 @@ write_env() {
       echo "export FEDNESTED_REQUIRE_SERVICES='1'"
       echo "export FEDNESTED_SERVICES_VERSIONS='${versions[*]}'"
       echo "export FEDNESTED_SERVICES_DIR='$SERVICES_STATE'"
+      # A deployment-like control plane (a database server) has no generated key: one per services start.
+      echo "export SECRET_KEY='$(head -c 48 /dev/urandom | base64 | tr -d '\n/+=')'"
     } >"$SERVICES_ENV.tmp"
     mv "$SERVICES_ENV.tmp" "$SERVICES_ENV"
   )

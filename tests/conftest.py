@@ -24,6 +24,7 @@ from apps.federation.services import enroll_device, issue_enrollment_token, open
 from apps.registry.choices import ArtifactPartition
 from apps.registry.models import ModelFamily, ModelVersion
 from apps.registry.services import ArtifactSpec, create_model_family, register_version
+from tests.device_keys import device_csr
 
 CAST = ("officer", "engineer", "device", "outsider", "anonymous")
 
@@ -54,7 +55,13 @@ def make_user(username: str, role: str) -> tuple[User, str]:
 
 def make_device(engineer: User, client_id: str, *, domain: str = "automotive") -> tuple[EdgeDevice, str]:
     _, enrollment_token = issue_enrollment_token(actor=engineer, note=f"for {client_id}")
-    enrollment = enroll_device(token=enrollment_token, client_id=client_id, display_name=client_id, domain=domain)
+    enrollment = enroll_device(
+        token=enrollment_token,
+        client_id=client_id,
+        csr=device_csr(client_id),
+        display_name=client_id,
+        domain=domain,
+    )
     return enrollment.device, enrollment.api_token
 
 
@@ -252,6 +259,6 @@ def make_envelope(
             "size_bytes": len(payload),
         },
         "adapter": {"rank": 4, "alpha": 8.0, "target_modules": ["w1", "w2", "w3"]},
-        "created_at": "2026-01-01T00:00:00Z",
+        "created_at": timezone.now().replace(microsecond=0).isoformat(),
         "signature": "",
     }

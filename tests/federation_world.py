@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from cryptography.hazmat.primitives.asymmetric import ec
 from django.utils import timezone
 from safetensors.torch import save as save_safetensors
 
@@ -41,6 +42,7 @@ from fednested.data import (
     write_jsonl,
 )
 from fednested.deltas import expert_param_shapes
+from fednested.identity.keys import generate_private_key, make_csr
 from fednested.messaging import Topic, UpdateEnvelope
 from fednested.messaging.bus import Message, read_message
 from fednested.models import build_model
@@ -148,20 +150,20 @@ def world(db: Any, base_template: BaseTemplate, tmp_path: Path, settings: Any) -
 
 @dataclass
 class Device:
-    """An enrolled device and the key it signs envelopes with (SHA-256 hex of its API token)."""
+    """An enrolled device and the private key it signs envelopes with (made on the device; never sent)."""
 
     row: EdgeDevice
     api_token: str
-
-    @property
-    def signing_key(self) -> bytes:
-        return hashlib.sha256(self.api_token.encode()).hexdigest().encode()
+    signing_key: ec.EllipticCurvePrivateKey
 
 
 def enroll(world: WorkerWorld, client_id: str) -> Device:
     _, token = issue_enrollment_token(actor=world.engineer, note=client_id)
-    enrollment = enroll_device(token=token, client_id=client_id, domain="automotive")
-    return Device(row=enrollment.device, api_token=enrollment.api_token)
+    key = generate_private_key()
+    enrollment = enroll_device(
+        token=token, client_id=client_id, csr=make_csr(key, client_id).decode(), domain="automotive"
+    )
+    return Device(row=enrollment.device, api_token=enrollment.api_token, signing_key=key)
 
 
 def random_adapters(
@@ -235,11 +237,11 @@ def signed_envelope(
             "metrics": metrics if metrics is not None else {"train_loss": 2.5, "tokens": 64.0},
             "payload": payload,
             "adapter": {"rank": ADAPTER.rank, "alpha": ADAPTER.alpha, "target_modules": list(ADAPTER.targets)},
-            "created_at": datetime(2026, 1, 1, tzinfo=UTC).isoformat(),
+            "created_at": datetime.now(UTC).replace(microsecond=0).isoformat(),
         },
         strict=False,
     )
-    return envelope.signed_hmac_sha256(device.signing_key)
+    return envelope.signed(device.signing_key)
 
 
 _offsets = iter(range(10**9))

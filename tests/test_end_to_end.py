@@ -34,6 +34,8 @@ import pytest
 import torch
 import yaml
 from confluent_kafka import Producer
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 from django.conf import settings as django_settings
 from django.db import connection
 from django.test import Client
@@ -48,8 +50,10 @@ from apps.demo.bootstrap import BootstrapConfig, FirstVersion, build_first_versi
 from apps.demo.devices import DemoDevice, EdgeTrainingPlan, client_command, client_report, prepare_device
 from apps.demo.processes import ManagedProcess, start_process
 from apps.demo.run import register_first_version
+from apps.federation import identity
 from apps.federation.choices import UpdateStatus
-from apps.federation.models import EdgeDevice, Update
+from apps.federation.identity import publish_crl
+from apps.federation.models import DeviceKey, EdgeDevice, Update
 from apps.federation.services import (
     enroll_device,
     issue_enrollment_token,
@@ -68,11 +72,17 @@ from fednested.adapters.lora import ExpertLoraConfig, adapter_key
 from fednested.checkpoints import read_manifest
 from fednested.data import write_jsonl
 from fednested.deltas import expert_param_shapes
+from fednested.identity.ca import CertificateAuthority
+from fednested.identity.keys import generate_private_key, make_csr, public_key_pem
+from fednested.infra.endpoint import Endpoint, parse_endpoint
+from fednested.infra.haproxy import HAProxyOptions, write_private_file
 from fednested.messaging import Topic, UpdateEnvelope
+from fednested.messaging.acls import apply_acls, federation_acls
 from fednested.messaging.bus import bootstrap_topics, make_bus
 from fednested.messaging.settings import KafkaBusSettings
 from fednested.messaging.topics import TopicsConfig
 from fednested.models import build_model
+from tests.fednested.infra.haproxy_process import device_certificate, free_port, running_haproxy, tls_client
 
 pytestmark = [pytest.mark.services, pytest.mark.kafka, pytest.mark.slow, pytest.mark.timeout(1500)]
 
@@ -112,12 +122,21 @@ def private_broker_url(url: str) -> str:
 
 @dataclass
 class ControlPlane:
-    """The running system of one test: settings, child processes, and the people who operate it."""
+    """The running system of one test: settings, child processes, and the people who operate it.
+
+    As deployed: devices reach the control plane only through HAProxy (`device_url`, mTLS with certificates of the
+    federation CA, checked against its CRL) and Kafka only on its TLS listener with ACLs; the control plane's own
+    processes use the TLS listener with the control plane's certificate (`bus_settings`). `device_bus_settings` is
+    what a device (a certificate with OU=device) may do on Kafka: write updates and telemetry, read control events.
+    """
 
     root: Path
     url: str
+    device_url: str
+    ca_file: Path
     env: dict[str, str]
     bus_settings: KafkaBusSettings
+    device_bus_settings: KafkaBusSettings
     officer: User
     officer_token: str
     engineer: User
@@ -181,51 +200,104 @@ class ControlPlane:
 
 @pytest.fixture
 def control_plane(transactional_db: Any, live_server: Any, settings: Any, tmp_path: Path) -> Iterator[ControlPlane]:
-    """Kafka topics under a fresh prefix, an artifact store, the officer and engineer; stops every child it started."""
+    """Kafka topics under a fresh prefix with the federation's ACLs, the services' CA as the federation CA, HAProxy
+    with mTLS in front of the live server, an artifact store, the officer and engineer; stops every child."""
     if connection.vendor != "postgresql":
         service_setting("DATABASE_URL", scheme="postgres")
         pytest.fail(
             f"DATABASE_URL is set but the tests run on {connection.vendor}; the end-to-end test needs PostgreSQL"
         )
-    bootstrap = service_setting("FEDNESTED_KAFKA_BOOTSTRAP")
+    plaintext = service_setting("FEDNESTED_KAFKA_BOOTSTRAP")
+    bootstrap = service_setting("FEDNESTED_KAFKA_SSL_BOOTSTRAP")
+    ca = CertificateAuthority.load(Path(service_setting("FEDNESTED_SERVICES_CA_DIR")))
+    tls = {
+        "ssl_ca": ca.certificate_path,
+        "ssl_certificate": Path(service_setting("FEDNESTED_KAFKA_CONTROLPLANE_CERT")),
+        "ssl_key": Path(service_setting("FEDNESTED_KAFKA_CONTROLPLANE_KEY")),
+    }
     broker = private_broker_url(service_setting("CELERY_BROKER_URL", scheme="redis"))
     prefix = f"e2e-{uuid.uuid4().hex[:10]}."
-    bus_settings = KafkaBusSettings(bootstrap_servers=bootstrap, topics=TopicsConfig(prefix=prefix))
-    bootstrap_topics(bus_settings)
+    topics = TopicsConfig(prefix=prefix)
+    # As an operator would: topics and ACLs made by a super user (the test broker's plaintext listener).
+    admin = KafkaBusSettings(bootstrap_servers=plaintext, topics=topics)
+    bootstrap_topics(admin)
+    apply_acls(admin, federation_acls(topics))
+    bus_settings = KafkaBusSettings(bootstrap_servers=bootstrap, topics=topics, **tls)
+    device_cert, device_key, _ = device_certificate(ca, "e2e-hostile-device", tmp_path / "hostile")
+    device_bus_settings = KafkaBusSettings(
+        bootstrap_servers=bootstrap,
+        topics=topics,
+        ssl_ca=ca.certificate_path,
+        ssl_certificate=device_cert,
+        ssl_key=device_key,
+    )
     artifacts = tmp_path / "artifacts"
     artifacts.mkdir()
+    crl_path = tmp_path / "crl.pem"
     settings.FEDNESTED_BUS = "kafka"
     settings.FEDNESTED_KAFKA_BOOTSTRAP = bootstrap
+    settings.FEDNESTED_KAFKA_SSL_CA = str(tls["ssl_ca"])
+    settings.FEDNESTED_KAFKA_SSL_CERTIFICATE = str(tls["ssl_certificate"])
+    settings.FEDNESTED_KAFKA_SSL_KEY = str(tls["ssl_key"])
     settings.FEDNESTED_TOPIC_PREFIX = prefix
     settings.FEDNESTED_ARTIFACT_ROOT = artifacts
+    settings.FEDNESTED_CA_DIR = str(ca.directory)
+    settings.FEDNESTED_CRL_PATH = str(crl_path)
+    identity._load_ca.cache_clear()
+    publish_crl()
+    # HAProxy: TLS with a server certificate of the CA, client certificates checked against the CRL, the verified
+    # client id passed to Django with the shared secret; devices must use their certificate.
+    secret = uuid.uuid4().hex
+    settings.FEDNESTED_PROXY_SECRET = secret
+    settings.FEDNESTED_DEVICES_REQUIRE_CERTIFICATE = True
+    key_path, cert_path = ca.write_service("haproxy-e2e", tmp_path / "haproxy", ip_addresses=["127.0.0.1"])
+    bundle = write_private_file(tmp_path / "haproxy" / "bundle.pem", cert_path.read_text() + key_path.read_text())
+    proxy_options = HAProxyOptions(
+        bind=Endpoint("127.0.0.1", free_port()),
+        backend=parse_endpoint(urlsplit(live_server.url).netloc, what="live server"),
+        certificate_bundle=bundle,
+        ca_file=ca.certificate_path,
+        crl_file=crl_path,
+        proxy_secret=secret,
+    )
     env = {
         **os.environ,
         "DATABASE_URL": child_database_url(),
         "CELERY_BROKER_URL": broker,
         "FEDNESTED_BUS": "kafka",
         "FEDNESTED_KAFKA_BOOTSTRAP": bootstrap,
+        "FEDNESTED_KAFKA_SSL_CA": str(tls["ssl_ca"]),
+        "FEDNESTED_KAFKA_SSL_CERTIFICATE": str(tls["ssl_certificate"]),
+        "FEDNESTED_KAFKA_SSL_KEY": str(tls["ssl_key"]),
         "FEDNESTED_TOPIC_PREFIX": prefix,
         "FEDNESTED_ARTIFACT_ROOT": str(artifacts),
+        "FEDNESTED_CA_DIR": str(ca.directory),
+        "FEDNESTED_CRL_PATH": str(crl_path),
         "PYTHONPATH": os.pathsep.join([str(django_settings.BASE_DIR), *filter(None, [os.environ.get("PYTHONPATH")])]),
         "PYTHONUNBUFFERED": "1",
     }
     officer = create_user_with_role(username="olivia", role=Role.OFFICER, actor=None, actor_label="e2e")
     _, officer_token = issue_api_token(officer, actor=None, actor_label="e2e", name="e2e")
     engineer = create_user_with_role(username="eric", role=Role.ENGINEER, actor=None, actor_label="e2e")
-    plane = ControlPlane(
-        root=tmp_path,
-        url=live_server.url,
-        env=env,
-        bus_settings=bus_settings,
-        officer=officer,
-        officer_token=officer_token,
-        engineer=engineer,
-    )
-    try:
-        yield plane
-    finally:
-        for process in reversed(plane.processes):
-            process.stop(timeout_s=15)
+    with running_haproxy(proxy_options, tmp_path / "haproxy") as proxy:
+        plane = ControlPlane(
+            root=tmp_path,
+            url=live_server.url,
+            device_url=proxy.url,
+            ca_file=ca.certificate_path,
+            env=env,
+            bus_settings=bus_settings,
+            device_bus_settings=device_bus_settings,
+            officer=officer,
+            officer_token=officer_token,
+            engineer=engineer,
+        )
+        try:
+            yield plane
+        finally:
+            for process in reversed(plane.processes):
+                process.stop(timeout_s=15)
+            identity._load_ca.cache_clear()
 
 
 @pytest.fixture(scope="module")
@@ -278,13 +350,13 @@ def test_devices_train_officer_approves_over_the_api_and_every_device_moves(
             device,
             records=[],
             enrollment_token=token,
-            control_plane_url=plane.url,
+            control_plane_url=plane.device_url,
             bus_path=plane.root / "unused-embedded-bus.sqlite3",
             plan=EdgeTrainingPlan(max_steps=10, seq_len=96, rows_per_batch=4, learning_rate=1e-2),
             seed=index,
         )
         shutil.copy(first_version_template / "train" / f"{domain}.jsonl", device.directory / "data" / "train.jsonl")
-        use_kafka(config_path, plane.bus_settings)
+        use_kafka(config_path, plane)
         devices.append(device)
     tight = tight_policy_device(plane, first_version_template)
     plane.start_celery_worker()
@@ -367,6 +439,28 @@ def test_devices_train_officer_approves_over_the_api_and_every_device_moves(
         assert f'<th scope="row">{domain}</th>' in page
     assert "▼ better" in page
 
+    # Identity, as deployed: each device enrolled with a CSR and holds a certificate of the federation CA (its key
+    # never left it); through HAProxy it is known by that certificate, and its API token alone is refused.
+    device = devices[0]
+    state = StateDir(device.state_dir)
+    certificate = x509.load_pem_x509_certificate((device.state_dir / "device.crt").read_bytes())
+    certificate.verify_directly_issued_by(x509.load_pem_x509_certificate(plane.ca_file.read_bytes()))
+    key = DeviceKey.objects.get(device__client_id=device.client_id, serial=format(certificate.serial_number, "x"))
+    assert key.public_key_pem == public_key_pem(state.device_key().public_key())
+    token = state.load_credential().api_token  # type: ignore[union-attr]
+    with tls_client(plane.ca_file, (device.state_dir / "device.crt", device.state_dir / "device.key")) as mtls:
+        me = mtls.get(f"{plane.device_url}/api/v1/me/")
+        assert (me.status_code, me.json()["client_id"]) == (200, device.client_id)
+    with tls_client(plane.ca_file) as anonymous:
+        heartbeat = anonymous.post(
+            f"{plane.device_url}/api/v1/devices/{device.client_id}/heartbeat/",
+            json={"current_version": "v1"},
+            headers={"Authorization": f"Token {token}"},
+        )
+        assert (heartbeat.status_code, heartbeat.json()["code"]) == (403, "client_certificate_required")
+        only_token = anonymous.get(f"{plane.device_url}/api/v1/me/", headers={"Authorization": f"Token {token}"})
+        assert (only_token.status_code, only_token.json()["code"]) == (401, "client_certificate_required")
+
 
 def tight_policy_device(plane: ControlPlane, template: Path) -> DemoDevice:
     """A device whose owner's sidecar policy allows 1 KiB per payload: any adapter update is larger."""
@@ -376,13 +470,13 @@ def tight_policy_device(plane: ControlPlane, template: Path) -> DemoDevice:
         device,
         records=[],
         enrollment_token=token,
-        control_plane_url=plane.url,
+        control_plane_url=plane.device_url,
         bus_path=plane.root / "unused-embedded-bus.sqlite3",
         plan=EdgeTrainingPlan(max_steps=2, seq_len=96),
         seed=9,
     )
     shutil.copy(template / "train" / "legal.jsonl", device.directory / "data" / "train.jsonl")
-    use_kafka(config_path, plane.bus_settings)
+    use_kafka(config_path, plane)
     policy_path = device.directory / "policy.yaml"
     policy = yaml.safe_load(policy_path.read_text())
     policy["max_payload_bytes"] = 1024
@@ -390,13 +484,20 @@ def tight_policy_device(plane: ControlPlane, template: Path) -> DemoDevice:
     return device
 
 
-def use_kafka(config_path: Path, bus_settings: KafkaBusSettings) -> None:
-    """Point a device (config and sidecar policy) at the Kafka broker, with the test's topic prefix."""
+def use_kafka(config_path: Path, plane: ControlPlane) -> None:
+    """Point a device (config and sidecar policy) at HAProxy (trusting the federation CA) and at the broker's TLS
+    listener with the certificate and key enrollment leaves in its state directory, with the test's topic prefix."""
+    bus_settings = plane.device_bus_settings
     config = yaml.safe_load(config_path.read_text())
+    state = Path(config["state_dir"])
+    config["control_plane_ca_file"] = str(plane.ca_file)
     config["bus"] = {
         "kind": "kafka",
         "bootstrap_servers": bus_settings.bootstrap_servers,
         "topics": {"prefix": bus_settings.topics.prefix},
+        "ssl_ca": str(state / "ca.crt"),
+        "ssl_certificate": str(state / "device.crt"),
+        "ssl_key": str(state / "device.key"),
     }
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     # The device owner's policy must name the brokers too, or the sidecar refuses every publish.
@@ -441,17 +542,15 @@ class Sender:
 
     device: EdgeDevice
     api_token: str
-
-    @property
-    def signing_key(self) -> bytes:
-        # workers.ingest verifies with the SHA-256 (hex) of the device's API token, which is all the server keeps.
-        return hashlib.sha256(self.api_token.encode()).hexdigest().encode()
+    # The device's own private key (its CSR's key at enrollment): what the control plane verifies envelopes with.
+    signing_key: ec.EllipticCurvePrivateKey
 
 
 def enroll(plane: ControlPlane, client_id: str) -> Sender:
     _, token = issue_enrollment_token(actor=plane.engineer, note=client_id)
-    enrollment = enroll_device(token=token, client_id=client_id, domain="legal")
-    return Sender(device=enrollment.device, api_token=enrollment.api_token)
+    key = generate_private_key()
+    enrollment = enroll_device(token=token, client_id=client_id, csr=make_csr(key, client_id).decode(), domain="legal")
+    return Sender(device=enrollment.device, api_token=enrollment.api_token, signing_key=key)
 
 
 def adapters_for(shapes: dict[str, tuple[int, int, int]], seed: int) -> dict[str, torch.Tensor]:
@@ -494,11 +593,11 @@ def envelope(
             "metrics": {"train_loss": 2.5, "tokens": 64.0},
             "payload": payload,
             "adapter": {"rank": ADAPTER.rank, "alpha": ADAPTER.alpha, "target_modules": list(ADAPTER.targets)},
-            "created_at": datetime(2026, 1, 1, tzinfo=UTC).isoformat(),
+            "created_at": datetime.now(UTC).replace(microsecond=0).isoformat(),
         },
         strict=False,
     )
-    return unsigned.signed_hmac_sha256(sender.signing_key)
+    return unsigned.signed(sender.signing_key)
 
 
 def test_bad_input_is_rejected_with_reasons_in_api_and_console_and_nothing_valid_is_lost(
@@ -532,12 +631,14 @@ def test_bad_input_is_rejected_with_reasons_in_api_and_console_and_nothing_valid
     valid = save_safetensors(adapters_for(shapes, seed=1))
 
     def publish(event: UpdateEnvelope) -> None:
-        with make_bus(plane.bus_settings) as bus:
+        # What an enrolled device may do on Kafka (its certificate): the hostile input comes from inside the ACLs.
+        with make_bus(plane.device_bus_settings) as bus:
             bus.publish(Topic.UPDATES, event, key=event.client_id)
 
     def publish_raw(raw: bytes, key: str) -> None:
-        producer = Producer({"bootstrap.servers": plane.bus_settings.bootstrap_servers})
-        producer.produce(plane.bus_settings.topics.physical_name(Topic.UPDATES), value=raw, key=key)
+        settings = plane.device_bus_settings
+        producer = Producer({"bootstrap.servers": settings.bootstrap_servers, **settings.tls_properties()})
+        producer.produce(settings.topics.physical_name(Topic.UPDATES), value=raw, key=key)
         assert producer.flush(15) == 0
 
     def valid_update(sender: Sender, seed: int) -> UpdateEnvelope:
@@ -619,7 +720,11 @@ def test_bad_input_is_rejected_with_reasons_in_api_and_console_and_nothing_valid
     del broken["payload"]
     publish_raw(json.dumps(broken).encode(), key=good.device.client_id)
     refused_expected.append("malformed")
-    stranger = Sender(device=EdgeDevice(client_id="edge-stranger"), api_token="fna_not-a-real-token")
+    stranger = Sender(
+        device=EdgeDevice(client_id="edge-stranger"),
+        api_token="fna_not-a-real-token",
+        signing_key=generate_private_key(),
+    )
     publish(envelope(stranger, claim, base_version="v1", round_id=None, update_id=str(uuid.uuid4())))
     refused_expected.append("unknown_client")
     publish(envelope(revoked, claim, base_version="v1", round_id=None, update_id=str(uuid.uuid4())))
@@ -630,7 +735,7 @@ def test_bad_input_is_rejected_with_reasons_in_api_and_console_and_nothing_valid
     refused_expected.append("unknown_base_version")
     # The same envelope again is a duplicate (recorded, nothing changes); another envelope under its id is a replay.
     publish(first_valid)
-    publish(first_valid.model_copy(update={"examples": first_valid.examples + 1}).signed_hmac_sha256(good.signing_key))
+    publish(first_valid.model_copy(update={"examples": first_valid.examples + 1}).signed(good.signing_key))
     refused_expected.append("replayed")
     # And a valid update after all of that, from another device: it must be buffered like the first.
     last_valid = valid_update(spare, seed=6)

@@ -68,7 +68,6 @@ def demo_environment(base: Mapping[str, str], paths: DemoPaths) -> dict[str, str
             "FEDNESTED_BUS_PATH": str(paths.bus),
             "FEDNESTED_ARTIFACT_ROOT": str(paths.artifacts),
             "STATIC_ROOT": str(paths.static),
-            "DEBUG": "true",
             # The demo prints its own progress; INFO lines of Celery and the workers go to their logs only.
             "LOG_LEVEL": base.get("LOG_LEVEL", "WARNING"),
             "PYTHONUNBUFFERED": "1",

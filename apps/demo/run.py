@@ -285,7 +285,9 @@ class Demo:
         manage = str(Path(settings.BASE_DIR) / "manage.py")
         server = start_process(
             "control-plane server",
-            [sys.executable, manage, "runserver", "--noreload", f"127.0.0.1:{self.options.port}"],
+            # --insecure: runserver serves the console's static files only under DEBUG otherwise, and the demo's
+            # server on loopback needs no separate static file server.
+            [sys.executable, manage, "runserver", "--noreload", "--insecure", f"127.0.0.1:{self.options.port}"],
             env=self.env,
             log_path=self.paths.logs / "server.log",
             cwd=Path(settings.BASE_DIR),

@@ -6,6 +6,7 @@ event announces a change that was rolled back.
 
 from datetime import datetime
 from functools import partial
+from pathlib import Path
 
 from django.conf import settings
 from django.db import transaction
@@ -24,10 +25,19 @@ from fednested.messaging import (
 
 
 def bus_settings() -> KafkaBusSettings | EmbeddedBusSettings:
-    """The bus described by FEDNESTED_BUS, FEDNESTED_BUS_PATH, FEDNESTED_KAFKA_BOOTSTRAP, FEDNESTED_TOPIC_PREFIX."""
+    """The bus described by FEDNESTED_BUS, FEDNESTED_BUS_PATH, FEDNESTED_KAFKA_BOOTSTRAP (and _SSL_*),
+    FEDNESTED_TOPIC_PREFIX."""
     topics = TopicsConfig(prefix=settings.FEDNESTED_TOPIC_PREFIX)
     if settings.FEDNESTED_BUS == "kafka":
-        return KafkaBusSettings(bootstrap_servers=settings.FEDNESTED_KAFKA_BOOTSTRAP, topics=topics)
+        return KafkaBusSettings(
+            bootstrap_servers=settings.FEDNESTED_KAFKA_BOOTSTRAP,
+            topics=topics,
+            ssl_ca=Path(settings.FEDNESTED_KAFKA_SSL_CA) if settings.FEDNESTED_KAFKA_SSL_CA else None,
+            ssl_certificate=(
+                Path(settings.FEDNESTED_KAFKA_SSL_CERTIFICATE) if settings.FEDNESTED_KAFKA_SSL_CERTIFICATE else None
+            ),
+            ssl_key=Path(settings.FEDNESTED_KAFKA_SSL_KEY) if settings.FEDNESTED_KAFKA_SSL_KEY else None,
+        )
     return EmbeddedBusSettings(path=settings.FEDNESTED_BUS_PATH, topics=topics)
 
 

@@ -54,6 +54,35 @@ class EdgeDevice(models.Model):
         return self.client_id
 
 
+class DeviceKey(models.Model):
+    """A public key a device proved it holds (its enrollment or renewal CSR), and the certificate the CA issued for it.
+
+    Update envelopes verify against these keys; the control plane holds no private key of any device. Without a CA
+    (the embedded demo) the key is registered with no certificate. A revoked key verifies nothing and its
+    certificate is on the CRL.
+    """
+
+    device = models.ForeignKey(EdgeDevice, on_delete=models.PROTECT, related_name="keys")
+    fingerprint = models.CharField(max_length=64, help_text="SHA-256 (hex) of the DER SubjectPublicKeyInfo.")
+    public_key_pem = models.TextField()
+    certificate_pem = models.TextField(blank=True, help_text="Empty when the control plane runs without a CA.")
+    serial = models.CharField(max_length=40, blank=True, db_index=True, help_text="Certificate serial (hex).")
+    not_after = models.DateTimeField(null=True, blank=True, help_text="Certificate expiry.")
+    created_at = models.DateTimeField(auto_now_add=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ("-created_at", "-id")
+        constraints = (
+            models.UniqueConstraint(
+                fields=["serial"], condition=~models.Q(serial=""), name="federation_devicekey_unique_serial"
+            ),
+        )
+
+    def __str__(self) -> str:
+        return f"key {self.fingerprint[:12]}… of {self.device_id}" + (f" (cert {self.serial})" if self.serial else "")
+
+
 class Round(models.Model):
     """An aggregation window: it buffers edge updates until they are ready (K, a deadline, or a full cohort), then
     one aggregation applies them to the current champion and produces a candidate.

@@ -25,13 +25,14 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from apps.accounts.choices import Role
-from apps.accounts.models import User
-from apps.accounts.services import deactivate_user, issue_api_token
+from apps.accounts.models import ApiToken, User
+from apps.accounts.services import deactivate_user, issue_api_token, revoke_api_token
 from apps.accounts.tokens import new_secret, secret_sha256
 from apps.federation.choices import DeviceStatus, RoundMode, RoundStatus, TaskKind, TaskStatus, UpdateStatus
 from apps.federation.events import publish_round_start_on_commit
+from apps.federation.identity import CheckedRequest, check_csr, register_device_key, revoke_device_keys
 from apps.federation.jobs import send_training_task_on_commit
-from apps.federation.models import EdgeDevice, EnrollmentToken, Round, StagedPayload, TrainingTask, Update
+from apps.federation.models import DeviceKey, EdgeDevice, EnrollmentToken, Round, StagedPayload, TrainingTask, Update
 from apps.federation.windows import champion_version, staleness_of
 from apps.governance.audit import record_audit_event
 from apps.governance.models import AuditEvent
@@ -106,10 +107,14 @@ def issue_enrollment_token(
 
 @dataclass(frozen=True)
 class Enrollment:
-    """What enrolling returns: the device, and its API token's plaintext (shown once)."""
+    """What enrolling returns: the device, its API token's plaintext (shown once) and its registered key (with the
+    certificate when the control plane has a CA). `repeated` is true for a retried enrollment that got the same
+    identity back."""
 
     device: EdgeDevice
     api_token: str
+    key: DeviceKey
+    repeated: bool = False
 
 
 def _check_labels(labels: Iterable[Any]) -> list[str]:
@@ -122,14 +127,59 @@ def _check_labels(labels: Iterable[Any]) -> list[str]:
     return checked
 
 
+def _token_used(row: EnrollmentToken) -> ValidationError:
+    when = f" at {row.used_at:%Y-%m-%d %H:%M:%S} UTC" if row.used_at is not None else ""
+    return ValidationError(
+        {"token": ValidationError(f"enrollment token {row.token_prefix}… was already used{when}", code="token_used")}
+    )
+
+
+def _repeated_enrollment(
+    row: EnrollmentToken, client_id: str, request: CheckedRequest, now: datetime
+) -> Enrollment | None:
+    """The identity a lost enrollment answer held, when this is the same device retrying: same token, same client
+    id, the same key (the CSR proves possession), within FEDNESTED_ENROLLMENT_RETRY_S of the first attempt.
+
+    The first answer's API token cannot be shown again (only its hash is kept): it is revoked and a new one issued,
+    so the device ends with exactly one live token whichever answer it kept.
+    """
+    if row.used_at is None or now - row.used_at > timedelta(seconds=settings.FEDNESTED_ENROLLMENT_RETRY_S):
+        return None
+    device = (
+        EdgeDevice.objects.select_for_update()
+        .filter(enrollment_token=row, client_id=client_id, status=DeviceStatus.ACTIVE)
+        .select_related("user")
+        .first()
+    )
+    if device is None:
+        return None
+    key = DeviceKey.objects.filter(device=device, fingerprint=request.fingerprint, revoked_at__isnull=True).first()
+    if key is None:
+        return None
+    label = device_actor_label(client_id)
+    for earlier in ApiToken.objects.filter(user=device.user, name="enrollment", revoked_at__isnull=True):
+        revoke_api_token(earlier, actor=None, actor_label=label)
+    _, api_token = issue_api_token(device.user, actor=None, actor_label=label, name="enrollment")
+    record_audit_event(
+        actor=None,
+        actor_label=label,
+        verb="federation.device.enrollment_repeated",
+        target=device,
+        data={"client_id": client_id, "token_prefix": row.token_prefix, "fingerprint": key.fingerprint},
+    )
+    return Enrollment(device=device, api_token=api_token, key=key, repeated=True)
+
+
 @transaction.atomic
 def enroll_device(
-    *, token: str, client_id: str, display_name: str = "", domain: str = "", labels: Sequence[str] = ()
+    *, token: str, client_id: str, csr: str, display_name: str = "", domain: str = "", labels: Sequence[str] = ()
 ) -> Enrollment:
-    """Enroll `client_id` with a one-time token: creates its account, device record and API token.
+    """Enroll `client_id` with a one-time token and the device's CSR: creates its account, device record, API token
+    and key (with a certificate from the federation's CA when one is configured).
 
     The token is claimed with a conditional update, so of two enrollments racing for one token exactly one wins;
-    unknown, expired and used tokens are refused with a message saying which.
+    unknown, expired and used tokens are refused with a message saying which — except the same device repeating
+    its enrollment (same token, client id and key, shortly after), which gets the same identity back.
     """
     if not CLIENT_ID_PATTERN.match(client_id):
         raise ValidationError(
@@ -141,23 +191,31 @@ def enroll_device(
         raise ValidationError(
             {"token": ValidationError("unknown enrollment token; ask an engineer for a new one", code="token_invalid")}
         )
+    request = check_csr(csr, client_id=client_id)
     now = timezone.now()
     if row.used_at is not None:
-        used = f"enrollment token {row.token_prefix}… was already used at {row.used_at:%Y-%m-%d %H:%M:%S} UTC"
-        raise ValidationError({"token": ValidationError(used, code="token_used")})
+        repeated = _repeated_enrollment(row, client_id, request, now)
+        if repeated is not None:
+            return repeated
+        raise _token_used(row)
     if row.expires_at <= now:
         expired = f"enrollment token {row.token_prefix}… expired at {row.expires_at:%Y-%m-%d %H:%M:%S} UTC"
         raise ValidationError({"token": ValidationError(expired, code="token_expired")})
     if EdgeDevice.objects.filter(client_id=client_id).exists():
         raise ValidationError({"client_id": f"client id {client_id!r} is already enrolled"})
+    if DeviceKey.objects.filter(fingerprint=request.fingerprint).exists():
+        raise ValidationError({"csr": ValidationError("this key belongs to another device", code="key_in_use")})
     claimed = EnrollmentToken.objects.filter(pk=row.pk, used_at__isnull=True, expires_at__gt=now).update(
         used_at=now, used_by_client_id=client_id
     )
     if claimed != 1:
-        # Another enrollment claimed it between our read and our update.
-        raise ValidationError(
-            {"token": ValidationError(f"enrollment token {row.token_prefix}… was already used", code="token_used")}
-        )
+        # Another enrollment claimed it between our read and our update: the same device's retry racing its first
+        # attempt gets that attempt's identity (the claim waited for it to commit), anyone else "token used".
+        row.refresh_from_db()
+        repeated = _repeated_enrollment(row, client_id, request, now)
+        if repeated is not None:
+            return repeated
+        raise _token_used(row)
     label = device_actor_label(client_id)
     try:
         with transaction.atomic():
@@ -175,15 +233,22 @@ def enroll_device(
             )
     except IntegrityError as exc:
         raise ValidationError({"client_id": f"client id {client_id!r} is already enrolled"}) from exc
+    key = register_device_key(device, request, now=now)
     _, api_token = issue_api_token(user, actor=None, actor_label=label, name="enrollment")
     record_audit_event(
         actor=None,
         actor_label=label,
         verb="federation.device.enrolled",
         target=device,
-        data={"client_id": client_id, "domain": device.domain, "token_prefix": row.token_prefix},
+        data={
+            "client_id": client_id,
+            "domain": device.domain,
+            "token_prefix": row.token_prefix,
+            "fingerprint": key.fingerprint,
+            "serial": key.serial,
+        },
     )
-    return Enrollment(device=device, api_token=api_token)
+    return Enrollment(device=device, api_token=api_token, key=key)
 
 
 @transaction.atomic
@@ -199,11 +264,26 @@ def revoke_device(device: EdgeDevice, *, actor: Any, reason: str) -> EdgeDevice:
         raise ValidationError({"status": f"device {device.client_id!r} is already revoked"})
     device.refresh_from_db()
     deactivate_user(device.user, actor=actor, reason=f"device revoked: {reason}")
+    keys = revoke_device_keys(device, at=now)
+    # Updates it sent before it was revoked are not trusted either: none of them may reach an aggregate.
+    pending = list(Update.objects.filter(device=device, status=UpdateStatus.BUFFERED))
+    for update in pending:
+        reject_update(
+            update,
+            RejectionCode.REVOKED_CLIENT,
+            f"device {device.client_id!r} was revoked before this update was aggregated: {printable(reason, 200)}",
+            actor_label=getattr(actor, "username", "") or "system",
+        )
     record_audit_event(
         actor=actor,
         verb="federation.device.revoked",
         target=device,
-        data={"client_id": device.client_id, "reason": reason},
+        data={
+            "client_id": device.client_id,
+            "reason": reason,
+            "keys_revoked": keys,
+            "updates_rejected": [update.update_id for update in pending],
+        },
     )
     return device
 

@@ -22,8 +22,8 @@ from django.db import IntegrityError, transaction
 from django.db.models import Count, QuerySet
 from django.utils import timezone
 
-from apps.accounts.models import ApiToken
 from apps.federation.choices import DeviceStatus, RoundMode, RoundStatus, TaskKind, TaskStatus, UpdateStatus
+from apps.federation.identity import device_public_keys
 from apps.federation.models import EdgeDevice, Round, StagedPayload, TrainingTask, Update
 from apps.federation.payloads import adapter_config_of, decode_adapters, fetch_payload
 from apps.federation.services import (
@@ -85,17 +85,6 @@ class _Checked:
     notes: dict[str, Any]
 
 
-def device_signing_keys(device: EdgeDevice) -> list[bytes]:
-    """The HMAC keys a device may sign envelopes with: the SHA-256 (hex) of each of its live API tokens.
-
-    The database keeps only token hashes, so the hash is the shared secret: the device computes it from its token.
-    """
-    hashes = ApiToken.objects.filter(user_id=device.user_id, revoked_at__isnull=True).values_list(
-        "key_sha256", flat=True
-    )
-    return [value.encode("ascii") for value in hashes]
-
-
 def refuse_message(
     *, where: str, code: RejectionCode, message: str, actor_label: str, key: str | None = None
 ) -> UpdateOutcome:
@@ -121,9 +110,10 @@ def submit_update(
     update_id, client_id = str(envelope.update_id), envelope.client_id
     try:
         device = _identify(envelope, sender)
+        _check_freshness(envelope, now())
         existing = Update.objects.filter(update_id=update_id).first()
         if existing is not None:
-            if existing.device_id == device.pk and existing.envelope == envelope.model_dump(mode="json"):
+            if existing.device_id == device.pk and _same_content(existing, envelope):
                 return _duplicate(existing, where=where, actor_label=actor_label)
             raise UpdateRejected(
                 RejectionCode.REPLAYED,
@@ -189,13 +179,38 @@ def _identify(envelope: UpdateEnvelope, sender: EdgeDevice | None) -> EdgeDevice
         )
     if device.status != DeviceStatus.ACTIVE:
         raise UpdateRejected(RejectionCode.REVOKED_CLIENT, f"device {device.client_id!r} is {device.status}")
-    if not any(envelope.verify_hmac_sha256(key) for key in device_signing_keys(device)):
+    if not any(envelope.verify(key) for key in device_public_keys(device, at=envelope.created_at)):
         raise UpdateRejected(
             RejectionCode.BAD_SIGNATURE,
-            f"update {envelope.update_id}: signature {envelope.signature[:20]!r}… does not verify under any live key "
-            f"of device {device.client_id!r}",
+            f"update {envelope.update_id}: signature {envelope.signature[:24]!r}… does not verify under any key of "
+            f"device {device.client_id!r} that was live at {envelope.created_at.isoformat()}",
         )
     return device
+
+
+def _same_content(existing: Update, envelope: UpdateEnvelope) -> bool:
+    """The recorded envelope again, whatever its (verified) signature: a device that renewed its key in between
+    signs the same update differently."""
+    recorded = {name: value for name, value in existing.envelope.items() if name != "signature"}
+    return recorded == envelope.model_dump(mode="json", exclude={"signature"})
+
+
+def _check_freshness(envelope: UpdateEnvelope, now: datetime) -> None:
+    """Replay window: besides its update id (accepted once), an envelope must have been made recently, and not in
+    the future beyond clock skew; a replay of an old envelope whose row was pruned is refused here."""
+    age = (now - envelope.created_at).total_seconds()
+    if age > settings.FEDNESTED_UPDATE_MAX_AGE_S:
+        raise UpdateRejected(
+            RejectionCode.EXPIRED,
+            f"update {envelope.update_id} was created {envelope.created_at.isoformat()}, more than "
+            f"{settings.FEDNESTED_UPDATE_MAX_AGE_S} s ago",
+        )
+    if -age > settings.FEDNESTED_UPDATE_MAX_CLOCK_SKEW_S:
+        raise UpdateRejected(
+            RejectionCode.EXPIRED,
+            f"update {envelope.update_id} claims to be created at {envelope.created_at.isoformat()}, "
+            f"{-age:.0f} s in the future (device clock wrong?)",
+        )
 
 
 def _check_staged_payload(envelope: UpdateEnvelope, device: EdgeDevice) -> None:
@@ -459,7 +474,7 @@ def _record(
         except IntegrityError:
             # The same update id was recorded by a concurrent submission between our check and this insert.
             existing = Update.objects.select_related("device", "round").get(update_id=update_id)
-            if existing.device_id == device.pk and existing.envelope == envelope.model_dump(mode="json"):
+            if existing.device_id == device.pk and _same_content(existing, envelope):
                 return _duplicate(existing, where=where, actor_label=actor_label)
             record_refused_update(
                 code=RejectionCode.REPLAYED.value,

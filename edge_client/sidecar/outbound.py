@@ -19,6 +19,7 @@ from edge_client.errors import EdgeClientError
 from edge_client.sidecar.audit import AuditLog, canonical_json
 from edge_client.sidecar.pii import MetadataScrubber
 from edge_client.sidecar.policy import SidecarPolicy
+from fednested.identity.keys import IdentityError, load_csr
 
 # safetensors dtype codes, so a policy speaks the file format's names whatever produced the tensors.
 _TORCH_TO_SAFETENSORS = {
@@ -197,12 +198,30 @@ def _destination_problem(policy: SidecarPolicy, destination: str) -> str | None:
     return f"unknown destination scheme {parts.scheme!r} (expected http, https, kafka or embedded)"
 
 
+def _csr_problem(value: Any) -> str | None:
+    """A CSR is long text, so it passes only as what it must be: a valid CSR whose subject is one CN and which asks
+    for no extensions — the device's public key and client id, nothing that could carry data."""
+    if not isinstance(value, str):
+        return "must be a PEM certificate signing request"
+    try:
+        csr = load_csr(value)
+    except IdentityError as exc:
+        return str(exc)
+    if len(csr.subject) != 1 or len(csr.extensions) != 0:
+        return "a CSR may hold only the client id (one subject CN) and no extensions"
+    return None
+
+
 def _metadata_problems(policy: SidecarPolicy, metadata: Mapping[str, Any]) -> list[tuple[str, str]]:
     problems: list[tuple[str, str]] = []
     local_only = [str(path) for path in policy.local_only_paths]
     for path, value in _flatten(metadata):
         if not policy.metadata_field_allowed(path):
             problems.append((f"field {path!r}", "not an allow-listed metadata field"))
+        elif path == "csr":
+            problem = _csr_problem(value)
+            if problem:
+                problems.append((f"field {path!r}", problem))
         elif isinstance(value, bytes | bytearray):
             problems.append((f"field {path!r}", "binary values never leave the device in metadata"))
         elif isinstance(value, float) and not math.isfinite(value):

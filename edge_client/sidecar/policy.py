@@ -205,6 +205,8 @@ DEFAULT_METADATA_FIELDS: tuple[str, ...] = (
     "schema_version",
     "token",
     "client_id",
+    # enrollment and renewal: a CSR holds the device's public key and its client id only (checked as such)
+    "csr",
     "display_name",
     "current_version",
     "update_id",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,8 +59,18 @@ class DownloadCorrupt(EdgeClientError):
 
 @dataclass(frozen=True)
 class EnrollmentGrant:
+    """What enrollment answered: the id and token, and the certificates when the control plane has a CA."""
+
     client_id: str
     api_token: str
+    certificate: str | None
+    ca_certificate: str | None
+
+
+@dataclass(frozen=True)
+class CertificateGrant:
+    certificate: str
+    ca_certificate: str | None
 
 
 @dataclass(frozen=True)
@@ -138,7 +149,20 @@ class ControlPlaneClient:
         self.base_url = base_url.rstrip("/") + "/"
         self.sidecar = sidecar
         self.api_token = api_token
+        self._timeout_s = timeout_s
+        self._transport = transport
         self._http = httpx.Client(timeout=timeout_s, transport=transport, follow_redirects=False)
+
+    def use_tls(self, *, ca_file: Path | None, certificate: tuple[Path, Path] | None) -> None:
+        """Trust `ca_file` for the control plane's server certificate and present `certificate` (cert, key paths)
+        as the client certificate (mTLS at HAProxy). Takes effect for the next request."""
+        context = ssl.create_default_context(cafile=str(ca_file) if ca_file is not None else None)
+        if certificate is not None:
+            context.load_cert_chain(certfile=str(certificate[0]), keyfile=str(certificate[1]))
+        self._http.close()
+        self._http = httpx.Client(
+            timeout=self._timeout_s, transport=self._transport, follow_redirects=False, verify=context
+        )
 
     def close(self) -> None:
         self._http.close()
@@ -191,17 +215,32 @@ class ControlPlaneClient:
             raise error(method, url, response.status_code, detail, code=code)
         return response
 
-    def enroll(self, token: str, client_id: str, *, display_name: str | None = None) -> EnrollmentGrant:
+    def enroll(self, token: str, client_id: str, *, csr: str, display_name: str | None = None) -> EnrollmentGrant:
         url = self.absolute(f"{API_PREFIX}enroll/")
-        payload: dict[str, Any] = {"token": token, "client_id": client_id}
+        payload: dict[str, Any] = {"token": token, "client_id": client_id, "csr": csr}
         if display_name:
             payload["display_name"] = display_name
         body = self._send("enroll", "POST", url, metadata=payload).json()
-        device = body.get("device") if isinstance(body, dict) else None
-        granted_id = device.get("client_id") if isinstance(device, dict) else None
+        device = _require(body, "device", dict, url)
+        key = _require(body, "key", dict, url)
+        certificate = key.get("certificate_pem")
+        ca_certificate = body.get("ca_certificate")
         return EnrollmentGrant(
-            client_id=granted_id if isinstance(granted_id, str) else _require(body, "client_id", str, url),
+            client_id=_require(device, "client_id", str, url),
             api_token=_require(body, "api_token", str, url),
+            certificate=certificate if isinstance(certificate, str) and certificate else None,
+            ca_certificate=ca_certificate if isinstance(ca_certificate, str) and ca_certificate else None,
+        )
+
+    def renew_certificate(self, client_id: str, *, csr: str) -> CertificateGrant:
+        """A new client certificate for the key of `csr` (before the current one expires)."""
+        url = self.absolute(f"{API_PREFIX}devices/{quote(client_id, safe='')}/certificate/")
+        body = self._send("certificate.renew", "POST", url, metadata={"csr": csr}).json()
+        key = _require(body, "key", dict, url)
+        ca_certificate = body.get("ca_certificate")
+        return CertificateGrant(
+            certificate=_require(key, "certificate_pem", str, url),
+            ca_certificate=ca_certificate if isinstance(ca_certificate, str) and ca_certificate else None,
         )
 
     def version_file_url(self, version_id: str, file_name: str) -> str:

@@ -28,6 +28,10 @@ ExpertKey = str
 WeightedDeltas = tuple[Mapping[DeltaKey, Tensor], Mapping[ExpertKey, float]]
 
 
+# η beyond this turns any honest aggregate into a step that overflows the weights; FedAvg's η is 1.
+MAX_SERVER_LEARNING_RATE = 100.0
+
+
 @dataclass(frozen=True)
 class AggregationConfig:
     """How one middle-loop step combines a buffer: weights, rule, optional clipping, and the server step size η."""
@@ -49,8 +53,10 @@ class AggregationConfig:
         bound = self.norm_bound_multiplier
         if bound is not None and not (math.isfinite(bound) and bound >= 1):
             raise ValueError(f"norm_bound_multiplier must be None or a finite number >= 1, got {bound}")
-        if not math.isfinite(self.server_learning_rate):
-            raise ValueError(f"server_learning_rate must be finite, got {self.server_learning_rate}")
+        if not (math.isfinite(self.server_learning_rate) and 0 < self.server_learning_rate <= MAX_SERVER_LEARNING_RATE):
+            raise ValueError(
+                f"server_learning_rate must be in (0, {MAX_SERVER_LEARNING_RATE:g}], got {self.server_learning_rate}"
+            )
 
 
 def expert_key(layer: int, expert: int) -> ExpertKey:

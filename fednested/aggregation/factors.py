@@ -235,7 +235,8 @@ class FactorFile:
         self.scale = scale
         size = path.stat().st_size
         with path.open("rb") as handle:
-            head = handle.read(8 + MAX_HEADER_BYTES)
+            # No more than the file holds: read(n) allocates n bytes up front, 4 MiB for every tiny payload.
+            head = handle.read(min(size, 8 + MAX_HEADER_BYTES))
         self.spans = parse_safetensors_header(head, file_size=size, where=f"update {update_id} ({path.name})")
         self.pairs = _pairs(list(self.spans), f"update {update_id}")
         self._keys = frozenset(self.pairs)

@@ -18,6 +18,7 @@ class RejectionCode(StrEnum):
     UNKNOWN_BASE_VERSION = "unknown_base_version"
     TOO_STALE = "too_stale"
     REPLAYED = "replayed"
+    EXPIRED = "expired"
     SHA256_MISMATCH = "sha256_mismatch"
     OVERSIZED = "oversized"
     BAD_TENSOR_NAMES = "bad_tensor_names"
@@ -52,6 +53,7 @@ REJECTION_DESCRIPTIONS: dict[RejectionCode, str] = {
     RejectionCode.UNKNOWN_BASE_VERSION: "the update was trained on a model version the registry does not know",
     RejectionCode.TOO_STALE: "the base version is too many versions behind the champion; pull the new snapshot",
     RejectionCode.REPLAYED: "an update with this update id was already received; it is applied at most once",
+    RejectionCode.EXPIRED: "the envelope was created too long ago (or in the future): outside the replay window",
     RejectionCode.SHA256_MISMATCH: "the downloaded payload's sha256 differs from the one in the envelope",
     RejectionCode.OVERSIZED: "the payload is larger than the size limit",
     RejectionCode.BAD_TENSOR_NAMES: "the payload holds tensors that are not adapters of existing experts",

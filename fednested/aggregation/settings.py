@@ -26,7 +26,7 @@ ROUND_SETTING_KEYS: dict[str, str] = {
     "claim_history_factor": "a number >= 1: routed tokens are scaled down when an update claims more training tokens "
     "than this × the median of the device's earlier accepted updates",
     "trim_fraction": "a number in [0, 0.5)",
-    "server_learning_rate": "a finite number (η in W ← W + η·ΔW)",
+    "server_learning_rate": "a number in (0, 100] (η in W ← W + η·ΔW)",
     "staleness_exponent": "a number >= 0 (a in (1 + τ)^-a)",
     "weight_by_routed_tokens": "true or false",
     "weight_by_examples": "true or false",

@@ -12,6 +12,8 @@ from typer.main import get_command
 
 from fednested.cli.config_commands import config_app, init_config
 from fednested.cli.errors import fail
+from fednested.cli.identity_commands import ca_app
+from fednested.cli.infra_commands import infra_app
 from fednested.cli.messaging_commands import messaging_app
 
 
@@ -74,6 +76,8 @@ def build_app(lazy_groups: Sequence[LazyCommandGroup] = LAZY_GROUPS) -> typer.Ty
     app.command("init-config")(init_config)
     app.add_typer(config_app, name="config")
     app.add_typer(messaging_app, name="messaging")
+    app.add_typer(ca_app, name="ca")
+    app.add_typer(infra_app, name="infra")
     for group in lazy_groups:
         _add_lazy_group(app, group)
     return app

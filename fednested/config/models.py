@@ -66,6 +66,13 @@ class Tier2Config(ConfigModel):
     )
     display_name: str | None = Field(default=None, description="Name shown to officers in the control plane UI.")
     control_plane_url: str = Field(description="Base URL of the control plane API.", examples=["http://127.0.0.1:8000"])
+    control_plane_ca_file: Path | None = Field(
+        default=None,
+        description="CA certificate(s) to trust for an https:// control plane (the federation CA, `fednested ca "
+        "init`); without it the system's trust store is used. After enrollment the device presents its client "
+        "certificate (mTLS) on https.",
+        examples=["secrets/federation-ca.crt"],
+    )
     enrollment_token_file: Path = Field(
         description="File holding the one-time enrollment token an officer issued for this device.",
         examples=["secrets/enrollment-token"],

@@ -19,7 +19,8 @@ from fednested.messaging.schemas import Event, SchemaError, decode, encode
 from fednested.messaging.settings import EmbeddedBusSettings, KafkaBusSettings
 from fednested.messaging.topics import Topic, TopicError, TopicsConfig, as_topic, resolve_key
 
-GROUP_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+# ':' too: an edge client's group is "edge-<client id>", and client ids may hold ':' (CLIENT_ID_REGEX).
+GROUP_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,199}$")
 
 
 class BusError(RuntimeError):
@@ -79,7 +80,7 @@ def read_message(topic: Topic, partition: int, offset: int, key: str, raw: bytes
 def check_group_id(group: str) -> str:
     """`group` if it is a usable consumer-group id; raises ValueError saying what is allowed otherwise."""
     if not GROUP_ID_PATTERN.fullmatch(group):
-        raise ValueError(f"consumer group id {group!r} must be 1-200 characters of letters, digits, '.', '_', '-'")
+        raise ValueError(f"consumer group id {group!r} must be 1-200 characters of letters, digits, '.', '_', ':', '-'")
     return group
 
 

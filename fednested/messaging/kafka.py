@@ -1,8 +1,8 @@
 """Apache Kafka bus through confluent-kafka: idempotent producer (acks=all), consumer groups with manual commits,
 and the admin calls that create and align the topics.
 
-confluent_kafka is imported here only, and this module only by `make_bus`/`bootstrap_topics` for a Kafka config,
-so the library core imports without it.
+confluent_kafka is imported here (and by `acls.apply_acls`) only, and this module only by `make_bus`/`bootstrap_topics`
+for a Kafka config, so the library core imports without it.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from confluent_kafka import Consumer as RawConsumer
-from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, Producer, TopicCollection, TopicPartition
 from confluent_kafka import Message as RawMessage
 
 # confluent_kafka.admin re-exports these without listing them in __all__, which mypy --strict flags.
@@ -57,8 +57,14 @@ CONFIGURATION_ERRORS = frozenset(
 )
 
 
-def _client_config(settings: KafkaBusSettings) -> dict[str, Any]:
-    return {"bootstrap.servers": settings.bootstrap_servers, "client.id": settings.client_id, **settings.librdkafka}
+def client_config(settings: KafkaBusSettings) -> dict[str, Any]:
+    """librdkafka properties every client of `settings` shares: brokers, client id, TLS and the passthrough."""
+    return {
+        "bootstrap.servers": settings.bootstrap_servers,
+        "client.id": settings.client_id,
+        **settings.tls_properties(),
+        **settings.librdkafka,
+    }
 
 
 def _existing_topics(client: Producer | RawConsumer | AdminClient, where: str) -> dict[str, int]:
@@ -70,6 +76,25 @@ def _existing_topics(client: Producer | RawConsumer | AdminClient, where: str) -
     return {name: len(meta.partitions) for name, meta in metadata.topics.items() if meta.error is None}
 
 
+def _check_authorized(settings: KafkaBusSettings, missing: Sequence[str]) -> None:
+    """Raise BusError when topics absent from the metadata are hidden by the broker's ACLs (which show a principal
+    only the topics it may use) rather than never created; asking per topic tells the two apart."""
+    where = settings.bootstrap_servers
+    admin = AdminClient(client_config(settings))
+    denied: list[str] = []
+    for name, future in admin.describe_topics(TopicCollection(list(missing))).items():
+        try:
+            future.result(timeout=METADATA_TIMEOUT_S * 2)
+        except KafkaException as error:
+            if error.args[0].code() == KafkaError.TOPIC_AUTHORIZATION_FAILED:
+                denied.append(name)
+    if denied:
+        raise BusError(
+            f"Kafka at {where}: topic authorization failed for {', '.join(denied)}: the broker's ACLs do not let "
+            "this client's principal use it (see fednested/messaging/acls.py and `fednested messaging apply-acls`)"
+        )
+
+
 class KafkaBus(Bus):
     """Bus on Apache Kafka. `publish` waits for the acknowledgement of all in-sync replicas."""
 
@@ -78,7 +103,7 @@ class KafkaBus(Bus):
         self.settings = settings
         self._producer: Producer | None = Producer(
             {
-                **_client_config(settings),
+                **client_config(settings),
                 # Idempotence: broker-side dedup of retried sends, so a retry never writes an event twice or
                 # reorders a key's events.
                 "enable.idempotence": True,
@@ -97,6 +122,7 @@ class KafkaBus(Bus):
             # the broker's default partitions instead of ours.
             self._known_topics = set(_existing_topics(self._producer, self.settings.bootstrap_servers))
             if name not in self._known_topics:
+                _check_authorized(self.settings, [name])
                 raise BusError(
                     f"topic {name!r} does not exist on Kafka at {self.settings.bootstrap_servers}: "
                     "run `fednested messaging bootstrap-topics`"
@@ -141,7 +167,7 @@ class KafkaConsumer(Consumer):
         names = [self._topics_config.physical_name(topic) for topic in topics]
         self._consumer: RawConsumer | None = RawConsumer(
             {
-                **_client_config(settings),
+                **client_config(settings),
                 "group.id": group,
                 # Commit after processing, never before: at-least-once delivery.
                 "enable.auto.commit": False,
@@ -155,6 +181,7 @@ class KafkaConsumer(Consumer):
         missing = sorted(set(names) - set(_existing_topics(self._consumer, settings.bootstrap_servers)))
         if missing:
             self._consumer.close()
+            _check_authorized(settings, missing)
             raise BusError(
                 f"topic(s) {', '.join(missing)} do not exist on Kafka at {settings.bootstrap_servers}: "
                 "run `fednested messaging bootstrap-topics`"
@@ -214,7 +241,7 @@ class KafkaConsumer(Consumer):
 
 def bootstrap_kafka_topics(settings: KafkaBusSettings) -> BootstrapReport:
     """Create missing topics, grow partitions and set retention.ms to the configuration; idempotent."""
-    admin = AdminClient(_client_config(settings))
+    admin = AdminClient(client_config(settings))
     where = settings.bootstrap_servers
     existing = _existing_topics(admin, where)
     outcomes: list[TopicOutcome] = []

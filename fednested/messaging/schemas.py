@@ -6,12 +6,11 @@ problem into a `SchemaError` that says what was wrong and where, so consumers ca
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 from typing import Annotated, ClassVar, Literal, Self, TypeAlias
 from uuid import UUID
 
+from cryptography.hazmat.primitives.asymmetric import ec
 from pydantic import (
     AwareDatetime,
     BaseModel,
@@ -22,6 +21,8 @@ from pydantic import (
     ValidationError,
     model_validator,
 )
+
+from fednested.identity.keys import sign, verify
 
 # A client id is the CN of the device certificate, so it stays within what a CN and a Kafka principal can hold.
 # The patterns are public so the control plane checks the same alphabet it accepts on the wire.
@@ -41,10 +42,10 @@ NonNegativeInt = Annotated[int, Field(ge=0)]
 MAX_COUNT = 2**31 - 1
 Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
-# "hmac-sha256:<hex>" today; device-key schemes ("ed25519:<base64>") can be added without a schema change.
+# "<scheme>:<base64url>", today "ecdsa-p256-sha256:…" by the device's own key (fednested.identity.keys); another
+# scheme can be added without a schema change.
 Signature = Annotated[str, StringConstraints(pattern=r"^$|^[a-z0-9-]+:[A-Za-z0-9+/=_-]+$", max_length=1024)]
 
-HMAC_SHA256_SCHEME = "hmac-sha256"
 TaskKind: TypeAlias = Literal["core_update", "expert_aggregation", "evaluation"]
 TrainingOutcome: TypeAlias = Literal["succeeded", "failed", "cancelled"]
 
@@ -175,18 +176,13 @@ class UpdateEnvelope(EventModel):
         body = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         return f"fednested:{self.SCHEMA}:v{self.SCHEMA_VERSION}\n".encode() + body.encode()
 
-    def signed_hmac_sha256(self, key: bytes) -> Self:
-        """A copy carrying an HMAC-SHA256 signature under `key` (a per-device secret until mTLS keys arrive)."""
-        digest = hmac.new(key, self.signing_payload(), hashlib.sha256).hexdigest()
-        return self.model_copy(update={"signature": f"{HMAC_SHA256_SCHEME}:{digest}"})
+    def signed(self, key: ec.EllipticCurvePrivateKey) -> Self:
+        """A copy signed with the device's private key (`ecdsa-p256-sha256:…`); the key never leaves the device."""
+        return self.model_copy(update={"signature": sign(key, self.signing_payload())})
 
-    def verify_hmac_sha256(self, key: bytes) -> bool:
-        """True when the envelope carries a valid HMAC-SHA256 signature under `key`; constant-time compare."""
-        scheme, _, value = self.signature.partition(":")
-        if scheme != HMAC_SHA256_SCHEME:
-            return False
-        expected = hmac.new(key, self.signing_payload(), hashlib.sha256).hexdigest()
-        return hmac.compare_digest(expected, value)
+    def verify(self, public_key: ec.EllipticCurvePublicKey) -> bool:
+        """True when the envelope carries a valid signature by the private key of `public_key`."""
+        return verify(public_key, self.signing_payload(), self.signature)
 
 
 class Telemetry(EventModel):

@@ -1,6 +1,8 @@
 # shellcheck shell=bash
 # Apache Kafka for the tests: one KRaft node (broker and controller in one JVM) on 127.0.0.1, from jars that Maven
 # fetches into the cache and that are checked against scripts/services/kafka/jars.sha256 before every start.
+# Two client listeners: PLAINTEXT, which the test suite uses, and SSL with client certificates from the services' CA
+# (var/services/ca), where the federation's ACLs (fednested/messaging/acls.py) decide what each certificate may do.
 # Sourced by scripts/services.sh; defines kafka_prepare, kafka_start, kafka_stop, kafka_status.
 
 kafka_pinned_version() {
@@ -97,6 +99,8 @@ kafka_java() {
 kafka_status() {
   local dir="$SERVICES_STATE/kafka" port
   [ -f "$dir/env" ] && [ -f "$dir/port" ] && [ -f "$dir/version" ] || return 1
+  # A broker started before the SSL listener existed counts as stopped, so `start` replaces it with one that has it.
+  grep -q FEDNESTED_KAFKA_SSL_BOOTSTRAP "$dir/env" || return 1
   pid_is_ours "$(cat "$dir/pid" 2>/dev/null)" java "$dir/server.properties" || return 1
   port=$(<"$dir/port")
   # Whether the listener accepts a connection; bash's /dev/tcp needs no client tool.
@@ -124,6 +128,10 @@ kafka_prepare() {
 kafka_start() {
   local dir="$SERVICES_STATE/kafka" attempt started
   mkdir -p "$dir"
+  # The CA is made once per services directory; the broker's and the control plane's certificates are issued on every
+  # start, so they never expire under a long-lived checkout.
+  KAFKA_TLS_PROPERTIES=$(PYTHONPATH="$SERVICES_ROOT" "$KAFKA_PYTHON" "$SERVICES_LIB/kafka/tls.py" \
+    --ca-dir "$SERVICES_STATE/ca" --out "$dir/tls") || die "kafka: could not issue the broker's TLS certificates"
   for attempt in 1 2 3; do
     kafka_start_once "$dir" "$KAFKA_JARS" "$KAFKA_JAVA" "$KAFKA_PYTHON"
     [ "$PORT_TAKEN" -eq 1 ] || break
@@ -138,14 +146,15 @@ kafka_start() {
 
 # Sets PORT_TAKEN=1 when a chosen port was taken in the meantime (see postgres_start_once).
 kafka_start_once() {
-  local dir=$1 jars=$2 java=$3 python=$4 ports port controller_port cluster_id waited=0 timeout
+  local dir=$1 jars=$2 java=$3 python=$4 ports port ssl_port controller_port cluster_id waited=0 timeout
   local jvm_opts=()
   PORT_TAKEN=0
   timeout=${FEDNESTED_SERVICES_TIMEOUT:-90}
   kafka_stop
-  mapfile -t ports < <(free_ports 2)
+  mapfile -t ports < <(free_ports 3)
   port=${ports[0]}
-  controller_port=${ports[1]}
+  ssl_port=${ports[1]}
+  controller_port=${ports[2]}
   cluster_id=$(python3 -c 'import base64, uuid; print(base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="))')
   # shellcheck disable=SC2206 # FEDNESTED_KAFKA_HEAP is a list of JVM options on purpose.
   jvm_opts=(${FEDNESTED_KAFKA_HEAP:--Xmx512m -Xms64m})
@@ -159,11 +168,21 @@ kafka_start_once() {
 process.roles=broker,controller
 node.id=1
 controller.quorum.bootstrap.servers=127.0.0.1:$controller_port
-listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$controller_port
-advertised.listeners=PLAINTEXT://127.0.0.1:$port
+listeners=PLAINTEXT://127.0.0.1:$port,SSL://127.0.0.1:$ssl_port,CONTROLLER://127.0.0.1:$controller_port
+advertised.listeners=PLAINTEXT://127.0.0.1:$port,SSL://127.0.0.1:$ssl_port
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,SSL:SSL,CONTROLLER:PLAINTEXT
+# ACLs (KRaft's authorizer). Clients on the SSL listener are the principals their certificates map to
+# (ssl.principal.mapping.rules below) and may do only what fednested/messaging/acls.py grants them.
+authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer
+allow.everyone.if.no.acl.found=false
+# TEST BROKER ONLY: every PLAINTEXT connection (the controller's, the broker's own, and the test suite's) is
+# User:ANONYMOUS, a super user, so the suite's tests and the ACL setup need no certificate. A production broker has
+# no PLAINTEXT listener: its inter-broker and controller listeners use TLS too, with the brokers' own principals as
+# super users.
+super.users=User:ANONYMOUS
+$KAFKA_TLS_PROPERTIES
 log.dirs=$dir/data
 # Topics are created by the project's bootstrap-topics command, never by a stray produce or fetch.
 auto.create.topics.enable=false
@@ -213,8 +232,17 @@ EOF
   "$python" "$SERVICES_LIB/kafka/probe.py" --bootstrap "127.0.0.1:$port" --cluster-id "$cluster_id" \
     --pid "$(<"$dir/pid")" --timeout 30 >>"$dir/stdout.log" \
     || { log_tail "$dir/server.log"; die "kafka started but does not answer metadata requests (log: $dir/server.log)"; }
+  # Over PLAINTEXT, as the super user; the same command an operator runs against a production broker.
+  PYTHONPATH="$SERVICES_ROOT" "$python" -m fednested messaging apply-acls --bootstrap "127.0.0.1:$port" \
+    >>"$dir/stdout.log" 2>&1 \
+    || { log_tail "$dir/stdout.log"; die "kafka: applying the federation's ACLs failed (log: $dir/stdout.log)"; }
   echo "$port" >"$dir/port"
   # FEDNESTED_BUS=kafka: with the services up, the control plane's event bus is this broker (controlplane/settings.py).
+  # The suite's clients use PLAINTEXT; the FEDNESTED_KAFKA_SSL_* and CA variables are for tests of the SSL listener
+  # (tests/fednested/messaging/test_kafka_acls.py) and for pointing a control plane at it by hand.
   write_env_fragment "$dir/env" "FEDNESTED_BUS=kafka" "FEDNESTED_KAFKA_BOOTSTRAP=127.0.0.1:$port" \
-    "FEDNESTED_KAFKA_CLUSTER_ID=$cluster_id"
+    "FEDNESTED_KAFKA_CLUSTER_ID=$cluster_id" "FEDNESTED_KAFKA_SSL_BOOTSTRAP=127.0.0.1:$ssl_port" \
+    "FEDNESTED_SERVICES_CA_DIR=$SERVICES_STATE/ca" \
+    "FEDNESTED_KAFKA_CONTROLPLANE_CERT=$dir/tls/fednested-controlplane.crt" \
+    "FEDNESTED_KAFKA_CONTROLPLANE_KEY=$dir/tls/fednested-controlplane.key"
 }

@@ -141,6 +141,7 @@ ensure_debian_packages() {
   command -v redis-server >/dev/null || missing+=(redis-server)
   command -v redis-cli >/dev/null || missing+=(redis-tools)
   command -v haproxy >/dev/null || missing+=(haproxy)
+  command -v wg-quick >/dev/null || missing+=(wireguard-tools)
   command -v chromium >/dev/null || missing+=(chromium)
   command -v chromedriver >/dev/null || missing+=(chromium-driver)
   command -v java >/dev/null || missing+=(openjdk-17-jre-headless)

@@ -25,6 +25,7 @@ from apps.federation.services import (
 from apps.governance.models import ApprovalDecision, ApprovalRequest, AuditEvent
 from apps.governance.services import approve_version, request_approval
 from apps.registry.models import Alias, LineageEdge, ModelFamily, ModelVersion, VersionArtifact, VersionEvaluation
+from tests.device_keys import DEVICE_KEYS, device_csr
 
 World = dict[str, Any]
 Body = Callable[[World], dict[str, Any]] | None
@@ -126,7 +127,7 @@ ROWS = [
         "post",
         "/api/v1/enroll/",
         (201, 201, 201, 201, 201),
-        lambda w: {"token": w["enrollment_plaintext"], "client_id": "car-0099"},
+        lambda w: {"token": w["enrollment_plaintext"], "client_id": "car-0099", "csr": device_csr("car-0099")},
         note="the token is the credential",
     ),
     Row("get", "/api/v1/rounds/", READ_WITH_DEVICE),
@@ -268,8 +269,8 @@ def world(
         "update_id": staged_id,
         "payload": {"uri": staged.uri, "sha256": staged.sha256, "size_bytes": staged.bytes},
     }
-    signing_key = hashlib.sha256(cast["device"].token.encode()).hexdigest().encode()
-    signed = parse_update_envelope(envelope).signed_hmac_sha256(signing_key).model_dump(mode="json", by_alias=True)
+    signing_key = DEVICE_KEYS[cast["device"].device.client_id]  # type: ignore[union-attr]
+    signed = parse_update_envelope(envelope).signed(signing_key).model_dump(mode="json", by_alias=True)
     task = create_training_task(kind="evaluation", actor=engineer, params={"version": "tiny-moe-v2"})
     token, plaintext = issue_enrollment_token(actor=engineer, note="spare")
     return {

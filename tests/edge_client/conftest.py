@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from edge_client.runner import ClientSettings
 from edge_client.sidecar import example_policy
@@ -31,6 +32,7 @@ from fednested.adapters import ExpertLoraConfig
 from fednested.checkpoints import save_version
 from fednested.data import CorpusConfig, generate_corpus, record_texts, train_bpe_tokenizer, write_jsonl
 from fednested.data.tokenizer import BpeTokenizerConfig
+from fednested.identity.keys import csr_public_key, load_csr, public_key_fingerprint
 from fednested.messaging.bus import Message, bootstrap_topics, make_bus
 from fednested.messaging.schemas import ModelAvailable
 from fednested.messaging.settings import EmbeddedBusSettings, KafkaBusSettings
@@ -71,6 +73,8 @@ class ControlPlaneServer:
 
     enrollment_tokens: dict[str, str] = field(default_factory=dict)
     api_tokens: dict[str, str] = field(default_factory=dict)
+    # The public key of each enrolled device's CSR: what its envelopes must verify under.
+    device_keys: dict[str, ec.EllipticCurvePublicKey] = field(default_factory=dict)
     versions: dict[str, Path] = field(default_factory=dict)
     champion: str | None = None
     payloads: dict[str, tuple[str, bytes]] = field(default_factory=dict)
@@ -189,10 +193,14 @@ class ControlPlaneServer:
             return 400, {"token": ["enrollment token fet_… was already used at 2025-01-01 00:00:00 UTC"]}
         if state == "expired":
             return 400, {"token": ["enrollment token fet_… expired at 2025-01-01 00:00:00 UTC"]}
+        csr = load_csr(data.get("csr", ""))
         self.enrollment_tokens[data["token"]] = "used"
         api_token = f"fna_{secrets.token_urlsafe(24)}"
         self.api_tokens[api_token] = data["client_id"]
-        return 201, {"device": {"client_id": data["client_id"], "status": "active"}, "api_token": api_token}
+        self.device_keys[data["client_id"]] = csr_public_key(csr)
+        key = {"fingerprint": public_key_fingerprint(csr_public_key(csr)), "certificate_pem": "", "serial": ""}
+        body = {"device": {"client_id": data["client_id"], "status": "active"}, "api_token": api_token, "key": key}
+        return 201, body | {"ca_certificate": None, "repeated": False}
 
     def champion_alias(self, request: BaseHTTPRequestHandler, body: bytes) -> tuple[int, Any]:
         if self.device(request) is None:

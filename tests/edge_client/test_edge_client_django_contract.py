@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 import yaml
 
+from apps.federation.identity import device_public_keys
 from apps.federation.models import EdgeDevice, StagedPayload
 from apps.federation.services import issue_enrollment_token
-from apps.federation.updates import device_signing_keys
 from apps.registry.services import ArtifactSpec, create_model_family, move_alias, register_version
 from apps.registry.storage import artifact_path
 from edge_client.enrollment import EnrollmentError, ensure_enrolled
@@ -131,4 +131,4 @@ def test_full_device_round_against_the_real_api(
     assert str(envelope.update_id) == update_id
     assert envelope.payload.uri == staged.uri
     assert envelope.payload.sha256 == staged.sha256
-    assert any(envelope.verify_hmac_sha256(key) for key in device_signing_keys(device))
+    assert any(envelope.verify(key) for key in device_public_keys(device))

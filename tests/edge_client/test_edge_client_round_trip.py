@@ -4,6 +4,7 @@ champion, train adapters, send the payload and a signed envelope, follow ModelAv
 import hashlib
 import json
 import re
+import stat
 import threading
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from safetensors.torch import load
 
 from edge_client.runner import ClientRunReport, RunOptions, run_client
 from edge_client.sidecar import verify_chain
+from fednested.identity.keys import generate_private_key
 from fednested.messaging.schemas import Telemetry, UpdateEnvelope
 from fednested.messaging.topics import Topic
 
@@ -57,11 +59,14 @@ def test_device_sends_one_signed_update_then_follows_the_new_champion(
     assert isinstance(envelope, UpdateEnvelope)
     assert message.key == "edge-0001"
     assert report.updates_delivered == [str(envelope.update_id)]
-    credential = json.loads((files["state"] / "credential.json").read_text())
-    # The key is the sha256 of the API token: all the control plane keeps of it (workers/ingest verifies so).
-    assert envelope.verify_hmac_sha256(hashlib.sha256(credential["api_token"].encode()).hexdigest().encode())
-    assert not envelope.verify_hmac_sha256(credential["api_token"].encode())
-    assert not envelope.verify_hmac_sha256(b"another device's key")
+    # Signed by the device's own key: the public key of its enrollment CSR verifies it, no other key does, and
+    # the private key is a 0600 file that never left the device.
+    assert envelope.verify(control_plane.device_keys["edge-0001"])
+    assert not envelope.verify(generate_private_key().public_key())
+    assert not envelope.model_copy(update={"examples": envelope.examples + 1}).verify(
+        control_plane.device_keys["edge-0001"]
+    )
+    assert stat.S_IMODE((files["state"] / "device.key").stat().st_mode) == 0o600
     client_id, payload = control_plane.payloads[str(envelope.update_id)]
     assert client_id == "edge-0001"
     assert envelope.payload.sha256 == hashlib.sha256(payload).hexdigest()

@@ -17,10 +17,12 @@ from edge_client.spool import KIND_UPDATE, Deliverer, Outbox, SpoolError
 from edge_client.transport.bus import EventPublisher
 from edge_client.transport.http import ControlPlaneClient
 from edge_client.transport.retry import RetryPolicy
+from fednested.identity.keys import generate_private_key
 from fednested.messaging.bus import make_bus
 from fednested.messaging.topics import Topic
 
 API_TOKEN = "fna_device-key"
+DEVICE_KEY = generate_private_key()
 UPDATE_ID = "6f1c2b8e-0d53-4a47-9a3c-1b2e3f405162"
 ADAPTERS = {
     "model.layers.0.mlp.experts.down_proj/expert=1/lora_A": torch.ones(4, 8),
@@ -67,7 +69,7 @@ def parts(tmp_path: Path, control_plane: Any, embedded_bus: Any) -> Any:
         outbox,
         api,
         EventPublisher(bus, embedded_bus, sidecar),
-        signing_key=API_TOKEN.encode(),
+        signing_key=DEVICE_KEY,
         retry=RetryPolicy(initial_delay_s=0.2, multiplier=2.0, max_delay_s=1.0, jitter=0.5, max_attempts=5),
         rng=random.Random(1),
         sleep=slept.append,
@@ -115,7 +117,7 @@ def test_unreachable_control_plane_queues_with_backoff_then_delivers_exactly_onc
     assert outbox.ids("done") == [UPDATE_ID]
     [message] = kit.drain(embedded_bus, Topic.UPDATES)
     assert str(message.event.update_id) == UPDATE_ID
-    assert message.event.verify_hmac_sha256(API_TOKEN.encode())
+    assert message.event.verify(DEVICE_KEY.public_key())
     assert message.event.payload.sha256 == hashlib.sha256(save(ADAPTERS)).hexdigest()
     # done/ keeps the record but not the payload bytes
     assert not list((outbox.root / "done").rglob("*.safetensors"))

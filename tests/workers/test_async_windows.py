@@ -17,8 +17,8 @@ from django.utils import timezone
 
 from apps.accounts.choices import Role
 from apps.accounts.models import User
-from apps.federation.choices import RoundMode, RoundStatus, TaskKind, TaskStatus, UpdateStatus
-from apps.federation.models import Round, TrainingTask, Update
+from apps.federation.choices import DeviceStatus, RoundMode, RoundStatus, TaskKind, TaskStatus, UpdateStatus
+from apps.federation.models import EdgeDevice, Round, TrainingTask, Update
 from apps.federation.services import create_training_task, open_round, revoke_device
 from apps.federation.updates import UpdateOutcome, enqueue_due_windows
 from apps.governance.choices import ApprovalStatus
@@ -421,14 +421,25 @@ def test_an_update_of_a_device_revoked_after_buffering_is_not_applied(
     promote(world, world.base, officer)
     window = open_window(world, k=2)
     good, bad = enroll(world, "car-good"), enroll(world, "car-stolen")
+    late, other = enroll(world, "car-late"), enroll(world, "car-other")
     ingest(make_update(bad, seed=1)[0], bad)
+    # Revoking rejects what the device has buffered at once: it no longer counts towards K.
     revoke_device(bad.row, actor=world.engineer, reason="stolen")
-    ingest(make_update(good, seed=2)[0], good)
-    candidate = run_aggregation(window)
     stolen = Update.objects.get(device=bad.row)
     assert (stolen.status, stolen.rejection_code) == (UpdateStatus.REJECTED, "revoked_client")
-    assert "was revoked after this update was buffered" in stolen.rejection_message
+    assert "was revoked before this update was aggregated: stolen" in stolen.rejection_message
+    ingest(make_update(good, seed=2)[0], good)
+    ingest(make_update(late, seed=3)[0], late)
+    # A revocation that lands while the window is being aggregated (here: the row changed behind the service's
+    # back) is caught by the aggregation's own re-check of each device.
+    EdgeDevice.objects.filter(pk=late.row.pk).update(status=DeviceStatus.REVOKED)
+    ingest(make_update(other, seed=4)[0], other)
+    candidate = run_aggregation(window)
+    dropped = Update.objects.get(device=late.row)
+    assert (dropped.status, dropped.rejection_code) == (UpdateStatus.REJECTED, "revoked_client")
+    assert "was revoked after this update was buffered" in dropped.rejection_message
     assert Update.objects.get(device=good.row).applied_in == candidate
+    assert Update.objects.get(device=other.row).applied_in == candidate
 
 
 def test_one_device_sending_many_update_ids_weighs_no_more_than_one(
@@ -463,7 +474,7 @@ def test_the_same_update_id_across_windows_is_applied_once(
     candidate = run_aggregation(window)
     again = ingest(envelope, car)
     assert (again.status, again.round_id) == ("duplicate", window.round_id)
-    altered = envelope.model_copy(update={"examples": 99}).signed_hmac_sha256(car.signing_key)
+    altered = envelope.model_copy(update={"examples": 99}).signed(car.signing_key)
     assert ingest(altered, car).code is RejectionCode.REPLAYED
     row = Update.objects.get()
     assert (row.status, row.applied_in, row.examples) == (UpdateStatus.APPLIED, candidate, 16)

@@ -81,10 +81,11 @@ def test_device_protocol_round_trip_through_the_real_api(world: WorkerWorld, liv
     assert device.current_version == world.base
     assert StagedPayload.objects.get(update_id=update_id).device == device
 
-    # §4: the envelope the device publishes for that upload, signed with the derived key, is buffered by the worker.
+    # §4: the envelope the device publishes for that upload, signed with the key it enrolled with (made in its state
+    # directory, never sent), is buffered by the worker.
     payload = {"uri": receipt.uri, "sha256": receipt.sha256, "size_bytes": receipt.bytes}
-    # Device.signing_key is the hex SHA-256 of the API token, as ASCII bytes.
-    envelope = signed_envelope(Device(row=device, api_token=credential.api_token), payload, update_id=update_id)
+    sender = Device(row=device, api_token=credential.api_token, signing_key=state.device_key())
+    envelope = signed_envelope(sender, payload, update_id=update_id)
     outcome = ingest_message(as_message(encode(envelope), "edge-proto-1"))
     assert (outcome.status, outcome.code) == ("buffered", None), outcome.message
     assert Update.objects.get(update_id=update_id).payload_uri == receipt.uri

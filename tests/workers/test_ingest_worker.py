@@ -11,12 +11,13 @@ import torch
 from django.utils import timezone
 
 from apps.federation.choices import TaskKind, TaskStatus, UpdateStatus
-from apps.federation.models import StagedPayload, TrainingTask, Update
+from apps.federation.models import DeviceKey, StagedPayload, TrainingTask, Update
 from apps.federation.services import revoke_device
 from apps.federation.updates import enqueue_due_windows
 from apps.governance.models import AuditEvent
 from apps.registry.services import move_alias
 from fednested.aggregation import RejectionCode
+from fednested.identity.keys import generate_private_key
 from fednested.messaging import encode
 from tests.federation_world import (
     LAYER0_DOWN,
@@ -103,7 +104,7 @@ def test_unknown_revoked_and_forged_senders_are_refused_without_a_row(
     assert ingest_message(as_message(encode(stranger), "car-unknown")).code is RejectionCode.UNKNOWN_CLIENT
 
     forged, _ = make_update(device)
-    forged = forged.signed_hmac_sha256(b"not the device's key")
+    forged = forged.signed(generate_private_key())
     outcome = ingest_message(as_message(encode(forged), "car-1"))
     assert outcome.code is RejectionCode.BAD_SIGNATURE
     assert "car-1" in outcome.message
@@ -128,7 +129,7 @@ def test_replayed_update_id_is_applied_once(world: WorkerWorld, make_update: Mak
     assert (again.status, again.code) == ("duplicate", None)
     assert "already received (buffered); nothing changed" in again.message
     assert AuditEvent.objects.filter(verb="federation.update.resent").count() == 1
-    altered = envelope.model_copy(update={"examples": 99}).signed_hmac_sha256(device.signing_key)
+    altered = envelope.model_copy(update={"examples": 99}).signed(device.signing_key)
     different = ingest_message(as_message(encode(altered), "car-1"))
     assert different.code is RejectionCode.REPLAYED
     assert "differs from the recorded one" in different.message
@@ -194,7 +195,7 @@ def test_payload_that_does_not_match_its_claim_check_is_rejected(
         StagedPayload.objects.filter(update_id=str(envelope.update_id)).update(sha256=hashlib.sha256(junk).hexdigest())
         payload = {**envelope.payload.model_dump(), "sha256": hashlib.sha256(junk).hexdigest()}
         envelope = envelope.model_copy(update={"payload": envelope.payload.model_validate(payload)})
-        envelope = envelope.signed_hmac_sha256(device.signing_key)
+        envelope = envelope.signed(device.signing_key)
     outcome = ingest_message(as_message(encode(envelope), "car-1"))
     assert (outcome.status, outcome.code) == ("rejected", code)
     assert fragment in outcome.message
@@ -251,15 +252,21 @@ def test_deadline_starts_aggregation_of_a_partial_buffer(
     assert TrainingTask.objects.get(pk=task_pk).params == {"round_id": round_.round_id, "trigger": "deadline"}
 
 
-def test_signature_key_is_the_hex_sha256_of_the_api_token(world: WorkerWorld, make_update: MakeUpdate) -> None:
-    """docs/api/device-protocol.md §4: the server keeps only the token's SHA-256, so that (hex, ASCII) is the key."""
+def test_only_the_device_key_verifies_not_the_api_token_or_another_device_key(
+    world: WorkerWorld, make_update: MakeUpdate
+) -> None:
+    """docs/api/device-protocol.md §4: envelopes are signed with the device's own key (the CSR's key at enrollment);
+    the control plane keeps public keys only, so nothing it holds signs for a device."""
     device = enroll(world, "car-1")
-    assert device.signing_key == hashlib.sha256(device.api_token.encode()).hexdigest().encode("ascii")
-    raw_keyed, _ = make_update(device)
-    raw_keyed = raw_keyed.signed_hmac_sha256(device.api_token.encode())
-    assert ingest_message(as_message(encode(raw_keyed), "car-1")).code is RejectionCode.BAD_SIGNATURE
-    hashed_keyed, _ = make_update(device)
-    assert ingest_message(as_message(encode(hashed_keyed), "car-1")).status == "buffered"
+    other = enroll(world, "car-2")
+    by_other, _ = make_update(device)
+    by_other = by_other.signed(other.signing_key)
+    assert ingest_message(as_message(encode(by_other), "car-1")).code is RejectionCode.BAD_SIGNATURE
+    unsigned, _ = make_update(device)
+    unsigned = unsigned.model_copy(update={"signature": ""})
+    assert ingest_message(as_message(encode(unsigned), "car-1")).code is RejectionCode.BAD_SIGNATURE
+    own, _ = make_update(device)
+    assert ingest_message(as_message(encode(own), "car-1")).status == "buffered"
 
 
 def test_an_update_without_a_round_joins_the_open_asynchronous_window(
@@ -319,3 +326,32 @@ def test_a_payload_uri_that_is_a_directory_is_rejected_not_an_error(
     outcome = ingest_message(as_message(encode(envelope), "car-1"))
     assert (outcome.status, outcome.code) == ("rejected", RejectionCode.MALFORMED)
     assert "is not a regular file" in outcome.message
+
+
+def test_envelopes_outside_the_replay_window_are_refused(
+    world: WorkerWorld, make_update: MakeUpdate, settings: Any
+) -> None:
+    """Besides the update id (accepted once), an envelope must be recent and not from the future."""
+    settings.FEDNESTED_UPDATE_MAX_AGE_S = 3600
+    settings.FEDNESTED_UPDATE_MAX_CLOCK_SKEW_S = 60
+    device = enroll(world, "car-1")
+    for shift in (timedelta(hours=-2), timedelta(minutes=5)):
+        envelope, _ = make_update(device)
+        moved = envelope.model_copy(update={"created_at": envelope.created_at + shift}).signed(device.signing_key)
+        outcome = ingest_message(as_message(encode(moved), "car-1"))
+        assert (outcome.status, outcome.code) == ("refused", RejectionCode.EXPIRED), outcome.message
+    within, _ = make_update(device)
+    within = within.model_copy(update={"created_at": within.created_at + timedelta(seconds=30)})
+    assert ingest_message(as_message(encode(within.signed(device.signing_key)), "car-1")).status == "buffered"
+
+
+def test_a_key_verifies_only_envelopes_made_while_its_certificate_was_valid(
+    world: WorkerWorld, make_update: MakeUpdate
+) -> None:
+    device = enroll(world, "car-1")
+    DeviceKey.objects.filter(device=device.row).update(not_after=timezone.now() - timedelta(minutes=1))
+    late, _ = make_update(device)
+    assert ingest_message(as_message(encode(late), "car-1")).code is RejectionCode.BAD_SIGNATURE
+    DeviceKey.objects.filter(device=device.row).update(not_after=timezone.now() + timedelta(days=1))
+    on_time, _ = make_update(device)
+    assert ingest_message(as_message(encode(on_time), "car-1")).status == "buffered"

@@ -20,14 +20,16 @@ from django.db import DatabaseError, InterfaceError, OperationalError
 from django.utils import timezone
 
 from apps.federation.events import bus_settings
+from apps.federation.identity import refresh_crl_if_due
 from apps.federation.updates import UpdateOutcome, enqueue_due_windows, refuse_message, submit_update
 from fednested.aggregation import RejectionCode
 from fednested.messaging import Consumer, Message, Topic, UpdateEnvelope, make_bus
+from fednested.messaging.acls import INGEST_GROUP
 
 logger = logging.getLogger(__name__)
 
 ACTOR_LABEL = "worker:ingest"
-DEFAULT_GROUP = "fednested-ingest"
+DEFAULT_GROUP = INGEST_GROUP
 # Test hook: "after_db_commit" makes the worker SIGKILL itself after a message's transaction committed and before its
 # offset is committed — the window the at-least-once design must survive.
 CRASH_POINT_ENV = "FEDNESTED_INGEST_CRASH_POINT"
@@ -137,6 +139,7 @@ def run_ingest(
             break
         if time.monotonic() - last_deadline_check >= DEADLINE_CHECK_INTERVAL_S:
             stats.aggregation_tasks.extend(enqueue_due_windows(timezone.now()))
+            refresh_crl_if_due()
             last_deadline_check = time.monotonic()
     return stats
 

@@ -4,6 +4,7 @@ import django_filters
 
 from apps.federation.choices import DeviceStatus, RoundStatus, TaskKind, TaskStatus, UpdateStatus
 from apps.federation.models import EdgeDevice, EnrollmentToken, Round, TrainingTask, Update
+from controlplane.parsers import UtcIsoDateTimeFilter
 
 
 class EdgeDeviceFilterSet(django_filters.FilterSet):  # type: ignore[misc]  # django-filter ships no type hints
@@ -48,7 +49,7 @@ class UpdateFilterSet(django_filters.FilterSet):  # type: ignore[misc]  # django
     round = django_filters.CharFilter(field_name="round__round_id")
     base_version = django_filters.CharFilter(field_name="base_version__version_id")
     rejection_code = django_filters.CharFilter()
-    received_after = django_filters.IsoDateTimeFilter(field_name="received_at", lookup_expr="gte")
+    received_after = UtcIsoDateTimeFilter(field_name="received_at", lookup_expr="gte")
 
     class Meta:
         model = Update

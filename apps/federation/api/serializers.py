@@ -1,15 +1,18 @@
 """REST serializers of the federation app: devices, enrollment, rounds, training tasks, updates."""
 
+from collections.abc import Mapping
 from typing import Any
 
 from rest_framework import serializers
 
 from apps.accounts.models import User
 from apps.federation.choices import RoundMode, TaskKind
-from apps.federation.models import EdgeDevice, EnrollmentToken, Round, TrainingTask, Update
-from apps.federation.services import MAX_BUFFER_SIZE_K
+from apps.federation.models import DeviceKey, EdgeDevice, EnrollmentToken, Round, TrainingTask, Update
+from apps.federation.services import MAX_BUFFER_SIZE_K, MAX_ENROLLMENT_TOKEN_TTL
 from apps.registry.models import ModelVersion
+from controlplane.parsers import StoredJSONField
 from fednested.aggregation import RejectionCode
+from fednested.identity.keys import MAX_PEM_BYTES
 
 
 class EdgeDeviceSerializer(serializers.ModelSerializer[EdgeDevice]):
@@ -58,7 +61,13 @@ class EnrollmentTokenCreateSerializer(serializers.Serializer[dict[str, Any]]):
     note = serializers.CharField(max_length=200, required=False, default="", allow_blank=True)
     domain = serializers.CharField(max_length=100, required=False, default="", allow_blank=True)
     ttl_seconds = serializers.IntegerField(
-        min_value=1, required=False, allow_null=True, default=None, help_text="Lifetime; default from settings."
+        min_value=1,
+        # The service's limit, checked here too: a lifetime timedelta cannot hold (10^20 s) must be a 400.
+        max_value=int(MAX_ENROLLMENT_TOKEN_TTL.total_seconds()),
+        required=False,
+        allow_null=True,
+        default=None,
+        help_text="Lifetime; default from settings.",
     )
 
 
@@ -73,14 +82,54 @@ class IssuedEnrollmentTokenSerializer(EnrollmentTokenSerializer):
 class EnrollSerializer(serializers.Serializer[dict[str, Any]]):
     token = serializers.CharField(max_length=200)
     client_id = serializers.CharField(max_length=128)
+    csr = serializers.CharField(
+        max_length=MAX_PEM_BYTES,
+        trim_whitespace=False,
+        help_text="PEM certificate signing request made on the device (ECDSA P-256, subject CN = client_id); the "
+        "private key never leaves the device.",
+    )
     display_name = serializers.CharField(max_length=200, required=False, default="", allow_blank=True)
     domain = serializers.CharField(max_length=100, required=False, default="", allow_blank=True)
-    labels = serializers.ListField(child=serializers.CharField(max_length=100), required=False, default=list)
+    labels = serializers.ListField(
+        child=serializers.CharField(max_length=100), required=False, default=list, max_length=100
+    )
+
+
+class DeviceKeySerializer(serializers.ModelSerializer[DeviceKey]):
+    """A device's registered key and, with a CA, its certificate (PEM)."""
+
+    class Meta:
+        model = DeviceKey
+        fields = ("fingerprint", "serial", "not_after", "certificate_pem", "created_at", "revoked_at")
+        read_only_fields = fields
 
 
 class EnrollmentResultSerializer(serializers.Serializer[dict[str, Any]]):
     device = EdgeDeviceSerializer()
     api_token = serializers.CharField(help_text="The device's API token; shown only in this response.")
+    key = DeviceKeySerializer(help_text="The registered key; its certificate when the control plane has a CA.")
+    ca_certificate = serializers.CharField(
+        allow_null=True, help_text="PEM of the federation CA (trust anchor for mTLS), or null without a CA."
+    )
+    repeated = serializers.BooleanField(help_text="True when this answers a retry of an enrollment that went through.")
+
+
+class CertificateRequestSerializer(serializers.Serializer[dict[str, Any]]):
+    csr = serializers.CharField(
+        max_length=MAX_PEM_BYTES,
+        trim_whitespace=False,
+        help_text="PEM CSR for the same client id: the current key (renewal) or a new one (key rotation).",
+    )
+
+
+class CertificateResultSerializer(serializers.Serializer[dict[str, Any]]):
+    key = DeviceKeySerializer()
+    ca_certificate = serializers.CharField(allow_null=True)
+
+
+# A synchronous round aggregates its whole cohort in one window, and no window takes more than K_max updates. Checked
+# before the client ids are looked up, one query each.
+MAX_COHORT_SIZE = MAX_BUFFER_SIZE_K
 
 
 class RoundSerializer(serializers.ModelSerializer[Round]):
@@ -99,6 +148,9 @@ class RoundSerializer(serializers.ModelSerializer[Round]):
     )
     candidate = serializers.SlugRelatedField[ModelVersion](slug_field="version_id", read_only=True)
     buffer_size_k = serializers.IntegerField(min_value=1, max_value=MAX_BUFFER_SIZE_K)
+    config = StoredJSONField(
+        required=False, help_text="Aggregation settings (fednested.aggregation.settings.ROUND_SETTING_KEYS)."
+    )
 
     class Meta:
         model = Round
@@ -130,6 +182,14 @@ class RoundSerializer(serializers.ModelSerializer[Round]):
             "record",
         )
 
+    def to_internal_value(self, data: Any) -> Any:
+        cohort = data.get("cohort") if isinstance(data, Mapping) else None
+        if isinstance(cohort, list) and len(cohort) > MAX_COHORT_SIZE:
+            raise serializers.ValidationError(
+                {"cohort": [f"a cohort has at most {MAX_COHORT_SIZE} devices, got {len(cohort)}"]}
+            )
+        return super().to_internal_value(data)
+
 
 class CloseRoundSerializer(serializers.Serializer[dict[str, Any]]):
     cancel = serializers.BooleanField(default=False, help_text="Cancel instead of close.")
@@ -141,6 +201,7 @@ class TrainingTaskSerializer(serializers.ModelSerializer[TrainingTask]):
         slug_field="round_id", queryset=Round.objects.all(), required=False, allow_null=True, default=None
     )
     kind = serializers.ChoiceField(choices=TaskKind.choices)
+    params = StoredJSONField(required=False, help_text="Kind-specific; checked by the worker that runs the task.")
     created_by = serializers.SlugRelatedField[User](slug_field="username", read_only=True)
 
     class Meta:

@@ -6,7 +6,7 @@ from typing import Any, ClassVar, cast
 from django.conf import settings
 from django.db.models import QuerySet
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.exceptions import PermissionDenied as ApiPermissionDenied
@@ -27,7 +27,10 @@ from apps.federation.api.filtersets import (
     UpdateFilterSet,
 )
 from apps.federation.api.serializers import (
+    CertificateRequestSerializer,
+    CertificateResultSerializer,
     CloseRoundSerializer,
+    DeviceKeySerializer,
     EdgeDeviceSerializer,
     EnrollmentResultSerializer,
     EnrollmentTokenCreateSerializer,
@@ -44,6 +47,7 @@ from apps.federation.api.serializers import (
     UpdateSerializer,
 )
 from apps.federation.choices import RoundMode, RoundStatus
+from apps.federation.identity import ca_certificate_pem, renew_certificate
 from apps.federation.models import EdgeDevice, EnrollmentToken, Round, TrainingTask, Update
 from apps.federation.services import (
     PayloadRefused,
@@ -64,7 +68,8 @@ from fednested.aggregation import RejectionCode
 ENGINEER = frozenset({Role.ENGINEER})
 DEVICE = frozenset({Role.DEVICE})
 WITH_DEVICES = frozenset({Role.OFFICER, Role.ENGINEER, Role.DEVICE})
-NATURAL_KEY_PATTERN = r"[^/]+"
+# Natural keys may hold dots; no NUL: PostgreSQL cannot even compare one (a lookup with it would be a 500, not a 404).
+NATURAL_KEY_PATTERN = r"[^/\x00]+"
 SHA256_HEADER = "X-Content-SHA256"
 # Rejection codes (one vocabulary for uploads, envelopes and the bus; docs/api/device-protocol.md) → HTTP status
 # of a refused upload or a refused envelope. A code not listed is a 422: the request was well-formed, its content
@@ -81,6 +86,7 @@ REFUSAL_STATUS = {
     RejectionCode.NOT_OWNER: status.HTTP_403_FORBIDDEN,
     RejectionCode.CONFLICT: status.HTTP_409_CONFLICT,
     RejectionCode.REPLAYED: status.HTTP_409_CONFLICT,
+    RejectionCode.EXPIRED: status.HTTP_409_CONFLICT,
     RejectionCode.OVERSIZED: status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
 }
 
@@ -105,6 +111,7 @@ class EdgeDeviceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewse
         "retrieve": WITH_DEVICES,
         "revoke": ENGINEER,
         "heartbeat": DEVICE,
+        "certificate": DEVICE,
     }
 
     def get_queryset(self) -> QuerySet[EdgeDevice]:
@@ -126,6 +133,21 @@ class EdgeDeviceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewse
         serializer.is_valid(raise_exception=True)
         device = record_device_heartbeat(device, current_version=serializer.validated_data["current_version"])
         return Response(EdgeDeviceSerializer(device).data)
+
+    @extend_schema(request=CertificateRequestSerializer, responses={201: CertificateResultSerializer})
+    @action(detail=True, methods=["post"])
+    def certificate(self, request: Request, client_id: str) -> Response:
+        """Renew the device's certificate before it expires (same key), or rotate to a new key: send a CSR."""
+        device = requesting_device(request, "renews its certificate")
+        if device.client_id != client_id:
+            raise ApiPermissionDenied(
+                f"you are device {device.client_id!r}; a device renews its own certificate only", code="not_owner"
+            )
+        serializer = CertificateRequestSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        key = renew_certificate(device, serializer.validated_data["csr"], actor=request.user)
+        body = {"key": DeviceKeySerializer(key).data, "ca_certificate": ca_certificate_pem()}
+        return Response(body, status=status.HTTP_201_CREATED)
 
     @extend_schema(request=RevokeDeviceSerializer, responses=EdgeDeviceSerializer)
     @action(detail=True, methods=["post"])
@@ -163,25 +185,35 @@ class EnrollmentTokenViewSet(
 
 
 class EnrollView(APIView):
-    """Enroll a device with a one-time token (no credentials needed: the token is the credential)."""
+    """Enroll a device with a one-time token and its CSR (no credentials needed: the token is the credential)."""
 
     authentication_classes = ()
     permission_classes = (AllowAny,)
 
-    @extend_schema(request=EnrollSerializer, responses={201: EnrollmentResultSerializer, 400: OpenApiResponse()})
+    @extend_schema(
+        request=EnrollSerializer, responses={201: EnrollmentResultSerializer, 200: EnrollmentResultSerializer}
+    )
     def post(self, request: Request) -> Response:
+        """201 enrolled; 200 the same device repeating an enrollment that went through (same token, id and key)."""
         serializer = EnrollSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
         enrollment = enroll_device(
             token=data["token"],
             client_id=data["client_id"],
+            csr=data["csr"],
             display_name=data["display_name"],
             domain=data["domain"],
             labels=data["labels"],
         )
-        body = {"device": EdgeDeviceSerializer(enrollment.device).data, "api_token": enrollment.api_token}
-        return Response(body, status=status.HTTP_201_CREATED)
+        body = {
+            "device": EdgeDeviceSerializer(enrollment.device).data,
+            "api_token": enrollment.api_token,
+            "key": DeviceKeySerializer(enrollment.key).data,
+            "ca_certificate": ca_certificate_pem(),
+            "repeated": enrollment.repeated,
+        }
+        return Response(body, status=status.HTTP_200_OK if enrollment.repeated else status.HTTP_201_CREATED)
 
 
 class RoundViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet[Round]):

@@ -4,6 +4,7 @@ import django_filters
 
 from apps.governance.choices import ApprovalStatus
 from apps.governance.models import ApprovalRequest, AuditEvent
+from controlplane.parsers import UtcIsoDateTimeFilter
 
 
 class ApprovalRequestFilterSet(django_filters.FilterSet):  # type: ignore[misc]  # django-filter ships no type hints
@@ -21,8 +22,8 @@ class AuditEventFilterSet(django_filters.FilterSet):  # type: ignore[misc]  # dj
     object_type = django_filters.CharFilter()
     object_id = django_filters.CharFilter()
     actor_label = django_filters.CharFilter()
-    created_after = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="gte")
-    created_before = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="lt")
+    created_after = UtcIsoDateTimeFilter(field_name="created_at", lookup_expr="gte")
+    created_before = UtcIsoDateTimeFilter(field_name="created_at", lookup_expr="lt")
 
     class Meta:
         model = AuditEvent

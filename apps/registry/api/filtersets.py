@@ -4,6 +4,7 @@ import django_filters
 
 from apps.registry.choices import VersionStatus
 from apps.registry.models import ModelFamily, ModelVersion
+from controlplane.parsers import UtcIsoDateTimeFilter
 
 
 class ModelFamilyFilterSet(django_filters.FilterSet):  # type: ignore[misc]  # django-filter ships no type hints
@@ -18,8 +19,8 @@ class ModelVersionFilterSet(django_filters.FilterSet):  # type: ignore[misc]  # 
     family = django_filters.CharFilter(field_name="family__name")
     parent = django_filters.CharFilter(field_name="parent__version_id")
     status = django_filters.ChoiceFilter(choices=VersionStatus.choices)
-    created_after = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="gte")
-    created_before = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="lt")
+    created_after = UtcIsoDateTimeFilter(field_name="created_at", lookup_expr="gte")
+    created_before = UtcIsoDateTimeFilter(field_name="created_at", lookup_expr="lt")
 
     class Meta:
         model = ModelVersion

@@ -2,15 +2,27 @@
 
 from typing import Any, ClassVar
 
+from django.db import connection
+from django.db.models import Model
 from rest_framework import serializers
 
 from apps.accounts.models import User
 from apps.registry.choices import ArtifactPartition
 from apps.registry.models import Alias, LineageEdge, ModelFamily, ModelVersion, VersionArtifact, VersionEvaluation
+from controlplane.parsers import StoredJSONField
+
+
+def column_max(model: type[Model], field_name: str) -> int:
+    """The largest value the database column of an integer model field holds (what Django's own model validation
+    checks): a larger one must be a 400 here, not a 500 from the INSERT."""
+    internal_type = model._meta.get_field(field_name).get_internal_type()
+    _, maximum = connection.ops.integer_field_range(internal_type)
+    return int(maximum)
 
 
 class ModelFamilySerializer(serializers.ModelSerializer[ModelFamily]):
     created_by = serializers.SlugRelatedField[User](slug_field="username", read_only=True)
+    config = StoredJSONField(required=False, help_text="Model config (transformers config.json).")
 
     class Meta:
         model = ModelFamily
@@ -54,10 +66,18 @@ class ModelVersionSerializer(serializers.ModelSerializer[ModelVersion]):
 class ArtifactInputSerializer(serializers.Serializer[dict[str, Any]]):
     file_name = serializers.CharField(max_length=255)
     sha256 = serializers.RegexField(r"^[0-9a-f]{64}$", help_text="64 lowercase hex digits.")
-    size_bytes = serializers.IntegerField(min_value=0)
+    size_bytes = serializers.IntegerField(min_value=0, max_value=column_max(VersionArtifact, "size_bytes"))
     partition = serializers.ChoiceField(choices=ArtifactPartition.choices)
-    layer = serializers.IntegerField(min_value=0, required=False, allow_null=True, default=None)
-    expert_index = serializers.IntegerField(min_value=0, required=False, allow_null=True, default=None)
+    layer = serializers.IntegerField(
+        min_value=0, max_value=column_max(VersionArtifact, "layer"), required=False, allow_null=True, default=None
+    )
+    expert_index = serializers.IntegerField(
+        min_value=0,
+        max_value=column_max(VersionArtifact, "expert_index"),
+        required=False,
+        allow_null=True,
+        default=None,
+    )
 
 
 class ModelVersionCreateSerializer(serializers.Serializer[dict[str, Any]]):
@@ -68,7 +88,7 @@ class ModelVersionCreateSerializer(serializers.Serializer[dict[str, Any]]):
     parent = serializers.SlugRelatedField[ModelVersion](  # type: ignore[assignment]
         slug_field="version_id", queryset=ModelVersion.objects.all(), required=False, allow_null=True, default=None
     )
-    manifest = serializers.JSONField()
+    manifest = StoredJSONField()
     artifact_uri = serializers.CharField(max_length=200)
     artifacts = ArtifactInputSerializer(many=True)
     datasets = serializers.ListField(child=serializers.CharField(max_length=200), required=False, default=list)

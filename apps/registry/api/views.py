@@ -50,8 +50,9 @@ logger = logging.getLogger(__name__)
 
 ENGINEER = frozenset({Role.ENGINEER})
 WITH_DEVICES = frozenset({Role.OFFICER, Role.ENGINEER, Role.DEVICE})
-# Lookups by natural key; ids may contain dots, which DRF's default lookup pattern excludes.
-NATURAL_KEY_PATTERN = r"[^/]+"
+# Lookups by natural key; ids may contain dots, which DRF's default lookup pattern excludes. No NUL: PostgreSQL
+# cannot even compare one (a lookup with it would be a 500, not a 404).
+NATURAL_KEY_PATTERN = r"[^/\x00]+"
 
 
 class ModelFamilyViewSet(
@@ -173,7 +174,7 @@ class ModelVersionViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, view
     @action(
         detail=True,
         methods=["get"],
-        url_path=r"files/(?P<file_name>.+)",
+        url_path=r"files/(?P<file_name>[^\x00]+)",
         renderer_classes=[JSONRenderer, OctetStreamRenderer],
         filterset_class=None,
     )

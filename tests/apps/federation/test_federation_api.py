@@ -10,6 +10,8 @@ from rest_framework.test import APIClient
 
 from apps.federation.models import Update
 from apps.registry.models import ModelFamily, ModelVersion
+from fednested.identity.keys import generate_private_key
+from tests.device_keys import device_csr
 from tests.federation_world import WorkerWorld, enroll
 
 pytestmark = pytest.mark.django_db
@@ -29,7 +31,9 @@ def test_enrollment_token_secret_appears_only_at_creation(cast: dict[str, Any]) 
     listed = engineer.get("/api/v1/enrollment-tokens/", {"used": "false"}).json()
     assert secret not in str(listed)
     assert "car-9" in str(listed)
-    enrolled = cast["anonymous"].client.post("/api/v1/enroll/", {"token": secret, "client_id": "car-9"}, format="json")
+    enrolled = cast["anonymous"].client.post(
+        "/api/v1/enroll/", {"token": secret, "client_id": "car-9", "csr": device_csr("car-9")}, format="json"
+    )
     assert enrolled.status_code == 201
     used = engineer.get("/api/v1/enrollment-tokens/", {"used": "true"}).json()["results"]
     # The cast's device enrolled with a token too.
@@ -82,7 +86,7 @@ def test_engineer_opens_a_synchronous_round_with_a_cohort(cast: dict[str, Any], 
     no_cohort = engineer.post("/api/v1/rounds/", {**body, "round_id": "sync-2", "mode": "sync"}, format="json")
     assert (no_cohort.status_code, no_cohort.json()) == (
         400,
-        {"cohort": ["a synchronous round needs a cohort of at least one device"]},
+        {"cohort": ["a synchronous round needs a cohort of at least one device"], "code": "invalid"},
     )
     stranger = engineer.post(
         "/api/v1/rounds/", {**body, "round_id": "sync-3", "mode": "sync", "cohort": ["car-9999"]}, format="json"
@@ -118,7 +122,7 @@ def test_device_submits_its_updates_and_sees_rejections(
     assert "for itself only" in impersonation.json()["detail"]
     # A forged signature on the device's own envelope: refused.
     forged, _ = make_update(car)
-    forged = forged.signed_hmac_sha256(b"not the key")
+    forged = forged.signed(generate_private_key())
     refused = device.post("/api/v1/updates/", forged.model_dump(mode="json", by_alias=True), format="json")
     assert (refused.status_code, refused.json()["code"], refused.json()["status"]) == (403, "bad_signature", "refused")
     # A content problem: recorded as rejected, the row in the answer.

@@ -18,6 +18,7 @@ from apps.accounts.tokens import secret_sha256
 from apps.federation.models import EdgeDevice, EnrollmentToken
 from apps.federation.services import device_username, enroll_device, issue_enrollment_token
 from apps.governance.models import AuditEvent
+from tests.device_keys import device_csr
 
 
 @pytest.fixture
@@ -43,7 +44,12 @@ def test_issued_token_is_hashed_audited_and_expires_by_default_setting(engineer:
 def test_enrollment_creates_a_device_account_with_a_working_token(engineer: User) -> None:
     _, plaintext = issue_enrollment_token(actor=engineer, domain="medical")
     enrollment = enroll_device(
-        token=plaintext, client_id="scanner:42", display_name="Scanner 42", domain="ignored", labels=["ward-3"]
+        token=plaintext,
+        client_id="scanner:42",
+        csr=device_csr("scanner:42"),
+        display_name="Scanner 42",
+        domain="ignored",
+        labels=["ward-3"],
     )
     device = EdgeDevice.objects.get(client_id="scanner:42")
     assert device == enrollment.device
@@ -69,17 +75,17 @@ def test_enrollment_creates_a_device_account_with_a_working_token(engineer: User
 @pytest.mark.django_db
 def test_reused_expired_and_unknown_tokens_are_refused_and_leave_nothing_behind(engineer: User) -> None:
     _, used = issue_enrollment_token(actor=engineer)
-    enroll_device(token=used, client_id="car-1")
+    enroll_device(token=used, client_id="car-1", csr=device_csr("car-1"))
     with pytest.raises(ValidationError, match=r"was already used at \d{4}-\d\d-\d\d"):
-        enroll_device(token=used, client_id="car-2")
+        enroll_device(token=used, client_id="car-2", csr=device_csr("car-2"))
 
     expired_row, expired = issue_enrollment_token(actor=engineer, ttl=timedelta(seconds=60))
     EnrollmentToken.objects.filter(pk=expired_row.pk).update(expires_at=timezone.now() - timedelta(seconds=1))
     with pytest.raises(ValidationError, match="expired at"):
-        enroll_device(token=expired, client_id="car-3")
+        enroll_device(token=expired, client_id="car-3", csr=device_csr("car-3"))
 
     with pytest.raises(ValidationError, match="unknown enrollment token"):
-        enroll_device(token="fne_guess", client_id="car-4")
+        enroll_device(token="fne_guess", client_id="car-4", csr=device_csr("car-4"))
 
     assert list(EdgeDevice.objects.values_list("client_id", flat=True)) == ["car-1"]
     assert EnrollmentToken.objects.get(pk=expired_row.pk).used_at is None
@@ -89,16 +95,16 @@ def test_reused_expired_and_unknown_tokens_are_refused_and_leave_nothing_behind(
 @pytest.mark.django_db
 def test_bad_or_taken_client_id_does_not_burn_the_token(engineer: User) -> None:
     _, first = issue_enrollment_token(actor=engineer)
-    enroll_device(token=first, client_id="car-1")
+    enroll_device(token=first, client_id="car-1", csr=device_csr("car-1"))
     _, second = issue_enrollment_token(actor=engineer)
     with pytest.raises(ValidationError, match="'car-1' is already enrolled"):
-        enroll_device(token=second, client_id="car-1")
+        enroll_device(token=second, client_id="car-1", csr=device_csr("car-1"))
     with pytest.raises(ValidationError, match="must start with a letter or digit"):
-        enroll_device(token=second, client_id="bad id with spaces")
+        enroll_device(token=second, client_id="bad id with spaces", csr=device_csr("bad id with spaces"))
     with pytest.raises(ValidationError, match=r"labels\[1\] must be a non-empty string"):
-        enroll_device(token=second, client_id="car-2", labels=["ok", ""])
+        enroll_device(token=second, client_id="car-2", csr=device_csr("car-2"), labels=["ok", ""])
     # The token is still good after all those refusals.
-    assert enroll_device(token=second, client_id="car-2").device.client_id == "car-2"
+    assert enroll_device(token=second, client_id="car-2", csr=device_csr("car-2")).device.client_id == "car-2"
 
 
 @pytest.mark.django_db
@@ -108,19 +114,27 @@ def test_enroll_endpoint_reports_what_was_wrong(engineer: User) -> None:
     missing = client.post("/api/v1/enroll/", {"client_id": "car-1"}, format="json")
     assert missing.status_code == 400
     assert "token" in missing.json()
-    created = client.post("/api/v1/enroll/", {"token": plaintext, "client_id": "car-1"}, format="json")
+    created = client.post(
+        "/api/v1/enroll/", {"token": plaintext, "client_id": "car-1", "csr": device_csr("car-1")}, format="json"
+    )
     assert created.status_code == 201
     assert created.json()["device"]["client_id"] == "car-1"
     assert created.json()["api_token"].startswith("fna_")
-    reused = client.post("/api/v1/enroll/", {"token": plaintext, "client_id": "car-2"}, format="json")
+    reused = client.post(
+        "/api/v1/enroll/", {"token": plaintext, "client_id": "car-2", "csr": device_csr("car-2")}, format="json"
+    )
     assert reused.status_code == 400
     assert "already used" in reused.json()["token"][0]
     assert reused.json()["code"] == "token_used"
-    unknown = client.post("/api/v1/enroll/", {"token": "fne_nope", "client_id": "car-3"}, format="json")
+    unknown = client.post(
+        "/api/v1/enroll/", {"token": "fne_nope", "client_id": "car-3", "csr": device_csr("car-3")}, format="json"
+    )
     assert (unknown.status_code, unknown.json()["code"]) == (400, "token_invalid")
     _, short_lived = issue_enrollment_token(actor=engineer, ttl=timedelta(seconds=1))
     EnrollmentToken.objects.filter(token_prefix=short_lived[:12]).update(expires_at=timezone.now())
-    expired = client.post("/api/v1/enroll/", {"token": short_lived, "client_id": "car-4"}, format="json")
+    expired = client.post(
+        "/api/v1/enroll/", {"token": short_lived, "client_id": "car-4", "csr": device_csr("car-4")}, format="json"
+    )
     assert (expired.status_code, expired.json()["code"]) == (400, "token_expired")
     assert "expired at" in expired.json()["token"][0]
 
@@ -140,7 +154,7 @@ def test_two_enrollments_racing_for_one_token_on_postgresql_exactly_one_wins(eng
     def enroll(client_id: str) -> None:
         try:
             start.wait()
-            enroll_device(token=plaintext, client_id=client_id)
+            enroll_device(token=plaintext, client_id=client_id, csr=device_csr(client_id))
             outcomes[client_id] = "enrolled"
         except ValidationError as exc:
             outcomes[client_id] = "; ".join(exc.messages)

@@ -51,7 +51,10 @@ def test_revoked_device_loses_its_token_and_cannot_submit(
     row = EdgeDevice.objects.get(pk=device.pk)
     assert (row.status, row.revoked_at is not None, row.user.is_active) == ("revoked", True, False)
     event = AuditEvent.objects.get(verb="federation.device.revoked")
-    assert (event.actor, event.data) == (engineer, {"client_id": "car-1", "reason": "stolen"})
+    assert (event.actor, event.data) == (
+        engineer,
+        {"client_id": "car-1", "reason": "stolen", "keys_revoked": 1, "updates_rejected": []},
+    )
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION=f"Token {token}")
     assert client.get("/api/v1/me/").status_code == 401

@@ -8,6 +8,9 @@ from typing import Any
 
 import pytest
 import torch
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509.oid import NameOID
 from safetensors.torch import save
 
 from edge_client.sidecar import (
@@ -24,6 +27,7 @@ from edge_client.sidecar import (
     verify_chain,
 )
 from edge_client.sidecar.outbound import PayloadFormatError
+from fednested.identity.keys import generate_private_key, make_csr
 
 URL = "http://127.0.0.1:8000"
 PAYLOAD_URL = f"{URL}/api/v1/updates/0b4f3c9e-1111-4222-8333-944455556666/payload/"
@@ -332,3 +336,47 @@ def test_malformed_tensor_entries_are_format_errors_not_crashes(
 ) -> None:
     with pytest.raises(PayloadFormatError, match=problem):
         safetensors_header(_raw_safetensors({"lora_A": spec}, data))
+
+
+def test_a_csr_leaves_only_as_the_device_key_and_client_id(tmp_path: Path) -> None:
+    """The CSR is long text, so the sidecar lets it out only as what it must be: one subject CN, no extensions."""
+    audit = AuditLog(tmp_path / "audit.jsonl")
+    key = generate_private_key()
+
+    def enroll(csr: object) -> OutboundRequest:
+        return OutboundRequest(
+            kind="enroll", destination=f"{URL}/api/v1/enroll/", metadata={"client_id": "e", "csr": csr}
+        )
+
+    approval = check_outbound(_policy(), enroll(make_csr(key, "e").decode()), audit=audit)
+    assert approval.metadata["csr"].startswith("-----BEGIN CERTIFICATE REQUEST-----")
+    smuggling = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(
+            x509.Name(
+                [
+                    x509.NameAttribute(NameOID.COMMON_NAME, "e"),
+                    x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "patient Jane Doe, born 1970-01-01"),
+                ]
+            )
+        )
+        .sign(key, hashes.SHA256())
+        .public_bytes(serialization.Encoding.PEM)
+        .decode()
+    )
+    with_extension = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "e")]))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("jane-doe.example.org")]), critical=False)
+        .sign(key, hashes.SHA256())
+        .public_bytes(serialization.Encoding.PEM)
+        .decode()
+    )
+    for csr, problem in (
+        (smuggling, "only the client id"),
+        (with_extension, "no extensions"),
+        ("free text " * 40, "certificate signing request"),
+        (12, "must be a PEM certificate signing request"),
+    ):
+        with pytest.raises(OutboundRefused, match=problem):
+            check_outbound(_policy(), enroll(csr), audit=audit)

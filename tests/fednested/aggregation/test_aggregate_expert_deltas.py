@@ -161,8 +161,9 @@ def test_negative_weight_is_refused() -> None:
 
 
 def test_aggregation_config_checks_its_fields() -> None:
-    with pytest.raises(ValueError, match="server_learning_rate must be finite"):
-        AggregationConfig(server_learning_rate=float("inf"))
+    for hostile in (float("inf"), 1e308, 0.0, -1.0):
+        with pytest.raises(ValueError, match=r"server_learning_rate must be in \(0, 100\]"):
+            AggregationConfig(server_learning_rate=hostile)
     with pytest.raises(ValueError, match="unknown aggregation method"):
         AggregationConfig(method="mean")  # type: ignore[arg-type]
 

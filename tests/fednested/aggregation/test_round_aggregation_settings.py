@@ -107,6 +107,7 @@ def test_every_key_read_is_documented() -> None:
         ({"max_payload_bytes": 1.5}, "'max_payload_bytes' must be an integer > 0, got 1.5"),
         ({"max_payload_bytes": 0}, "max_bytes must be > 0"),
         ({"server_learning_rate": float("inf")}, "'server_learning_rate' must be a finite number"),
+        ({"server_learning_rate": 1e308}, r"server_learning_rate must be in \(0, 100\], got 1e\+308"),
         ({"max_wait_s": 0}, r"'max_wait_s' must be a number of seconds in \(0, 2592000\] \(30 days\)"),
         ({"max_wait_s": 1e300}, r"'max_wait_s' must be a number of seconds in \(0, 2592000\]"),
         ({"max_wait_s": MAX_WAIT_S + 1}, r"'max_wait_s' must be a number of seconds in \(0, 2592000\]"),

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from fednested.identity.keys import generate_private_key
 from fednested.messaging import (
     SCHEMA_REGISTRY,
     AdapterSummary,
@@ -198,15 +199,21 @@ def test_signing_payload_is_canonical_and_excludes_the_signature() -> None:
     # Re-encoding the wire JSON differently (key order, spacing) does not change what is signed.
     shuffled = json.dumps(dict(reversed(list(json.loads(encode(envelope)).items()))), indent=2).encode()
     assert decode(shuffled).signing_payload() == payload  # type: ignore[union-attr]
-    assert envelope.signed_hmac_sha256(b"k").signing_payload() == payload
+    assert envelope.signed(generate_private_key()).signing_payload() == payload
 
 
-def test_hmac_signature_verifies_only_the_untampered_envelope_under_the_right_key() -> None:
-    signed = make_envelope().signed_hmac_sha256(b"device-secret")
-    assert signed.signature.startswith("hmac-sha256:")
+def test_device_key_signature_verifies_only_the_untampered_envelope_under_the_right_key() -> None:
+    key = generate_private_key()
+    signed = make_envelope().signed(key)
+    assert signed.signature.startswith("ecdsa-p256-sha256:")
+    # Deterministic (RFC 6979): a resend after a crash is byte for byte the same envelope.
+    assert make_envelope().signed(key).signature == signed.signature
     received = decode(encode(signed))
     assert isinstance(received, UpdateEnvelope)
-    assert received.verify_hmac_sha256(b"device-secret")
-    assert not received.verify_hmac_sha256(b"other-secret")
-    assert not received.model_copy(update={"examples": 10_000}).verify_hmac_sha256(b"device-secret")
-    assert not make_envelope().verify_hmac_sha256(b"device-secret")  # unsigned
+    assert received.verify(key.public_key())
+    assert not received.verify(generate_private_key().public_key())
+    assert not received.model_copy(update={"examples": 10_000}).verify(key.public_key())
+    assert not make_envelope().verify(key.public_key())  # unsigned
+    scheme, _, value = signed.signature.partition(":")
+    for forged in (f"hmac-sha256:{value}", f"{scheme}:{value[:-4]}", f"{scheme}:{'A' * 200}", f"{scheme}:!!"):
+        assert not received.model_copy(update={"signature": forged}).verify(key.public_key())
