@@ -59,14 +59,26 @@ def test_config_validate_accepts_a_good_file_and_lists_each_problem_of_a_bad_one
     assert result.stdout == f"{good}: valid tier2 configuration (bus: embedded)\n"
 
     bad = tmp_path / "bad.yaml"
-    bad.write_text(render_sample("tier2").replace("rank: 8", "rank: eight").replace("strict: false", "stric: false"))
+    text = render_sample("tier2").replace("rank: 8", "rank: eight").replace("strict: false", "stric: false")
+    bad.write_text(text)
+    # The line each problem is reported at is where the sample has it.
+    stric_line, rank_line = (text.splitlines().index(line) + 1 for line in _lines_with(text, "stric:", "rank: eight"))
     result = runner.invoke(app, ["config", "validate", str(bad)])
     assert result.exit_code == 1
     lines = result.stderr.splitlines()
     assert len(lines) == 2
-    assert lines[0].startswith(f"error: {bad}:44: field 'data.stric': unknown setting")
-    assert lines[1].startswith(f"error: {bad}:54: field 'adapter.rank': Input should be a valid integer")
+    assert lines[0].startswith(f"error: {bad}:{stric_line}: field 'data.stric': unknown setting")
+    assert lines[1].startswith(f"error: {bad}:{rank_line}: field 'adapter.rank': Input should be a valid integer")
     assert result.stdout == ""
+
+
+def _lines_with(text: str, *fragments: str) -> list[str]:
+    """The one line of `text` holding each fragment (as a YAML key, not in a comment)."""
+    found = []
+    for fragment in fragments:
+        [line] = [line for line in text.splitlines() if line.strip().startswith(fragment)]
+        found.append(line)
+    return found
 
 
 def test_config_validate_reports_missing_file_and_wrong_kind(tmp_path: Path) -> None:
