@@ -91,11 +91,17 @@ REFUSAL_STATUS = {
 }
 
 
-def requesting_device(request: Request, doing: str) -> EdgeDevice:
-    """The enrolled device the request authenticates as; 403 for anyone else (admins included: they are no device)."""
+def requesting_device(request: Request, doing: str, *, for_client_id: str | None = None) -> EdgeDevice:
+    """The enrolled device the request authenticates as; 403 for anyone else (admins included: they are no device),
+    and 403 `not_owner` when the route names another device (`for_client_id`): a device acts for itself only."""
     device = EdgeDevice.objects.filter(user=cast(User, request.user)).select_related("user").first()
     if device is None:
         raise ApiPermissionDenied(f"only an enrolled device {doing}", code="not_a_device")
+    if for_client_id is not None and device.client_id != for_client_id:
+        raise ApiPermissionDenied(
+            f"you are device {device.client_id!r}, not {for_client_id!r}; a device {doing} for itself only",
+            code="not_owner",
+        )
     return device
 
 
@@ -124,11 +130,7 @@ class EdgeDeviceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewse
     @action(detail=True, methods=["post"])
     def heartbeat(self, request: Request, client_id: str) -> Response:
         """The device reports the version it runs (after loading one); sets current_version and last_seen."""
-        device = requesting_device(request, "reports its version")
-        if device.client_id != client_id:
-            raise ApiPermissionDenied(
-                f"you are device {device.client_id!r}; a device reports for itself only", code="not_owner"
-            )
+        device = requesting_device(request, "reports its version", for_client_id=client_id)
         serializer = HeartbeatSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         device = record_device_heartbeat(device, current_version=serializer.validated_data["current_version"])
@@ -138,11 +140,7 @@ class EdgeDeviceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewse
     @action(detail=True, methods=["post"])
     def certificate(self, request: Request, client_id: str) -> Response:
         """Renew the device's certificate before it expires (same key), or rotate to a new key: send a CSR."""
-        device = requesting_device(request, "renews its certificate")
-        if device.client_id != client_id:
-            raise ApiPermissionDenied(
-                f"you are device {device.client_id!r}; a device renews its own certificate only", code="not_owner"
-            )
+        device = requesting_device(request, "renews its certificate", for_client_id=client_id)
         serializer = CertificateRequestSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         key = renew_certificate(device, serializer.validated_data["csr"], actor=request.user)
