@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured, ValidationError
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from apps.federation.choices import DeviceStatus
@@ -103,8 +104,9 @@ def register_device_key(device: EdgeDevice, request: CheckedRequest, *, now: dat
 def live_keys(device: EdgeDevice, *, at: datetime | None = None) -> list[DeviceKey]:
     """The device's keys that are not revoked and whose certificate (if any) was valid at `at` (default now)."""
     at = at or timezone.now()
-    keys = DeviceKey.objects.filter(device=device, revoked_at__isnull=True)
-    return [key for key in keys if key.not_after is None or key.not_after >= at]
+    # In the query: every renewal adds a row, so a long-lived device has many expired ones.
+    valid = Q(not_after__isnull=True) | Q(not_after__gte=at)
+    return list(DeviceKey.objects.filter(valid, device=device, revoked_at__isnull=True))
 
 
 def device_public_keys(device: EdgeDevice, *, at: datetime | None = None) -> list[ec.EllipticCurvePublicKey]:
