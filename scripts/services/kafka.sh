@@ -155,7 +155,16 @@ kafka_start_once() {
   port=${ports[0]}
   ssl_port=${ports[1]}
   controller_port=${ports[2]}
-  cluster_id=$(python3 -c 'import base64, uuid; print(base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="))')
+  # An id that starts with '-' would be read as an option by kafka-storage (about 1 start in 64 failed that way);
+  # Kafka's own Uuid.randomUuid() draws again in that case, and so does this.
+  cluster_id=$(python3 -c '
+import base64, uuid
+while True:
+    text = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    if not text.startswith("-"):
+        print(text)
+        break
+')
   # shellcheck disable=SC2206 # FEDNESTED_KAFKA_HEAP is a list of JVM options on purpose.
   jvm_opts=(${FEDNESTED_KAFKA_HEAP:--Xmx512m -Xms64m})
   # C1 only and no perf-data file: the broker starts in a few seconds on a busy 2-core machine and its load in
