@@ -7,8 +7,9 @@ from kombu.entity import Queue
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "controlplane.settings")
 
-# One queue per job kind, so a deployment can give GPU workers `training` and small workers `aggregation`.
-JOB_QUEUES = ("training", "aggregation", "evaluation", "promotion")
+# One queue per worker module (workers/<queue>.py), so a deployment can give aggregation and evaluation workers of
+# different sizes; apps/federation/jobs.py names the tasks these modules define.
+JOB_QUEUES = ("aggregation", "evaluation")
 
 app = Celery("controlplane")
 app.config_from_object("django.conf:settings", namespace="CELERY")

@@ -1,6 +1,6 @@
 """Django settings for the fednested control plane: one module, every deployment choice read from the environment.
 
-Unset variables give the embedded single-machine mode (`make demo`): SQLite, in-memory channel layer, eager Celery,
+Unset variables give the embedded single-machine mode (`make demo`): SQLite, in-memory channel layer, jobs in a thread,
 embedded event bus, artifacts under var/. Deployments and CI set DATABASE_URL, REDIS_URL, CELERY_BROKER_URL and
 FEDNESTED_BUS=kafka.
 """
@@ -243,18 +243,15 @@ else:
 
 # --- Celery --------------------------------------------------------------------------------------------------------
 
-# Without CELERY_BROKER_URL there is no broker to talk to: tasks run eagerly, in the process that enqueues them
-# (after the enqueuing transaction commits), so the demo needs no Redis. With a broker they go to their queue.
+# Without CELERY_BROKER_URL there is no broker to talk to: jobs run in a thread of the process that starts them,
+# after the starting transaction commits (apps/federation/jobs.py), so the demo needs no Redis and no request waits
+# on a job. With a broker they go to their queue.
 CELERY_BROKER_URL = envstr("CELERY_BROKER_URL", "")
-CELERY_TASK_ALWAYS_EAGER = not CELERY_BROKER_URL
-CELERY_TASK_EAGER_PROPAGATES = True
-if not CELERY_BROKER_URL:
-    CELERY_BROKER_URL = "memory://"
+FEDNESTED_JOBS_IN_PROCESS = not CELERY_BROKER_URL
 # The database holds job state (TrainingTask.status); the Celery result backend is not used.
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_ACKS_LATE = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
-CELERY_TASK_DEFAULT_QUEUE = "training"
 
 # --- fednested -----------------------------------------------------------------------------------------------------
 
@@ -351,7 +348,8 @@ REST_FRAMEWORK = {
     "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
     "PAGE_SIZE": envint("API_PAGE_SIZE", 50),
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    # drf-spectacular plus the error responses each operation can return (controlplane/schema.py).
+    "DEFAULT_SCHEMA_CLASS": "controlplane.schema.ErrorDocumentingAutoSchema",
     "EXCEPTION_HANDLER": "controlplane.api_errors.exception_handler",
 }
 
@@ -365,6 +363,11 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
     "COMPONENT_SPLIT_REQUEST": True,
+    "ENUM_NAME_OVERRIDES": {"RejectionCodeEnum": "apps.federation.api.serializers.REJECTION_CODE_CHOICES"},
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "controlplane.schema.add_error_components",
+    ],
 }
 
 LOGGING = {
@@ -372,4 +375,10 @@ LOGGING = {
     "disable_existing_loggers": False,
     "handlers": {"console": {"class": "logging.StreamHandler"}},
     "root": {"handlers": ["console"], "level": envstr("LOG_LEVEL", "INFO")},
+    "loggers": {
+        # One line per request: the server's access line (daphne's runserver: `django.channels.server`, with method,
+        # path, status and duration). django.request would add a second one for every 4xx ("Not Found: /x"); it
+        # keeps only 5xx, whose traceback the access line lacks.
+        "django.request": {"level": "ERROR"},
+    },
 }

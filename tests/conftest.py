@@ -6,12 +6,14 @@ rows) as production code.
 
 import hashlib
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
+from django.test import override_settings
 from django.utils import timezone
 from rest_framework.test import APIClient
 
@@ -24,6 +26,7 @@ from apps.federation.services import enroll_device, issue_enrollment_token, open
 from apps.registry.choices import ArtifactPartition
 from apps.registry.models import ModelFamily, ModelVersion
 from apps.registry.services import ArtifactSpec, create_model_family, register_version
+from apps.registry.storage import artifact_root
 from tests.device_keys import device_csr
 
 CAST = ("officer", "engineer", "device", "outsider", "anonymous")
@@ -82,6 +85,18 @@ def control_topics_exist() -> None:
         bootstrap_topics(bus)
 
 
+@pytest.fixture(autouse=True)
+def artifact_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Each test's own empty artifact store (FEDNESTED_ARTIFACT_ROOT): nothing lands in var/artifacts and no test sees
+    another's files. A test or fixture that needs a store of its own points the setting elsewhere.
+
+    Through override_settings rather than pytest-django's `settings` fixture: some tests use `settings` as the name of
+    their own parameter (bus or adapter settings), which would shadow the fixture."""
+    root = tmp_path_factory.mktemp("artifacts")
+    with override_settings(FEDNESTED_ARTIFACT_ROOT=root):
+        yield root
+
+
 @pytest.fixture
 def cast(db: Any) -> dict[str, Member]:
     """The fixed cast, each with an authenticated API client; the device is enrolled through the real service."""
@@ -128,6 +143,16 @@ def make_artifacts(version_id: str) -> list[ArtifactSpec]:
     return specs
 
 
+def write_artifacts(version_id: str, artifacts: list[ArtifactSpec]) -> str:
+    """Lay the version's files out in the artifact store, as registration requires; returns its artifact URI."""
+    folder = artifact_root() / "versions" / version_id
+    for spec in artifacts:
+        path = folder / spec.file_name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(artifact_bytes(version_id, spec.file_name))
+    return f"artifacts://versions/{version_id}"
+
+
 def make_manifest(version_id: str, parent: str | None, artifacts: list[ArtifactSpec]) -> dict[str, Any]:
     return {
         "version_id": version_id,
@@ -159,7 +184,7 @@ def version_factory(db: Any) -> Callable[..., ModelVersion]:
             version_id=version_id,
             manifest=make_manifest(version_id, parent.version_id if parent else None, artifacts),
             artifacts=artifacts,
-            artifact_uri=f"file:///artifacts/{version_id}",
+            artifact_uri=write_artifacts(version_id, artifacts),
             parent=parent,
             datasets=["synthetic-automotive-v1"],
             runs=[f"run-{version_id}"],
@@ -254,7 +279,7 @@ def make_envelope(
         "routed_tokens": {"0.0": 300, "0.1": 124},
         "metrics": {"loss": 1.25},
         "payload": {
-            "uri": f"file:///artifacts/updates/{client_id}/{update_id or 'x'}.safetensors",
+            "uri": f"artifacts://updates/{client_id}/{update_id or 'x'}.safetensors",
             "sha256": hashlib.sha256(payload).hexdigest(),
             "size_bytes": len(payload),
         },

@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from celery import shared_task
-from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.db import InterfaceError, OperationalError, transaction
 
 from apps.federation.choices import DeviceStatus, RoundStatus, TaskKind, TaskStatus, UpdateStatus
+from apps.federation.jobs import AggregationParams
 from apps.federation.models import Round, TrainingTask, Update
 from apps.federation.payloads import adapter_config_of, checked_payload_path
 from apps.federation.services import (
@@ -40,7 +41,7 @@ from apps.federation.services import (
 from apps.federation.windows import buffered_updates, champion_version, round_settings, staleness_of
 from apps.registry.models import ModelVersion
 from apps.registry.services import register_saved_version
-from apps.registry.storage import artifact_path
+from apps.registry.storage import artifact_path, artifact_root, redact_store_paths
 from fednested.aggregation import RejectionCode, UpdateFacts, UpdateRejected, expert_of_delta
 from fednested.aggregation.factored import aggregate_factored
 from fednested.aggregation.factors import FactorFile, FactorFileError
@@ -115,7 +116,7 @@ def device_history(update: Update) -> tuple[int, int, list[float]]:
 
 
 def contribution_of(
-    update: Update, *, settings_: RoundAggregationSettings, champion: ModelVersion, artifact_root: Path
+    update: Update, *, settings_: RoundAggregationSettings, champion: ModelVersion, store: Path
 ) -> Contribution:
     """Re-check one buffered update against today's champion and open its factors (nothing dense, nothing whole)."""
     client_id = update.device.client_id
@@ -146,7 +147,7 @@ def contribution_of(
         sha256=update.payload_sha256,
         size_bytes=update.payload_bytes,
         max_bytes=settings_.limits.max_bytes,
-        root=artifact_root,
+        root=store,
         client_id=client_id,
     )
     try:
@@ -184,16 +185,21 @@ def aggregate_round(task: TrainingTask) -> AggregationOutcome | None:
     round_ = task.round
     if round_ is None:
         raise ValueError(f"task {task.pk}: an expert_aggregation task needs a round")
+    # Read before the window is claimed, so that a bad row fails without holding the window.
+    params = AggregationParams.of(task)
     if not claim_round_for_aggregation(round_, actor_label=ACTOR_LABEL, task_pk=task.pk):
         logger.info("round %s is %s; task %s leaves it alone", round_.round_id, round_.status, task.pk)
         return None
     try:
-        return _aggregate_claimed_round(task, round_)
+        return _aggregate_claimed_round(task, round_, params)
     except Exception as error:
         # This task holds the window: hand it back, buffered updates and all, rather than leave it aggregating. A
         # task released as lost meanwhile holds it no longer, and this changes nothing.
         reopen_round_after_failure(
-            round_, reason=f"task {task.pk}: {type(error).__name__}: {error}", actor_label=ACTOR_LABEL, task_pk=task.pk
+            round_,
+            reason=redact_store_paths(f"task {task.pk}: {type(error).__name__}: {error}", artifact_root()),
+            actor_label=ACTOR_LABEL,
+            task_pk=task.pk,
         )
         raise
 
@@ -214,18 +220,16 @@ def _still_owned(task: TrainingTask, round_: Round) -> None:
         )
 
 
-def _aggregate_claimed_round(task: TrainingTask, round_: Round) -> AggregationOutcome:
+def _aggregate_claimed_round(task: TrainingTask, round_: Round, params: AggregationParams) -> AggregationOutcome:
     settings_ = round_settings(round_)
-    artifact_root = Path(settings.FEDNESTED_ARTIFACT_ROOT)
+    store = artifact_root()
     # Before any version was approved there is no line yet: the window's own base stands in for the champion.
     champion = champion_version() or round_.base_version
     contributions: list[Contribution] = []
     rejected: dict[str, str] = {}
     for update in buffered_updates(round_):
         try:
-            contributions.append(
-                contribution_of(update, settings_=settings_, champion=champion, artifact_root=artifact_root)
-            )
+            contributions.append(contribution_of(update, settings_=settings_, champion=champion, store=store))
         except UpdateRejected as rejection:
             reject_update(update, rejection.code.value, f"at aggregation: {rejection.message}", actor_label=ACTOR_LABEL)
             rejected[update.update_id] = rejection.code.value
@@ -242,7 +246,7 @@ def _aggregate_claimed_round(task: TrainingTask, round_: Round) -> AggregationOu
         return AggregationOutcome(round_.round_id, None, (), rejected, {}, {})
     aggregation = settings_.aggregation
     plan = bounded_expert_weights([contribution.facts for contribution in contributions], aggregation.weighting)
-    champion_directory = artifact_path(champion.artifact_uri, artifact_root)
+    champion_directory = artifact_path(champion.artifact_uri, store)
     model, champion_manifest = load_version(champion_directory, expected_version=champion.version_id)
 
     def merge(key: str, delta: Any) -> None:
@@ -254,7 +258,7 @@ def _aggregate_claimed_round(task: TrainingTask, round_: Round) -> AggregationOu
     applied = tuple(contribution.update.update_id for contribution in contributions)
     weights_by_update = dict(zip(applied, plan.weights, strict=True))
     record: dict[str, Any] = {
-        "trigger": task.params.get("trigger"),
+        "trigger": params.trigger,
         "parent": champion.version_id,
         "updates": {
             contribution.update.update_id: {
@@ -280,16 +284,16 @@ def _aggregate_claimed_round(task: TrainingTask, round_: Round) -> AggregationOu
         "report": report.to_dict(),
     }
     version_id = candidate_version_id(round_)
-    directory = artifact_root / "versions" / version_id
+    directory = store / "versions" / version_id
     if ModelVersion.objects.filter(version_id=version_id).exists():
         # Never overwrite (or delete) the files of a registered version: they are what its registry entry vouches for.
         raise CandidateAlreadyRegistered(
             f"round {round_.round_id}: model version {version_id!r} is already registered; "
-            f"its files under {directory} are left as they are"
+            f"its files under artifacts://versions/{version_id} are left as they are"
         )
     # Written under a name of this task's own and moved into place only while it still holds the window: a task
     # released as lost (and still running) can never write over the files of the attempt that replaced it.
-    staging = artifact_root / "versions" / f".{version_id}.task-{task.pk}"
+    staging = store / "versions" / f".{version_id}.task-{task.pk}"
     if staging.exists():
         shutil.rmtree(staging)
     has_tokenizer = any(entry.partition == "tokenizer" for entry in champion_manifest.files.values())
@@ -363,12 +367,20 @@ def _register_candidate(
         )
         Round.objects.filter(pk=round_.pk).update(candidate=version, record=record)
         continue_series(round_, base_version=champion, actor_label=ACTOR_LABEL)
-        create_training_task(
-            kind=TaskKind.EVALUATION,
-            actor=None,
-            round_=round_,
-            params={"version_id": version_id, "round_id": round_.round_id},
-        )
+        try:
+            create_training_task(
+                kind=TaskKind.EVALUATION,
+                actor=None,
+                round_=round_,
+                params={"version_id": version_id},
+            )
+        except ValidationError as error:
+            # The candidate stands (the devices' updates are in it); only its evaluation cannot start, e.g. no
+            # held-out sets in the store yet. Said on the window, for an engineer to create the task once they are.
+            problem = "; ".join(error.messages)
+            record["evaluation_not_started"] = problem
+            Round.objects.filter(pk=round_.pk).update(record=record)
+            logger.error("candidate %s registered, but its evaluation cannot start: %s", version_id, problem)
     return version
 
 
@@ -390,7 +402,9 @@ def aggregate_round_task(task_pk: int) -> str | None:
     try:
         outcome = aggregate_round(task)
     except Exception as error:
-        fail_training_task(task_pk, error=f"{type(error).__name__}: {error}", actor_label=ACTOR_LABEL)
+        # The task's error is shown through the API: files by their place in the store, not the server's path.
+        message = redact_store_paths(f"{type(error).__name__}: {error}", artifact_root())
+        fail_training_task(task_pk, error=message, actor_label=ACTOR_LABEL)
         raise
     finish_training_task(task_pk, actor_label=ACTOR_LABEL)
     return outcome.version_id if outcome is not None else None

@@ -9,31 +9,30 @@ import math
 from pathlib import Path
 
 from celery import shared_task
-from django.conf import settings
 from django.db import InterfaceError, OperationalError, transaction
 
 from apps.accounts.models import User
 from apps.accounts.roles import role_of
 from apps.accounts.services import system_user
+from apps.federation.jobs import EvaluationParams, heldout_files
 from apps.federation.models import TrainingTask
 from apps.federation.services import fail_training_task, finish_training_task, start_training_task
 from apps.governance.models import ApprovalRequest
 from apps.governance.services import REQUESTER_ROLES, request_approval
 from apps.registry.models import ModelVersion
 from apps.registry.services import DomainEvaluation, record_version_evaluation
-from apps.registry.storage import artifact_path
+from apps.registry.storage import artifact_path, artifact_root, artifact_uri, redact_store_paths, store_relative
 from fednested.checkpoints import load_version
 from fednested.data import Record, read_jsonl
 from fednested.data.tokenizer import load_tokenizer
 from fednested.evaluation.domains import DomainEval, EvalConfig, evaluate_domains
 
 ACTOR_LABEL = "worker:evaluation"
-HELDOUT_FOLDER = "heldout"
 
 
 def heldout_sets(directory: Path) -> dict[str, list[Record]]:
     """Domain → records of every `<domain>.jsonl` in `directory`, sorted by domain; a bad line raises, naming it."""
-    files = sorted(directory.glob("*.jsonl"))
+    files = heldout_files(directory)
     if not files:
         raise FileNotFoundError(f"no held-out sets (<domain>.jsonl) in {directory}")
     return {path.stem: read_jsonl(path, strict=True).records for path in files}
@@ -41,7 +40,7 @@ def heldout_sets(directory: Path) -> dict[str, list[Record]]:
 
 def score_version(version: ModelVersion, records: dict[str, list[Record]], config: EvalConfig) -> dict[str, DomainEval]:
     """Per-domain loss and perplexity of a registered version, loaded (and sha256-verified) from the artifact store."""
-    directory = artifact_path(version.artifact_uri, Path(settings.FEDNESTED_ARTIFACT_ROOT))
+    directory = artifact_path(version.artifact_uri, artifact_root())
     model, _ = load_version(directory, expected_version=version.version_id)
     return evaluate_domains(model, load_tokenizer(directory), records, config)
 
@@ -85,32 +84,31 @@ def approval_requester(task: TrainingTask) -> User:
 
 def evaluate_candidate(task: TrainingTask) -> ApprovalRequest:
     """Score the task's version and its parent, record the scores in the registry, and ask officers to approve it."""
-    version_id = task.params.get("version_id")
-    if not isinstance(version_id, str):
-        raise ValueError(f"task {task.pk}: params need 'version_id' (the version to evaluate), got {task.params!r}")
-    version = ModelVersion.objects.select_related("parent").get(version_id=version_id)
-    folder = task.params.get("heldout_dir") or HELDOUT_FOLDER
-    if not isinstance(folder, str):
-        raise ValueError(f"task {task.pk}: params 'heldout_dir' must be a path in the artifact store, got {folder!r}")
+    # The params were checked when the task was created; the store and the registry are checked again here, since
+    # either may have changed since.
+    params = EvaluationParams.of(task)
+    version = ModelVersion.objects.select_related("parent").get(version_id=params.version_id)
     try:
-        # Relative paths, artifacts:// and file:// URIs, all confined to the artifact store.
-        heldout = artifact_path(folder, Path(settings.FEDNESTED_ARTIFACT_ROOT))
+        heldout = params.heldout_path(artifact_root())
     except ValueError as error:
         raise ValueError(f"task {task.pk}: params 'heldout_dir': {error}") from None
     records = heldout_sets(heldout)
-    config = EvalConfig(seq_len=int(task.params.get("seq_len", 256)))
+    config = EvalConfig(seq_len=params.seq_len)
     scores = score_version(version, records, config)
     parent_scores = score_version(version.parent, records, config) if version.parent is not None else None
     rows = domain_evaluations(scores, parent_scores)
     requester = approval_requester(task)
     with transaction.atomic():
-        record_version_evaluation(version, rows, actor_label=ACTOR_LABEL, heldout=str(heldout))
+        record_version_evaluation(
+            version, rows, actor_label=ACTOR_LABEL, heldout=artifact_uri(store_relative(heldout, artifact_root()))
+        )
         lines = [
             f"{row.domain}: loss {row.loss:.4f}"
             + (f" (parent {row.parent_loss:.4f})" if row.parent_loss is not None else "")
             for row in rows
         ]
-        note = f"Aggregated by {ACTOR_LABEL} from round {task.params.get('round_id')}. Held-out: " + "; ".join(lines)
+        round_id = task.round.round_id if task.round is not None else None
+        note = f"Aggregated by {ACTOR_LABEL} from round {round_id}. Held-out: " + "; ".join(lines)
         return request_approval(version, actor=requester, note=note)
 
 
@@ -129,7 +127,9 @@ def evaluate_version_task(task_pk: int) -> int | None:
     try:
         request = evaluate_candidate(task)
     except Exception as error:
-        fail_training_task(task_pk, error=f"{type(error).__name__}: {error}", actor_label=ACTOR_LABEL)
+        # The task's error is shown through the API: files by their place in the store, not the server's path.
+        message = redact_store_paths(f"{type(error).__name__}: {error}", artifact_root())
+        fail_training_task(task_pk, error=message, actor_label=ACTOR_LABEL)
         raise
     finish_training_task(task_pk, actor_label=ACTOR_LABEL)
     return request.pk

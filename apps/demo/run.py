@@ -48,6 +48,7 @@ FIRST_VERSION = "v1"
 # that reports late lands in a later window than the updates of its base version.
 SERIES = "demo"
 WINDOW_K = 2
+FINISHED_TASK_STATUSES = (TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED)
 
 T = TypeVar("T")
 
@@ -229,9 +230,12 @@ class Demo:
     def evaluate(self, version: ModelVersion, actor: User) -> ApprovalRequest:
         """Run the evaluation job on `version` (as for any candidate): it records the scores and asks for approval."""
         self.progress.step(f"Evaluating {version.version_id} on every domain's held-out set")
-        task = create_training_task(kind=TaskKind.EVALUATION, actor=actor, params={"version_id": version.version_id})
-        # Broker-less Celery ran the task when the row committed; its row says how it went.
-        task.refresh_from_db()
+        created = create_training_task(kind=TaskKind.EVALUATION, actor=actor, params={"version_id": version.version_id})
+        # Without a broker the job runs in a thread of this process once the row committed; its row says how it went.
+        task = self.wait_for(
+            f"the evaluation of {version.version_id}",
+            lambda: TrainingTask.objects.filter(pk=created.pk, status__in=FINISHED_TASK_STATUSES).first(),
+        )
         if task.status != TaskStatus.SUCCEEDED:
             raise DemoError(f"evaluation of {version.version_id} {task.status}: {task.error or 'no error recorded'}")
         losses = domain_losses(version)

@@ -1,32 +1,243 @@
-"""Starting Tier-1 jobs: a TrainingTask row is sent to its worker by Celery task name once the row is committed.
+"""Tier-1 jobs: what each kind of TrainingTask takes, and how a committed task reaches the code that runs it.
 
-Apps never import workers (see ARCHITECTURE "Layout"): the task is named here and sent by name. Sending runs in an
-on_commit callback, after the caller's work is committed: a failure there must not surface in the caller (an ingest
-loop, an API request) as if its own work had failed, so it is recorded on the TrainingTask row instead.
+Each kind's params are declared once, here: `create_training_task` refuses a task whose params or references would
+make its job fail, and the worker reads its params through the same declaration. A kind with no worker (core_update)
+has no declaration, so no task of it can be created.
+
+With a broker (CELERY_BROKER_URL) a task is sent by Celery task name; controlplane/celery.py routes workers.<module>.*
+to the queue of that name. Without one (the embedded mode, `make demo`) it runs in a thread of the process that
+created it (`InProcessJobs`), never in the request or the ingest loop that created it. Apps never import workers
+(ARCHITECTURE "Layout"): tasks are named here. Either way the start happens in an on_commit callback, after the
+caller's work is committed: a failure there must not surface in the caller as if its own work had failed, so it is
+recorded on the TrainingTask row (and logged) instead.
 """
 
 import logging
+import threading
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
+from typing import Any, Self
 
-from django.db import transaction
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.db import connections, transaction
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ValidationError as PydanticValidationError
 
-from apps.federation.choices import TaskKind
+from apps.federation.choices import RoundStatus, TaskKind
+from apps.federation.models import Round, TrainingTask
+from apps.registry.models import ModelVersion
+from apps.registry.services import VERSION_ID_PATTERN
+from apps.registry.storage import artifact_path, artifact_root
 
 logger = logging.getLogger(__name__)
 
-# TaskKind → (Celery task name, queue). The workers modules define tasks under exactly these names.
-WORKER_TASKS: dict[str, tuple[str, str]] = {
-    TaskKind.CORE_UPDATE: ("workers.training.run_core_update_task", "training"),
-    TaskKind.EXPERT_AGGREGATION: ("workers.aggregation.aggregate_round_task", "aggregation"),
-    TaskKind.EVALUATION: ("workers.evaluation.evaluate_version_task", "evaluation"),
-}
 ACTOR_LABEL = "system:jobs"
+# Where an evaluation finds its held-out sets unless its params name another folder of the store.
+HELDOUT_FOLDER = "heldout"
+
+
+# --- what each kind takes --------------------------------------------------------------------------------------------
+
+
+class JobParams(BaseModel):
+    """The params of one kind of job: JSON types exactly (strict: no "5" for 5, no true for 1), nothing undeclared (a
+    misspelt key is an error, not a silent default)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    @classmethod
+    def of(cls, task: TrainingTask) -> Self:
+        """The params of `task` as its worker reads them; ValueError naming the task and each problem (a row written
+        before params were checked at creation, or changed since)."""
+        try:
+            return cls.model_validate(task.params)
+        except PydanticValidationError as error:
+            raise ValueError(f"task {task.pk}: {'; '.join(param_problems(error, cls, task.kind))}") from None
+
+    def problems(self, round_: Round | None) -> dict[str, list[str]]:
+        """What only the registry or the artifact store can tell: field ('params', 'round') → what is wrong with what
+        the task refers to. Empty when the job can run."""
+        return {}
+
+
+class AggregationParams(JobParams):
+    """expert_aggregation (workers/aggregation.py): the task's round is the window whose buffered updates are
+    aggregated into a candidate."""
+
+    trigger: str | None = Field(
+        default=None,
+        pattern=r"^[a-z][a-z0-9_]{0,63}$",
+        description="Why the window became ready (e.g. deadline, cohort_complete); recorded in the window's record.",
+    )
+    round_id: str | None = Field(
+        default=None,
+        max_length=64,
+        description="The window's id as the ingest worker notes it; when given, it must be the task's round.",
+    )
+
+    def problems(self, round_: Round | None) -> dict[str, list[str]]:
+        if round_ is None:
+            return {"round": ["an expert_aggregation task needs the round (window) it aggregates"]}
+        if self.round_id is not None and self.round_id != round_.round_id:
+            return {"params": [f"round_id: {self.round_id!r} is not the task's round {round_.round_id!r}"]}
+        if round_.status != RoundStatus.OPEN:
+            return {"round": [f"round {round_.round_id!r} is {round_.status}: only an open window can be aggregated"]}
+        return {}
+
+
+def heldout_files(directory: Path) -> list[Path]:
+    """The held-out sets of a folder: every `<domain>.jsonl` in it, sorted by domain."""
+    return sorted(directory.glob("*.jsonl")) if directory.is_dir() else []
+
+
+class EvaluationParams(JobParams):
+    """evaluation (workers/evaluation.py): a registered version's per-domain held-out loss beside its parent's, then
+    an approval request."""
+
+    version_id: str = Field(
+        pattern=VERSION_ID_PATTERN.pattern, description="The registered version to score (its parent is scored too)."
+    )
+    heldout_dir: str = Field(
+        default=HELDOUT_FOLDER,
+        min_length=1,
+        max_length=512,
+        description="Folder of held-out sets `<domain>.jsonl` in the artifact store (a relative path or artifacts://).",
+    )
+    # EvalConfig's own lower bound; the upper one keeps a scored batch's memory bounded.
+    seq_len: int = Field(default=256, ge=2, le=4096, description="Tokens per scored row.")
+
+    def heldout_path(self, root: Path) -> Path:
+        """The held-out folder inside the store at `root`; ValueError (quoting the param, never the root) outside."""
+        return artifact_path(self.heldout_dir, root)
+
+    def problems(self, round_: Round | None) -> dict[str, list[str]]:
+        problems = []
+        if not ModelVersion.objects.filter(version_id=self.version_id).exists():
+            problems.append(f"version_id: unknown version {self.version_id!r}")
+        try:
+            directory = self.heldout_path(artifact_root())
+        except ValueError as error:
+            problems.append(f"heldout_dir: {error}")
+        else:
+            if not heldout_files(directory):
+                problems.append(
+                    f"heldout_dir: no held-out sets (<domain>.jsonl) in {self.heldout_dir!r} of the artifact store"
+                )
+        return {"params": problems} if problems else {}
+
+
+@dataclass(frozen=True)
+class JobKind:
+    """A kind of job that something runs: the Celery task (in workers/) and the params it reads."""
+
+    task_name: str
+    params: type[JobParams]
+
+
+# TaskKind → its job. core_update is in the wire schema, but Tier-1 core training runs outside the control plane and
+# no worker takes it: without an entry here such a task is refused at creation rather than left pending forever.
+JOBS: dict[str, JobKind] = {
+    TaskKind.EXPERT_AGGREGATION: JobKind("workers.aggregation.aggregate_round_task", AggregationParams),
+    TaskKind.EVALUATION: JobKind("workers.evaluation.evaluate_version_task", EvaluationParams),
+}
+
+
+def param_problems(error: PydanticValidationError, params: type[JobParams], kind: str) -> list[str]:
+    """One line per problem, each starting with the param it is about."""
+    lines = []
+    for problem in error.errors(include_url=False):
+        key = ".".join(str(part) for part in problem["loc"]) or "params"
+        if problem["type"] == "missing":
+            field = params.model_fields.get(key)
+            lines.append(f"{key}: required — {field.description if field else 'it has no default'}")
+        elif problem["type"] == "extra_forbidden":
+            lines.append(f"{key}: not a parameter of {kind} tasks (they take {', '.join(params.model_fields)})")
+        else:
+            shown = repr(problem["input"])
+            shown = shown if len(shown) <= 80 else shown[:77] + "..."
+            lines.append(f"{key}: {problem['msg']}, got {shown}")
+    return lines
+
+
+def checked_params(kind: str, params: Any, round_: Round | None) -> JobParams:
+    """The params of a new task of `kind`, parsed, once they, its round and what they refer to let its job run; else
+    ValidationError naming 'kind', 'params' (each line starting with the param) or 'round'."""
+    if kind not in TaskKind.values:
+        raise ValidationError({"kind": f"unknown task kind {kind!r}: use one of {', '.join(JOBS)}"})
+    job = JOBS.get(kind)
+    if job is None:
+        raise ValidationError(
+            {"kind": f"no worker runs {kind} tasks on this control plane: create one of {', '.join(JOBS)}"}
+        )
+    if not isinstance(params, Mapping):
+        raise ValidationError({"params": f"params must be a JSON object, got {type(params).__name__}"})
+    try:
+        parsed = job.params.model_validate(dict(params))
+    except PydanticValidationError as error:
+        raise ValidationError({"params": param_problems(error, job.params, kind)}) from None
+    problems = parsed.problems(round_)
+    if problems:
+        raise ValidationError(problems)
+    return parsed
+
+
+# --- starting a committed task ---------------------------------------------------------------------------------------
+
+
+class InProcessJobs:
+    """Runs jobs one at a time, in order, in a thread of this process: the embedded mode's stand-in for a Celery
+    worker (no broker).
+
+    The thread starts with the first job and ends when none is left. It is not a daemon: a process that is done
+    (the ingest worker after SIGTERM, runserver after Ctrl-C) exits only once the job in hand and those queued behind
+    it have finished. Each job runs on the thread's own database connection, closed after it.
+    """
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._queue: deque[Callable[[], None]] = deque()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, job: Callable[[], None]) -> None:
+        with self._changed:
+            self._queue.append(job)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._drain, name="fednested-jobs")
+                self._thread.start()
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until every submitted job has finished; False if some still run after `timeout_s` seconds."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self._thread is None, timeout=timeout_s)
+
+    def _drain(self) -> None:
+        while True:
+            with self._changed:
+                if not self._queue:
+                    # Under the lock: a job submitted from now on starts a new thread.
+                    self._thread = None
+                    self._changed.notify_all()
+                    return
+                job = self._queue.popleft()
+            try:
+                job()
+            except Exception:
+                # `_run_here` records failures itself; this is the last line of defence for the thread.
+                logger.exception("in-process job %r failed", job)
+            finally:
+                connections.close_all()
+
+
+IN_PROCESS = InProcessJobs()
 
 
 def send_training_task_on_commit(task_pk: int, kind: str) -> None:
     """After the current transaction commits, hand TrainingTask `task_pk` to the worker for `kind`."""
-    name, queue = WORKER_TASKS[kind]
-    transaction.on_commit(partial(_send, task_pk, name, queue))
+    transaction.on_commit(partial(_start, task_pk, JOBS[kind].task_name))
 
 
 def _fail(task_pk: int, message: str) -> None:
@@ -36,18 +247,25 @@ def _fail(task_pk: int, message: str) -> None:
     fail_training_task(task_pk, error=message, actor_label=ACTOR_LABEL)
 
 
-def _send(task_pk: int, name: str, queue: str) -> None:
+def _start(task_pk: int, name: str) -> None:
+    if settings.FEDNESTED_JOBS_IN_PROCESS:
+        IN_PROCESS.submit(partial(_run_here, task_pk, name))
+        return
     from controlplane.celery import app
 
-    if not app.conf.task_always_eager:
-        try:
-            app.send_task(name, args=[task_pk], queue=queue)
-        except Exception as error:
-            # The broker is unreachable: the row says so, rather than staying pending with nobody to run it.
-            logger.exception("training task %s could not be sent to queue %s", task_pk, queue)
-            _fail(task_pk, f"could not be sent to queue {queue!r}: {type(error).__name__}: {error}")
-        return
-    # Broker-less mode: run the task here and now. send_task would only drop it into the in-memory broker.
+    try:
+        # No queue named: the app's routes send workers.<module>.* to the queue of that module.
+        app.send_task(name, args=[task_pk])
+    except Exception as error:
+        # The broker is unreachable: the row says so, rather than staying pending with nobody to run it.
+        logger.exception("training task %s could not be sent (%s)", task_pk, name)
+        _fail(task_pk, f"could not be sent to its queue: {type(error).__name__}: {error}")
+
+
+def _run_here(task_pk: int, name: str) -> None:
+    """Run the Celery task `name` on TrainingTask `task_pk` in this thread, as a worker would."""
+    from controlplane.celery import app
+
     app.loader.import_default_modules()
     registered = app.tasks.get(name)
     if registered is None:
@@ -56,9 +274,8 @@ def _send(task_pk: int, name: str, queue: str) -> None:
         _fail(task_pk, message)
         return
     try:
-        registered.apply_async(args=[task_pk], queue=queue)
+        registered.apply(args=[task_pk], throw=True)
     except Exception as error:
-        # Eager tasks propagate their errors (CELERY_TASK_EAGER_PROPAGATES) into this on_commit callback; the caller
-        # committed its own work already and must go on (e.g. the ingest loop with its next message).
+        # The task records its own failure once it claimed the row; this covers what failed before (or instead).
         logger.exception("training task %s (%s) failed", task_pk, name)
         _fail(task_pk, f"{type(error).__name__}: {error}")

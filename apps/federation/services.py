@@ -28,10 +28,10 @@ from apps.accounts.choices import Role
 from apps.accounts.models import ApiToken, User
 from apps.accounts.services import deactivate_user, issue_api_token, revoke_api_token
 from apps.accounts.tokens import new_secret, secret_sha256
-from apps.federation.choices import DeviceStatus, RoundMode, RoundStatus, TaskKind, TaskStatus, UpdateStatus
+from apps.federation.choices import DeviceStatus, RoundMode, RoundStatus, TaskStatus, UpdateStatus
 from apps.federation.events import publish_round_start_on_commit
 from apps.federation.identity import CheckedRequest, check_csr, register_device_key, revoke_device_keys
-from apps.federation.jobs import send_training_task_on_commit
+from apps.federation.jobs import checked_params, send_training_task_on_commit
 from apps.federation.models import DeviceKey, EdgeDevice, EnrollmentToken, Round, StagedPayload, TrainingTask, Update
 from apps.federation.windows import champion_version, staleness_of
 from apps.governance.audit import record_audit_event
@@ -603,14 +603,13 @@ def close_round(
 def create_training_task(
     *, kind: str, actor: Any, params: dict[str, Any] | None = None, round_: Round | None = None
 ) -> TrainingTask:
-    """A pending Tier-1 job, sent to its worker queue once committed."""
-    if kind not in TaskKind.values:
-        raise ValidationError({"kind": f"unknown task kind {kind!r}: use one of {TaskKind.values}"})
-    if params is not None and not isinstance(params, dict):
-        raise ValidationError({"params": "params must be a JSON object"})
+    """A pending Tier-1 job, handed to its worker once committed. Refused (ValidationError naming 'kind', 'params' or
+    'round') unless a worker runs `kind` and its params, round and what they refer to let the job run."""
+    params = {} if params is None else params
+    checked_params(kind, params, round_)
     task = TrainingTask.objects.create(
         kind=kind,
-        params=params or {},
+        params=params,
         round=round_,
         created_by=actor if getattr(actor, "is_authenticated", False) else None,
     )

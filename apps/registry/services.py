@@ -19,7 +19,17 @@ from django.utils import timezone
 from apps.governance.audit import actor_label_for, record_audit_event
 from apps.registry.choices import ArtifactPartition, LineageKind, VersionStatus
 from apps.registry.models import Alias, LineageEdge, ModelFamily, ModelVersion, VersionArtifact, VersionEvaluation
-from fednested.checkpoints import MANIFEST_NAME, CheckpointError, Manifest, file_sha256, read_manifest, verify_files
+from apps.registry.storage import (
+    StoreProblem,
+    artifact_path,
+    artifact_root,
+    artifact_uri,
+    file_inside,
+    redact_store_paths,
+    store_relative,
+    store_uri,
+)
+from fednested.checkpoints import MANIFEST_NAME, CheckpointError, Manifest, file_sha256, read_manifest
 from fednested.messaging.schemas import SHA256_HEX_REGEX
 
 VERSION_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -98,6 +108,69 @@ def _check_artifacts(artifacts: Sequence[ArtifactSpec]) -> None:
             raise ValidationError({"artifacts": f"{where}: {MANIFEST_FILE_NAME} and only it has partition 'manifest'"})
 
 
+def _store_error(field: str, message: str, problem: StoreProblem) -> ValidationError:
+    return ValidationError({field: ValidationError(message, code=problem.value)})
+
+
+def _checked_in_store(uri: str, artifacts: Sequence[ArtifactSpec]) -> str:
+    """The `artifacts://` URI of the version's folder, after checking that the store holds each listed file with the
+    size and sha256 it is registered with; ValidationError naming the file, relative to the store, otherwise.
+
+    A manifest.json the version does not list is not looked for: the canonical JSON is served in its place.
+    """
+    root = artifact_root()
+    try:
+        canonical = store_uri(uri, root)
+    except ValueError as error:
+        raise _store_error(
+            "artifact_uri",
+            f"{error}: register versions with artifacts://<folder in the artifact store>",
+            StoreProblem.OUTSIDE_STORE,
+        ) from None
+    folder = artifact_path(canonical, root)
+    relative = store_relative(folder, root)
+    if relative == ".":
+        raise _store_error(
+            "artifact_uri",
+            f"{uri!r} names the artifact store itself, not a version's folder",
+            StoreProblem.OUTSIDE_STORE,
+        )
+    if not folder.is_dir():
+        raise _store_error(
+            "artifact_uri", f"{uri!r}: the artifact store holds no folder {relative}", StoreProblem.NOT_IN_STORE
+        )
+    paths = []
+    # Sizes first, for every file: a cheap check before any file is hashed.
+    for position, spec in enumerate(artifacts):
+        where = f"artifacts[{position}] ({spec.file_name!r})"
+        name = f"{relative}/{spec.file_name}"
+        try:
+            path = file_inside(folder, spec.file_name)
+        except ValueError as error:
+            raise _store_error("artifacts", f"{where}: {error}", StoreProblem.OUTSIDE_STORE) from None
+        if not path.is_file():
+            raise _store_error(
+                "artifacts", f"{where}: the artifact store holds no file {name}", StoreProblem.NOT_IN_STORE
+            )
+        size = path.stat().st_size
+        if size != spec.size_bytes:
+            raise _store_error(
+                "artifacts",
+                f"{where}: {name} has {size} bytes in the artifact store, the registration says {spec.size_bytes}",
+                StoreProblem.SIZE_MISMATCH,
+            )
+        paths.append((where, name, path, spec.sha256))
+    for where, name, path, expected in paths:
+        actual = file_sha256(path)
+        if actual != expected:
+            raise _store_error(
+                "artifacts",
+                f"{where}: {name} has sha256 {actual} in the artifact store, the registration says {expected}",
+                StoreProblem.SHA256_MISMATCH,
+            )
+    return canonical
+
+
 @transaction.atomic
 def create_model_family(
     *, name: str, architecture: str, actor: Any, config: dict[str, Any] | None = None, description: str = ""
@@ -139,7 +212,9 @@ def register_version(
 ) -> ModelVersion:
     """Register an immutable version as a candidate, with its files and lineage edges.
 
-    A version id is used once: registering it again is an error, never an overwrite.
+    `artifact_uri` names the version's folder in the artifact store (artifacts://, or a file:// URI or relative path
+    inside it); it is recorded as `artifacts://<folder>`, relative to the store, and every listed file must lie there
+    with its size and sha256. A version id is used once: registering it again is an error, never an overwrite.
     """
     if not VERSION_ID_PATTERN.match(version_id):
         raise ValidationError(
@@ -156,6 +231,7 @@ def register_version(
     _check_artifacts(artifacts)
     if ModelVersion.objects.filter(version_id=version_id).exists():
         raise ValidationError({"version_id": f"version {version_id!r} already exists; versions are immutable"})
+    artifact_uri = _checked_in_store(artifact_uri, artifacts)
     user = actor if getattr(actor, "is_authenticated", False) else None
     try:
         with transaction.atomic():
@@ -257,13 +333,18 @@ def register_saved_version(
     runs: Iterable[str] = (),
     contributing_updates: Iterable[str] = (),
 ) -> ModelVersion:
-    """Register a version directory written by `fednested.checkpoints.save_version`: its manifest, every file's
-    sha256 (verified against the files first) and its lineage. The one way a saved directory enters the registry."""
+    """Register a version directory written by `fednested.checkpoints.save_version` (inside the artifact store): its
+    manifest, every file's sha256 (`register_version` checks them against the files) and its lineage. The one way a
+    saved directory enters the registry."""
+    root = artifact_root()
+    try:
+        relative = store_relative(directory, root)
+    except ValueError as error:
+        raise ValidationError({"directory": f"{error}: save versions under the store's versions/ folder"}) from None
     try:
         manifest = read_manifest(directory)
-        verify_files(directory, manifest)
     except CheckpointError as error:
-        raise ValidationError({"directory": str(error)}) from error
+        raise ValidationError({"directory": redact_store_paths(str(error), root)}) from error
     if manifest.parent_version != (parent.version_id if parent is not None else None):
         raise ValidationError(
             {
@@ -276,7 +357,7 @@ def register_saved_version(
         version_id=manifest.version_id,
         manifest=manifest.to_dict(),
         artifacts=saved_version_artifacts(directory, manifest),
-        artifact_uri=directory.resolve().as_uri(),
+        artifact_uri=artifact_uri(relative),
         actor=actor,
         actor_label=actor_label,
         parent=parent,

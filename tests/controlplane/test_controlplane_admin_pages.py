@@ -41,8 +41,8 @@ def test_every_admin_list_and_detail_page_renders(
         root=tmp_path,
     )
     approve_version(request_approval(v1, actor=cast["engineer"].user), actor=cast["officer"].user)
-    round_factory(v1, round_id="round-a")
-    create_training_task(kind="evaluation", actor=cast["engineer"].user)
+    round_a = round_factory(v1, round_id="round-a")
+    create_training_task(kind="expert_aggregation", actor=cast["engineer"].user, round_=round_a)
     update_row_factory(cast["device"].device, "tiny-moe-v1")
     root = cast["officer"].user
     root.is_staff = root.is_superuser = True

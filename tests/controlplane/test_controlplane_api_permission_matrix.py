@@ -25,6 +25,7 @@ from apps.federation.services import (
 from apps.governance.models import ApprovalDecision, ApprovalRequest, AuditEvent
 from apps.governance.services import approve_version, request_approval
 from apps.registry.models import Alias, LineageEdge, ModelFamily, ModelVersion, VersionArtifact, VersionEvaluation
+from apps.registry.storage import artifact_root
 from tests.device_keys import DEVICE_KEYS, device_csr
 
 World = dict[str, Any]
@@ -57,14 +58,21 @@ PAYLOAD = b"adapter payload stand-in" * 8
 
 
 def version_body(world: World) -> dict[str, Any]:
-    sha = "ab" * 32
+    """A registration of tiny-moe-v9, whose file the artifact store holds (written here)."""
+    content = b"core weights of tiny-moe-v9"
+    folder = artifact_root() / "versions" / "tiny-moe-v9"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "core.safetensors").write_bytes(content)
+    sha = hashlib.sha256(content).hexdigest()
     return {
         "family": "tiny-moe",
         "version_id": "tiny-moe-v9",
         "parent": "tiny-moe-v1",
         "manifest": {"version_id": "tiny-moe-v9", "files": {"core.safetensors": sha}},
-        "artifact_uri": "file:///artifacts/tiny-moe-v9",
-        "artifacts": [{"file_name": "core.safetensors", "sha256": sha, "size_bytes": 10, "partition": "core"}],
+        "artifact_uri": "artifacts://versions/tiny-moe-v9",
+        "artifacts": [
+            {"file_name": "core.safetensors", "sha256": sha, "size_bytes": len(content), "partition": "core"}
+        ],
         "datasets": ["synthetic-v2"],
     }
 
@@ -144,7 +152,7 @@ ROWS = [
     Row("get", "/api/v1/rounds/round-a/", READ_WITH_DEVICE),
     Row("post", "/api/v1/rounds/round-a/close/", ENGINEER_ACTS, lambda w: {"reason": "enough"}),
     Row("get", "/api/v1/tasks/", READ_ALL_BUT_DEVICE),
-    Row("post", "/api/v1/tasks/", ENGINEER_WRITES, lambda w: {"kind": "evaluation", "params": {"version": "v1"}}),
+    Row("post", "/api/v1/tasks/", ENGINEER_WRITES, lambda w: {"kind": "expert_aggregation", "round": "round-a"}),
     Row("get", "/api/v1/tasks/{task}/", READ_ALL_BUT_DEVICE),
     Row("get", "/api/v1/updates/", READ_WITH_DEVICE),
     Row("get", "/api/v1/updates/{own_update}/", READ_WITH_DEVICE),
@@ -240,7 +248,7 @@ def world(
 
     move_alias(name="candidate", version=v1, actor=engineer)
     approval = request_approval(v2, actor=engineer)
-    round_factory(v1, actor=engineer, round_id="round-a")
+    round_a = round_factory(v1, actor=engineer, round_id="round-a")
     other_device, _ = device_factory(engineer, "car-0002")
     others_payload = str(uuid.uuid4())
     store_update_payload(
@@ -271,7 +279,7 @@ def world(
     }
     signing_key = DEVICE_KEYS[cast["device"].device.client_id]  # type: ignore[union-attr]
     signed = parse_update_envelope(envelope).signed(signing_key).model_dump(mode="json", by_alias=True)
-    task = create_training_task(kind="evaluation", actor=engineer, params={"version": "tiny-moe-v2"})
+    task = create_training_task(kind="expert_aggregation", actor=engineer, round_=round_a)
     token, plaintext = issue_enrollment_token(actor=engineer, note="spare")
     return {
         "cast": cast,

@@ -87,12 +87,14 @@ def test_migrations_match_models() -> None:
 
 
 def test_celery_has_one_queue_per_job_kind_and_routes_worker_modules() -> None:
+    from apps.federation.jobs import JOBS
     from controlplane.celery import app
 
-    assert {queue.name for queue in app.conf.task_queues} == {"training", "aggregation", "evaluation", "promotion"}
+    assert {queue.name for queue in app.conf.task_queues} == {"aggregation", "evaluation"}
     router = app.amqp.router
-    route = router.route({}, "workers.aggregation.aggregate_round_task", args=(1,), kwargs={})
-    assert route["queue"].name == "aggregation"
+    # Every job is sent by name alone (apps/federation/jobs.py): the route puts it in the queue of its module.
+    routes = {kind: router.route({}, job.task_name, args=(1,), kwargs={})["queue"].name for kind, job in JOBS.items()}
+    assert routes == {"expert_aggregation": "aggregation", "evaluation": "evaluation"}
 
 
 def test_asgi_routes_http_and_websocket() -> None:

@@ -1,15 +1,19 @@
 """aggregate_round_task end to end: buffered updates of a window → a registered candidate on the champion whose
 experts moved by exactly η times the routed-token-weighted mean of the clients' dense deltas."""
 
+import re
+import shutil
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
 import pytest
 import torch
+from django.core.exceptions import ValidationError
 from django.utils import timezone
 
 from apps.federation.choices import RoundStatus, TaskKind, TaskStatus, UpdateStatus
+from apps.federation.jobs import IN_PROCESS, AggregationParams
 from apps.federation.models import Round, TrainingTask, Update
 from apps.federation.services import claim_round_for_aggregation, create_training_task, start_training_task
 from apps.federation.updates import MAX_AUTOMATIC_AGGREGATION_ATTEMPTS, enqueue_due_windows
@@ -139,30 +143,25 @@ def test_a_failed_aggregation_reopens_the_round_and_keeps_its_updates(
     assert set(Update.objects.values_list("status", flat=True)) == {UpdateStatus.APPLIED}
 
 
-def test_broker_less_ingest_goes_on_when_aggregation_fails_and_stops_retrying(
-    world: WorkerWorld, make_update: Callable[..., Any], django_capture_on_commit_callbacks: Any
+@pytest.mark.django_db(transaction=True)
+def test_ingest_in_the_embedded_mode_goes_on_when_aggregation_fails_and_stops_retrying(
+    world: WorkerWorld, make_update: Callable[..., Any], settings: Any
 ) -> None:
-    from controlplane.celery import app
-
+    settings.FEDNESTED_JOBS_IN_PROCESS = True
     (world.root / "versions" / "v1" / "experts.safetensors").unlink()
     round_ = world.open_round(k=2, deadline_in=timedelta(minutes=5))
-    eager = app.conf.task_always_eager
-    app.conf.task_always_eager = True
     outcomes = []
-    try:
-        for index in range(2):
-            device = enroll(world, f"car-{index}")
-            envelope, _ = make_update(device, seed=index, round_id=round_.round_id)
-            # The second message fills the buffer: its aggregation runs (and fails) in the on_commit callback.
-            with django_capture_on_commit_callbacks(execute=True):
-                outcomes.append(ingest_message(as_message(encode(envelope), device.row.client_id)))
-        later = timezone.now() + timedelta(minutes=10)
-        retries = []
-        for _ in range(MAX_AUTOMATIC_AGGREGATION_ATTEMPTS):
-            with django_capture_on_commit_callbacks(execute=True):
-                retries.append(enqueue_due_windows(later))
-    finally:
-        app.conf.task_always_eager = eager
+    for index in range(2):
+        device = enroll(world, f"car-{index}")
+        envelope, _ = make_update(device, seed=index, round_id=round_.round_id)
+        # The second message fills the buffer: its aggregation runs (and fails) in the jobs thread once committed.
+        outcomes.append(ingest_message(as_message(encode(envelope), device.row.client_id)))
+    assert IN_PROCESS.wait_idle(120), "the aggregation still runs after 120 s"
+    later = timezone.now() + timedelta(minutes=10)
+    retries = []
+    for _ in range(MAX_AUTOMATIC_AGGREGATION_ATTEMPTS):
+        retries.append(enqueue_due_windows(later))
+        assert IN_PROCESS.wait_idle(120), "the retried aggregation still runs after 120 s"
     assert [outcome.status for outcome in outcomes] == ["buffered", "buffered"]
     tasks = TrainingTask.objects.filter(kind=TaskKind.EXPERT_AGGREGATION).order_by("pk")
     assert [task.status for task in tasks] == [TaskStatus.FAILED] * MAX_AUTOMATIC_AGGREGATION_ATTEMPTS
@@ -178,8 +177,8 @@ def test_broker_less_ingest_goes_on_when_aggregation_fails_and_stops_retrying(
     assert successor.status == RoundStatus.OPEN
     device = enroll(world, "car-late")
     late, _ = make_update(device, seed=9, round_id=round_.round_id)
-    with django_capture_on_commit_callbacks(execute=False):
-        assert ingest_message(as_message(encode(late), "car-late")).round_id == successor.round_id
+    assert ingest_message(as_message(encode(late), "car-late")).round_id == successor.round_id
+    assert IN_PROCESS.wait_idle(120)
 
 
 def test_an_aggregation_whose_worker_died_is_released_after_the_timeout(
@@ -205,8 +204,9 @@ def test_an_aggregation_whose_worker_died_is_released_after_the_timeout(
     assert TrainingTask.objects.get(pk=retry).round == round_
     # The stalled worker wakes up and finishes its work: it no longer holds the window, so its candidate is
     # discarded and the window is left to the new attempt.
+    stalled = TrainingTask.objects.get(pk=task.pk)
     with django_capture_on_commit_callbacks(execute=False), pytest.raises(AggregationReleased):
-        aggregation._aggregate_claimed_round(TrainingTask.objects.get(pk=task.pk), round_)
+        aggregation._aggregate_claimed_round(stalled, round_, AggregationParams.of(stalled))
     assert not ModelVersion.objects.filter(version_id=candidate_version_id(round_)).exists()
     assert Round.objects.get(pk=round_.pk).status == RoundStatus.OPEN
     assert not list((world.root / "versions").glob(".*"))  # its staging directory is gone
@@ -243,9 +243,7 @@ def test_a_task_that_never_started_and_a_window_no_task_holds_are_released(
 
 
 def test_a_round_is_aggregated_once(
-    world: WorkerWorld,
-    buffered_round: tuple[Round, list[dict[str, torch.Tensor]], TrainingTask],
-    django_capture_on_commit_callbacks: Any,
+    world: WorkerWorld, buffered_round: tuple[Round, list[dict[str, torch.Tensor]], TrainingTask]
 ) -> None:
     round_, _, task = buffered_round
     round_.status = RoundStatus.AGGREGATING
@@ -255,9 +253,10 @@ def test_a_round_is_aggregated_once(
     assert set(Update.objects.values_list("status", flat=True)) == {UpdateStatus.BUFFERED}
     # The same task delivered again (acks_late redelivery) does nothing: its row is no longer pending.
     assert aggregate_round_task(task.pk) is None
-    with django_capture_on_commit_callbacks(execute=False):
-        second = create_training_task(kind=TaskKind.EXPERT_AGGREGATION, actor=None, round_=round_)
-    assert aggregate_round_task(second.pk) is None
+    # Nor is a second task for a window another one holds created at all.
+    with pytest.raises(ValidationError, match=re.escape(f"round {round_.round_id!r} is aggregating: only an open")):
+        create_training_task(kind=TaskKind.EXPERT_AGGREGATION, actor=None, round_=round_)
+    assert TrainingTask.objects.filter(round=round_).count() == 1
     assert not ModelVersion.objects.filter(version_id=candidate_version_id(round_)).exists()
 
 
@@ -297,3 +296,20 @@ def test_aggregation_never_deletes_the_files_of_a_registered_candidate(
     assert (directory / "core.safetensors").read_bytes() == b"registered bytes"
     assert version_id in TrainingTask.objects.get(pk=task.pk).error
     assert Round.objects.get(pk=round_.pk).status == RoundStatus.OPEN
+
+
+def test_a_candidate_without_held_out_sets_is_kept_and_its_window_says_why_it_is_not_evaluated(
+    world: WorkerWorld,
+    buffered_round: tuple[Round, list[dict[str, torch.Tensor]], TrainingTask],
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    """The evaluation task refuses to be created without held-out sets; the devices' updates stay applied."""
+    round_, _, task = buffered_round
+    shutil.rmtree(world.root / "heldout")
+    with django_capture_on_commit_callbacks(execute=False):
+        version_id = aggregate_round_task(task.pk)
+    assert ModelVersion.objects.filter(version_id=version_id).exists()
+    assert {update.status for update in Update.objects.all()} == {UpdateStatus.APPLIED}
+    round_.refresh_from_db()
+    assert "no held-out sets" in round_.record["evaluation_not_started"]
+    assert not TrainingTask.objects.filter(kind=TaskKind.EVALUATION).exists()

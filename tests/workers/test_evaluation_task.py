@@ -31,7 +31,7 @@ def evaluation_task(world: WorkerWorld, django_capture_on_commit_callbacks: Any,
             kind=TaskKind.EVALUATION,
             actor=None,
             round_=round_,
-            params={"version_id": "v1", "round_id": round_.round_id, **params},
+            params={"version_id": "v1", **params},
         )
 
 
@@ -69,12 +69,7 @@ def test_automated_rounds_are_sent_for_approval_by_the_system_account(
         base_version=world.base, buffer_size_k=2, deadline_at=timezone.now() + timedelta(hours=1), actor=None
     )
     with django_capture_on_commit_callbacks(execute=False):
-        task = create_training_task(
-            kind=TaskKind.EVALUATION,
-            actor=None,
-            round_=round_,
-            params={"version_id": "v1", "round_id": round_.round_id},
-        )
+        task = create_training_task(kind=TaskKind.EVALUATION, actor=None, round_=round_, params={"version_id": "v1"})
     request = ApprovalRequest.objects.get(pk=evaluate_version_task(task.pk))
     assert request.requested_by == system_user()
     officer = user_factory("olivia-officer", Role.OFFICER)[0]
@@ -86,13 +81,14 @@ def test_automated_rounds_are_sent_for_approval_by_the_system_account(
 def test_missing_held_out_sets_fail_the_task_with_the_folder_named(
     world: WorkerWorld, django_capture_on_commit_callbacks: Any
 ) -> None:
-    shutil.rmtree(world.root / "heldout")
     task = evaluation_task(world, django_capture_on_commit_callbacks)
+    # Present when the task was created (or it would have been refused), gone when it runs.
+    shutil.rmtree(world.root / "heldout")
     with pytest.raises(FileNotFoundError):
         evaluate_version_task(task.pk)
     failed = TrainingTask.objects.get(pk=task.pk)
     assert failed.status == TaskStatus.FAILED
-    assert f"no held-out sets (<domain>.jsonl) in {world.root / 'heldout'}" in failed.error
+    assert "no held-out sets (<domain>.jsonl) in artifacts://heldout" in failed.error
     assert not ApprovalRequest.objects.exists()
 
 
@@ -102,7 +98,12 @@ def test_held_out_folder_outside_the_artifact_store_is_refused(
 ) -> None:
     outside = world.root.parent / "outside"
     shutil.copytree(world.root / "heldout", outside)
-    task = evaluation_task(world, django_capture_on_commit_callbacks, heldout_dir=heldout_dir)
+    with pytest.raises(ValidationError, match=r"heldout_dir: .* points outside the artifact store"):
+        evaluation_task(world, django_capture_on_commit_callbacks, heldout_dir=heldout_dir)
+    assert not TrainingTask.objects.filter(kind=TaskKind.EVALUATION).exists()
+    # A row changed after it was checked is refused again by the worker, before anything is read.
+    task = evaluation_task(world, django_capture_on_commit_callbacks)
+    TrainingTask.objects.filter(pk=task.pk).update(params={"version_id": "v1", "heldout_dir": heldout_dir})
     with pytest.raises(ValueError, match="points outside the artifact store"):
         evaluate_version_task(task.pk)
     failed = TrainingTask.objects.get(pk=task.pk)

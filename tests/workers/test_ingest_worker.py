@@ -74,7 +74,7 @@ def test_kth_update_starts_one_aggregation_after_commit(
     assert [outcome.aggregation_task_pk for outcome in outcomes] == [None, task.pk, None]
     assert (task.round, task.status, task.params["trigger"]) == (round_, TaskStatus.PENDING, "full")
     # The task is sent to its worker only once the transaction commits (one callback for the send, not earlier).
-    assert len([callback for callback in callbacks if "_send" in repr(callback)]) == 1
+    assert len([callback for callback in callbacks if "_start" in repr(callback)]) == 1
 
 
 def test_malformed_json_is_refused_with_its_position_and_the_worker_goes_on(world: WorkerWorld) -> None:

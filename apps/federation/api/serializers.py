@@ -3,20 +3,28 @@
 from collections.abc import Mapping
 from typing import Any
 
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from apps.accounts.models import User
 from apps.federation.choices import RoundMode, TaskKind
 from apps.federation.models import DeviceKey, EdgeDevice, EnrollmentToken, Round, TrainingTask, Update
-from apps.federation.services import MAX_BUFFER_SIZE_K, MAX_ENROLLMENT_TOKEN_TTL
+from apps.federation.services import MAX_BUFFER_SIZE_K, MAX_ENROLLMENT_TOKEN_TTL, ROUND_ID_PATTERN
 from apps.registry.models import ModelVersion
+from apps.registry.services import VERSION_ID_PATTERN
 from controlplane.parsers import StoredJSONField
 from fednested.aggregation import RejectionCode
 from fednested.identity.keys import MAX_PEM_BYTES
+from fednested.messaging.schemas import CLIENT_ID_REGEX, SHA256_HEX_REGEX
 
 
 class EdgeDeviceSerializer(serializers.ModelSerializer[EdgeDevice]):
-    current_version = serializers.SlugRelatedField[ModelVersion](slug_field="version_id", read_only=True)
+    # Read-only related fields over nullable foreign keys say so (allow_null), or the schema publishes them as
+    # strings that are served as null: null until the device first reports a version.
+    current_version = serializers.SlugRelatedField[ModelVersion](
+        slug_field="version_id", read_only=True, allow_null=True
+    )
+    labels = serializers.ListField(child=serializers.CharField(), read_only=True, help_text="Free-form string labels.")
 
     class Meta:
         model = EdgeDevice
@@ -39,7 +47,8 @@ class RevokeDeviceSerializer(serializers.Serializer[dict[str, Any]]):
 
 
 class EnrollmentTokenSerializer(serializers.ModelSerializer[EnrollmentToken]):
-    created_by = serializers.SlugRelatedField[User](slug_field="username", read_only=True)
+    # Null once the issuing user is deleted (SET_NULL).
+    created_by = serializers.SlugRelatedField[User](slug_field="username", read_only=True, allow_null=True)
 
     class Meta:
         model = EnrollmentToken
@@ -81,7 +90,12 @@ class IssuedEnrollmentTokenSerializer(EnrollmentTokenSerializer):
 
 class EnrollSerializer(serializers.Serializer[dict[str, Any]]):
     token = serializers.CharField(max_length=200)
-    client_id = serializers.CharField(max_length=128)
+    # The wire schemas' ClientId (enroll_device checks the same pattern): published, and refused here already.
+    client_id = serializers.RegexField(
+        CLIENT_ID_REGEX,
+        max_length=128,
+        error_messages={"invalid": "a client id starts with a letter or digit and uses only A-Z a-z 0-9 . _ : -"},
+    )
     csr = serializers.CharField(
         max_length=MAX_PEM_BYTES,
         trim_whitespace=False,
@@ -136,8 +150,13 @@ class RoundSerializer(serializers.ModelSerializer[Round]):
     base_version = serializers.SlugRelatedField[ModelVersion](
         slug_field="version_id", queryset=ModelVersion.objects.all()
     )
-    opened_by = serializers.SlugRelatedField[User](slug_field="username", read_only=True)
-    round_id = serializers.CharField(max_length=64, required=False)
+    opened_by = serializers.SlugRelatedField[User](slug_field="username", read_only=True, allow_null=True)
+    round_id = serializers.RegexField(
+        ROUND_ID_PATTERN.pattern,
+        max_length=64,
+        required=False,
+        error_messages={"invalid": "a round id starts with a letter or digit and uses only A-Z a-z 0-9 . _ -"},
+    )
     mode = serializers.ChoiceField(choices=RoundMode.choices, default=RoundMode.ASYNC)
     cohort = serializers.SlugRelatedField[EdgeDevice](
         slug_field="client_id",
@@ -146,7 +165,7 @@ class RoundSerializer(serializers.ModelSerializer[Round]):
         required=False,
         help_text="sync only: client ids of the devices expected to report.",
     )
-    candidate = serializers.SlugRelatedField[ModelVersion](slug_field="version_id", read_only=True)
+    candidate = serializers.SlugRelatedField[ModelVersion](slug_field="version_id", read_only=True, allow_null=True)
     buffer_size_k = serializers.IntegerField(min_value=1, max_value=MAX_BUFFER_SIZE_K)
     config = StoredJSONField(
         required=False, help_text="Aggregation settings (fednested.aggregation.settings.ROUND_SETTING_KEYS)."
@@ -202,7 +221,7 @@ class TrainingTaskSerializer(serializers.ModelSerializer[TrainingTask]):
     )
     kind = serializers.ChoiceField(choices=TaskKind.choices)
     params = StoredJSONField(required=False, help_text="Kind-specific; checked by the worker that runs the task.")
-    created_by = serializers.SlugRelatedField[User](slug_field="username", read_only=True)
+    created_by = serializers.SlugRelatedField[User](slug_field="username", read_only=True, allow_null=True)
 
     class Meta:
         model = TrainingTask
@@ -221,11 +240,18 @@ class TrainingTaskSerializer(serializers.ModelSerializer[TrainingTask]):
         read_only_fields = ("id", "status", "created_by", "created_at", "started_at", "finished_at", "error")
 
 
+class RejectionSerializer(serializers.Serializer[dict[str, str]]):
+    """Why an update was rejected: the stored rejection code and its message."""
+
+    code = serializers.CharField()
+    message = serializers.CharField()
+
+
 class UpdateSerializer(serializers.ModelSerializer[Update]):
     client_id = serializers.CharField(source="device.client_id", read_only=True)
     base_version = serializers.SlugRelatedField[ModelVersion](slug_field="version_id", read_only=True)
-    round = serializers.SlugRelatedField[Round](slug_field="round_id", read_only=True)
-    applied_in = serializers.SlugRelatedField[ModelVersion](slug_field="version_id", read_only=True)
+    round = serializers.SlugRelatedField[Round](slug_field="round_id", read_only=True, allow_null=True)
+    applied_in = serializers.SlugRelatedField[ModelVersion](slug_field="version_id", read_only=True, allow_null=True)
     rejection = serializers.SerializerMethodField()
 
     class Meta:
@@ -250,19 +276,31 @@ class UpdateSerializer(serializers.ModelSerializer[Update]):
         )
         read_only_fields = fields
 
+    @extend_schema_field(RejectionSerializer(allow_null=True))
     def get_rejection(self, update: Update) -> dict[str, str] | None:
         if not update.rejection_code:
             return None
         return {"code": update.rejection_code, "message": update.rejection_message}
 
 
+# The refusal codes with what each means, as the schema lists them (SPECTACULAR_SETTINGS names the enum).
+REJECTION_CODE_CHOICES = [(code.value, code.description) for code in RejectionCode]
+
+
 class UpdateRefusalSerializer(serializers.Serializer[dict[str, Any]]):
     """Why an envelope was not buffered: `status` rejected (its row is in `record`) or refused (no row)."""
 
     detail = serializers.CharField()
-    code = serializers.ChoiceField(choices=[code.value for code in RejectionCode])
+    code = serializers.ChoiceField(choices=REJECTION_CODE_CHOICES)
     status = serializers.ChoiceField(choices=["rejected", "refused"])
     record = UpdateSerializer(required=False)
+
+
+class PayloadRefusalSerializer(serializers.Serializer[dict[str, Any]]):
+    """Why an update payload was not stored (docs/api/device-protocol.md §3)."""
+
+    detail = serializers.CharField()
+    code = serializers.ChoiceField(choices=REJECTION_CODE_CHOICES)
 
 
 class UpdateEnvelopeInputSerializer(serializers.Serializer[dict[str, Any]]):
@@ -279,13 +317,17 @@ class UpdateEnvelopeInputSerializer(serializers.Serializer[dict[str, Any]]):
 class HeartbeatSerializer(serializers.Serializer[dict[str, Any]]):
     """What a device reports after loading a version (docs/api/device-protocol.md §6)."""
 
-    current_version = serializers.CharField(max_length=128)
+    current_version = serializers.RegexField(
+        VERSION_ID_PATTERN.pattern,
+        max_length=128,
+        error_messages={"invalid": "a version id starts with a letter or digit and uses only A-Z a-z 0-9 . _ -"},
+    )
 
 
 class PayloadReceiptSerializer(serializers.Serializer[dict[str, Any]]):
     """The claim check of a stored update payload (docs/api/device-protocol.md §3)."""
 
-    update_id = serializers.CharField()
+    update_id = serializers.UUIDField()
     uri = serializers.CharField(help_text="artifacts://updates/<client id>/<update id>.safetensors")
-    sha256 = serializers.CharField()
-    bytes = serializers.IntegerField()
+    sha256 = serializers.RegexField(SHA256_HEX_REGEX)
+    bytes = serializers.IntegerField(min_value=0)

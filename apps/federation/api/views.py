@@ -39,6 +39,7 @@ from apps.federation.api.serializers import (
     HeartbeatSerializer,
     IssuedEnrollmentTokenSerializer,
     PayloadReceiptSerializer,
+    PayloadRefusalSerializer,
     RevokeDeviceSerializer,
     RoundSerializer,
     TrainingTaskSerializer,
@@ -63,7 +64,9 @@ from apps.federation.services import (
 )
 from apps.federation.updates import submit_update
 from apps.registry.storage import artifact_root
+from controlplane.schema import wire_schema
 from fednested.aggregation import RejectionCode
+from fednested.messaging.schemas import UpdateEnvelope
 
 ENGINEER = frozenset({Role.ENGINEER})
 DEVICE = frozenset({Role.DEVICE})
@@ -277,7 +280,7 @@ class TrainingTaskViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, view
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
         task = create_training_task(
-            kind=data["kind"], params=data.get("params") or {}, round_=data.get("round"), actor=request.user
+            kind=data["kind"], params=data.get("params", {}), round_=data.get("round"), actor=request.user
         )
         return Response(TrainingTaskSerializer(task).data, status=status.HTTP_201_CREATED)
 
@@ -307,7 +310,8 @@ class UpdateViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.G
         return queryset
 
     @extend_schema(
-        request=UpdateEnvelopeInputSerializer,
+        # The wire schema the service validates the envelope against, published from its one declaration.
+        request={"application/json": wire_schema(UpdateEnvelope)},
         responses={
             201: UpdateSerializer,
             200: UpdateSerializer,
@@ -315,6 +319,7 @@ class UpdateViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.G
             400: UpdateRefusalSerializer,
             403: UpdateRefusalSerializer,
             409: UpdateRefusalSerializer,
+            413: UpdateRefusalSerializer,
         },
     )
     def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:
@@ -344,7 +349,14 @@ class UpdateViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.G
         parameters=[
             OpenApiParameter(SHA256_HEADER, str, OpenApiParameter.HEADER, required=True, description="sha256 (hex)")
         ],
-        responses={201: PayloadReceiptSerializer, 200: PayloadReceiptSerializer},
+        responses={
+            201: PayloadReceiptSerializer,
+            200: PayloadReceiptSerializer,
+            400: PayloadRefusalSerializer,
+            403: PayloadRefusalSerializer,
+            409: PayloadRefusalSerializer,
+            413: PayloadRefusalSerializer,
+        },
     )
     @action(detail=True, methods=["put"])
     def payload(self, request: Request, update_id: str) -> Response:

@@ -2,6 +2,7 @@
 
 from typing import Any
 
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from apps.accounts.models import User
@@ -30,6 +31,7 @@ class ApprovalRequestSerializer(serializers.ModelSerializer[ApprovalRequest]):
         # One pending request per version is request_approval's check, with a message naming the version.
         validators = ()
 
+    @extend_schema_field(ApprovalDecisionSerializer(allow_null=True))
     def get_decision(self, request: ApprovalRequest) -> dict[str, Any] | None:
         decision = getattr(request, "decision", None)
         return dict(ApprovalDecisionSerializer(decision).data) if decision is not None else None

@@ -1,6 +1,6 @@
 """REST serializers of the registry: read shapes of families, versions, aliases; input shapes for the services."""
 
-from typing import Any, ClassVar
+from typing import Any
 
 from django.db import connection
 from django.db.models import Model
@@ -9,7 +9,10 @@ from rest_framework import serializers
 from apps.accounts.models import User
 from apps.registry.choices import ArtifactPartition
 from apps.registry.models import Alias, LineageEdge, ModelFamily, ModelVersion, VersionArtifact, VersionEvaluation
+from apps.registry.services import ARTIFACT_URI_PATTERN, SLUG_PATTERN, VERSION_ID_PATTERN
+from apps.registry.storage import artifact_root, public_location
 from controlplane.parsers import StoredJSONField
+from fednested.messaging.schemas import SHA256_HEX_REGEX
 
 
 def column_max(model: type[Model], field_name: str) -> int:
@@ -20,16 +23,29 @@ def column_max(model: type[Model], field_name: str) -> int:
     return int(maximum)
 
 
+class StoreLocationField(serializers.CharField):
+    """A location in the artifact store as clients see it: `artifacts://…`, relative to the store, never a server
+    path (a row recorded by absolute path outside the store shows '': `manage.py check_store` lists it)."""
+
+    def to_representation(self, value: Any) -> str:
+        return public_location(str(value), artifact_root())
+
+
 class ModelFamilySerializer(serializers.ModelSerializer[ModelFamily]):
-    created_by = serializers.SlugRelatedField[User](slug_field="username", read_only=True)
+    # create_model_family's pattern (stricter than the model's SlugField): published, and refused here already.
+    name = serializers.RegexField(
+        SLUG_PATTERN.pattern,
+        max_length=64,
+        error_messages={"invalid": "a family name is a lowercase slug: a-z 0-9 - _, starting with a letter or digit"},
+    )
+    # Read-only related fields over nullable foreign keys say so (allow_null): null once the user is deleted.
+    created_by = serializers.SlugRelatedField[User](slug_field="username", read_only=True, allow_null=True)
     config = StoredJSONField(required=False, help_text="Model config (transformers config.json).")
 
     class Meta:
         model = ModelFamily
         fields = ("name", "architecture", "config", "description", "created_by", "created_at")
         read_only_fields = ("created_by", "created_at")
-        # Uniqueness is the service's check, with a message that names the family.
-        extra_kwargs: ClassVar[dict[str, Any]] = {"name": {"validators": []}}
 
 
 class VersionArtifactSerializer(serializers.ModelSerializer[VersionArtifact]):
@@ -41,9 +57,12 @@ class VersionArtifactSerializer(serializers.ModelSerializer[VersionArtifact]):
 class ModelVersionSerializer(serializers.ModelSerializer[ModelVersion]):
     family = serializers.SlugRelatedField[ModelFamily](slug_field="name", read_only=True)
     # `parent` is also an attribute of every DRF field; the stubs type it as a serializer.
-    parent = serializers.SlugRelatedField[ModelVersion](slug_field="version_id", read_only=True)  # type: ignore[assignment]
+    parent = serializers.SlugRelatedField[ModelVersion](  # type: ignore[assignment]
+        slug_field="version_id", read_only=True, allow_null=True
+    )
     artifacts = VersionArtifactSerializer(many=True, read_only=True)
     aliases = serializers.SlugRelatedField[Alias](slug_field="name", many=True, read_only=True)
+    artifact_uri = StoreLocationField(read_only=True, help_text="The version's folder: artifacts://<path>.")
 
     class Meta:
         model = ModelVersion
@@ -65,7 +84,11 @@ class ModelVersionSerializer(serializers.ModelSerializer[ModelVersion]):
 
 class ArtifactInputSerializer(serializers.Serializer[dict[str, Any]]):
     file_name = serializers.CharField(max_length=255)
-    sha256 = serializers.RegexField(r"^[0-9a-f]{64}$", help_text="64 lowercase hex digits.")
+    sha256 = serializers.RegexField(
+        SHA256_HEX_REGEX,
+        help_text="64 lowercase hex digits.",
+        error_messages={"invalid": "a sha256 is 64 lowercase hex digits"},
+    )
     size_bytes = serializers.IntegerField(min_value=0, max_value=column_max(VersionArtifact, "size_bytes"))
     partition = serializers.ChoiceField(choices=ArtifactPartition.choices)
     layer = serializers.IntegerField(
@@ -84,13 +107,19 @@ class ModelVersionCreateSerializer(serializers.Serializer[dict[str, Any]]):
     """Input of `register_version`: the version's identity, manifest, files and lineage."""
 
     family = serializers.SlugRelatedField[ModelFamily](slug_field="name", queryset=ModelFamily.objects.all())
-    version_id = serializers.CharField(max_length=128)
+    version_id = serializers.RegexField(
+        VERSION_ID_PATTERN.pattern,
+        max_length=128,
+        error_messages={"invalid": "a version id starts with a letter or digit and uses only A-Z a-z 0-9 . _ -"},
+    )
     parent = serializers.SlugRelatedField[ModelVersion](  # type: ignore[assignment]
         slug_field="version_id", queryset=ModelVersion.objects.all(), required=False, allow_null=True, default=None
     )
     manifest = StoredJSONField()
-    artifact_uri = serializers.CharField(max_length=200)
-    artifacts = ArtifactInputSerializer(many=True)
+    artifact_uri = serializers.RegexField(
+        ARTIFACT_URI_PATTERN.pattern, max_length=200, error_messages={"invalid": "an artifact URI has no whitespace"}
+    )
+    artifacts = ArtifactInputSerializer(many=True, allow_empty=False)
     datasets = serializers.ListField(child=serializers.CharField(max_length=200), required=False, default=list)
     runs = serializers.ListField(child=serializers.CharField(max_length=200), required=False, default=list)
     contributing_updates = serializers.ListField(
@@ -99,7 +128,10 @@ class ModelVersionCreateSerializer(serializers.Serializer[dict[str, Any]]):
 
 
 class LineageEdgeSerializer(serializers.ModelSerializer[LineageEdge]):
-    source_version = serializers.SlugRelatedField[ModelVersion](slug_field="version_id", read_only=True)
+    # Null for edges to datasets, runs and updates.
+    source_version = serializers.SlugRelatedField[ModelVersion](
+        slug_field="version_id", read_only=True, allow_null=True
+    )
 
     class Meta:
         model = LineageEdge
@@ -117,7 +149,7 @@ class LineageSerializer(serializers.Serializer[dict[str, Any]]):
 
 class AliasSerializer(serializers.ModelSerializer[Alias]):
     version = ModelVersionSerializer(read_only=True)
-    updated_by = serializers.SlugRelatedField[User](slug_field="username", read_only=True)
+    updated_by = serializers.SlugRelatedField[User](slug_field="username", read_only=True, allow_null=True)
 
     class Meta:
         model = Alias
@@ -131,8 +163,11 @@ class AliasMoveSerializer(serializers.Serializer[dict[str, Any]]):
 class VersionEvaluationSerializer(serializers.ModelSerializer[VersionEvaluation]):
     """One domain's held-out scores of a version, beside its parent's (before/after)."""
 
-    parent_version = serializers.SlugRelatedField[ModelVersion](slug_field="version_id", read_only=True)
+    parent_version = serializers.SlugRelatedField[ModelVersion](
+        slug_field="version_id", read_only=True, allow_null=True
+    )
     loss_change = serializers.FloatField(read_only=True, allow_null=True, help_text="loss − parent_loss.")
+    heldout = StoreLocationField(read_only=True, help_text="The held-out sets scored: artifacts://<folder> or a name.")
 
     class Meta:
         model = VersionEvaluation

@@ -44,7 +44,7 @@ from apps.registry.services import (
     move_alias,
     register_version,
 )
-from apps.registry.storage import artifact_path, artifact_root, file_inside
+from apps.registry.storage import artifact_path, artifact_root, file_inside, store_relative
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,8 @@ WITH_DEVICES = frozenset({Role.OFFICER, Role.ENGINEER, Role.DEVICE})
 # Lookups by natural key; ids may contain dots, which DRF's default lookup pattern excludes. No NUL: PostgreSQL
 # cannot even compare one (a lookup with it would be a 500, not a 404).
 NATURAL_KEY_PATTERN = r"[^/\x00]+"
+# The `code` of a download refused because the store does not hold the registered file (docs/api/device-protocol.md).
+ARTIFACT_UNAVAILABLE = "artifact_unavailable"
 
 
 class ModelFamilyViewSet(
@@ -96,6 +98,10 @@ class OctetStreamRenderer(BaseRenderer):
     def render(self, data: Any, accepted_media_type: str | None = None, renderer_context: Any = None) -> bytes:
         if isinstance(data, bytes):
             return data
+        # An error body (a view or DRF refused): JSON, and labelled so, whatever media type the client asked for.
+        response = (renderer_context or {}).get("response")
+        if response is not None:
+            response["Content-Type"] = "application/json"
         return json.dumps(data).encode("utf-8")
 
 
@@ -169,6 +175,11 @@ class ModelVersionViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, view
         responses={
             (200, "application/octet-stream"): OpenApiResponse(OpenApiTypes.BINARY, description="The file's bytes."),
             404: OpenApiResponse(description="No such version (for devices: not the champion) or file."),
+            410: OpenApiResponse(
+                description="`artifact_unavailable`: a registered file the artifact store no longer holds as "
+                "registered (missing, changed size, outside the store); devices stop asking until an operator "
+                "repairs the store (`manage.py check_store`)."
+            ),
         }
     )
     @action(
@@ -187,17 +198,25 @@ class ModelVersionViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, view
             return HttpResponse(canonical_manifest_bytes(version.manifest), content_type="application/octet-stream")
         if artifact is None:
             raise NotFound(f"version {version.version_id!r} has no file {file_name!r}")
+        root = artifact_root()
         try:
-            path = file_inside(artifact_path(version.artifact_uri, artifact_root()), file_name)
+            path = file_inside(artifact_path(version.artifact_uri, root), file_name)
         except ValueError as error:
-            return _store_fault(version, file_name, f"cannot be served from the artifact store: {error}")
+            logger.error("version %r: artifact URI %r: %s", version.version_id, version.artifact_uri, error)
+            return _store_fault(version, file_name, "lies outside the artifact store")
         try:
             size = path.stat().st_size
         except FileNotFoundError:
-            return _store_fault(version, file_name, f"is registered but missing from the artifact store ({path})")
+            return _store_fault(
+                version,
+                file_name,
+                f"is registered but the artifact store holds no {store_relative(path, root)}",
+            )
         if size != artifact.size_bytes:
             return _store_fault(
-                version, file_name, f"has {size} bytes in the artifact store, the registry says {artifact.size_bytes}"
+                version,
+                file_name,
+                f"has {size} bytes in the artifact store, the registry says {artifact.size_bytes}",
             )
         response = FileResponse(path.open("rb"), content_type="application/octet-stream")
         response["Content-Length"] = str(size)
@@ -205,12 +224,14 @@ class ModelVersionViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, view
         return response
 
 
-def _store_fault(version: ModelVersion, file_name: str, problem: str) -> Response:
-    """A registered file the store cannot hand out: the server's fault (500), logged for the operators."""
-    detail = f"file {file_name!r} of version {version.version_id!r} {problem}"
+def _store_fault(version: ModelVersion, file_name: str, what: str) -> Response:
+    """A registered file the store does not hold as registered (a store moved without its database, a file lost):
+    410, so devices stop asking until an operator repairs the store (`manage.py check_store` lists every such file).
+    Logged for the operators; the body names files relative to the store only."""
+    detail = f"file {file_name!r} of version {version.version_id!r} {what}"
     logger.error("%s", detail)
-    body: Mapping[str, str] = {"detail": detail, "code": "artifact_unavailable"}
-    return Response(body, status=status.HTTP_500_INTERNAL_SERVER_ERROR)
+    body: Mapping[str, str] = {"detail": detail, "code": ARTIFACT_UNAVAILABLE}
+    return Response(body, status=status.HTTP_410_GONE)
 
 
 class AliasViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet[Alias]):

@@ -16,7 +16,7 @@ from apps.registry.services import (
     register_version,
     set_version_status,
 )
-from tests.conftest import Member, make_artifacts, make_manifest, make_update_row
+from tests.conftest import Member, make_artifacts, make_manifest, make_update_row, write_artifacts
 
 PASSWORD = "console-test-password-1"
 
@@ -42,7 +42,7 @@ def _register(
         version_id=version_id,
         manifest=manifest,
         artifacts=artifacts,
-        artifact_uri=f"file:///artifacts/{version_id}",
+        artifact_uri=write_artifacts(version_id, artifacts),
         parent=parent,
         contributing_updates=updates,
         actor=None,
@@ -63,7 +63,7 @@ def _register(
             for domain, score in scores.items()
         ],
         actor_label="worker:evaluation",
-        heldout="/artifacts/heldout",
+        heldout="artifacts://heldout",
     )
     return version
 

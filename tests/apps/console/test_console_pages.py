@@ -16,7 +16,7 @@ from apps.governance.services import request_approval
 from apps.registry.choices import CHAMPION_ALIAS, VersionStatus
 from apps.registry.models import Alias, ModelVersion
 from apps.registry.services import DomainEvaluation, record_version_evaluation, register_version
-from tests.conftest import Member, make_artifacts, make_manifest
+from tests.conftest import Member, make_artifacts, make_manifest, write_artifacts
 
 
 def _signed_in(member: Member) -> Client:
@@ -244,7 +244,7 @@ def version_factory_free(parent: ModelVersion) -> ModelVersion:
         version_id="v3",
         manifest=make_manifest("v3", parent.version_id, artifacts),
         artifacts=artifacts,
-        artifact_uri="file:///artifacts/v3",
+        artifact_uri=write_artifacts("v3", artifacts),
         parent=parent,
         actor=None,
         actor_label="tests",

@@ -1,5 +1,5 @@
 """Round (aggregation window) lifecycle: config and mode checked at opening, waiting updates joining the next window
-that fits, reopening after a failed aggregation, refused envelopes on record, and jobs that fail in broker-less mode
+that fits, reopening after a failed aggregation, refused envelopes on record, and jobs that fail in the embedded mode
 without breaking the caller."""
 
 from collections.abc import Callable
@@ -12,8 +12,8 @@ from django.utils import timezone
 
 from apps.accounts.choices import Role
 from apps.accounts.models import User
-from apps.federation.choices import RoundMode, RoundStatus, TaskStatus, UpdateStatus
-from apps.federation.jobs import WORKER_TASKS
+from apps.federation.choices import RoundMode, RoundStatus, TaskKind, TaskStatus, UpdateStatus
+from apps.federation.jobs import IN_PROCESS, JOBS, AggregationParams, JobKind
 from apps.federation.models import Round, TrainingTask, Update
 from apps.federation.services import (
     claim_round_for_aggregation,
@@ -183,20 +183,19 @@ def test_refused_envelopes_are_recorded_against_the_device_they_name(
     assert AuditEvent.objects.filter(verb="federation.update.refused").count() == 2
 
 
-def test_a_task_failing_in_broker_less_mode_is_recorded_and_the_caller_goes_on(
-    engineer: User, monkeypatch: pytest.MonkeyPatch, django_capture_on_commit_callbacks: Any
+@pytest.mark.django_db(transaction=True)
+def test_a_job_failing_in_the_embedded_mode_is_recorded_and_the_caller_goes_on(
+    engineer: User, base: ModelVersion, monkeypatch: pytest.MonkeyPatch, settings: Any
 ) -> None:
-    monkeypatch.setitem(WORKER_TASKS, "core_update", ("tests.federation.exploding_task", "training"))
-    eager = celery_app.conf.task_always_eager
-    celery_app.conf.task_always_eager = True
-    try:
-        # Both callbacks run and neither raises out of the commit, although each task raises.
-        with django_capture_on_commit_callbacks(execute=True) as callbacks:
-            first = create_training_task(kind="core_update", actor=engineer)
-            second = create_training_task(kind="core_update", actor=engineer)
-    finally:
-        celery_app.conf.task_always_eager = eager
-    assert len(callbacks) == 2
+    settings.FEDNESTED_JOBS_IN_PROCESS = True
+    monkeypatch.setitem(
+        JOBS, TaskKind.EXPERT_AGGREGATION, JobKind("tests.federation.exploding_task", AggregationParams)
+    )
+    round_ = open_on(base, engineer, "round-x")
+    # Neither call raises, although each job does: they run in the jobs thread, after their rows committed.
+    first = create_training_task(kind=TaskKind.EXPERT_AGGREGATION, actor=engineer, round_=round_)
+    second = create_training_task(kind=TaskKind.EXPERT_AGGREGATION, actor=engineer, round_=round_)
+    assert IN_PROCESS.wait_idle(60), "the jobs still run after 60 s"
     for task in (first, second):
         failed = TrainingTask.objects.get(pk=task.pk)
         assert failed.status == TaskStatus.FAILED

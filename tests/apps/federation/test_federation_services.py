@@ -12,8 +12,7 @@ from rest_framework.test import APIClient
 from apps.accounts.choices import Role
 from apps.accounts.models import User
 from apps.federation.choices import RoundStatus, TaskStatus, UpdateStatus
-from apps.federation.jobs import WORKER_TASKS
-from apps.federation.models import EdgeDevice, TrainingTask, Update
+from apps.federation.models import EdgeDevice, Round, TrainingTask, Update
 from apps.federation.services import (
     claim_round_for_aggregation,
     close_round,
@@ -41,6 +40,12 @@ def engineer(user_factory: Callable[[str, str], tuple[User, str]]) -> User:
 @pytest.fixture
 def base(family_factory: Callable[..., ModelFamily], version_factory: Callable[..., ModelVersion]) -> ModelVersion:
     return version_factory(family_factory(), "tiny-moe-v1")
+
+
+def open_on(base: ModelVersion, engineer: User) -> Round:
+    return open_round(
+        base_version=base, buffer_size_k=2, deadline_at=timezone.now() + timedelta(hours=1), actor=engineer
+    )
 
 
 def test_revoked_device_loses_its_token_and_cannot_submit(
@@ -134,35 +139,19 @@ def test_round_start_is_published_after_commit_only(
     assert message.event.model_dump()["base_version"] == "tiny-moe-v1"
 
 
-def test_training_task_is_sent_to_its_queue_after_commit(
-    engineer: User, django_capture_on_commit_callbacks: Any
+def test_training_task_is_started_only_after_commit(
+    engineer: User, base: ModelVersion, django_capture_on_commit_callbacks: Any
 ) -> None:
-    from controlplane.celery import app
-
+    round_ = open_on(base, engineer)
     with django_capture_on_commit_callbacks(execute=False) as callbacks:
-        task = create_training_task(kind="core_update", actor=engineer, params={"steps": 10})
-    assert len(callbacks) == 1
+        task = create_training_task(kind="expert_aggregation", actor=engineer, round_=round_)
+    # The job is handed over by its on_commit callback, so nothing of it ran inside the transaction.
+    assert [callback.args for callback in callbacks] == [(task.pk, "workers.aggregation.aggregate_round_task")]
     assert TrainingTask.objects.get(pk=task.pk).status == TaskStatus.PENDING
-    name, queue = WORKER_TASKS["core_update"]
-    assert queue == "training"
-    # Broker-less (eager) mode with no worker registered under that name (Tier-1 core training is not a Celery task
-    # yet): the task fails with the reason, and the callback does not raise into the committing caller.
-    app.loader.import_default_modules()
-    assert name not in app.tasks, f"{name} is registered now: pick a kind without a worker for this test"
-    eager = app.conf.task_always_eager
-    app.conf.task_always_eager = True
-    try:
-        callbacks[0]()
-    finally:
-        app.conf.task_always_eager = eager
-    failed = TrainingTask.objects.get(pk=task.pk)
-    assert failed.status == TaskStatus.FAILED
-    assert f"no Celery task named {name!r}" in failed.error
-    assert AuditEvent.objects.filter(verb="federation.task.failed", object_id=str(task.pk)).count() == 1
 
 
-def test_training_task_status_moves_once(engineer: User) -> None:
-    task = create_training_task(kind="core_update", actor=engineer)
+def test_training_task_status_moves_once(engineer: User, base: ModelVersion) -> None:
+    task = create_training_task(kind="expert_aggregation", actor=engineer, round_=open_on(base, engineer))
     assert start_training_task(task.pk, actor_label="worker:training") is True
     assert start_training_task(task.pk, actor_label="worker:training-2") is False
     assert finish_training_task(task.pk, actor_label="worker:training") is True

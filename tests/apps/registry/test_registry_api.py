@@ -1,5 +1,6 @@
 """Registry REST API: families, versions (registration, lineage, filters), aliases, as the cast uses them."""
 
+import hashlib
 from collections.abc import Callable
 from typing import Any
 
@@ -7,27 +8,36 @@ import pytest
 
 from apps.governance.services import approve_version, request_approval
 from apps.registry.models import ModelFamily, ModelVersion
+from apps.registry.storage import artifact_root
 
 pytestmark = pytest.mark.django_db
 
 SHA = "0f" * 32
+FILES = {"core.safetensors": b"core" * 512, "experts/l1e3.safetensors": b"expert" * 100}
 
 
 def version_payload(version_id: str, **changes: Any) -> dict[str, Any]:
+    """A registration of a version whose files the artifact store holds (written here)."""
+    folder = artifact_root() / "versions" / version_id
+    for name, content in FILES.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(content)
+    core, expert = (
+        {"sha256": hashlib.sha256(content).hexdigest(), "size_bytes": len(content)} for content in FILES.values()
+    )
     body: dict[str, Any] = {
         "family": "tiny-moe",
         "version_id": version_id,
         "manifest": {"version_id": version_id},
-        "artifact_uri": f"file:///artifacts/{version_id}",
+        "artifact_uri": f"artifacts://versions/{version_id}",
         "artifacts": [
-            {"file_name": "core.safetensors", "sha256": SHA, "size_bytes": 2048, "partition": "core"},
+            {"file_name": "core.safetensors", "partition": "core", **core},
             {
                 "file_name": "experts/l1e3.safetensors",
-                "sha256": SHA,
-                "size_bytes": 512,
                 "partition": "expert",
                 "layer": 1,
                 "expert_index": 3,
+                **expert,
             },
         ],
         "runs": ["mlflow-run-17"],

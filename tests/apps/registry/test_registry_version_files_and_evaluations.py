@@ -80,11 +80,8 @@ def stored_version(
 
 
 @pytest.fixture
-def store(settings: Any, tmp_path: Path) -> Path:
-    root = tmp_path / "artifacts"
-    root.mkdir()
-    settings.FEDNESTED_ARTIFACT_ROOT = root
-    return root
+def store(artifact_store: Path) -> Path:
+    return artifact_store
 
 
 @pytest.fixture
@@ -169,29 +166,50 @@ def test_only_files_the_version_lists_are_served(
     assert b"outside any version" not in response.content
 
 
-def test_store_faults_are_server_errors_that_name_the_file(
+def test_files_the_store_lost_are_gone_naming_the_file_in_the_store(
     store: Path, champion: ModelVersion, cast: dict[str, Any], tmp_path: Path
 ) -> None:
-    engineer = cast["engineer"].client
+    """410 with a code: a device stops asking (a 500 is retried forever) until an operator repairs the store."""
+    device = cast["device"].client
     directory = store / "versions" / "v1"
     (directory / "gate.safetensors").unlink()
-    missing = engineer.get("/api/v1/versions/v1/files/gate.safetensors/")
-    assert missing.status_code == 500
-    assert missing.json()["code"] == "artifact_unavailable"
-    assert "'gate.safetensors' of version 'v1' is registered but missing" in missing.json()["detail"]
+    missing = device.get("/api/v1/versions/v1/files/gate.safetensors/")
+    assert (missing.status_code, missing.json()) == (
+        410,
+        {
+            "detail": "file 'gate.safetensors' of version 'v1' is registered but the artifact store holds no "
+            "versions/v1/gate.safetensors",
+            "code": "artifact_unavailable",
+        },
+    )
 
     (directory / "core.safetensors").write_bytes(b"truncated")
-    short = engineer.get("/api/v1/versions/v1/files/core.safetensors/")
-    assert (short.status_code, short.json()["code"]) == (500, "artifact_unavailable")
-    assert "has 9 bytes in the artifact store" in short.json()["detail"]
+    short = device.get("/api/v1/versions/v1/files/core.safetensors/")
+    assert (short.status_code, short.json()["code"]) == (410, "artifact_unavailable")
+    assert "has 9 bytes in the artifact store, the registry says" in short.json()["detail"]
 
     outside = tmp_path / "outside.bin"
     outside.write_bytes((directory / "experts.safetensors").read_bytes())
     (directory / "experts.safetensors").unlink()
     (directory / "experts.safetensors").symlink_to(outside)
-    escaped = engineer.get("/api/v1/versions/v1/files/experts.safetensors/")
-    assert escaped.status_code == 500
-    assert "outside" in escaped.json()["detail"]
+    escaped = device.get("/api/v1/versions/v1/files/experts.safetensors/")
+    assert (escaped.status_code, escaped.json()["code"]) == (410, "artifact_unavailable")
+    assert escaped.json()["detail"] == "file 'experts.safetensors' of version 'v1' lies outside the artifact store"
+    for response in (missing, short, escaped):
+        assert str(tmp_path) not in response.content.decode()
+
+
+def test_a_version_recorded_by_a_path_outside_the_store_is_gone_without_showing_the_path(
+    store: Path, champion: ModelVersion, cast: dict[str, Any]
+) -> None:
+    # A row from before store-relative URIs, of a store that has since moved (the migration leaves such rows).
+    ModelVersion.objects.filter(pk=champion.pk).update(artifact_uri="file:///srv/old-store/versions/v1")
+    response = cast["device"].client.get("/api/v1/versions/v1/files/core.safetensors/")
+    assert (response.status_code, response.json()["code"]) == (410, "artifact_unavailable")
+    champion_info = cast["device"].client.get("/api/v1/aliases/champion/")
+    assert champion_info.json()["version"]["artifact_uri"] == ""
+    for body in (response.content, champion_info.content):
+        assert b"/srv/old-store" not in body
 
 
 def scores(**domains: tuple[float, float | None]) -> list[DomainEvaluation]:
