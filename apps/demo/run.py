@@ -1,7 +1,9 @@
 """The demo, step by step: a fresh control plane, v1 as champion, three edge devices in different domains and of
 different speeds, and an asynchronous window series (K = 2): train → updates → candidate on the champion →
-per-domain evaluation → approval → every device moves on. The slowest device's update arrives after the first
-candidate and is applied to the next champion with its staleness weight.
+per-domain evaluation → approval → every device moves on. The slowest device comes online only once the first
+window has closed (as a device that was offline would), trains on v1, which is still the champion while the first
+candidate waits for approval, and its update is applied to the next champion with its staleness weight. Starting it
+then, rather than counting on it being slow, makes the story the same whatever the machine's load.
 
 Every state change goes through the apps' services, exactly as the API and the workers make them; the control
 plane's HTTP server, the ingest worker and the devices are separate processes sharing the SQLite files.
@@ -278,7 +280,8 @@ class Demo:
         )
         self.progress.step(f"Prepared {len(self.devices)} devices with private data and one-time tokens: {listing}")
         self.progress.step(
-            f"  {self.slow_device.client_id} is the slow one: its update on v1 should arrive after the first candidate"
+            f"  {self.slow_device.client_id} is the slow one and comes online late: its update on v1 will arrive "
+            "after the first candidate"
         )
 
     @property
@@ -322,29 +325,40 @@ class Demo:
             "champion are taken, each aggregate goes onto the champion of its day, and the next window opens itself"
         )
 
+    def start_client(self, device: DemoDevice) -> None:
+        # The slow device trains once (on v1): its one late update is the point. The others train on every champion
+        # until the last candidate.
+        rounds = 1 if device is self.slow_device else self.options.rounds
+        argv = client_command(
+            device,
+            rounds=rounds,
+            until_version=candidate_of(self.options.rounds),
+            max_wait_s=self.options.step_timeout_s * (self.options.rounds + 2),
+        )
+        self.clients[device.client_id] = start_process(
+            f"edge client {device.client_id}", argv, env=self.env, log_path=device.log_path, cwd=device.directory
+        )
+
     def start_clients(self) -> None:
-        final = candidate_of(self.options.rounds)
-        for device in self.devices:
-            # The slow device trains once (on v1): its one late update is the point. The others train on every
-            # champion until the last candidate.
-            rounds = 1 if device is self.slow_device else self.options.rounds
-            argv = client_command(
-                device,
-                rounds=rounds,
-                until_version=final,
-                max_wait_s=self.options.step_timeout_s * (self.options.rounds + 2),
-            )
-            self.clients[device.client_id] = start_process(
-                f"edge client {device.client_id}", argv, env=self.env, log_path=device.log_path, cwd=device.directory
-            )
+        """Every device but the slow one, which comes online once the first window has closed (`start_late_client`)."""
+        on_time = [device for device in self.devices if device is not self.slow_device]
+        for device in on_time:
+            self.start_client(device)
         self.progress.step(
-            f"Started {len(self.devices)} edge clients (`fednested tier2 run-client`); each trains once per champion"
+            f"Started {len(on_time)} edge clients (`fednested tier2 run-client`); each trains once per champion"
+        )
+
+    def start_late_client(self, first: ModelVersion) -> None:
+        self.start_client(self.slow_device)
+        self.progress.step(
+            f"{self.slow_device.client_id} comes online: {first.version_id} awaits approval, so it trains on "
+            f"{FIRST_VERSION}, the champion; the first window is closed, so its update will wait for the next one"
         )
 
     def late_updates_waiting(self, first: ModelVersion) -> None:
         """Before the first approval: every device's update on v1 has arrived; those the first candidate did not take
-        wait in the next window and will be one promotion stale once it is champion. (Waiting for them makes the run
-        tell the same story whatever the timing: normally the slow device's update is the late one.)"""
+        wait in the next window and will be one promotion stale once it is champion. (The slow device's, which came
+        online after the first window closed.)"""
 
         def all_arrived() -> list[Update] | None:
             updates = list(
@@ -447,7 +461,7 @@ class Demo:
                     f"{row.client_id} on {row.base_version} into {row.candidate} (τ={row.staleness})" for row in stale
                 )
                 if stale
-                else "No stale update was applied (the slow device reported before the first aggregation)."
+                else "No stale update was applied."
             )
             + self.waiting_note()
         )
@@ -507,6 +521,8 @@ class Demo:
             self.start_clients()
             for number in range(1, self.options.rounds + 1):
                 version = self.candidate(number)
+                if number == 1:
+                    self.start_late_client(version)
                 request = self.approval_request(version)
                 if number == 1:
                     self.late_updates_waiting(version)
