@@ -201,10 +201,19 @@ def enroll_device(
     if row.expires_at <= now:
         expired = f"enrollment token {row.token_prefix}… expired at {row.expires_at:%Y-%m-%d %H:%M:%S} UTC"
         raise ValidationError({"token": ValidationError(expired, code="token_expired")})
+    conflict: ValidationError | None = None
     if EdgeDevice.objects.filter(client_id=client_id).exists():
-        raise ValidationError({"client_id": f"client id {client_id!r} is already enrolled"})
-    if DeviceKey.objects.filter(fingerprint=request.fingerprint).exists():
-        raise ValidationError({"csr": ValidationError("this key belongs to another device", code="key_in_use")})
+        conflict = ValidationError({"client_id": f"client id {client_id!r} is already enrolled"})
+    elif DeviceKey.objects.filter(fingerprint=request.fingerprint).exists():
+        conflict = ValidationError({"csr": ValidationError("this key belongs to another device", code="key_in_use")})
+    if conflict is not None:
+        # The device and key may be this very enrollment's, made by its first attempt after we read the token
+        # (a retry racing it): that retry gets the first attempt's identity, anyone else the conflict.
+        row.refresh_from_db()
+        repeated = _repeated_enrollment(row, client_id, request, now)
+        if repeated is not None:
+            return repeated
+        raise conflict
     claimed = EnrollmentToken.objects.filter(pk=row.pk, used_at__isnull=True, expires_at__gt=now).update(
         used_at=now, used_by_client_id=client_id
     )
