@@ -37,6 +37,13 @@ LAZY_GROUPS: tuple[LazyCommandGroup, ...] = (
         help="Edge device (Tier-2/3) commands, e.g. `fednested tier2 run-client --config edge.yaml`.",
         missing_hint="install the edge client: pip install 'fednested[edge]'",
     ),
+    LazyCommandGroup(
+        name="registry",
+        module="apps.registry.cli",
+        attribute="app",
+        help="Control-plane registry commands, e.g. `fednested registry check-store` (needs the control plane).",
+        missing_hint="run it where the control plane is installed (pip install 'fednested[controlplane]')",
+    ),
 )
 
 

@@ -163,3 +163,20 @@ def test_a_copy_of_the_store_is_checked_before_it_replaces_the_original(
     status, lines = run_check(copy)
     assert (status, lines[0]) == (1, "error   not_in_store       version v1: versions/v1/gate.safetensors")
     assert run_check()[0] == 0  # the original is untouched
+
+
+def test_fednested_registry_check_store_runs_the_same_check(
+    registry: str, artifact_store: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from typer.testing import CliRunner
+
+    from fednested.cli.app import build_app
+
+    runner = CliRunner()
+    healthy = runner.invoke(build_app(), ["registry", "check-store"])
+    assert healthy.exit_code == 0, healthy.output
+    assert "checked 2 versions (10 files) and 1 payloads" in capsys.readouterr().out + healthy.output
+    (artifact_store / "versions" / "v2" / "gate.safetensors").unlink()
+    broken = runner.invoke(build_app(), ["registry", "check-store", "--root", str(artifact_store)])
+    assert broken.exit_code == 1
+    assert "does not hold what the registry says (1 errors" in broken.output
