@@ -11,7 +11,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv test lint typecheck djangocheck pytest demo bench-edge bench-aggregate bench-async services-start services-stop services-status clean
+.PHONY: venv test lint typecheck djangocheck pytest demo bench-edge bench-aggregate bench-async bench-api bench-ingest services-start services-stop services-status clean
 
 venv:
 	@echo "virtualenv: $(VENV)"
@@ -68,6 +68,18 @@ bench-aggregate:
 # Asynchronous buffered aggregation against synchronous FedAvg on a simulated clock (tiny model, real training).
 bench-async:
 	$(PY) -m bench.asynchronous
+
+# 200 simulated devices (Locust) against the control plane as deployed (gunicorn + uvicorn workers, PostgreSQL of
+# var/services/env.sh, a fresh database) and against make demo's single-process server; needs `make services-start`.
+bench-api:
+	source var/services/env.sh
+	$(PY) -m bench.api
+
+# Update envelopes per second through Kafka → the ingest worker → PostgreSQL (tiny preset payloads), against the
+# Kafka producer alone on the same broker; a fresh database of its own. Needs `make services-start`.
+bench-ingest:
+	source var/services/env.sh
+	$(PY) -m bench.ingest
 
 # The test services on their own, for running single tests by hand (docs/operations/services.md).
 services-start:

@@ -7,6 +7,11 @@ from django.core.asgi import get_asgi_application
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "controlplane.settings")
 
+from controlplane.observability import setup_tracing
+from fednested.observability.tracing import CONTROLPLANE_WEB
+
+# Before the application is built: Django's instrumentation adds its middleware to the chain built below.
+setup_tracing(CONTROLPLANE_WEB, django=True)
 # Django must be set up before anything imports models (the websocket consumers and auth middleware do).
 django_asgi_application = get_asgi_application()
 

@@ -3,6 +3,7 @@
 import os
 
 from celery import Celery
+from celery.signals import worker_init
 from kombu.entity import Queue
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "controlplane.settings")
@@ -19,3 +20,16 @@ app.conf.task_routes = {f"workers.{name}.*": {"queue": name} for name in JOB_QUE
 for _module in JOB_QUEUES:
     # workers/ has one module per job kind (workers/training.py, …), not Django's tasks.py convention.
     app.autodiscover_tasks(["workers"], related_name=_module)
+
+# Task run times and states, and the worker's metrics port (FEDNESTED_CELERY_METRICS_PORT).
+import controlplane.metrics.celery_signals  # noqa: F401, E402
+
+
+@worker_init.connect  # type: ignore[untyped-decorator]
+def _trace_worker(**_: object) -> None:
+    """A Celery worker process traces its task runs, continuing the trace of each message's headers. Set up in the
+    worker's main process: the SDK restarts its export thread in prefork children."""
+    from controlplane.observability import setup_tracing
+    from fednested.observability.tracing import WORKER_CELERY
+
+    setup_tracing(WORKER_CELERY, celery=True)

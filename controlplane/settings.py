@@ -5,6 +5,7 @@ embedded event bus, artifacts under var/. Deployments and CI set DATABASE_URL, R
 FEDNESTED_BUS=kafka.
 """
 
+import ipaddress
 import os
 import secrets
 from pathlib import Path
@@ -12,6 +13,9 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from django.core.exceptions import ImproperlyConfigured
+
+from fednested.observability.logs import LOG_FORMATS, logging_config
+from fednested.observability.tracing import TracingSetupError, check_endpoint
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = BASE_DIR / "var"
@@ -169,9 +173,14 @@ INSTALLED_APPS = [
     "apps.governance",
     "apps.console",
     "apps.demo",
+    "apps.outbox",
 ]
 
 MIDDLEWARE = [
+    # First, so a request's measured time includes every other middleware (controlplane/metrics/web.py).
+    "controlplane.metrics.web.RequestMetricsMiddleware",
+    # Names the request in its log lines, its span and its response (X-Request-ID).
+    "controlplane.observability.RequestIdMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -213,6 +222,15 @@ if DATABASES["default"]["NAME"] == str(_DEFAULT_SQLITE):
 FEDNESTED_TEST_DB_NAME = envstr("FEDNESTED_TEST_DB_NAME", "").strip()
 if FEDNESTED_TEST_DB_NAME:
     DATABASES["default"]["TEST"] = {"NAME": FEDNESTED_TEST_DB_NAME}
+# Connections per server process kept open in a pool (psycopg_pool; 0: none, a connection per request). Under ASGI
+# every request runs its view in a thread of its own, so CONN_MAX_AGE cannot keep a connection between requests;
+# without a pool each request pays a PostgreSQL connection (a backend fork and a SCRAM exchange, several ms of CPU).
+# The production server sets it (docs/operations/serving.md); a request waits for a free connection up to 10 s.
+FEDNESTED_DB_POOL_SIZE = envint("FEDNESTED_DB_POOL_SIZE", 0)
+if FEDNESTED_DB_POOL_SIZE < 0:
+    raise ImproperlyConfigured(f"FEDNESTED_DB_POOL_SIZE={FEDNESTED_DB_POOL_SIZE} must be >= 0 (0: no pool)")
+if FEDNESTED_DB_POOL_SIZE and DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    DATABASES["default"]["OPTIONS"]["pool"] = {"min_size": 1, "max_size": FEDNESTED_DB_POOL_SIZE, "timeout": 10.0}
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
@@ -267,6 +285,14 @@ FEDNESTED_TOPIC_PREFIX = envstr("FEDNESTED_TOPIC_PREFIX", "")
 FEDNESTED_ARTIFACT_ROOT = Path(envstr("FEDNESTED_ARTIFACT_ROOT", str(VAR_DIR / "artifacts")))
 # How long an enrollment token stays valid when the issuer does not say.
 FEDNESTED_ENROLLMENT_TOKEN_TTL_S = envint("FEDNESTED_ENROLLMENT_TOKEN_TTL_S", 24 * 3600)
+# The outbox relay (workers/relay/) retries a message it could not deliver after base × 2^(attempts-1) seconds,
+# never waiting longer than the cap: with the bus down for an hour, the backlog goes out within a cap of its return.
+FEDNESTED_OUTBOX_RETRY_BASE_S = envint("FEDNESTED_OUTBOX_RETRY_BASE_S", 1)
+FEDNESTED_OUTBOX_RETRY_MAX_S = envint("FEDNESTED_OUTBOX_RETRY_MAX_S", 300)
+if not 1 <= FEDNESTED_OUTBOX_RETRY_BASE_S <= FEDNESTED_OUTBOX_RETRY_MAX_S <= 24 * 3600:
+    raise ImproperlyConfigured(
+        "FEDNESTED_OUTBOX_RETRY_BASE_S and FEDNESTED_OUTBOX_RETRY_MAX_S must satisfy 1 <= base <= max <= 86400"
+    )
 # Largest update payload a device may upload (PUT /api/v1/updates/<id>/payload/); larger ones get 413. The default
 # is the aggregation's own default limit (fednested UpdateLimits.max_bytes), so nothing stored is refused later.
 # An aggregation still running after this long is presumed lost (its worker died after claiming the window): the
@@ -310,6 +336,11 @@ if FEDNESTED_PROXY_SECRET:
 FEDNESTED_HAPROXY_ADMIN_SOCKET = envstr("FEDNESTED_HAPROXY_ADMIN_SOCKET", "").strip()
 # Devices must present their client certificate (through HAProxy): a device's API token alone is refused.
 FEDNESTED_DEVICES_REQUIRE_CERTIFICATE = envbool("FEDNESTED_DEVICES_REQUIRE_CERTIFICATE", False)
+# A heartbeat that reports the version already recorded refreshes last_seen at most once per this many seconds
+# (bookkeeping: with hundreds of devices polling, a write per call would be most of the database's work).
+FEDNESTED_LAST_SEEN_RESOLUTION_S = envint("FEDNESTED_LAST_SEEN_RESOLUTION_S", 30)
+if not 0 <= FEDNESTED_LAST_SEEN_RESOLUTION_S <= 3600:
+    raise ImproperlyConfigured("FEDNESTED_LAST_SEEN_RESOLUTION_S must be between 0 and 3600 seconds")
 # TLS to Kafka (the SSL listener with client authentication): the CA, and the control plane's client certificate
 # and key (principal User:<CN>, e.g. fednested-controlplane; docs/operations/identity.md).
 FEDNESTED_KAFKA_SSL_CA = envstr("FEDNESTED_KAFKA_SSL_CA", "").strip()
@@ -321,6 +352,23 @@ if bool(FEDNESTED_KAFKA_SSL_CERTIFICATE) != bool(FEDNESTED_KAFKA_SSL_KEY) or (
     raise ImproperlyConfigured(
         "FEDNESTED_KAFKA_SSL_CERTIFICATE and FEDNESTED_KAFKA_SSL_KEY go together, and need FEDNESTED_KAFKA_SSL_CA"
     )
+
+# --- metrics (docs/operations/production.md, "Metrics") ---
+# Who may read the web server's /metrics: a direct (not proxied) request from these networks, or one presenting
+# `Authorization: Bearer <FEDNESTED_METRICS_TOKEN>`. Devices never reach it through HAProxy without the token.
+FEDNESTED_METRICS_ALLOWED_NETWORKS = envlist("FEDNESTED_METRICS_ALLOWED_NETWORKS", "127.0.0.1/32,::1/128")
+for _network in FEDNESTED_METRICS_ALLOWED_NETWORKS:
+    try:
+        ipaddress.ip_network(_network)
+    except ValueError as _error:
+        raise ImproperlyConfigured(f"FEDNESTED_METRICS_ALLOWED_NETWORKS: {_network!r}: {_error}") from _error
+FEDNESTED_METRICS_TOKEN = envstr("FEDNESTED_METRICS_TOKEN", "").strip()
+# The worker processes' own metrics ports (0: none) and the address they listen on.
+FEDNESTED_METRICS_ADDRESS = envstr("FEDNESTED_METRICS_ADDRESS", "127.0.0.1").strip()
+FEDNESTED_INGEST_METRICS_PORT = envint("FEDNESTED_INGEST_METRICS_PORT", 0)
+FEDNESTED_CELERY_METRICS_PORT = envint("FEDNESTED_CELERY_METRICS_PORT", 0)
+if not (0 <= FEDNESTED_INGEST_METRICS_PORT <= 65535 and 0 <= FEDNESTED_CELERY_METRICS_PORT <= 65535):
+    raise ImproperlyConfigured("FEDNESTED_INGEST_METRICS_PORT and FEDNESTED_CELERY_METRICS_PORT must be 0…65535")
 
 # --- REST API ------------------------------------------------------------------------------------------------------
 
@@ -370,11 +418,27 @@ SPECTACULAR_SETTINGS = {
     ],
 }
 
+# --- observability (docs/operations/observability.md) ---
+# Log lines: `json` (one object per line with time, level, logger, message, trace_id, span_id, request_id,
+# client_id, round_id, service) for servers, whose logs a collector reads; `text` (the bare message) for people. The
+# default follows the mode: json with a database server, text in the embedded mode (`make demo`).
+FEDNESTED_LOG_FORMAT = envstr(
+    "FEDNESTED_LOG_FORMAT", "text" if is_embedded_database(envstr("DATABASE_URL", "")) else "json"
+)
+if FEDNESTED_LOG_FORMAT not in LOG_FORMATS:
+    raise ImproperlyConfigured(f"FEDNESTED_LOG_FORMAT={FEDNESTED_LOG_FORMAT!r} is not one of {', '.join(LOG_FORMATS)}")
+# OTLP/HTTP collector (http(s)://host:4318) that every process sends its spans to; empty: the standard
+# OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT variables, and without them spans are made (their ids tie log lines together)
+# but sent nowhere.
+FEDNESTED_OTLP_ENDPOINT = envstr("FEDNESTED_OTLP_ENDPOINT", "").strip()
+if FEDNESTED_OTLP_ENDPOINT:
+    try:
+        check_endpoint(FEDNESTED_OTLP_ENDPOINT, setting="FEDNESTED_OTLP_ENDPOINT")
+    except TracingSetupError as _error:
+        raise ImproperlyConfigured(str(_error)) from _error
+
 LOGGING = {
-    "version": 1,
-    "disable_existing_loggers": False,
-    "handlers": {"console": {"class": "logging.StreamHandler"}},
-    "root": {"handlers": ["console"], "level": envstr("LOG_LEVEL", "INFO")},
+    **logging_config(FEDNESTED_LOG_FORMAT, level=envstr("LOG_LEVEL", "INFO")),
     "loggers": {
         # One line per request: the server's access line (daphne's runserver: `django.channels.server`, with method,
         # path, status and duration). django.request would add a second one for every 4xx ("Not Found: /x"); it
@@ -382,3 +446,5 @@ LOGGING = {
         "django.request": {"level": "ERROR"},
     },
 }
+# The Celery worker logs through the handler above (JSON or text, with the context fields) instead of its own.
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False

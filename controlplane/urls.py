@@ -5,6 +5,8 @@ from django.contrib import admin
 from django.urls import URLPattern, URLResolver, include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
+from controlplane.metrics.web import metrics_view
+
 api_v1: list[URLPattern | URLResolver] = [
     path("", include("apps.accounts.api.urls")),
     path("", include("apps.registry.api.urls")),
@@ -19,6 +21,8 @@ urlpatterns = [
     path("api/v1/", include(api_v1)),
     # Session login/logout for the browsable API.
     path("api-auth/", include("rest_framework.urls")),
+    # Prometheus' scrape of this process; only for the networks and token FEDNESTED_METRICS_* allow.
+    path("metrics", metrics_view, name="metrics"),
     path("", include("apps.console.urls")),
 ]
 

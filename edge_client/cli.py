@@ -14,6 +14,7 @@ from edge_client.errors import EdgeClientError
 from edge_client.runner import RunOptions, run_client
 from edge_client.sidecar import AuditChainError, verify_chain
 from fednested.config import ConfigError, load_config
+from fednested.observability.tracing import EDGE_CLIENT, configure_tracing
 
 # Exit status when --max-wait-s ran out before the run's goals were met (updates may still be in the spool).
 EXIT_TIMED_OUT = 2
@@ -52,6 +53,8 @@ def run_client_command(
     """Run the edge client. Without --rounds/--until-version it runs until interrupted."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        # Spans go to OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT when set (the exporter package must then be installed).
+        configure_tracing(EDGE_CLIENT)
         tier2 = load_config(config, "tier2")
         options = RunOptions(rounds=rounds, until_version=until_version, max_wait_s=max_wait_s)
         report = run_client(tier2, options)

@@ -88,6 +88,7 @@ class ClientSettings:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     http_timeout_s: float = field(default=_tier2_default(Tier2Config, "http_timeout_s"))
     poll_interval_s: float = field(default=_tier2_default(Tier2Config, "poll_interval_s"))
+    champion_check_interval_s: float = field(default=_tier2_default(Tier2Config, "champion_check_interval_s"))
     control_plane_ca_file: Path | None = None
 
     @property
@@ -120,6 +121,7 @@ class ClientSettings:
             retry=config.retry,
             http_timeout_s=config.http_timeout_s,
             poll_interval_s=config.poll_interval_s,
+            champion_check_interval_s=config.champion_check_interval_s,
             control_plane_ca_file=config.control_plane_ca_file,
         )
 
@@ -155,6 +157,8 @@ class ClientRunReport:
     pending: int = 0
     bad_data_lines: int = 0
     rejected_events: int = 0
+    # Control events seen a second time (same event id: the control plane's relay published them again) and ignored.
+    duplicate_events: int = 0
     last_error: str | None = None
     stopped_because: StopReason = "goals_met"
     duration_s: float = 0.0
@@ -185,6 +189,11 @@ class ClientRun:
         # version id -> (manifest sha256 the ModelAvailable event announced, where the event was read)
         self.announced: dict[str, tuple[str, str]] = {}
         self.champion_stale = True
+        # When the champion was last asked for (monotonic): asked again every champion_check_interval_s even with
+        # no event, so a lost ModelAvailable costs minutes.
+        self.last_champion_check = -math.inf
+        # Event ids of control events already handled (bounded like the other memories): a copy is ignored.
+        self.seen_events: dict[str, None] = {}
         self.credential: DeviceCredential | None = None
         self.version_report_refused: str | None = None
 
@@ -460,6 +469,13 @@ class ClientRun:
             sidecar.record("control.rejected_event", {"where": message.where(), "error": str(message.error)[:300]})
             return
         event = message.event
+        if isinstance(event, RoundStart | ModelAvailable) and event.event_id is not None:
+            event_id = str(event.event_id)
+            if event_id in self.seen_events:
+                self.report.duplicate_events += 1
+                sidecar.record("control.duplicate_event", {"where": message.where(), "event_id": event_id})
+                return
+            _remember(self.seen_events, event_id, None)
         if isinstance(event, RoundStart):
             _remember(self.round_for_base, event.base_version, event.round_id)
         elif (
@@ -554,6 +570,8 @@ class ClientRun:
         self.resume_current_version(sidecar)
         while True:
             self.renew_certificate(api, sidecar)
+            if time.monotonic() - self.last_champion_check >= self.settings.champion_check_interval_s:
+                self.champion_stale = True  # the scheduled check: whether or not an event said so
             if self.champion_stale:
                 try:
                     self.sync_champion(api, sidecar)
@@ -561,6 +579,7 @@ class ClientRun:
                     self.report.last_error = str(exc)  # still stale: tried again on the next turn
                 else:
                     self.champion_stale = False
+                    self.last_champion_check = time.monotonic()
             self.report_version(api, sidecar)
             if self.needs_training(outbox):
                 self.train_and_spool(outbox, sidecar)

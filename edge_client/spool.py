@@ -28,6 +28,7 @@ from edge_client.transport.retry import RetriesExhausted, RetryPolicy, call_with
 from fednested.messaging.bus import BusError
 from fednested.messaging.schemas import Telemetry, UpdateEnvelope
 from fednested.messaging.topics import Topic
+from fednested.observability.tracing import tracer
 
 ITEM_FILE = "item.json"
 RECEIPT_FILE = "receipt.json"
@@ -266,16 +267,20 @@ class Deliverer:
             details = {"item_id": item.item_id, "attempt": attempt, "delay_s": round(delay, 3), "error": str(exc)}
             self._note("spool.retry", details)
 
-        call_with_retries(
-            f"send {item.kind} {item.item_id}",
-            functools.partial(self.send, item),
-            self.retry,
-            retry_on=(ControlPlaneUnavailable, BusError),
-            rng=self.rng,
-            sleep=self.sleep,
-            deadline=deadline,
-            on_retry=note_retry,
-        )
+        # One trace per item: its payload upload (HTTP, traceparent header) and its publish (bus record headers) are
+        # children of this span, and so is what the control plane does with them.
+        attributes = {"fednested.item_id": item.item_id, "fednested.kind": item.kind}
+        with tracer().start_as_current_span(f"deliver {item.kind}", attributes=attributes):
+            call_with_retries(
+                f"send {item.kind} {item.item_id}",
+                functools.partial(self.send, item),
+                self.retry,
+                retry_on=(ControlPlaneUnavailable, BusError),
+                rng=self.rng,
+                sleep=self.sleep,
+                deadline=deadline,
+                on_retry=note_retry,
+            )
 
     def deliver_pending(self, *, deadline: float | None = None) -> DeliveryReport:
         """Send every pending item in order; stops at the first item whose retries run out (the link is down)."""

@@ -6,6 +6,11 @@
 #   scripts/services.sh stop       stop every service (idempotent; also after a partial or aborted start)
 #   scripts/services.sh status     say which services run, where, and which version
 #   scripts/services.sh packages   only install missing Debian packages
+#   scripts/services.sh restart S  stop service S (postgres or kafka) and start it again on the same port with the
+#                                  same data, as a crashed server comes back (the fault-injection suite, tests/faults)
+#
+# FEDNESTED_SERVICES_STATE moves the state directory (default var/services): a second, private set of services
+# (other ports, other data) that a test may restart without disturbing anyone using the shared ones.
 #
 # Each service is a module scripts/services/<name>.sh defining <name>_start, <name>_stop and <name>_status, and
 # optionally <name>_prepare (checks and downloads, run for all services before any starts); <name>_start leaves
@@ -18,7 +23,7 @@ export LC_NUMERIC=C
 
 SERVICES_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 SERVICES_LIB="$SERVICES_ROOT/scripts/services"
-SERVICES_STATE="$SERVICES_ROOT/var/services"
+SERVICES_STATE="${FEDNESTED_SERVICES_STATE:-$SERVICES_ROOT/var/services}"
 SERVICES_ENV="$SERVICES_STATE/env.sh"
 # Start order; stop runs in reverse.
 SERVICES=(postgres redis kafka)
@@ -79,7 +84,7 @@ cmd_start() {
     fi
     "${service}_start"
     say "$service $(<"$SERVICES_STATE/$service/version") on 127.0.0.1:$(<"$SERVICES_STATE/$service/port")" \
-      "started in $(elapsed_since "$start")s (log: var/services/$service/)"
+      "started in $(elapsed_since "$start")s (log: $SERVICES_STATE/$service/)"
   done
   write_env
   say "all services up in $(elapsed_since "$total_start")s; environment in $SERVICES_ENV"
@@ -94,6 +99,16 @@ cmd_stop() {
     "${service}_stop"
   done
   say "all services stopped in $(elapsed_since "$start")s (logs kept in $SERVICES_STATE)"
+}
+
+cmd_restart() {
+  local service=${1:-} start=$EPOCHREALTIME
+  [ -n "$service" ] || die "usage: $0 restart postgres|kafka"
+  declare -F "${service}_restart" >/dev/null || die "no restart for '$service' (services with one: postgres, kafka)"
+  lock_state
+  "${service}_status" || die "$service is not running under $SERVICES_STATE; start the services first"
+  "${service}_restart"
+  say "$service restarted on 127.0.0.1:$(<"$SERVICES_STATE/$service/port") in $(elapsed_since "$start")s"
 }
 
 cmd_status() {
@@ -115,8 +130,9 @@ case "${1:-}" in
   stop) cmd_stop ;;
   status) cmd_status ;;
   packages) ensure_debian_packages ;;
+  restart) cmd_restart "${2:-}" ;;
   *)
-    echo "usage: $0 start|stop|status|packages" >&2
+    echo "usage: $0 start|stop|status|packages|restart <service>" >&2
     exit 2
     ;;
 esac

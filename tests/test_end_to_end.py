@@ -1,9 +1,10 @@
 """Issue #4 end to end on the real services: PostgreSQL, Redis (Celery broker) and Apache Kafka.
 
 Everything runs as it would in a deployment, each piece in its own process: the control plane (pytest-django's live
-server), the ingest worker (`python -m workers.ingest`), a Celery worker for aggregation and evaluation, and edge
-devices (`python -m fednested tier2 run-client`). The test drives them only through what operators use: services
-for setting up the registry, the REST API (officer token) for the approval, the bus for envelopes, the console.
+server), the ingest worker (`python -m workers.ingest`), the outbox relay (`python -m workers.relay`), a Celery
+worker for aggregation and evaluation, and edge devices (`python -m fednested tier2 run-client`). The test drives
+them only through what operators use: services for setting up the registry, the REST API (officer token) for the
+approval, the bus for envelopes, the console.
 
 1. Three devices in three domains → updates → candidate → per-domain evaluation → approval through the REST API →
    every device on the new version (API and the clients' own state); the candidate beats its parent on the
@@ -157,6 +158,10 @@ class ControlPlane:
 
     def start_ingest_worker(self) -> ManagedProcess:
         return self.start("ingest-worker", [sys.executable, "-m", "workers.ingest", "--poll-timeout", "0.5"])
+
+    def start_relay(self) -> ManagedProcess:
+        # Control events and Celery tasks leave through the outbox: without the relay nothing would be sent.
+        return self.start("outbox-relay", [sys.executable, "-m", "workers.relay", "--poll-interval", "0.2"])
 
     def start_celery_worker(self) -> ManagedProcess:
         return self.start(
@@ -361,6 +366,7 @@ def test_devices_train_officer_approves_over_the_api_and_every_device_moves(
     tight = tight_policy_device(plane, first_version_template)
     plane.start_celery_worker()
     plane.start_ingest_worker()
+    plane.start_relay()
     plane.may_fail.add("client-tight-policy")
     tight_client = plane.start(
         "client-tight-policy", client_command(tight, rounds=1, max_wait_s=WAIT_S), cwd=tight.directory

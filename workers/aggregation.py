@@ -8,12 +8,18 @@ still enrolled, staleness τ against today's champion, payload size and sha256),
 device's record), and combines them expert by expert from their factors read lazily from the artifact store, so
 memory does not grow with K·d². The candidate is saved, registered with its lineage, the updates are marked
 applied, the window closes and (asynchronous) the next window of its series opens — the registry writes in one
-transaction. When it fails after claiming the window, the window is reopened (its updates stay buffered).
+transaction. When it fails after claiming the window, the window is reopened (its updates stay buffered). When its
+worker dies instead (kill -9, lost machine), the task stays running and the window aggregating until
+`release_lost_aggregations` (the ingest worker's periodic check) presumes it lost after FEDNESTED_AGGREGATION_TIMEOUT_S,
+fails it and reopens the window; a candidate it had not registered leaves no registry row (its files, if any, are
+replaced by the next attempt), and one it had registered stands with its updates applied once.
 """
 
 import logging
 import os
 import shutil
+import signal
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +27,7 @@ from typing import Any
 from celery import shared_task
 from django.core.exceptions import ValidationError
 from django.db import InterfaceError, OperationalError, transaction
+from opentelemetry.trace import Span
 
 from apps.federation.choices import DeviceStatus, RoundStatus, TaskKind, TaskStatus, UpdateStatus
 from apps.federation.jobs import AggregationParams
@@ -42,6 +49,7 @@ from apps.federation.windows import buffered_updates, champion_version, round_se
 from apps.registry.models import ModelVersion
 from apps.registry.services import register_saved_version
 from apps.registry.storage import artifact_path, artifact_root, redact_store_paths
+from controlplane.metrics.families import timed_aggregation
 from fednested.aggregation import RejectionCode, UpdateFacts, UpdateRejected, expert_of_delta
 from fednested.aggregation.factored import aggregate_factored
 from fednested.aggregation.factors import FactorFile, FactorFileError
@@ -53,12 +61,30 @@ from fednested.checkpoints import load_version, save_version
 from fednested.data.tokenizer import load_tokenizer
 from fednested.deltas import merge_expert_deltas
 from fednested.messaging import AdapterSummary
+from fednested.observability.tracing import resumed_span
 
 logger = logging.getLogger(__name__)
 
 ACTOR_LABEL = "worker:aggregation"
 # How many of a device's latest decided updates its reliability and its claim history are read from.
 HISTORY_LENGTH = 20
+# Updates whose traces the aggregation span links to, at most (the latest ones; the SDK keeps 128 links by default).
+MAX_TRACE_LINKS = 128
+# Test hook (tests/faults): the worker SIGKILLs itself at this point of every aggregation. after_claim: the window
+# is held, nothing written; after_files_written: the candidate's files are in their staging directory, nothing
+# registered; after_files_moved: inside the registering transaction, files in place, not committed;
+# after_register: committed (candidate, applied updates, closed window), the task not yet marked succeeded.
+CRASH_POINT_ENV = "FEDNESTED_AGGREGATION_CRASH_POINT"
+CRASH_POINTS = ("after_claim", "after_files_written", "after_files_moved", "after_register")
+if os.environ.get(CRASH_POINT_ENV, "") not in ("", *CRASH_POINTS):
+    # Checked when the worker imports its tasks, so a misspelt point stops it at start rather than never firing.
+    raise RuntimeError(f"{CRASH_POINT_ENV}={os.environ[CRASH_POINT_ENV]!r} is not one of {CRASH_POINTS}")
+
+
+def _crash_if_asked(point: str) -> None:
+    if os.environ.get(CRASH_POINT_ENV) == point:
+        logger.warning("test hook %s=%s: killing this process", CRASH_POINT_ENV, point)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass(frozen=True)
@@ -180,6 +206,7 @@ def contribution_of(
     return Contribution(update=update, factors=factors, facts=facts, claim_note=claim_note)
 
 
+@timed_aggregation
 def aggregate_round(task: TrainingTask) -> AggregationOutcome | None:
     """Aggregate the task's window into a candidate; None when another task already claimed the window."""
     round_ = task.round
@@ -190,6 +217,7 @@ def aggregate_round(task: TrainingTask) -> AggregationOutcome | None:
     if not claim_round_for_aggregation(round_, actor_label=ACTOR_LABEL, task_pk=task.pk):
         logger.info("round %s is %s; task %s leaves it alone", round_.round_id, round_.status, task.pk)
         return None
+    _crash_if_asked("after_claim")
     try:
         return _aggregate_claimed_round(task, round_, params)
     except Exception as error:
@@ -294,8 +322,10 @@ def _aggregate_claimed_round(task: TrainingTask, round_: Round, params: Aggregat
     # Written under a name of this task's own and moved into place only while it still holds the window: a task
     # released as lost (and still running) can never write over the files of the attempt that replaced it.
     staging = store / "versions" / f".{version_id}.task-{task.pk}"
-    if staging.exists():
-        shutil.rmtree(staging)
+    # Staging directories of earlier attempts at this candidate (their workers died before registering, or they were
+    # released as lost): this task holds the window now, so none of them can ever be registered.
+    for stale in (store / "versions").glob(f".{version_id}.task-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     has_tokenizer = any(entry.partition == "tokenizer" for entry in champion_manifest.files.values())
     save_version(
         model,
@@ -311,6 +341,7 @@ def _aggregate_claimed_round(task: TrainingTask, round_: Round, params: Aggregat
             "aggregation": record["aggregation"] | {"weights": weights_by_update, "notes": report.notes},
         },
     )
+    _crash_if_asked("after_files_written")
     try:
         version = _register_candidate(
             task, round_, staging, directory, champion, contributions, applied, record, version_id
@@ -346,6 +377,7 @@ def _register_candidate(
             # Left by an attempt that died before registering it; nothing refers to an unregistered directory.
             shutil.rmtree(directory)
         os.replace(staging, directory)
+        _crash_if_asked("after_files_moved")
         version = register_saved_version(
             directory,
             family=champion.family,
@@ -384,6 +416,31 @@ def _register_candidate(
     return version
 
 
+def aggregation_span(task: TrainingTask) -> AbstractContextManager[Span]:
+    """The aggregation's span: it continues the trace of the update that filled the window (the last one buffered
+    into it: its device's upload, publish and ingestion), and links to the window's other updates and to what
+    created the task, so each of the K uploads' traces is one click away (docs/operations/observability.md)."""
+    traceparents = list(
+        Update.objects.filter(round=task.round, status=UpdateStatus.BUFFERED)
+        .exclude(traceparent="")
+        .order_by("-received_at", "-id")
+        .values_list("traceparent", flat=True)[:MAX_TRACE_LINKS]
+    )
+    filling = traceparents[0] if traceparents else task.traceparent
+    round_id = task.round.round_id if task.round is not None else ""
+    return resumed_span(
+        "aggregate_round",
+        traceparent=filling,
+        links=[*traceparents[1:], task.traceparent],
+        attributes={
+            "fednested.task_pk": task.pk,
+            "fednested.round_id": round_id,
+            "fednested.updates": len(traceparents),
+        },
+        log_round_id=round_id or None,
+    )
+
+
 @shared_task(  # type: ignore[untyped-decorator]
     name="workers.aggregation.aggregate_round_task",
     acks_late=True,
@@ -400,11 +457,13 @@ def aggregate_round_task(task_pk: int) -> str | None:
         return None
     task = TrainingTask.objects.select_related("round__base_version__family").get(pk=task_pk)
     try:
-        outcome = aggregate_round(task)
+        with aggregation_span(task):
+            outcome = aggregate_round(task)
     except Exception as error:
         # The task's error is shown through the API: files by their place in the store, not the server's path.
         message = redact_store_paths(f"{type(error).__name__}: {error}", artifact_root())
         fail_training_task(task_pk, error=message, actor_label=ACTOR_LABEL)
         raise
+    _crash_if_asked("after_register")
     finish_training_task(task_pk, actor_label=ACTOR_LABEL)
     return outcome.version_id if outcome is not None else None

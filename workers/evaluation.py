@@ -26,6 +26,7 @@ from fednested.checkpoints import load_version
 from fednested.data import Record, read_jsonl
 from fednested.data.tokenizer import load_tokenizer
 from fednested.evaluation.domains import DomainEval, EvalConfig, evaluate_domains
+from fednested.observability.tracing import resumed_span
 
 ACTOR_LABEL = "worker:evaluation"
 
@@ -125,7 +126,9 @@ def evaluate_version_task(task_pk: int) -> int | None:
         return None
     task = TrainingTask.objects.select_related("round__opened_by").get(pk=task_pk)
     try:
-        request = evaluate_candidate(task)
+        # Created by the aggregation that registered the candidate: its span continues that trace.
+        with resumed_span("evaluate_version", traceparent=task.traceparent, attributes={"fednested.task_pk": task.pk}):
+            request = evaluate_candidate(task)
     except Exception as error:
         # The task's error is shown through the API: files by their place in the store, not the server's path.
         message = redact_store_paths(f"{type(error).__name__}: {error}", artifact_root())

@@ -142,6 +142,8 @@ def record_api_token_use(token: ApiToken, *, min_interval_s: int = 60) -> None:
     """Bookkeeping, not a state change (no audit): refresh last_used_at, at most once a minute per token."""
     now = timezone.now()
     stale_before = now - timedelta(seconds=min_interval_s)
+    if token.last_used_at is not None and token.last_used_at >= stale_before:
+        return  # the row was just read with a fresh value: no statement at all on most requests
     ApiToken.objects.filter(pk=token.pk).filter(Q(last_used_at__isnull=True) | Q(last_used_at__lt=stale_before)).update(
         last_used_at=now
     )

@@ -6,16 +6,19 @@ candidate waits for approval, and its update is applied to the next champion wit
 then, rather than counting on it being slow, makes the story the same whatever the machine's load.
 
 Every state change goes through the apps' services, exactly as the API and the workers make them; the control
-plane's HTTP server, the ingest worker and the devices are separate processes sharing the SQLite files.
+plane's HTTP server, the ingest worker, the outbox relay and the devices are separate processes sharing the SQLite
+files. SIGTERM stops them all, as Ctrl-C does.
 """
 
 import secrets
+import signal
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
+from types import FrameType
 from typing import Any, TypeVar
 
 from django.conf import settings
@@ -132,6 +135,13 @@ def register_first_version(first: FirstVersion, engineer: User) -> ModelVersion:
         datasets=lineage.get("datasets", []),
         runs=lineage.get("runs", []),
     )
+
+
+def interrupt_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    """Turn the first SIGTERM into a KeyboardInterrupt; further ones are ignored so that they cannot cut short the
+    stopping of the children that the first one started."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise KeyboardInterrupt
 
 
 class Demo:
@@ -311,6 +321,15 @@ class Demo:
         )
         self.processes.append(worker)
         self.progress.step(f"Ingest worker consuming updates.experts.local (log: {worker.log_path})")
+        relay = start_process(
+            "outbox relay",
+            [sys.executable, "-m", "workers.relay", "--poll-interval", "0.2"],
+            env=self.env,
+            log_path=self.paths.logs / "relay.log",
+            cwd=Path(settings.BASE_DIR),
+        )
+        self.processes.append(relay)
+        self.progress.step(f"Outbox relay publishing control events as they commit (log: {relay.log_path})")
 
     def open_window(self, base: ModelVersion, cast: Cast) -> None:
         open_round(
@@ -512,6 +531,9 @@ class Demo:
     # -- the whole run -----------------------------------------------------------------------------------------------
 
     def run(self) -> None:
+        # SIGTERM (a service manager, `kill`, CI) stops the demo exactly as Ctrl-C does: through the KeyboardInterrupt
+        # path below, which stops every child process.
+        signal.signal(signal.SIGTERM, interrupt_on_sigterm)
         try:
             cast = self.prepare_database()
             base = self.bootstrap(cast)
@@ -537,7 +559,7 @@ class Demo:
             self.finish_clients()
             self.summary(cast)
             if self.options.serve:
-                self.progress.step("Serving until Ctrl-C (the ingest worker keeps running too)")
+                self.progress.step("Serving until Ctrl-C or SIGTERM (the ingest worker and the relay keep running too)")
                 while True:
                     self.check_processes()
                     time.sleep(1.0)

@@ -1,26 +1,34 @@
 """Control events the control plane publishes (ModelAvailable, RoundStart): the one place that talks to the bus.
 
-Events are built (and so validated) inside the caller's transaction and published only after it commits, so no
-event announces a change that was rolled back.
+Events are built (and so validated) inside the caller's transaction and written to the outbox in it (apps/outbox):
+they leave only if the change commits, and they leave even if the bus is down at that moment, once the relay
+(`python -m workers.relay`) gets them through. Each carries its outbox row's id as `event_id`, by which consumers
+drop the copy a relay that died after publishing sends again.
 """
 
+import json
+import uuid
 from datetime import datetime
-from functools import partial
 from pathlib import Path
 
 from django.conf import settings
-from django.db import transaction
 from django.utils import timezone
 
+from apps.outbox.choices import OutboxKind
+from apps.outbox.handlers import Delivery, Undeliverable
+from apps.outbox.models import OutboxEvent
+from apps.outbox.services import enqueue
 from fednested.messaging import (
     EmbeddedBusSettings,
     Event,
     KafkaBusSettings,
     ModelAvailable,
     RoundStart,
+    SchemaError,
     Topic,
+    TopicError,
     TopicsConfig,
-    make_bus,
+    decode,
 )
 
 
@@ -41,33 +49,61 @@ def bus_settings() -> KafkaBusSettings | EmbeddedBusSettings:
     return EmbeddedBusSettings(path=settings.FEDNESTED_BUS_PATH, topics=topics)
 
 
-def _publish(topic: Topic, event: Event, key: str) -> None:
-    # Control events are rare (a promotion, a round), so a bus per event keeps no connection open between them.
-    with make_bus(bus_settings()) as bus:
-        bus.publish(topic, event, key=key)
+def _enqueue(topic: Topic, event: Event, key: str, event_id: uuid.UUID) -> None:
+    # Stored as the wire JSON the bus will carry, validated now: a row the relay cannot decode is a defect of ours.
+    enqueue(
+        OutboxKind.BUS_EVENT,
+        topic=topic.value,
+        key=key,
+        payload=json.loads(event.model_dump_json()),
+        event_id=event_id,
+    )
+
+
+def deliver_bus_event(row: OutboxEvent, delivery: Delivery) -> None:
+    """Outbox handler of `bus_event` rows: publish the stored event and return once the bus acknowledged it.
+
+    Undeliverable for a payload, topic or key the bus refuses (parked: no retry can fix it); BusError (retried) when
+    the bus cannot be reached.
+    """
+    try:
+        event = decode(json.dumps(row.payload).encode())
+        topic = Topic(row.topic)
+    except (SchemaError, ValueError) as error:
+        raise Undeliverable(f"outbox row {row.event_id}: {error}") from None
+    try:
+        delivery.bus().publish(topic, event, key=row.key)
+    except (SchemaError, TopicError) as error:
+        raise Undeliverable(f"outbox row {row.event_id}: {error}") from None
 
 
 def publish_model_available_on_commit(
     *, version_id: str, alias: str, manifest_sha256: str, artifact_uri: str, published_at: datetime | None = None
 ) -> ModelAvailable:
-    """Announce on control.federation_rounds, once the transaction commits, that `alias` now names `version_id`."""
+    """Announce on control.federation_rounds that `alias` now names `version_id`: an outbox row in the caller's
+    transaction, published by the relay once that commits."""
+    event_id = uuid.uuid4()
     event = ModelAvailable(
+        event_id=event_id,
         version_id=version_id,
         alias=alias,
         manifest_sha256=manifest_sha256,
         artifact_uri=artifact_uri,
         published_at=published_at or timezone.now(),
     )
-    transaction.on_commit(partial(_publish, Topic.CONTROL_ROUNDS, event, version_id))
+    _enqueue(Topic.CONTROL_ROUNDS, event, version_id, event_id)
     return event
 
 
 def publish_round_start_on_commit(
     *, round_id: str, base_version: str, deadline: datetime, config: dict[str, object], started_at: datetime
 ) -> RoundStart:
-    """Announce on control.federation_rounds, once the transaction commits, that round `round_id` is open."""
+    """Announce on control.federation_rounds that round `round_id` is open: an outbox row in the caller's
+    transaction, published by the relay once that commits."""
+    event_id = uuid.uuid4()
     event = RoundStart.model_validate(
         {
+            "event_id": str(event_id),
             "schema": RoundStart.SCHEMA,
             "schema_version": RoundStart.SCHEMA_VERSION,
             "round_id": round_id,
@@ -78,5 +114,5 @@ def publish_round_start_on_commit(
         },
         strict=False,
     )
-    transaction.on_commit(partial(_publish, Topic.CONTROL_ROUNDS, event, round_id))
+    _enqueue(Topic.CONTROL_ROUNDS, event, round_id, event_id)
     return event

@@ -4,16 +4,20 @@ Each kind's params are declared once, here: `create_training_task` refuses a tas
 make its job fail, and the worker reads its params through the same declaration. A kind with no worker (core_update)
 has no declaration, so no task of it can be created.
 
-With a broker (CELERY_BROKER_URL) a task is sent by Celery task name; controlplane/celery.py routes workers.<module>.*
-to the queue of that name. Without one (the embedded mode, `make demo`) it runs in a thread of the process that
-created it (`InProcessJobs`), never in the request or the ingest loop that created it. Apps never import workers
-(ARCHITECTURE "Layout"): tasks are named here. Either way the start happens in an on_commit callback, after the
-caller's work is committed: a failure there must not surface in the caller as if its own work had failed, so it is
-recorded on the TrainingTask row (and logged) instead.
+A task is handed over through the outbox (apps/outbox): a `celery_task` row written in the caller's transaction, so
+a task whose row committed is always started, even when the broker was down at that moment. With a broker
+(CELERY_BROKER_URL) the relay (`python -m workers.relay`) sends it by Celery task name, with the row's event id as
+the Celery task id; controlplane/celery.py routes workers.<module>.* to the queue of that name. Without one (the
+embedded mode, `make demo`) the job runs in a thread of the process that created it (`InProcessJobs`), started
+after the commit, never in the request or the ingest loop that created it; the relay runs it instead if that
+process died first. Either way a task delivered twice runs once: its worker claims the row pending → running.
+Apps never import workers (ARCHITECTURE "Layout"): tasks are named here. A failure to start is recorded on the
+TrainingTask row (and logged), never raised in the caller as if its own work had failed.
 """
 
 import logging
 import threading
+import uuid
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -29,9 +33,14 @@ from pydantic import ValidationError as PydanticValidationError
 
 from apps.federation.choices import RoundStatus, TaskKind
 from apps.federation.models import Round, TrainingTask
+from apps.outbox.choices import OutboxKind
+from apps.outbox.handlers import Delivery, Undeliverable
+from apps.outbox.models import OutboxEvent
+from apps.outbox.services import claim_for_local_run, enqueue
 from apps.registry.models import ModelVersion
 from apps.registry.services import VERSION_ID_PATTERN
 from apps.registry.storage import artifact_path, artifact_root
+from fednested.observability.tracing import carry_context, inject_headers
 
 logger = logging.getLogger(__name__)
 
@@ -236,8 +245,40 @@ IN_PROCESS = InProcessJobs()
 
 
 def send_training_task_on_commit(task_pk: int, kind: str) -> None:
-    """After the current transaction commits, hand TrainingTask `task_pk` to the worker for `kind`."""
-    transaction.on_commit(partial(_start, task_pk, JOBS[kind].task_name))
+    """Hand TrainingTask `task_pk` to the worker for `kind`: an outbox row in the caller's transaction, delivered
+    once that commits (by the relay; in the embedded mode by this process's job thread, right after the commit)."""
+    name = JOBS[kind].task_name
+    row = enqueue(OutboxKind.CELERY_TASK, topic=name, key=str(task_pk), payload={"task": name, "args": [task_pk]})
+    if settings.FEDNESTED_JOBS_IN_PROCESS:
+        # carry_context: the job thread continues the creator's trace (fednested.observability.tracing).
+        job = carry_context(partial(_run_claimed, row.event_id, task_pk, name))
+        transaction.on_commit(partial(IN_PROCESS.submit, job))
+
+
+def deliver_celery_task(row: OutboxEvent, delivery: Delivery) -> None:
+    """Outbox handler of `celery_task` rows: send the task to its queue (the broker acknowledges it before this
+    returns), or in the embedded mode start it in this process's job thread. Undeliverable for a malformed row."""
+    name, task_pk = _task_of(row)
+    if settings.FEDNESTED_JOBS_IN_PROCESS:
+        IN_PROCESS.submit(carry_context(partial(_run_here, task_pk, name)))
+        return
+    from controlplane.celery import app
+
+    # No queue named: the app's routes send workers.<module>.* to the queue of that module. The row's id is the
+    # Celery task id, so a second send of the row (the relay died before marking it sent) is recognisably the same.
+    # The trace context goes in the message headers, where the worker's Celery instrumentation reads it.
+    app.send_task(name, args=[task_pk], task_id=str(row.event_id), headers=dict(inject_headers()))
+
+
+def _task_of(row: OutboxEvent) -> tuple[str, int]:
+    payload = row.payload if isinstance(row.payload, dict) else {}
+    name, args = payload.get("task"), payload.get("args")
+    if not isinstance(name, str) or not name or not isinstance(args, list) or len(args) != 1:
+        raise Undeliverable(f"outbox row {row.event_id}: a celery_task payload is {{'task': name, 'args': [task pk]}}")
+    task_pk = args[0]
+    if not isinstance(task_pk, int) or isinstance(task_pk, bool):
+        raise Undeliverable(f"outbox row {row.event_id}: the task pk must be an integer, got {task_pk!r}")
+    return name, task_pk
 
 
 def _fail(task_pk: int, message: str) -> None:
@@ -247,19 +288,12 @@ def _fail(task_pk: int, message: str) -> None:
     fail_training_task(task_pk, error=message, actor_label=ACTOR_LABEL)
 
 
-def _start(task_pk: int, name: str) -> None:
-    if settings.FEDNESTED_JOBS_IN_PROCESS:
-        IN_PROCESS.submit(partial(_run_here, task_pk, name))
-        return
-    from controlplane.celery import app
-
-    try:
-        # No queue named: the app's routes send workers.<module>.* to the queue of that module.
-        app.send_task(name, args=[task_pk])
-    except Exception as error:
-        # The broker is unreachable: the row says so, rather than staying pending with nobody to run it.
-        logger.exception("training task %s could not be sent (%s)", task_pk, name)
-        _fail(task_pk, f"could not be sent to its queue: {type(error).__name__}: {error}")
+def _run_claimed(event_id: uuid.UUID, task_pk: int, name: str) -> None:
+    """The embedded mode's fast way: run the task here unless the relay took its outbox row first."""
+    if claim_for_local_run(event_id):
+        _run_here(task_pk, name)
+    else:
+        logger.info("training task %s: its outbox row %s was delivered by the relay", task_pk, event_id)
 
 
 def _run_here(task_pk: int, name: str) -> None:

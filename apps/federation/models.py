@@ -151,6 +151,11 @@ class TrainingTask(models.Model):
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     error = models.TextField(blank=True)
+    traceparent = models.CharField(
+        max_length=128,
+        blank=True,
+        help_text="W3C trace context of the code that created the task; its job's span continues that trace.",
+    )
 
     class Meta:
         ordering = ("-created_at", "-id")
@@ -186,6 +191,11 @@ class Update(models.Model):
     status_changed_at = models.DateTimeField(null=True, blank=True)
     applied_in = models.ForeignKey(
         "registry.ModelVersion", null=True, blank=True, on_delete=models.PROTECT, related_name="applied_updates"
+    )
+    traceparent = models.CharField(
+        max_length=128,
+        blank=True,
+        help_text="W3C trace context of its ingestion (the device's trace); the aggregation applying it links to it.",
     )
 
     class Meta:

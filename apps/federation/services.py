@@ -44,6 +44,7 @@ from fednested.aggregation import RejectionCode
 from fednested.aggregation.settings import ROUND_SETTING_KEYS, RoundAggregationSettings, RoundSettingsError
 from fednested.messaging import SchemaError, UpdateEnvelope, decode
 from fednested.messaging.schemas import CLIENT_ID_REGEX
+from fednested.observability.tracing import current_traceparent
 
 logger = logging.getLogger(__name__)
 
@@ -297,12 +298,32 @@ def revoke_device(device: EdgeDevice, *, actor: Any, reason: str) -> EdgeDevice:
     return device
 
 
-@transaction.atomic
 def record_device_heartbeat(device: EdgeDevice, *, current_version: str) -> EdgeDevice:
     """A device reports the version it runs: sets current_version and last_seen.
 
-    A change of version is audited; a repeated report of the same version only refreshes last_seen (bookkeeping).
+    A change of version is audited; a repeated report of the same version only refreshes last_seen (bookkeeping),
+    at most once per FEDNESTED_LAST_SEEN_RESOLUTION_S, with one conditional UPDATE and no lock: `device` as the
+    request loaded it (with its current_version) says whether anything is to be done.
     """
+    now = timezone.now()
+    recorded = device.current_version if device.current_version_id is not None else None
+    if device.status == DeviceStatus.ACTIVE and recorded is not None and recorded.version_id == current_version:
+        fresh_after = now - timedelta(seconds=settings.FEDNESTED_LAST_SEEN_RESOLUTION_S)
+        if device.last_seen is not None and device.last_seen > fresh_after:
+            return device
+        refreshed = EdgeDevice.objects.filter(
+            pk=device.pk, status=DeviceStatus.ACTIVE, current_version_id=recorded.pk
+        ).update(last_seen=now)
+        if refreshed:
+            device.last_seen = now
+            return device
+        # Revoked or moved to another version since the request loaded it: the locked path decides.
+    return _record_reported_version(device, current_version=current_version, now=now)
+
+
+@transaction.atomic
+def _record_reported_version(device: EdgeDevice, *, current_version: str, now: datetime) -> EdgeDevice:
+    """The heartbeat under the device's row lock: checks the device and the version, records both, audits a change."""
     device = (
         EdgeDevice.objects.select_for_update(of=("self",)).select_related("current_version", "user").get(pk=device.pk)
     )
@@ -314,7 +335,6 @@ def record_device_heartbeat(device: EdgeDevice, *, current_version: str) -> Edge
             {"current_version": f"unknown version {current_version!r}: the registry holds no version with that id"}
         )
     previous = device.current_version
-    now = timezone.now()
     EdgeDevice.objects.filter(pk=device.pk).update(current_version=version, last_seen=now)
     device.current_version, device.last_seen = version, now
     if previous is None or previous.pk != version.pk:
@@ -621,6 +641,7 @@ def create_training_task(
         params=params,
         round=round_,
         created_by=actor if getattr(actor, "is_authenticated", False) else None,
+        traceparent=current_traceparent(),
     )
     record_audit_event(
         actor=actor,

@@ -11,20 +11,20 @@ The Kafka consumer and `POST /api/v1/updates/` are thin entry points around this
 """
 
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
+from cryptography.hazmat.primitives.asymmetric import ec
 from django.conf import settings
-from django.db import IntegrityError, transaction
-from django.db.models import Count, QuerySet
+from django.db import DatabaseError, IntegrityError, InterfaceError, OperationalError, transaction
+from django.db.models import Count, Q, QuerySet
 from django.utils import timezone
 
 from apps.federation.choices import DeviceStatus, RoundMode, RoundStatus, TaskKind, TaskStatus, UpdateStatus
-from apps.federation.identity import device_public_keys
-from apps.federation.models import EdgeDevice, Round, StagedPayload, TrainingTask, Update
+from apps.federation.models import DeviceKey, EdgeDevice, Round, StagedPayload, TrainingTask, Update
 from apps.federation.payloads import adapter_config_of, decode_adapters, fetch_payload
 from apps.federation.services import (
     adopt_waiting_updates,
@@ -43,19 +43,25 @@ from apps.federation.windows import (
     window_readiness,
 )
 from apps.governance.audit import record_audit_event
+from apps.governance.models import AuditEvent
 from apps.registry.choices import CHAMPION_ALIAS
 from apps.registry.models import Alias, ModelVersion
 from fednested.adapters.lora import layer_index
 from fednested.aggregation import RejectionCode, UpdateRejected, expert_key, validate_update
 from fednested.aggregation.settings import RoundAggregationSettings, RoundSettingsError
 from fednested.checkpoints import CheckpointError, Manifest
+from fednested.identity.keys import load_public_key
 from fednested.messaging import UpdateEnvelope
+from fednested.observability.tracing import current_traceparent
 
 logger = logging.getLogger(__name__)
 
 OutcomeStatus = Literal["buffered", "rejected", "refused", "duplicate"]
 # A window whose aggregation failed this often (it was reopened each time) gets no further automatic attempt.
 MAX_AUTOMATIC_AGGREGATION_ATTEMPTS = 3
+# Errors that mean the control plane cannot go on (database unreachable, artifact store unreadable): never recorded
+# as an envelope's fault; the caller leaves the messages to be handled again.
+INFRASTRUCTURE_ERRORS = (OperationalError, InterfaceError, OSError)
 
 
 @dataclass(frozen=True)
@@ -75,24 +81,52 @@ class UpdateOutcome:
 
 
 @dataclass(frozen=True)
-class _Checked:
-    """What the checks established: who sent it, on which base, for which window, and how stale it is."""
+class Arrival:
+    """One message for `submit_updates`: the envelope the bus decoded, or (no envelope) what was wrong with it."""
 
+    where: str
+    key: str | None = None
+    envelope: UpdateEnvelope | None = None
+    problem: str = ""
+    # W3C trace context of the message's ingestion (fednested.observability.tracing), kept on its Update row.
+    traceparent: str = ""
+
+
+@dataclass
+class _Checked:
+    """An envelope that passed identity and references: who sent it, on which base, for which window, how stale it
+    is, and the rejection its further checks ended in (None: it is to be buffered)."""
+
+    arrival: Arrival
+    envelope: UpdateEnvelope
     device: EdgeDevice
     base: ModelVersion
-    window: Round | None
-    staleness: int | None
-    notes: dict[str, Any]
+    window: Round | None = None
+    staleness: int | None = None
+    notes: dict[str, Any] = field(default_factory=dict)
+    rejection: UpdateRejected | None = None
 
 
-def refuse_message(
-    *, where: str, code: RejectionCode, message: str, actor_label: str, key: str | None = None
-) -> UpdateOutcome:
-    """Record a message that is no envelope at all (undecodable, another schema): audit only."""
-    with transaction.atomic():
-        record_refused_update(code=code.value, message=message, where=where, key=key, actor_label=actor_label)
-    logger.warning("refused %s (%s): %s", where, code.value, message)
-    return UpdateOutcome(where=where, status="refused", code=code, message=message)
+@dataclass(frozen=True)
+class _Refused:
+    """An arrival no row can be made for: it is recorded as an audit event only."""
+
+    arrival: Arrival
+    code: RejectionCode
+    message: str
+    update_id: str | None = None
+    client_id: str | None = None
+
+
+@dataclass(frozen=True)
+class _Resent:
+    """The identical envelope of a recorded update again."""
+
+    arrival: Arrival
+    existing: Update
+
+
+_Step = _Checked | _Refused | _Resent
 
 
 def submit_update(
@@ -106,69 +140,209 @@ def submit_update(
 ) -> UpdateOutcome:
     """Check `envelope` once and record what became of it; never raises for anything the envelope or its payload
     holds. `sender` is the device an API request authenticated as (None on the bus, where the signature alone
-    identifies it). Raises only when the control plane itself cannot go on (database or artifact store down)."""
+    identifies it). Raises only when the control plane itself cannot go on (database or artifact store down), or on
+    a defect of ours (the API answers 500; the bus entry `submit_updates` records it as a refusal instead)."""
+    arrival = Arrival(where=where, key=key, envelope=envelope)
+    return _submit([arrival], actor_label=actor_label, sender=sender, now=now, contain_errors=False)[0]
+
+
+def submit_updates(
+    arrivals: Sequence[Arrival], *, actor_label: str, now: Callable[[], datetime] = timezone.now
+) -> list[UpdateOutcome]:
+    """The bus's entry: every arrival of a batch through the same checks as `submit_update`, then one transaction
+    for the whole batch; returns one outcome per arrival, in order.
+
+    What a batch shares is read once (devices and their keys, recorded update ids, uploads, base versions and their
+    manifests, the champion, the windows; the window rows are locked once), and the rows are written with one
+    statement per table. An envelope whose row the database refuses (a value it cannot store, an update id recorded
+    meanwhile) costs the batch its fast path, not its other envelopes: the batch is then written envelope by
+    envelope, each under its own savepoint. A defect of ours that one arrival triggers is recorded as its refusal.
+    Raises only when the database or artifact store is unusable: then nothing of the batch is committed.
+    """
+    return _submit(arrivals, actor_label=actor_label, sender=None, now=now, contain_errors=True)
+
+
+def _submit(
+    arrivals: Sequence[Arrival],
+    *,
+    actor_label: str,
+    sender: EdgeDevice | None,
+    now: Callable[[], datetime],
+    contain_errors: bool,
+) -> list[UpdateOutcome]:
+    lookups = _Lookups([arrival.envelope for arrival in arrivals if arrival.envelope is not None])
+    steps: list[_Step] = []
+    for arrival in arrivals:
+        try:
+            steps.append(_check(arrival, lookups, sender, now()))
+        except INFRASTRUCTURE_ERRORS:
+            raise
+        except Exception as error:
+            if not contain_errors:
+                raise
+            steps.append(_contained(arrival, error))
+    outcomes = _record(steps, actor_label=actor_label, now=now, contain_errors=contain_errors)
+    for outcome in outcomes:
+        if outcome.status in ("refused", "rejected"):
+            code = outcome.code.value if outcome.code is not None else "?"
+            logger.warning(
+                "%s update %s from %s at %s (%s): %s",
+                outcome.status,
+                outcome.update_id,
+                outcome.client_id,
+                outcome.where,
+                code,
+                outcome.message,
+            )
+    return outcomes
+
+
+def _contained(arrival: Arrival, error: Exception) -> _Refused:
+    """A refusal for an arrival that made our code raise: no message may stop ingestion for every device."""
+    envelope = arrival.envelope
+    if isinstance(error, DatabaseError):
+        # A value the database refuses (it passed every check we know of): the message is bad, not the worker.
+        logger.exception("message at %s broke a database constraint", arrival.where)
+        message = f"the database refused it: {error}"
+    else:
+        logger.exception("message at %s: unexpected error", arrival.where)
+        message = f"could not be processed ({type(error).__name__}: {str(error)[:300]}); reported to operators"
+    return _Refused(
+        arrival,
+        RejectionCode.MALFORMED,
+        message,
+        update_id=str(envelope.update_id) if envelope is not None else None,
+        client_id=envelope.client_id if envelope is not None else None,
+    )
+
+
+class _Lookups:
+    """What a batch reads once rather than once per envelope: devices and their live keys, recorded update ids,
+    staged uploads and base versions (one query each, for every envelope of the batch), then lazily the champion,
+    each base's manifest and staleness, and the windows. Only for the checks, outside the transaction, which
+    re-reads under lock what may move meanwhile (the device's standing, the window)."""
+
+    def __init__(self, envelopes: Sequence[UpdateEnvelope]) -> None:
+        client_ids = sorted({envelope.client_id for envelope in envelopes})
+        update_ids = sorted({str(envelope.update_id) for envelope in envelopes})
+        self.devices = {
+            device.client_id: device
+            for device in EdgeDevice.objects.filter(client_id__in=client_ids).select_related("user")
+        }
+        self._keys: dict[int, list[DeviceKey]] = {}
+        if self.devices:
+            # identity.live_keys' rule (not revoked, certificate valid at the envelope's making), for the whole batch
+            # at its earliest moment; each envelope then keeps the keys still valid at its own.
+            earliest = min(envelope.created_at for envelope in envelopes)
+            for key in DeviceKey.objects.filter(
+                Q(not_after__isnull=True) | Q(not_after__gte=earliest),
+                device__in=[device.pk for device in self.devices.values()],
+                revoked_at__isnull=True,
+            ).order_by("pk"):
+                self._keys.setdefault(key.device_id, []).append(key)
+        self._public_keys: dict[int, ec.EllipticCurvePublicKey] = {}
+        self.recorded = {
+            update.update_id: update
+            for update in Update.objects.filter(update_id__in=update_ids).select_related("device", "round")
+        }
+        self.staged = {
+            staged.update_id: staged
+            for staged in StagedPayload.objects.filter(update_id__in=update_ids).select_related("device")
+        }
+        self.versions = {
+            version.version_id: version
+            for version in ModelVersion.objects.filter(
+                version_id__in=sorted({envelope.base_version for envelope in envelopes})
+            )
+        }
+        self._champion: tuple[ModelVersion | None] | None = None
+        self._staleness: dict[int, int | None] = {}
+        self._manifests: dict[int, Manifest | UpdateRejected] = {}
+        self.windows = _Windows(lock=False)
+
+    def public_keys(self, device: EdgeDevice, at: datetime) -> list[ec.EllipticCurvePublicKey]:
+        """The keys an envelope the device made at `at` may be signed with."""
+        keys = []
+        for key in self._keys.get(device.pk, []):
+            if key.not_after is not None and key.not_after < at:
+                continue
+            if key.pk not in self._public_keys:
+                self._public_keys[key.pk] = load_public_key(key.public_key_pem, where=f"key {key.pk}")
+            keys.append(self._public_keys[key.pk])
+        return keys
+
+    def champion(self) -> ModelVersion | None:
+        if self._champion is None:
+            self._champion = (champion_version(),)
+        return self._champion[0]
+
+    def staleness(self, base: ModelVersion) -> int | None:
+        if base.pk not in self._staleness:
+            self._staleness[base.pk] = staleness_of(base, self.champion())
+        return self._staleness[base.pk]
+
+    def manifest(self, base: ModelVersion) -> Manifest:
+        """The base's manifest, parsed once per batch; raises UpdateRejected when it cannot be used for checks."""
+        if base.pk not in self._manifests:
+            try:
+                self._manifests[base.pk] = version_manifest(base)
+            except CheckpointError as error:
+                self._manifests[base.pk] = UpdateRejected(
+                    RejectionCode.UNKNOWN_BASE_VERSION, f"base version cannot be used for checks: {error}"
+                )
+        manifest = self._manifests[base.pk]
+        if isinstance(manifest, UpdateRejected):
+            raise manifest
+        return manifest
+
+
+def _check(arrival: Arrival, lookups: _Lookups, sender: EdgeDevice | None, now: datetime) -> _Step:
+    """Every check of one arrival, outside any transaction."""
+    envelope = arrival.envelope
+    if envelope is None:
+        return _Refused(arrival, RejectionCode.MALFORMED, arrival.problem or "the message holds no update envelope")
     update_id, client_id = str(envelope.update_id), envelope.client_id
     try:
-        device = _identify(envelope, sender)
-        _check_freshness(envelope, now())
-        existing = Update.objects.filter(update_id=update_id).first()
+        device = _identify(envelope, sender, lookups)
+        _check_freshness(envelope, now)
+        existing = lookups.recorded.get(update_id)
         if existing is not None:
             if existing.device_id == device.pk and _same_content(existing, envelope):
-                return _duplicate(existing, where=where, actor_label=actor_label)
+                return _Resent(arrival, existing)
             raise UpdateRejected(
                 RejectionCode.REPLAYED,
                 f"update {update_id} was already received ({existing.status})"
                 + ("" if existing.device_id == device.pk else " from another device")
                 + "; this envelope differs from the recorded one",
             )
-        _check_staged_payload(envelope, device)
-        base = ModelVersion.objects.filter(version_id=envelope.base_version).first()
+        _check_staged_payload(envelope, device, lookups.staged.get(update_id))
+        base = lookups.versions.get(envelope.base_version)
         if base is None:
             raise UpdateRejected(
                 RejectionCode.UNKNOWN_BASE_VERSION, f"model version {envelope.base_version!r} is not registered"
             )
     except UpdateRejected as refusal:
-        with transaction.atomic():
-            record_refused_update(
-                code=refusal.code.value,
-                message=refusal.message,
-                where=where,
-                key=key,
-                update_id=update_id,
-                client_id=client_id,
-                actor_label=actor_label,
-            )
-        logger.warning("refused update %s from %s at %s (%s): %s", update_id, client_id, where, refusal.code, refusal)
-        return UpdateOutcome(
-            where=where,
-            status="refused",
-            update_id=update_id,
-            client_id=client_id,
-            code=refusal.code,
-            message=refusal.message,
-        )
-    window: Round | None = None
-    staleness: int | None = None
-    notes: dict[str, Any] = {}
-    rejection: UpdateRejected | None = None
+        return _Refused(arrival, refusal.code, refusal.message, update_id=update_id, client_id=client_id)
+    checked = _Checked(arrival=arrival, envelope=envelope, device=device, base=base)
     try:
-        window = _route(envelope, device, base)
-        config = round_settings(window)
-        staleness = _check_staleness(base, config)
-        manifest = _base_manifest(base)
+        checked.window = lookups.windows.route(envelope, device, base)
+        config = round_settings(checked.window)
+        checked.staleness = _check_staleness(base, config, lookups)
+        manifest = lookups.manifest(base)
         _check_claims(envelope, manifest)
-        notes = _check_payload(envelope, manifest, config)
+        checked.notes = _check_payload(envelope, manifest, config)
     except UpdateRejected as error:
-        rejection = error
+        checked.rejection = error
     except RoundSettingsError as error:
         # The window's config was valid when it opened; one that no longer parses is the operators' to fix.
-        rejection = UpdateRejected(RejectionCode.WINDOW_UNUSABLE, f"the window's settings are unusable: {error}")
-    checked = _Checked(device=device, base=base, window=window, staleness=staleness, notes=notes)
-    return _record(envelope, checked, rejection, where=where, actor_label=actor_label, now=now)
+        checked.rejection = UpdateRejected(
+            RejectionCode.WINDOW_UNUSABLE, f"the window's settings are unusable: {error}"
+        )
+    return checked
 
 
-def _identify(envelope: UpdateEnvelope, sender: EdgeDevice | None) -> EdgeDevice:
-    device = EdgeDevice.objects.filter(client_id=envelope.client_id).select_related("user").first()
+def _identify(envelope: UpdateEnvelope, sender: EdgeDevice | None, lookups: _Lookups) -> EdgeDevice:
+    device = lookups.devices.get(envelope.client_id)
     if device is None:
         raise UpdateRejected(RejectionCode.UNKNOWN_CLIENT, f"no enrolled device has client id {envelope.client_id!r}")
     if sender is not None and sender.pk != device.pk:
@@ -179,7 +353,7 @@ def _identify(envelope: UpdateEnvelope, sender: EdgeDevice | None) -> EdgeDevice
         )
     if device.status != DeviceStatus.ACTIVE:
         raise UpdateRejected(RejectionCode.REVOKED_CLIENT, f"device {device.client_id!r} is {device.status}")
-    if not any(envelope.verify(key) for key in device_public_keys(device, at=envelope.created_at)):
+    if not any(envelope.verify(key) for key in lookups.public_keys(device, envelope.created_at)):
         raise UpdateRejected(
             RejectionCode.BAD_SIGNATURE,
             f"update {envelope.update_id}: signature {envelope.signature[:24]!r}… does not verify under any key of "
@@ -213,13 +387,12 @@ def _check_freshness(envelope: UpdateEnvelope, now: datetime) -> None:
         )
 
 
-def _check_staged_payload(envelope: UpdateEnvelope, device: EdgeDevice) -> None:
+def _check_staged_payload(envelope: UpdateEnvelope, device: EdgeDevice, staged: StagedPayload | None) -> None:
     """The envelope's claim check must be this device's own upload for this update id, exactly as it was stored.
 
     Without this a device could point its envelope at any file in the artifact store (another device's payload, a
     model version's weights) and have it checked and aggregated as its own.
     """
-    staged = StagedPayload.objects.filter(update_id=str(envelope.update_id)).select_related("device").first()
     if staged is None:
         raise UpdateRejected(
             RejectionCode.MALFORMED,
@@ -243,48 +416,74 @@ def _check_staged_payload(envelope: UpdateEnvelope, device: EdgeDevice) -> None:
         )
 
 
-def _route(envelope: UpdateEnvelope, device: EdgeDevice, base: ModelVersion, *, lock: bool = False) -> Round | None:
-    """The window the update joins, or None when none fits yet (it then waits for the next one that does).
+class _Windows:
+    """Which window an update joins, remembered for the batch: the rounds a batch names, the open window of each
+    series and the oldest open asynchronous window are each read once (and, with `lock`, locked once)."""
 
-    A named asynchronous window sends the update to its series' open window: in asynchronous mode a round id is a
-    hint, never a reason to refuse (the window may have closed while the device trained). A named synchronous round
-    must be open, have the device in its cohort, and train the update's base. With no name: the oldest open
-    asynchronous window, else an open synchronous round of the device's cohort on that base.
-    """
-    rounds = Round.objects.select_for_update() if lock else Round.objects.all()
-    if envelope.round_id is not None:
-        named = rounds.filter(round_id=envelope.round_id).first()
-        if named is None:
-            raise UpdateRejected(RejectionCode.UNKNOWN_ROUND, f"round {envelope.round_id!r} does not exist")
-        if named.mode == RoundMode.SYNC:
-            if named.status != RoundStatus.OPEN:
-                raise UpdateRejected(
-                    RejectionCode.ROUND_CLOSED,
-                    f"synchronous round {named.round_id!r} is {named.status}; train the current champion instead",
+    def __init__(self, *, lock: bool) -> None:
+        self._lock = lock
+        self._named: dict[str, Round | None] = {}
+        self._cohorts: dict[int, set[int]] = {}
+        self._series: dict[str, Round | None] = {}
+        self._oldest: tuple[Round | None] | None = None
+
+    def _rounds(self) -> QuerySet[Round]:
+        return Round.objects.select_for_update() if self._lock else Round.objects.all()
+
+    def route(self, envelope: UpdateEnvelope, device: EdgeDevice, base: ModelVersion) -> Round | None:
+        """The window the update joins, or None when none fits yet (it then waits for the next one that does).
+
+        A named asynchronous window sends the update to its series' open window: in asynchronous mode a round id is
+        a hint, never a reason to refuse (the window may have closed while the device trained). A named synchronous
+        round must be open, have the device in its cohort, and train the update's base. With no name: the oldest
+        open asynchronous window, else an open synchronous round of the device's cohort on that base.
+        """
+        if envelope.round_id is not None:
+            if envelope.round_id not in self._named:
+                self._named[envelope.round_id] = self._rounds().filter(round_id=envelope.round_id).first()
+            named = self._named[envelope.round_id]
+            if named is None:
+                raise UpdateRejected(RejectionCode.UNKNOWN_ROUND, f"round {envelope.round_id!r} does not exist")
+            if named.mode == RoundMode.SYNC:
+                return self._sync_round(named, device, base)
+            if named.series not in self._series:
+                self._series[named.series] = (
+                    _open_async(self._rounds()).filter(series=named.series).order_by("sequence", "id").first()
                 )
-            if not named.cohort.filter(pk=device.pk).exists():
-                raise UpdateRejected(
-                    RejectionCode.NOT_IN_COHORT,
-                    f"device {device.client_id!r} is not in the cohort of synchronous round {named.round_id!r}",
-                )
-            if named.base_version_id != base.pk:
-                raise UpdateRejected(
-                    RejectionCode.NOT_ON_LINEAGE,
-                    f"synchronous round {named.round_id!r} trains {named.base_version.version_id!r}, "
-                    f"the update is on {base.version_id!r}",
-                )
-            return named
-        in_series = _open_async(rounds).filter(series=named.series).order_by("sequence", "id").first()
-        if in_series is not None:
-            return in_series
-    window = _open_async(rounds).order_by("opened_at", "id").first()
-    if window is not None:
-        return window
-    return (
-        rounds.filter(mode=RoundMode.SYNC, status=RoundStatus.OPEN, base_version=base, cohort=device)
-        .order_by("opened_at", "id")
-        .first()
-    )
+            in_series = self._series[named.series]
+            if in_series is not None:
+                return in_series
+        if self._oldest is None:
+            self._oldest = (_open_async(self._rounds()).order_by("opened_at", "id").first(),)
+        if self._oldest[0] is not None:
+            return self._oldest[0]
+        return (
+            self._rounds()
+            .filter(mode=RoundMode.SYNC, status=RoundStatus.OPEN, base_version=base, cohort=device)
+            .order_by("opened_at", "id")
+            .first()
+        )
+
+    def _sync_round(self, named: Round, device: EdgeDevice, base: ModelVersion) -> Round:
+        if named.status != RoundStatus.OPEN:
+            raise UpdateRejected(
+                RejectionCode.ROUND_CLOSED,
+                f"synchronous round {named.round_id!r} is {named.status}; train the current champion instead",
+            )
+        if named.pk not in self._cohorts:
+            self._cohorts[named.pk] = set(named.cohort.values_list("pk", flat=True))
+        if device.pk not in self._cohorts[named.pk]:
+            raise UpdateRejected(
+                RejectionCode.NOT_IN_COHORT,
+                f"device {device.client_id!r} is not in the cohort of synchronous round {named.round_id!r}",
+            )
+        if named.base_version_id != base.pk:
+            raise UpdateRejected(
+                RejectionCode.NOT_ON_LINEAGE,
+                f"synchronous round {named.round_id!r} trains {named.base_version.version_id!r}, "
+                f"the update is on {base.version_id!r}",
+            )
+        return named
 
 
 def _open_async(rounds: QuerySet[Round]) -> QuerySet[Round]:
@@ -301,10 +500,10 @@ def _open_async(rounds: QuerySet[Round]) -> QuerySet[Round]:
     return rounds.filter(mode=RoundMode.ASYNC, status=RoundStatus.OPEN).exclude(pk__in=stuck)
 
 
-def _check_staleness(base: ModelVersion, config: RoundAggregationSettings) -> int:
-    champion = champion_version()
-    staleness = staleness_of(base, champion)
+def _check_staleness(base: ModelVersion, config: RoundAggregationSettings, lookups: _Lookups) -> int:
+    staleness = lookups.staleness(base)
     if staleness is None:
+        champion = lookups.champion()
         on = champion.version_id if champion is not None else "none"
         raise UpdateRejected(
             RejectionCode.NOT_ON_LINEAGE,
@@ -317,15 +516,6 @@ def _check_staleness(base: ModelVersion, config: RoundAggregationSettings) -> in
             f"the limit is {config.max_staleness}",
         )
     return staleness
-
-
-def _base_manifest(base: ModelVersion) -> Manifest:
-    try:
-        return version_manifest(base)
-    except CheckpointError as error:
-        raise UpdateRejected(
-            RejectionCode.UNKNOWN_BASE_VERSION, f"base version cannot be used for checks: {error}"
-        ) from None
 
 
 def _check_claims(envelope: UpdateEnvelope, manifest: Manifest) -> None:
@@ -403,15 +593,209 @@ def _check_payload(envelope: UpdateEnvelope, manifest: Manifest, config: RoundAg
     return {"routed_tokens_without_adapters": ignored[:50]} if ignored else {}
 
 
-def _duplicate(existing: Update, *, where: str, actor_label: str) -> UpdateOutcome:
+def _record(
+    steps: Sequence[_Step], *, actor_label: str, now: Callable[[], datetime], contain_errors: bool
+) -> list[UpdateOutcome]:
+    """The one short transaction of a batch: the Update rows (buffered or rejected) and their audit rows, the audit
+    rows of refusals and resent envelopes, and the decision of each window that took updates."""
+    outcomes: dict[int, UpdateOutcome] = {}
     with transaction.atomic():
-        record_audit_event(
-            actor=None,
-            actor_label=actor_label,
-            verb="federation.update.resent",
-            target=existing,
-            data={"update_id": existing.update_id, "where": where, "status": existing.status},
+        checked = [(index, step) for index, step in enumerate(steps) if isinstance(step, _Checked)]
+        if checked:
+            outcomes |= _record_checked(checked, actor_label=actor_label, now=now, contain_errors=contain_errors)
+        for index, step in enumerate(steps):
+            if isinstance(step, _Refused):
+                outcomes[index] = _refuse(step, actor_label=actor_label)
+            elif isinstance(step, _Resent):
+                outcomes[index] = _resend(step.existing, where=step.arrival.where, actor_label=actor_label)
+    return [outcomes[index] for index in range(len(steps))]
+
+
+def _record_checked(
+    checked: list[tuple[int, _Checked]], *, actor_label: str, now: Callable[[], datetime], contain_errors: bool
+) -> dict[int, UpdateOutcome]:
+    # Locks in one order everywhere (the champion's alias, then the devices, then the window): enqueue_if_ready
+    # takes the same.
+    Alias.objects.select_for_update().filter(name=CHAMPION_ALIAS).first()
+    # Re-read under lock what may have moved since the checks: the devices' standing and the window (a window
+    # claimed for aggregation meanwhile takes nothing more; the update then goes to its successor or waits).
+    statuses = dict(
+        EdgeDevice.objects.select_for_update()
+        .filter(pk__in=sorted({item.device.pk for _, item in checked}))
+        .order_by("pk")
+        .values_list("pk", "status")
+    )
+    windows = _Windows(lock=True)
+    for _, item in checked:
+        status = statuses.get(item.device.pk)
+        if status != DeviceStatus.ACTIVE:
+            item.rejection = UpdateRejected(
+                RejectionCode.REVOKED_CLIENT, f"device {item.device.client_id!r} is {status}"
+            )
+        if item.rejection is None:
+            try:
+                item.window = windows.route(item.envelope, item.device, item.base)
+            except UpdateRejected as error:
+                item.rejection = error
+    moment = now()
+    outcomes: dict[int, UpdateOutcome] = {}
+    try:
+        # The fast path: every row of the batch in one statement per table, under a savepoint of its own.
+        with transaction.atomic():
+            updates = Update.objects.bulk_create([_update_row(item, moment) for _, item in checked])
+            AuditEvent.objects.bulk_create(
+                [_audit_row(item, update) for (_, item), update in zip(checked, updates, strict=True)]
+            )
+        for (index, item), update in zip(checked, updates, strict=True):
+            outcomes[index] = _recorded(item, update)
+    except INFRASTRUCTURE_ERRORS:
+        raise
+    except Exception:
+        # Some row was refused (an update id recorded meanwhile, a value the database cannot store): write the
+        # batch envelope by envelope, so that one bad envelope costs only itself.
+        for index, item in checked:
+            outcomes[index] = _record_one(item, moment, actor_label=actor_label, contain_errors=contain_errors)
+    seen = sorted({item.device.pk for index, item in checked if outcomes[index].status in ("buffered", "rejected")})
+    if seen:
+        EdgeDevice.objects.filter(pk__in=seen).update(last_seen=moment)
+    # Each window that took updates decides its readiness once, with all of them in; the aggregation task (if any)
+    # is reported on the batch's last update into that window.
+    last_into: dict[int, tuple[int, Round]] = {}
+    for index, item in checked:
+        if outcomes[index].status == "buffered" and item.window is not None:
+            last_into[item.window.pk] = (index, item.window)
+    for index, window in last_into.values():
+        task_pk = enqueue_if_ready(window, moment)
+        if task_pk is not None:
+            outcomes[index] = replace(outcomes[index], aggregation_task_pk=task_pk)
+    return outcomes
+
+
+def _update_row(item: _Checked, moment: datetime) -> Update:
+    rejection, envelope = item.rejection, item.envelope
+    return Update(
+        update_id=str(envelope.update_id),
+        device=item.device,
+        base_version=item.base,
+        round=item.window if rejection is None else None,
+        status=UpdateStatus.BUFFERED if rejection is None else UpdateStatus.REJECTED,
+        rejection_code=rejection.code.value if rejection is not None else "",
+        rejection_message=rejection.message if rejection is not None else "",
+        staleness=item.staleness,
+        payload_uri=envelope.payload.uri,
+        payload_sha256=envelope.payload.sha256,
+        payload_bytes=envelope.payload.size_bytes,
+        examples=envelope.examples,
+        routed_tokens=dict(envelope.routed_tokens),
+        metrics=dict(envelope.metrics),
+        envelope=envelope.model_dump(mode="json"),
+        status_changed_at=moment,
+        # Through the API there is no bus message: the request's own span stands for the ingestion.
+        traceparent=item.arrival.traceparent or current_traceparent(),
+    )
+
+
+def _audit_row(item: _Checked, update: Update) -> AuditEvent:
+    """The audit row `record_audit_event` writes for a recorded update, built for a bulk insert."""
+    rejection = item.rejection
+    data: dict[str, Any] = {
+        "update_id": update.update_id,
+        "where": item.arrival.where,
+        "base_version": item.base.version_id,
+        "staleness": item.staleness,
+        "round": item.window.round_id if item.window is not None and rejection is None else None,
+        "payload_sha256": item.envelope.payload.sha256,
+        **item.notes,
+    }
+    if rejection is not None:
+        data |= {"code": rejection.code.value, "message": rejection.message}
+    # The row record_audit_event(actor=device.user, target=update, ...) writes, unsaved, so a batch inserts all
+    # of them in one statement.
+    user = item.device.user
+    return AuditEvent(
+        actor=user if user.is_authenticated else None,
+        actor_label=device_actor_label(item.device.client_id),
+        verb=f"federation.update.{update.status}",
+        object_type=f"{Update._meta.app_label}.{Update._meta.model_name}",
+        object_id=str(update.pk),
+        data=data,
+    )
+
+
+def _recorded(item: _Checked, update: Update) -> UpdateOutcome:
+    rejection = item.rejection
+    return UpdateOutcome(
+        where=item.arrival.where,
+        status="buffered" if rejection is None else "rejected",
+        update_id=update.update_id,
+        client_id=item.device.client_id,
+        code=rejection.code if rejection is not None else None,
+        message=rejection.message if rejection is not None else "",
+        round_id=item.window.round_id if item.window is not None and rejection is None else None,
+        staleness=item.staleness,
+        update_pk=update.pk,
+    )
+
+
+def _record_one(item: _Checked, moment: datetime, *, actor_label: str, contain_errors: bool) -> UpdateOutcome:
+    """One envelope's rows under a savepoint of their own (the batch's slow path)."""
+    update_id, device, where = str(item.envelope.update_id), item.device, item.arrival.where
+    try:
+        with transaction.atomic():
+            update = _update_row(item, moment)
+            update.save(force_insert=True)
+            _audit_row(item, update).save(force_insert=True)
+        return _recorded(item, update)
+    except IntegrityError:
+        # The same update id was recorded by a concurrent submission between our check and this insert, or by an
+        # earlier envelope of this batch.
+        existing = Update.objects.select_related("device", "round").get(update_id=update_id)
+        if existing.device_id == device.pk and _same_content(existing, item.envelope):
+            return _resend(existing, where=where, actor_label=actor_label)
+        refusal = _Refused(
+            item.arrival,
+            RejectionCode.REPLAYED,
+            f"update {update_id} was recorded concurrently with another envelope",
+            update_id=update_id,
+            client_id=device.client_id,
         )
+    except INFRASTRUCTURE_ERRORS:
+        raise
+    except Exception as error:
+        if not contain_errors:
+            raise
+        refusal = _contained(item.arrival, error)
+    return _refuse(refusal, actor_label=actor_label)
+
+
+def _refuse(refusal: _Refused, *, actor_label: str) -> UpdateOutcome:
+    record_refused_update(
+        code=refusal.code.value,
+        message=refusal.message,
+        where=refusal.arrival.where,
+        key=refusal.arrival.key,
+        update_id=refusal.update_id,
+        client_id=refusal.client_id,
+        actor_label=actor_label,
+    )
+    return UpdateOutcome(
+        where=refusal.arrival.where,
+        status="refused",
+        update_id=refusal.update_id,
+        client_id=refusal.client_id,
+        code=refusal.code,
+        message=refusal.message,
+    )
+
+
+def _resend(existing: Update, *, where: str, actor_label: str) -> UpdateOutcome:
+    record_audit_event(
+        actor=None,
+        actor_label=actor_label,
+        verb="federation.update.resent",
+        target=existing,
+        data={"update_id": existing.update_id, "where": where, "status": existing.status},
+    )
     return UpdateOutcome(
         where=where,
         status="duplicate",
@@ -421,111 +805,6 @@ def _duplicate(existing: Update, *, where: str, actor_label: str) -> UpdateOutco
         round_id=existing.round.round_id if existing.round is not None else None,
         staleness=existing.staleness,
         update_pk=existing.pk,
-    )
-
-
-def _record(
-    envelope: UpdateEnvelope,
-    checked: _Checked,
-    rejection: UpdateRejected | None,
-    *,
-    where: str,
-    actor_label: str,
-    now: Callable[[], datetime],
-) -> UpdateOutcome:
-    """The one short transaction: the Update row (buffered or rejected), its audit row, and the window decision."""
-    update_id, device = str(envelope.update_id), checked.device
-    task_pk = None
-    with transaction.atomic():
-        # Locks in one order everywhere (the champion's alias, then the window): enqueue_if_ready takes the same.
-        Alias.objects.select_for_update().filter(name=CHAMPION_ALIAS).first()
-        # Re-read under lock what may have moved since the checks: the device's standing and the window (a window
-        # claimed for aggregation meanwhile takes nothing more; the update then goes to its successor or waits).
-        status = EdgeDevice.objects.select_for_update().filter(pk=device.pk).values_list("status", flat=True).first()
-        if status != DeviceStatus.ACTIVE:
-            rejection = UpdateRejected(RejectionCode.REVOKED_CLIENT, f"device {device.client_id!r} is {status}")
-        window = checked.window
-        if rejection is None:
-            try:
-                window = _route(envelope, device, checked.base, lock=True)
-            except UpdateRejected as error:
-                rejection = error
-        moment = now()
-        try:
-            with transaction.atomic():
-                update = Update.objects.create(
-                    update_id=update_id,
-                    device=device,
-                    base_version=checked.base,
-                    round=window if rejection is None else None,
-                    status=UpdateStatus.BUFFERED if rejection is None else UpdateStatus.REJECTED,
-                    rejection_code=rejection.code.value if rejection is not None else "",
-                    rejection_message=rejection.message if rejection is not None else "",
-                    staleness=checked.staleness,
-                    payload_uri=envelope.payload.uri,
-                    payload_sha256=envelope.payload.sha256,
-                    payload_bytes=envelope.payload.size_bytes,
-                    examples=envelope.examples,
-                    routed_tokens=dict(envelope.routed_tokens),
-                    metrics=dict(envelope.metrics),
-                    envelope=envelope.model_dump(mode="json"),
-                    status_changed_at=moment,
-                )
-        except IntegrityError:
-            # The same update id was recorded by a concurrent submission between our check and this insert.
-            existing = Update.objects.select_related("device", "round").get(update_id=update_id)
-            if existing.device_id == device.pk and _same_content(existing, envelope):
-                return _duplicate(existing, where=where, actor_label=actor_label)
-            record_refused_update(
-                code=RejectionCode.REPLAYED.value,
-                message=f"update {update_id} was recorded concurrently with another envelope",
-                where=where,
-                update_id=update_id,
-                client_id=device.client_id,
-                actor_label=actor_label,
-            )
-            return UpdateOutcome(
-                where=where,
-                status="refused",
-                update_id=update_id,
-                client_id=device.client_id,
-                code=RejectionCode.REPLAYED,
-                message=f"update {update_id} was recorded concurrently with another envelope",
-            )
-        EdgeDevice.objects.filter(pk=device.pk).update(last_seen=moment)
-        data: dict[str, Any] = {
-            "update_id": update_id,
-            "where": where,
-            "base_version": checked.base.version_id,
-            "staleness": checked.staleness,
-            "round": window.round_id if window is not None and rejection is None else None,
-            "payload_sha256": envelope.payload.sha256,
-            **checked.notes,
-        }
-        if rejection is not None:
-            data |= {"code": rejection.code.value, "message": rejection.message}
-        record_audit_event(
-            actor=device.user,
-            actor_label=device_actor_label(device.client_id),
-            verb=f"federation.update.{update.status}",
-            target=update,
-            data=data,
-        )
-        if rejection is None and window is not None:
-            task_pk = enqueue_if_ready(window, moment)
-    if rejection is not None:
-        logger.warning("rejected update %s (%s): %s", update_id, rejection.code.value, rejection.message)
-    return UpdateOutcome(
-        where=where,
-        status="buffered" if rejection is None else "rejected",
-        update_id=update_id,
-        client_id=device.client_id,
-        code=rejection.code if rejection is not None else None,
-        message=rejection.message if rejection is not None else "",
-        round_id=window.round_id if window is not None and rejection is None else None,
-        staleness=checked.staleness,
-        aggregation_task_pk=task_pk,
-        update_pk=update.pk,
     )
 
 

@@ -14,13 +14,16 @@ from django.utils import timezone
 
 from apps.accounts.choices import Role
 from apps.accounts.roles import role_of
+from apps.federation.choices import TaskKind
 from apps.federation.events import publish_model_available_on_commit
+from apps.federation.models import TrainingTask
 from apps.governance.audit import record_audit_event
 from apps.governance.choices import ApprovalStatus, Decision
 from apps.governance.models import ApprovalDecision, ApprovalRequest
 from apps.registry.choices import CHAMPION_ALIAS, VersionStatus
 from apps.registry.models import Alias, ModelVersion
 from apps.registry.services import move_alias, set_version_status
+from fednested.observability.tracing import resumed_span
 
 REQUESTER_ROLES = frozenset({Role.ENGINEER, Role.ADMIN, Role.SYSTEM})
 
@@ -67,9 +70,36 @@ def _decide(request: ApprovalRequest, *, actor: Any, decision: str, reason: str)
     return request
 
 
+def candidate_traceparent(version: ModelVersion) -> str:
+    """The trace that produced `version`: its evaluation task was created inside the aggregation's span; "" when
+    no task of the federation made it (a version registered by hand)."""
+    created_by = (
+        TrainingTask.objects.filter(round__candidate=version, kind=TaskKind.EVALUATION)
+        .exclude(traceparent="")
+        .order_by("-created_at", "-id")
+        .values_list("traceparent", flat=True)
+        .first()
+    )
+    return created_by or ""
+
+
 @transaction.atomic
 def approve_version(request: ApprovalRequest, *, actor: Any, reason: str = "") -> ApprovalRequest:
-    """Approve: the version becomes champion (alias moved, previous champion archived); ModelAvailable after commit."""
+    """Approve: the version becomes champion (alias moved, previous champion archived); ModelAvailable after commit.
+
+    Traced as a span of the trace that produced the candidate (linked to the officer's request), so one trace runs
+    from a device's upload to the approval of the version its update went into.
+    """
+    version = request.version
+    with resumed_span(
+        "approve_version",
+        traceparent=candidate_traceparent(version),
+        attributes={"fednested.version_id": version.version_id, "fednested.approval_request": request.pk},
+    ):
+        return _approve(request, actor=actor, reason=reason)
+
+
+def _approve(request: ApprovalRequest, *, actor: Any, reason: str) -> ApprovalRequest:
     request = _decide(request, actor=actor, decision=Decision.APPROVED, reason=reason)
     version = request.version
     previous = Alias.objects.select_for_update().filter(name=CHAMPION_ALIAS).select_related("version").first()

@@ -18,6 +18,7 @@ from edge_client.errors import EdgeClientError
 from edge_client.sidecar import OutboundRequest, Sidecar
 from edge_client.sidecar.audit import canonical_json
 from edge_client.state import fsync_dir
+from fednested.observability.tracing import inject_headers
 
 API_PREFIX = "/api/v1/"
 AUTH_SCHEME = "Token"
@@ -152,6 +153,8 @@ class ControlPlaneClient:
         self._timeout_s = timeout_s
         self._transport = transport
         self._http = httpx.Client(timeout=timeout_s, transport=transport, follow_redirects=False)
+        # The last champion answer and its ETag: a poll sends it back and a 304 means it still holds.
+        self._champion: tuple[str, ChampionInfo] | None = None
 
     def use_tls(self, *, ca_file: Path | None, certificate: tuple[Path, Path] | None) -> None:
         """Trust `ca_file` for the control plane's server certificate and present `certificate` (cert, key paths)
@@ -180,6 +183,8 @@ class ControlPlaneClient:
         headers = {"Accept": "application/json"}
         if self.api_token:
             headers["Authorization"] = f"{AUTH_SCHEME} {self.api_token}"
+        # W3C trace context: the control plane's request span continues the device's trace (a random id, no data).
+        headers.update(inject_headers())
         headers.update(extra or {})
         return headers
 
@@ -249,7 +254,16 @@ class ControlPlaneClient:
     def champion(self) -> ChampionInfo:
         """The version the `champion` alias points at, with the files its manifest lists."""
         url = self.absolute(f"{API_PREFIX}aliases/champion/")
-        body = self._send("champion.get", "GET", url).json()
+        held = self._champion
+        response = self._send("champion.get", "GET", url, headers={"If-None-Match": held[0]} if held else None)
+        if response.status_code == 304 and held is not None:
+            return held[1]
+        info = self._champion_info(url, response.json())
+        etag = response.headers.get("ETag")
+        self._champion = (etag, info) if etag else None
+        return info
+
+    def _champion_info(self, url: str, body: Any) -> ChampionInfo:
         version = _require(body, "version", dict, url)
         version_id = _require(version, "version_id", str, url)
         files = []

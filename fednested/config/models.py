@@ -94,6 +94,15 @@ class Tier2Config(ConfigModel):
     )
     http_timeout_s: float = Field(default=30.0, gt=0, description="Timeout of one control plane request, in seconds.")
     poll_interval_s: float = Field(default=0.5, gt=0, description="How long one wait for control events lasts.")
+    champion_check_interval_s: float = Field(
+        default=300.0,
+        ge=5.0,
+        le=86_400.0,
+        description=(
+            "How often the device asks the control plane for the champion even without a ModelAvailable event, in "
+            "seconds: a lost event then costs at most this long, not a restart."
+        ),
+    )
     data: EdgeDataSettings = Field(description="Private training data.")
     model: EdgeModelSettings = Field(default_factory=EdgeModelSettings, description="Frozen base snapshot.")
     adapter: ExpertLoraConfig = Field(default_factory=ExpertLoraConfig, description="Per-expert LoRA adapters.")

@@ -18,6 +18,7 @@ from typing import Self
 from fednested.messaging.schemas import Event, SchemaError, decode, encode
 from fednested.messaging.settings import EmbeddedBusSettings, KafkaBusSettings
 from fednested.messaging.topics import Topic, TopicError, TopicsConfig, as_topic, resolve_key
+from fednested.observability.tracing import publish_span
 
 # ':' too: an edge client's group is "edge-<client id>", and client ids may hold ':' (CLIENT_ID_REGEX).
 GROUP_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,199}$")
@@ -42,6 +43,8 @@ class Message:
     timestamp_ms: int
     event: Event | None = None
     error: SchemaError | None = None
+    # The record's text headers as sent (trace context: fednested.observability.tracing reads only what it knows).
+    headers: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if (self.event is None) == (self.error is None):
@@ -57,7 +60,15 @@ class Message:
         return f"{self.topic.value}[{self.partition}]@{self.offset}"
 
 
-def read_message(topic: Topic, partition: int, offset: int, key: str, raw: bytes, timestamp_ms: int) -> Message:
+def read_message(
+    topic: Topic,
+    partition: int,
+    offset: int,
+    key: str,
+    raw: bytes,
+    timestamp_ms: int,
+    headers: tuple[tuple[str, str], ...] = (),
+) -> Message:
     """Decode a stored record into a Message, checking the schema and key against the topic's rules.
 
     Never raises for bad payloads: the problem lands in `Message.error`.
@@ -65,16 +76,27 @@ def read_message(topic: Topic, partition: int, offset: int, key: str, raw: bytes
     try:
         event = decode(raw)
     except SchemaError as error:
-        return Message(topic, partition, offset, key, raw, timestamp_ms, error=error)
+        return Message(topic, partition, offset, key, raw, timestamp_ms, error=error, headers=headers)
     except Exception as error:  # no record may stop a consumer: say what it was instead
         failure = SchemaError(f"payload could not be decoded ({type(error).__name__}: {str(error)[:200]})")
-        return Message(topic, partition, offset, key, raw, timestamp_ms, error=failure)
+        return Message(topic, partition, offset, key, raw, timestamp_ms, error=failure, headers=headers)
     try:
         resolve_key(topic, event, key)
     except TopicError as error:  # a valid event on the wrong topic or under the wrong key
         rejection = SchemaError(str(error), schema_name=event.SCHEMA, schema_version=event.SCHEMA_VERSION)
-        return Message(topic, partition, offset, key, raw, timestamp_ms, error=rejection)
-    return Message(topic, partition, offset, key, raw, timestamp_ms, event=event)
+        return Message(topic, partition, offset, key, raw, timestamp_ms, error=rejection, headers=headers)
+    return Message(topic, partition, offset, key, raw, timestamp_ms, event=event, headers=headers)
+
+
+def last_per_partition(messages: Sequence[Message]) -> list[Message]:
+    """The message with the highest offset of each (topic, partition) among `messages`: committing it commits the
+    ones before it in that partition."""
+    last: dict[tuple[Topic, int], Message] = {}
+    for message in messages:
+        held = last.get((message.topic, message.partition))
+        if held is None or message.offset > held.offset:
+            last[(message.topic, message.partition)] = message
+    return [last[position] for position in sorted(last, key=lambda item: (item[0].value, item[1]))]
 
 
 def check_group_id(group: str) -> str:
@@ -91,12 +113,37 @@ class Consumer(ABC):
     def poll(self, timeout_s: float) -> Message | None:
         """The next record of an assigned partition, or None if none arrived within `timeout_s`."""
 
+    def consume(self, max_messages: int, timeout_s: float) -> list[Message]:
+        """Up to `max_messages` records: waits up to `timeout_s` for the first, then takes only what has already
+        arrived, so a batch never holds a lone message back waiting for company. Empty when nothing came in time.
+
+        This default polls one record at a time; an implementation that can fetch several at once overrides it.
+        """
+        if max_messages < 1:
+            raise ValueError(f"max_messages must be at least 1, got {max_messages}")
+        first = self.poll(timeout_s)
+        if first is None:
+            return []
+        batch = [first]
+        while len(batch) < max_messages:
+            message = self.poll(0.0)
+            if message is None:
+                break
+            batch.append(message)
+        return batch
+
     @abstractmethod
     def commit(self, message: Message) -> None:
         """Record that `message` (and everything before it in its partition) is processed; synchronous.
 
         Commit after processing, never before: that is what makes delivery at least once.
         """
+
+    def commit_batch(self, messages: Sequence[Message]) -> None:
+        """Commit every message of a processed batch: per partition, the highest offset; synchronous, and one
+        round trip where the implementation allows (this default commits partition by partition)."""
+        for message in last_per_partition(messages):
+            self.commit(message)
 
     @abstractmethod
     def assignment(self) -> list[tuple[Topic, int]]:
@@ -127,14 +174,24 @@ class Bus(ABC):
         `key` defaults to the topic's key for the event (client id, task id, ...). Returns once the write is
         acknowledged (Kafka: acks=all; embedded: SQLite commit), so the caller may then drop its own copy. Raises
         SchemaError for an invalid event, TopicError for a wrong topic or key, BusError when the write failed.
+
+        The write is a PRODUCER span, and the record carries its trace context in its headers (`traceparent`), so
+        the consumer's span continues this trace.
         """
         logical = as_topic(topic)
         raw = encode(event)
-        self._produce(logical, resolve_key(logical, event, key), raw)
+        resolved = resolve_key(logical, event, key)
+        with publish_span(self.system, logical.value, resolved) as headers:
+            self._produce(logical, resolved, raw, tuple(headers))
+
+    @property
+    @abstractmethod
+    def system(self) -> str:
+        """The messaging system, as traces name it ("kafka", "embedded")."""
 
     @abstractmethod
-    def _produce(self, topic: Topic, key: str, raw: bytes) -> None:
-        """Write one already validated record and wait for the acknowledgement."""
+    def _produce(self, topic: Topic, key: str, raw: bytes, headers: tuple[tuple[str, str], ...]) -> None:
+        """Write one already validated record with its text headers and wait for the acknowledgement."""
 
     @abstractmethod
     def consumer(self, group: str, topics: Sequence[Topic | str]) -> Consumer:

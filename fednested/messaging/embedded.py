@@ -34,10 +34,12 @@ from fednested.messaging.bus import (
     check_group_id,
     describe_duration_ms,
     describe_topic_settings,
+    last_per_partition,
     read_message,
 )
 from fednested.messaging.settings import EmbeddedBusSettings
 from fednested.messaging.topics import Topic, TopicsConfig, as_topic
+from fednested.observability.tracing import trace_headers_of
 
 SCHEMA_SQL = """
 CREATE TABLE IF NOT EXISTS topics (
@@ -58,6 +60,7 @@ CREATE TABLE IF NOT EXISTS records (
     key TEXT NOT NULL,
     value BLOB NOT NULL,
     timestamp_ms INTEGER NOT NULL,
+    headers TEXT NOT NULL DEFAULT '[]',
     PRIMARY KEY (topic, partition, offset)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS group_offsets (
@@ -86,6 +89,9 @@ CREATE TABLE IF NOT EXISTS partition_owners (
 );
 """
 
+# PRAGMA user_version of the layout above. 0: a file made before records had headers (migrate_schema adds them).
+SCHEMA_VERSION = 1
+
 # Membership is checked this often while polling; a partition given up by one member is picked up by the next
 # within about this delay.
 REBALANCE_INTERVAL_S = 0.2
@@ -105,9 +111,36 @@ def connect(path: Path) -> sqlite3.Connection:
         connection.execute("PRAGMA journal_mode=WAL")
         connection.execute("PRAGMA synchronous=NORMAL")
         connection.executescript(SCHEMA_SQL)
+        migrate_schema(connection)
     except (sqlite3.Error, OSError) as error:
         raise BusError(f"embedded bus {path}: cannot open: {error}") from error
     return connection
+
+
+def migrate_schema(connection: sqlite3.Connection) -> None:
+    """Bring a bus file written by an older version to SCHEMA_VERSION, in one write transaction (so processes
+    opening the file together migrate it once): version 1 gave records their headers (trace context)."""
+    if int(connection.execute("PRAGMA user_version").fetchone()[0]) >= SCHEMA_VERSION:
+        return
+    with immediate(connection):
+        if int(connection.execute("PRAGMA user_version").fetchone()[0]) >= SCHEMA_VERSION:
+            return
+        columns = {str(row[1]) for row in connection.execute("PRAGMA table_info(records)").fetchall()}
+        if "headers" not in columns:
+            connection.execute("ALTER TABLE records ADD COLUMN headers TEXT NOT NULL DEFAULT '[]'")
+        connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
+def stored_headers(text: str) -> tuple[tuple[str, str], ...]:
+    """A record's headers column read back: only well-formed trace-context headers survive, whatever was stored."""
+    try:
+        pairs = json.loads(text)
+    except ValueError:
+        return ()
+    if not isinstance(pairs, list):
+        return ()
+    candidates = [(pair[0], pair[1]) for pair in pairs if isinstance(pair, list) and len(pair) == 2]
+    return tuple(sorted(trace_headers_of(candidates).items()))
 
 
 @contextmanager
@@ -131,7 +164,13 @@ def partition_for_key(key: str, partitions: int) -> int:
     return zlib.crc32(key.encode()) % partitions
 
 
-def append_record(connection: sqlite3.Connection, physical_topic: str, key: str, raw: bytes) -> tuple[int, int]:
+def append_record(
+    connection: sqlite3.Connection,
+    physical_topic: str,
+    key: str,
+    raw: bytes,
+    headers: tuple[tuple[str, str], ...] = (),
+) -> tuple[int, int]:
     """Append one record inside the caller's transaction; returns (partition, offset). Does not validate `raw`."""
     row = connection.execute("SELECT partitions FROM topics WHERE name = ?", (physical_topic,)).fetchone()
     if row is None:
@@ -144,8 +183,9 @@ def append_record(connection: sqlite3.Connection, physical_topic: str, key: str,
     ).fetchone()
     offset = int(head[0])
     connection.execute(
-        "INSERT INTO records (topic, partition, offset, key, value, timestamp_ms) VALUES (?, ?, ?, ?, ?, ?)",
-        (physical_topic, partition, offset, key, raw, now_ms()),
+        "INSERT INTO records (topic, partition, offset, key, value, timestamp_ms, headers) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (physical_topic, partition, offset, key, raw, now_ms(), json.dumps([list(pair) for pair in headers])),
     )
     return partition, offset
 
@@ -239,13 +279,17 @@ class EmbeddedBus(Bus):
         with self._lock, immediate(self._connection):
             align_topics(self._connection, settings.topics, alter_existing=False)
 
-    def _produce(self, topic: Topic, key: str, raw: bytes) -> None:
+    @property
+    def system(self) -> str:
+        return "embedded"
+
+    def _produce(self, topic: Topic, key: str, raw: bytes, headers: tuple[tuple[str, str], ...]) -> None:
         with self._lock:
             if self._connection is None:
                 raise BusError(f"embedded bus {self.settings.path} is closed")
             try:
                 with immediate(self._connection):
-                    append_record(self._connection, self.topics.physical_name(topic), key, raw)
+                    append_record(self._connection, self.topics.physical_name(topic), key, raw, headers)
                     self._publishes += 1
                     if self._publishes % PURGE_EVERY_PUBLISHES == 0:
                         purge_expired(self._connection)
@@ -357,7 +401,7 @@ class EmbeddedConsumer(Consumer):
         for step in range(count):
             topic_partition = self._owned[(self._rotation + step) % count]
             row = connection.execute(
-                "SELECT offset, key, value, timestamp_ms FROM records "
+                "SELECT offset, key, value, timestamp_ms, headers FROM records "
                 "WHERE topic = ? AND partition = ? AND offset >= ? ORDER BY offset LIMIT 1",
                 (topic_partition[0], topic_partition[1], self._positions[topic_partition]),
             ).fetchone()
@@ -368,21 +412,30 @@ class EmbeddedConsumer(Consumer):
             # Start the next fetch at the following partition, so one busy partition cannot starve the others.
             self._rotation = (self._rotation + step + 1) % count
             logical = self._topics_config.logical_topic(topic_partition[0])
-            return read_message(logical, topic_partition[1], offset, key, value, timestamp_ms)
+            headers = stored_headers(str(row[4]))
+            return read_message(logical, topic_partition[1], offset, key, value, timestamp_ms, headers)
         return None
 
     def commit(self, message: Message) -> None:
+        self.commit_batch([message])
+
+    def commit_batch(self, messages: Sequence[Message]) -> None:
         connection = self._live_connection()
-        physical = self._topics_config.physical_name(message.topic)
-        if physical not in self._subscribed:
-            raise ValueError(f"message from {message.where()} is not from a topic this consumer subscribes to")
-        # max(): a late commit from a member that lost the partition never moves the group's offset backwards.
-        connection.execute(
-            "INSERT INTO group_offsets (group_id, topic, partition, next_offset) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT (group_id, topic, partition) "
-            "DO UPDATE SET next_offset = max(next_offset, excluded.next_offset)",
-            (self.group, physical, message.partition, message.offset + 1),
-        )
+        rows = []
+        for message in last_per_partition(messages):
+            physical = self._topics_config.physical_name(message.topic)
+            if physical not in self._subscribed:
+                raise ValueError(f"message from {message.where()} is not from a topic this consumer subscribes to")
+            rows.append((self.group, physical, message.partition, message.offset + 1))
+        # One transaction for the batch's partitions. max(): a late commit from a member that lost the partition
+        # never moves the group's offset backwards.
+        with immediate(connection):
+            connection.executemany(
+                "INSERT INTO group_offsets (group_id, topic, partition, next_offset) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (group_id, topic, partition) "
+                "DO UPDATE SET next_offset = max(next_offset, excluded.next_offset)",
+                rows,
+            )
 
     def assignment(self) -> list[tuple[Topic, int]]:
         if self._connection is not None and time.monotonic() >= self._next_rebalance:

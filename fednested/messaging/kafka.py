@@ -37,10 +37,12 @@ from fednested.messaging.bus import (
     check_group_id,
     describe_duration_ms,
     describe_topic_settings,
+    last_per_partition,
     read_message,
 )
 from fednested.messaging.settings import KafkaBusSettings
 from fednested.messaging.topics import Topic, as_topic
+from fednested.observability.tracing import trace_headers_of
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +115,11 @@ class KafkaBus(Bus):
         )
         self._known_topics: set[str] = set()
 
-    def _produce(self, topic: Topic, key: str, raw: bytes) -> None:
+    @property
+    def system(self) -> str:
+        return "kafka"
+
+    def _produce(self, topic: Topic, key: str, raw: bytes, headers: tuple[tuple[str, str], ...]) -> None:
         if self._producer is None:
             raise BusError(f"Kafka bus for {self.settings.bootstrap_servers} is closed")
         name = self.topics.physical_name(topic)
@@ -134,7 +140,13 @@ class KafkaBus(Bus):
                 failures.append(error)
 
         try:
-            self._producer.produce(name, value=raw, key=key.encode(), on_delivery=on_delivery)
+            self._producer.produce(
+                name,
+                value=raw,
+                key=key.encode(),
+                headers=[(k, v.encode()) for k, v in headers],
+                on_delivery=on_delivery,
+            )
         except (KafkaException, BufferError) as error:
             raise BusError(f"Kafka publish to {name} failed: {error}") from error
         pending = self._producer.flush(self.settings.publish_timeout_s)
@@ -197,6 +209,26 @@ class KafkaConsumer(Consumer):
         raw = self._live().poll(timeout_s)
         if raw is None:
             return None
+        return self._read(raw)
+
+    def consume(self, max_messages: int, timeout_s: float) -> list[Message]:
+        if max_messages < 1:
+            raise ValueError(f"max_messages must be at least 1, got {max_messages}")
+        first = self.poll(timeout_s)
+        if first is None:
+            return []
+        batch = [first]
+        if max_messages > 1:
+            # timeout 0: only what librdkafka has already fetched (it prefetches whole fetch responses), so a batch
+            # costs one call and never waits for more messages than are there.
+            for raw in self._live().consume(num_messages=max_messages - 1, timeout=0):
+                message = self._read(raw)
+                if message is not None:
+                    batch.append(message)
+        return batch
+
+    def _read(self, raw: RawMessage) -> Message | None:
+        """The record as a Message; None for a transient error event (raises BusError for a fatal one)."""
         error = raw.error()
         if error is not None:
             if error.fatal() or error.code() in CONFIGURATION_ERRORS:
@@ -208,6 +240,10 @@ class KafkaConsumer(Consumer):
         key = key_bytes.decode("utf-8", errors="replace") if isinstance(key_bytes, bytes) else ""
         value = raw.value()
         _kind, timestamp_ms = raw.timestamp()
+        # Only the trace-context headers, bounded and checked (a device writes these records).
+        received = raw.headers() or []
+        pairs = received.items() if isinstance(received, dict) else received
+        headers = tuple(sorted(trace_headers_of(pairs).items()))
         return read_message(
             self._topics_config.logical_topic(str(raw.topic())),
             int(raw.partition() or 0),
@@ -215,6 +251,7 @@ class KafkaConsumer(Consumer):
             key,
             value if isinstance(value, bytes) else b"",
             int(timestamp_ms),
+            headers,
         )
 
     def commit(self, message: Message) -> None:
@@ -227,6 +264,21 @@ class KafkaConsumer(Consumer):
             # Typically the partition moved to another member in a rebalance: it will redeliver from the last
             # committed offset, so processing must be idempotent (it is: update ids are keys).
             raise BusError(f"Kafka commit of {message.where()} for group {self.group!r} failed: {error}") from error
+
+    def commit_batch(self, messages: Sequence[Message]) -> None:
+        # One synchronous commit for every partition of the batch: a commit waits out the group coordinator's
+        # linger (milliseconds), so committing message by message caps throughput far below what the database takes.
+        offsets = [
+            TopicPartition(self._topics_config.physical_name(message.topic), message.partition, message.offset + 1)
+            for message in last_per_partition(messages)
+        ]
+        if not offsets:
+            return
+        try:
+            self._live().commit(offsets=offsets, asynchronous=False)
+        except KafkaException as error:
+            where = ", ".join(message.where() for message in last_per_partition(messages))
+            raise BusError(f"Kafka commit of {where} for group {self.group!r} failed: {error}") from error
 
     def assignment(self) -> list[tuple[Topic, int]]:
         return sorted(

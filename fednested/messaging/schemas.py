@@ -99,6 +99,10 @@ class RoundStart(EventModel):
     deadline: AwareDatetime
     config: dict[str, JsonValue] = Field(default_factory=dict)
     started_at: AwareDatetime
+    # The control plane's outbox row id: the relay may publish one row twice (it died between the broker's ack and
+    # marking the row sent), and consumers drop the second copy by this id. Optional: events written before the
+    # outbox carry none.
+    event_id: UUID | None = None
 
 
 class ModelAvailable(EventModel):
@@ -113,6 +117,8 @@ class ModelAvailable(EventModel):
     manifest_sha256: Sha256Hex
     artifact_uri: Uri
     published_at: AwareDatetime
+    # As RoundStart.event_id: the outbox row's id, by which devices drop a republished copy.
+    event_id: UUID | None = None
 
 
 class ConfigChange(EventModel):

@@ -144,12 +144,61 @@ kafka_start() {
   echo "$KAFKA_VERSION" >"$dir/version"
 }
 
+# The JVM's options for the broker with state directory $1, NUL-separated.
+kafka_jvm_opts() {
+  local dir=$1 opts=()
+  # shellcheck disable=SC2206 # FEDNESTED_KAFKA_HEAP is a list of JVM options on purpose.
+  opts=(${FEDNESTED_KAFKA_HEAP:--Xmx512m -Xms64m})
+  # C1 only and no perf-data file: the broker starts in a few seconds on a busy 2-core machine and its load in
+  # tests is tiny, so the optimizing compiler would cost more than it saves.
+  opts+=(-XX:+UseG1GC -XX:+ExitOnOutOfMemoryError -XX:TieredStopAtLevel=1 -XX:-UsePerfData
+    -Djava.awt.headless=true -Dkafka.logs.dir="$dir" -Dlog4j2.configurationFile="$SERVICES_LIB/kafka/log4j2.properties")
+  printf '%s\0' "${opts[@]}"
+}
+
+# Starts the broker of state directory $1 (its server.properties and data as they are) and waits for it to say it
+# started; sets PORT_TAKEN=1 when a port was taken in the meantime.
+kafka_spawn() {
+  local dir=$1 jars=$2 java=$3 jvm_opts=() waited=0 timeout=${FEDNESTED_SERVICES_TIMEOUT:-90}
+  PORT_TAKEN=0
+  mapfile -d '' jvm_opts < <(kafka_jvm_opts "$dir")
+  : >"$dir/server.log"
+  spawn_detached "$dir/pid" "$dir/stdout.log" "$java" "${jvm_opts[@]}" -cp "$jars/*" kafka.Kafka "$dir/server.properties"
+  until grep -q 'Kafka Server started' "$dir/server.log"; do
+    if ! pid_is_ours "$(<"$dir/pid")" java "$dir/server.properties"; then
+      if grep -q 'Address already in use' "$dir/server.log" "$dir/stdout.log"; then
+        PORT_TAKEN=1
+        return 0
+      fi
+      log_tail "$dir/server.log"
+      log_tail "$dir/stdout.log" 10
+      die "kafka exited during start-up (logs: $dir/server.log, $dir/stdout.log)"
+    fi
+    if [ "$waited" -ge $((timeout * 10)) ]; then
+      log_tail "$dir/server.log"
+      die "kafka did not start within ${timeout}s (log: $dir/server.log)"
+    fi
+    sleep 0.1
+    waited=$((waited + 1))
+  done
+}
+
+# The broker stopped (controlled shutdown) and started again with the same ports, storage and topics, as a broker
+# comes back after a restart: clients reconnect, committed offsets and unread records are still there.
+kafka_restart() {
+  local dir="$SERVICES_STATE/kafka"
+  kafka_prepare
+  stop_ours "$dir/pid" java "$dir/server.properties" TERM 20
+  : >"$dir/stdout.log"
+  kafka_spawn "$dir" "$KAFKA_JARS" "$KAFKA_JAVA"
+  [ "$PORT_TAKEN" -eq 0 ] || die "kafka: a port of $dir/server.properties was taken while the broker was down"
+}
+
 # Sets PORT_TAKEN=1 when a chosen port was taken in the meantime (see postgres_start_once).
 kafka_start_once() {
-  local dir=$1 jars=$2 java=$3 python=$4 ports port ssl_port controller_port cluster_id waited=0 timeout
+  local dir=$1 jars=$2 java=$3 python=$4 ports port ssl_port controller_port cluster_id
   local jvm_opts=()
   PORT_TAKEN=0
-  timeout=${FEDNESTED_SERVICES_TIMEOUT:-90}
   kafka_stop
   mapfile -t ports < <(free_ports 3)
   port=${ports[0]}
@@ -165,12 +214,7 @@ while True:
         print(text)
         break
 ')
-  # shellcheck disable=SC2206 # FEDNESTED_KAFKA_HEAP is a list of JVM options on purpose.
-  jvm_opts=(${FEDNESTED_KAFKA_HEAP:--Xmx512m -Xms64m})
-  # C1 only and no perf-data file: the broker starts in a few seconds on a busy 2-core machine and its load in
-  # tests is tiny, so the optimizing compiler would cost more than it saves.
-  jvm_opts+=(-XX:+UseG1GC -XX:+ExitOnOutOfMemoryError -XX:TieredStopAtLevel=1 -XX:-UsePerfData
-    -Djava.awt.headless=true -Dkafka.logs.dir="$dir" -Dlog4j2.configurationFile="$SERVICES_LIB/kafka/log4j2.properties")
+  mapfile -d '' jvm_opts < <(kafka_jvm_opts "$dir")
   mkdir -p "$dir/data"
   cat >"$dir/server.properties" <<EOF
 # Written by scripts/services.sh for the tests; regenerated on every start.
@@ -220,24 +264,8 @@ EOF
   "$java" "${jvm_opts[@]}" -cp "$jars/*" kafka.tools.StorageTool format -t "$cluster_id" \
     -c "$dir/server.properties" --standalone >>"$dir/stdout.log" 2>&1 \
     || { log_tail "$dir/stdout.log"; die "kafka: formatting the storage in $dir/data failed"; }
-  spawn_detached "$dir/pid" "$dir/stdout.log" "$java" "${jvm_opts[@]}" -cp "$jars/*" kafka.Kafka "$dir/server.properties"
-  until grep -q 'Kafka Server started' "$dir/server.log"; do
-    if ! pid_is_ours "$(<"$dir/pid")" java "$dir/server.properties"; then
-      if grep -q 'Address already in use' "$dir/server.log" "$dir/stdout.log"; then
-        PORT_TAKEN=1
-        return 0
-      fi
-      log_tail "$dir/server.log"
-      log_tail "$dir/stdout.log" 10
-      die "kafka exited during start-up (logs: $dir/server.log, $dir/stdout.log)"
-    fi
-    if [ "$waited" -ge $((timeout * 10)) ]; then
-      log_tail "$dir/server.log"
-      die "kafka did not start within ${timeout}s (log: $dir/server.log)"
-    fi
-    sleep 0.1
-    waited=$((waited + 1))
-  done
+  kafka_spawn "$dir" "$jars" "$java"
+  [ "$PORT_TAKEN" -eq 0 ] || return 0
   "$python" "$SERVICES_LIB/kafka/probe.py" --bootstrap "127.0.0.1:$port" --cluster-id "$cluster_id" \
     --pid "$(<"$dir/pid")" --timeout 30 >>"$dir/stdout.log" \
     || { log_tail "$dir/server.log"; die "kafka started but does not answer metadata requests (log: $dir/server.log)"; }

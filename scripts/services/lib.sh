@@ -147,6 +147,8 @@ ensure_debian_packages() {
   command -v java >/dev/null || missing+=(openjdk-17-jre-headless)
   command -v mvn >/dev/null || missing+=(maven)
   command -v make >/dev/null || missing+=(make)
+  # promtool (rule checks and unit tests) and the server a test scrapes the control plane with.
+  command -v promtool >/dev/null && command -v prometheus >/dev/null || missing+=(prometheus)
   command -v setsid >/dev/null && command -v setpriv >/dev/null && command -v flock >/dev/null || missing+=(util-linux)
   python3 -c 'import ensurepip' 2>/dev/null || missing+=(python3-venv)
   [ "${#missing[@]}" -gt 0 ] || return 0

@@ -22,7 +22,8 @@ postgres_bindir() {
 # var/services was deleted.
 postgres_base() {
   local key
-  key=$(printf '%s' "$SERVICES_ROOT" | sha256sum | cut -c1-12)
+  # A private state directory (FEDNESTED_SERVICES_STATE) gets a cluster of its own; the default one keeps its name.
+  key=$(printf '%s' "$SERVICES_ROOT${FEDNESTED_SERVICES_STATE:+:$SERVICES_STATE}" | sha256sum | cut -c1-12)
   echo "${FEDNESTED_PG_TMPDIR:-/tmp}/fednested-pg-$(id -u)-$key"
 }
 
@@ -74,6 +75,44 @@ postgres_start() {
   die "postgres: could not bind a free port in 3 attempts (see $dir/postgres.log)"
 }
 
+# Starts the server of cluster $3 on port $4 and waits until it accepts connections; sets PORT_TAKEN=1 when the port
+# was taken in the meantime.
+postgres_spawn() {
+  local dir=$1 bindir=$2 base=$3 port=$4 log="$1/postgres.log" owner=() waited=0
+  PORT_TAKEN=0
+  mapfile -d '' owner < <(as_pg_owner)
+  # Test speed over durability: the cluster is thrown away on stop, so it never needs to survive a crash.
+  spawn_detached "$dir/pid" "$log" "${owner[@]}" "$bindir/postgres" -D "$base/data" \
+    -c listen_addresses=127.0.0.1 -c port="$port" -c unix_socket_directories="$base/run" \
+    -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c shared_buffers=64MB -c max_connections=100
+  until "$bindir/pg_isready" -q -h 127.0.0.1 -p "$port" -t 1; do
+    if ! pid_is_ours "$(<"$dir/pid")" postgres "$base/data"; then
+      if grep -q 'could not bind\|Address already in use' "$log"; then
+        PORT_TAKEN=1
+        return 0
+      fi
+      log_tail "$log"
+      die "postgres exited during start-up (log: $log)"
+    fi
+    [ "$waited" -lt 300 ] || {
+      log_tail "$log"
+      die "postgres did not accept connections on 127.0.0.1:$port within 30s (log: $log)"
+    }
+    sleep 0.1
+    waited=$((waited + 1))
+  done
+}
+
+# The server stopped (fast shutdown: open sessions are cut, their transactions rolled back, as clients see a crash)
+# and started again on the same port with the same cluster, so committed rows survive and clients reconnect.
+postgres_restart() {
+  local dir="$SERVICES_STATE/postgres" base
+  base=$(postgres_base)
+  stop_ours "$dir/pid" postgres "$base/data" INT 15
+  postgres_spawn "$dir" "$(postgres_bindir)" "$base" "$(<"$dir/port")"
+  [ "$PORT_TAKEN" -eq 0 ] || die "postgres: port $(<"$dir/port") was taken while the server was down"
+}
+
 # Sets PORT_TAKEN=1 when the chosen port was taken in the meantime, so the caller retries with another. (A status
 # variable rather than a return code: calling a function in a `||` list would switch off errexit inside it.)
 postgres_start_once() {
@@ -91,27 +130,8 @@ postgres_start_once() {
   (cd / && "${owner[@]}" "$bindir/initdb" -D "$base/data" -U postgres -E UTF8 --locale=C --no-sync \
     --auth-local=trust --auth-host=scram-sha-256) >>"$log" 2>&1 \
     || { log_tail "$log"; die "postgres: initdb failed in $base/data"; }
-  # Test speed over durability: the cluster is thrown away on stop, so it never needs to survive a crash.
-  spawn_detached "$dir/pid" "$log" "${owner[@]}" "$bindir/postgres" -D "$base/data" \
-    -c listen_addresses=127.0.0.1 -c port="$port" -c unix_socket_directories="$base/run" \
-    -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c shared_buffers=64MB -c max_connections=100
-  local waited=0
-  until "$bindir/pg_isready" -q -h 127.0.0.1 -p "$port" -t 1; do
-    if ! pid_is_ours "$(<"$dir/pid")" postgres "$base/data"; then
-      if grep -q 'could not bind\|Address already in use' "$log"; then
-        PORT_TAKEN=1
-        return 0
-      fi
-      log_tail "$log"
-      die "postgres exited during start-up (log: $log)"
-    fi
-    [ "$waited" -lt 300 ] || {
-      log_tail "$log"
-      die "postgres did not accept connections on 127.0.0.1:$port within 30s (log: $log)"
-    }
-    sleep 0.1
-    waited=$((waited + 1))
-  done
+  postgres_spawn "$dir" "$bindir" "$base" "$port"
+  [ "$PORT_TAKEN" -eq 0 ] || return 0
   "$bindir/psql" -q -X -h "$base/run" -p "$port" -U postgres -d postgres -v ON_ERROR_STOP=1 \
     -c "CREATE ROLE fednested LOGIN CREATEDB PASSWORD '$password'" \
     -c "CREATE DATABASE fednested OWNER fednested" >>"$log" 2>&1 \

@@ -1,5 +1,5 @@
-"""Kill the ingest worker between its database commit and its offset commit: on restart the message comes again,
-and the update is recorded once — nothing lost, nothing applied twice. Real Kafka, real PostgreSQL, real processes."""
+"""Kill the ingest worker between a batch's database commit and its offset commit: on restart the batch comes again,
+and each update is recorded once — nothing lost, nothing applied twice. Real Kafka, real PostgreSQL, real processes."""
 
 import os
 import subprocess
@@ -82,21 +82,24 @@ def test_worker_killed_after_db_commit_reprocesses_without_applying_twice(
 
     crashed = run_worker({**env, CRASH_POINT_ENV: "after_db_commit"}, "--idle-exit", "60")
     assert crashed.returncode == -9, crashed.stderr[-3000:]
-    first = str(envelopes[0].update_id)
-    # The first message's transaction committed before the kill; its offset did not.
-    assert list(Update.objects.values_list("update_id", "status")) == [(first, UpdateStatus.BUFFERED)]
+    # The first batch's transaction committed before the kill (the first message, and whichever others had arrived
+    # with it); its offsets did not.
+    committed = list(Update.objects.order_by("id").values_list("update_id", "status"))
+    ids = [str(envelope.update_id) for envelope in envelopes]
+    assert committed
+    assert committed == [(update_id, UpdateStatus.BUFFERED) for update_id in ids[: len(committed)]]
 
     restarted = run_worker(env, "--idle-exit", "5")
     assert restarted.returncode == 0, restarted.stderr[-3000:]
     rows = dict(Update.objects.values_list("update_id", "status"))
-    assert rows == {str(envelope.update_id): UpdateStatus.BUFFERED for envelope in envelopes}
-    # The redelivered first message was recognised as the same envelope again and recorded as such, once.
-    resent = [event.data for event in AuditEvent.objects.filter(verb="federation.update.resent")]
-    assert [data["update_id"] for data in resent] == [first]
+    assert rows == {update_id: UpdateStatus.BUFFERED for update_id in ids}
+    # The redelivered batch was recognised as the same envelopes again and recorded as such, once each.
+    resent = [event.data for event in AuditEvent.objects.filter(verb="federation.update.resent").order_by("id")]
+    assert [data["update_id"] for data in resent] == [update_id for update_id, _ in committed]
     assert not AuditEvent.objects.filter(verb="federation.update.refused").exists()
     assert AuditEvent.objects.filter(verb="federation.update.buffered").count() == 3
 
     # Everything is committed now: a third run finds nothing to do.
     again = run_worker(env, "--idle-exit", "3")
     assert again.returncode == 0, again.stderr[-3000:]
-    assert AuditEvent.objects.filter(verb="federation.update.resent").count() == 1
+    assert AuditEvent.objects.filter(verb="federation.update.resent").count() == len(committed)

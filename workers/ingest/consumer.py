@@ -1,10 +1,11 @@
-"""Ingest loop: one bus message → `submit_update` (its checks and one database transaction) → one offset commit, in
-that order. The loop is thin: every decision about an envelope belongs to `apps.federation.updates`.
+"""Ingest loop: a batch of bus messages → `submit_updates` (their checks, then one database transaction for the
+batch) → one offset commit for the batch, in that order. The loop is thin: every decision about an envelope belongs to
+`apps.federation.updates`.
 
-The offset is committed only after the transaction has committed, so a worker killed in between reprocesses the
-message; the Update row's unique update id then turns the second pass into a recorded duplicate, never a second
-apply. A message that makes the service raise something unexpected is recorded as refused and committed, so no
-message can stop the worker; only infrastructure errors (database, artifact store) leave it uncommitted.
+The offsets are committed only after the transaction has committed, so a worker killed in between reprocesses the
+batch; the Update rows' unique update ids then turn the second pass into recorded duplicates, never a second apply.
+A message that makes the service raise something unexpected is recorded as refused and committed with the rest, so
+no message can stop the worker; only infrastructure errors (database, artifact store) leave the batch uncommitted.
 """
 
 import argparse
@@ -13,29 +14,38 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import FrameType
 
-from django.db import DatabaseError, InterfaceError, OperationalError
+from django.conf import settings
 from django.utils import timezone
 
 from apps.federation.events import bus_settings
 from apps.federation.identity import refresh_crl_if_due
-from apps.federation.updates import UpdateOutcome, enqueue_due_windows, refuse_message, submit_update
-from fednested.aggregation import RejectionCode
+from apps.federation.updates import Arrival, UpdateOutcome, enqueue_due_windows, submit_updates
+from controlplane.metrics.exposition import serve_metrics
+from controlplane.metrics.families import record_outcome
+from controlplane.metrics.lag import ingest_collectors
 from fednested.messaging import Consumer, Message, Topic, UpdateEnvelope, make_bus
 from fednested.messaging.acls import INGEST_GROUP
+from fednested.observability.tracing import traced_batch
 
 logger = logging.getLogger(__name__)
 
 ACTOR_LABEL = "worker:ingest"
 DEFAULT_GROUP = INGEST_GROUP
-# Test hook: "after_db_commit" makes the worker SIGKILL itself after a message's transaction committed and before its
-# offset is committed — the window the at-least-once design must survive.
+# Test hook: "after_db_commit" makes the worker SIGKILL itself after a batch's transaction committed and before its
+# offsets are committed — the window the at-least-once design must survive.
 CRASH_POINT_ENV = "FEDNESTED_INGEST_CRASH_POINT"
 CRASH_POINTS = ("after_db_commit",)
 # How often an idle worker looks for windows whose deadline passed or whose awaited candidate was decided.
 DEADLINE_CHECK_INTERVAL_S = 5.0
+# Messages taken per batch: one transaction and one offset commit each. Large enough that the fixed cost of a batch
+# (its locks, window decision and commit round trips) is spread thin; small enough that a batch's transaction stays
+# short and a crash re-reads little (bench/ingest.py measures the effect: docs/benchmarks.md).
+DEFAULT_BATCH_SIZE = 200
+MAX_BATCH_SIZE = 10_000
 
 
 @dataclass
@@ -43,65 +53,52 @@ class IngestStats:
     """Counts of one run of the loop, by outcome."""
 
     messages: int = 0
+    batches: int = 0
     by_status: dict[str, int] = field(default_factory=dict)
     aggregation_tasks: list[int] = field(default_factory=list)
 
     def add(self, outcome: UpdateOutcome) -> None:
+        """Count one message's outcome: the one place every outcome of the loop passes through."""
         self.messages += 1
+        record_outcome(outcome, source="bus")
         self.by_status[outcome.status] = self.by_status.get(outcome.status, 0) + 1
         if outcome.aggregation_task_pk is not None:
             self.aggregation_tasks.append(outcome.aggregation_task_pk)
 
 
-def ingest_message(message: Message) -> UpdateOutcome:
-    """Hand one message to the update service; returns what became of it. Never raises for a bad message.
-
-    Raises only when the worker itself cannot go on (database unreachable, artifact store unreadable): the message
-    is then left uncommitted and handled again after a restart.
-    """
+def arrival_of(message: Message, traceparent: str = "") -> Arrival:
+    """What the update service needs of a bus message: its envelope (decoded once, by the bus), or why it has none;
+    `traceparent` is the message's ingestion span."""
     where = message.where()
     if message.error is not None:
-        return refuse_message(
+        return Arrival(where=where, key=message.key, problem=str(message.error), traceparent=traceparent)
+    if not isinstance(message.event, UpdateEnvelope):
+        return Arrival(
             where=where,
-            code=RejectionCode.MALFORMED,
-            actor_label=ACTOR_LABEL,
-            message=str(message.error),
             key=message.key,
+            problem=f"expected an UpdateEnvelope, got {type(message.event).__name__}",
+            traceparent=traceparent,
         )
-    envelope = message.event
-    if not isinstance(envelope, UpdateEnvelope):
-        kind = type(envelope).__name__
-        return refuse_message(
-            where=where,
-            code=RejectionCode.MALFORMED,
-            actor_label=ACTOR_LABEL,
-            message=f"expected an UpdateEnvelope, got {kind}",
-            key=message.key,
-        )
-    try:
-        return submit_update(envelope, where=where, actor_label=ACTOR_LABEL, key=message.key)
-    except (OperationalError, InterfaceError, OSError):
-        raise
-    except DatabaseError as error:
-        # A value the database refuses (it passed every check we know of): the message is bad, not the worker.
-        logger.exception("message at %s broke a database constraint", where)
-        return refuse_message(
-            where=where,
-            code=RejectionCode.MALFORMED,
-            actor_label=ACTOR_LABEL,
-            message=f"the database refused it: {error}",
-            key=message.key,
-        )
-    except Exception as error:
-        # A defect of ours that this message triggers must not stop ingestion for every device: record and move on.
-        logger.exception("message at %s: unexpected error", where)
-        return refuse_message(
-            where=where,
-            code=RejectionCode.MALFORMED,
-            actor_label=ACTOR_LABEL,
-            message=f"could not be processed ({type(error).__name__}: {str(error)[:300]}); reported to operators",
-            key=message.key,
-        )
+    return Arrival(where=where, key=message.key, envelope=message.event, traceparent=traceparent)
+
+
+def ingest_batch(messages: Sequence[Message]) -> list[UpdateOutcome]:
+    """Hand a batch of messages to the update service (one transaction); one outcome per message, in order. Never
+    raises for a bad message.
+
+    Raises only when the worker itself cannot go on (database unreachable, artifact store unreadable): the batch is
+    then left uncommitted and handled again after a restart.
+    """
+    with traced_batch(settings.FEDNESTED_BUS, INGEST_GROUP, Topic.UPDATES.value, messages) as batch:
+        arrivals = [arrival_of(message, batch.traceparents[i]) for i, message in enumerate(messages)]
+        outcomes = submit_updates(arrivals, actor_label=ACTOR_LABEL)
+        batch.record(outcomes)
+    return outcomes
+
+
+def ingest_message(message: Message) -> UpdateOutcome:
+    """`ingest_batch` of one message."""
+    return ingest_batch([message])[0]
 
 
 def _crash_if_asked(point: str) -> None:
@@ -117,23 +114,30 @@ def run_ingest(
     max_messages: int | None = None,
     idle_exit_s: float | None = None,
     poll_timeout_s: float = 1.0,
+    batch_size: int = DEFAULT_BATCH_SIZE,
 ) -> IngestStats:
     """Consume until `stop` is set, `max_messages` were handled, or nothing arrived for `idle_exit_s` seconds.
 
-    Per message: `ingest_message` (its committed transaction), then the offset commit. Between messages, windows
+    Per batch (up to `batch_size` messages: whatever has arrived once the first one is there, so a lone message is
+    never held back): `ingest_batch` (its committed transaction), then one offset commit. Between batches, windows
     that became ready without an arrival get their aggregation task.
     """
+    if not 1 <= batch_size <= MAX_BATCH_SIZE:
+        raise ValueError(f"batch_size must lie in [1, {MAX_BATCH_SIZE}], got {batch_size}")
     stats = IngestStats()
     stop = stop or threading.Event()
     last_message_at = time.monotonic()
     last_deadline_check = 0.0
     while not stop.is_set() and (max_messages is None or stats.messages < max_messages):
-        message = consumer.poll(poll_timeout_s)
-        if message is not None:
-            outcome = ingest_message(message)
+        wanted = batch_size if max_messages is None else min(batch_size, max_messages - stats.messages)
+        messages = consumer.consume(wanted, poll_timeout_s)
+        if messages:
+            outcomes = ingest_batch(messages)
             _crash_if_asked("after_db_commit")
-            consumer.commit(message)
-            stats.add(outcome)
+            consumer.commit_batch(messages)
+            stats.batches += 1
+            for outcome in outcomes:
+                stats.add(outcome)
             last_message_at = time.monotonic()
         elif idle_exit_s is not None and time.monotonic() - last_message_at >= idle_exit_s:
             break
@@ -151,18 +155,35 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--max-messages", type=int, default=None, help="exit after this many messages")
     parser.add_argument("--idle-exit", type=float, default=None, metavar="SECONDS", help="exit when idle this long")
     parser.add_argument("--poll-timeout", type=float, default=1.0, metavar="SECONDS")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=DEFAULT_BATCH_SIZE,
+        help="messages per transaction and offset commit, at most (default: %(default)s; 1: one at a time)",
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=settings.FEDNESTED_INGEST_METRICS_PORT,
+        help="serve Prometheus metrics on this port of FEDNESTED_METRICS_ADDRESS; 0 for none (default: %(default)s)",
+    )
     arguments = parser.parse_args(argv)
     point = os.environ.get(CRASH_POINT_ENV)
     if point and point not in CRASH_POINTS:
         parser.error(f"{CRASH_POINT_ENV}={point!r} is not one of {CRASH_POINTS}")
+    if not 1 <= arguments.batch_size <= MAX_BATCH_SIZE:
+        parser.error(f"--batch-size must lie in [1, {MAX_BATCH_SIZE}], got {arguments.batch_size}")
     stop = threading.Event()
 
     def request_stop(signum: int, frame: FrameType | None) -> None:
-        # Finish the message in hand (its transaction and offset commit), then leave the group cleanly.
+        # Finish the batch in hand (its transaction and offset commit), then leave the group cleanly.
         stop.set()
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
+    if arguments.metrics_port:
+        extra = ingest_collectors(bus_settings(), arguments.group)
+        serve_metrics(arguments.metrics_port, settings.FEDNESTED_METRICS_ADDRESS, process="ingest worker", extra=extra)
     with make_bus(bus_settings()) as bus, bus.consumer(arguments.group, [Topic.UPDATES]) as consumer:
         logger.info("ingest worker consuming %s as group %s", Topic.UPDATES.value, arguments.group)
         stats = run_ingest(
@@ -171,6 +192,7 @@ def main(argv: list[str]) -> int:
             max_messages=arguments.max_messages,
             idle_exit_s=arguments.idle_exit,
             poll_timeout_s=arguments.poll_timeout,
+            batch_size=arguments.batch_size,
         )
     logger.info("ingest worker stopped after %d messages: %s", stats.messages, stats.by_status)
     return 0

@@ -64,6 +64,7 @@ from apps.federation.services import (
 )
 from apps.federation.updates import submit_update
 from apps.registry.storage import artifact_root
+from controlplane.metrics.families import record_outcome
 from controlplane.schema import wire_schema
 from fednested.aggregation import RejectionCode
 from fednested.messaging.schemas import UpdateEnvelope
@@ -97,7 +98,8 @@ REFUSAL_STATUS = {
 def requesting_device(request: Request, doing: str, *, for_client_id: str | None = None) -> EdgeDevice:
     """The enrolled device the request authenticates as; 403 for anyone else (admins included: they are no device),
     and 403 `not_owner` when the route names another device (`for_client_id`): a device acts for itself only."""
-    device = EdgeDevice.objects.filter(user=cast(User, request.user)).select_related("user").first()
+    # With its current version: a heartbeat that repeats it is answered from this one query (record_device_heartbeat).
+    device = EdgeDevice.objects.filter(user=cast(User, request.user)).select_related("user", "current_version").first()
     if device is None:
         raise ApiPermissionDenied(f"only an enrolled device {doing}", code="not_a_device")
     if for_client_id is not None and device.client_id != for_client_id:
@@ -331,6 +333,7 @@ class UpdateViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.G
         outcome = submit_update(
             envelope, where="api:POST /api/v1/updates/", actor_label=f"device:{device.client_id}", sender=device
         )
+        record_outcome(outcome, source="api")
         if outcome.status in ("buffered", "duplicate") and outcome.update_pk is not None:
             update = self.get_queryset().get(pk=outcome.update_pk)
             created = outcome.status == "buffered"

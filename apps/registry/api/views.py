@@ -12,8 +12,9 @@ from django.core.exceptions import PermissionDenied
 from django.db.models import QuerySet
 from django.http import FileResponse, HttpResponse
 from django.http.response import HttpResponseBase
+from django.utils.http import parse_etags
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiResponse, extend_schema
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.exceptions import NotFound
@@ -24,6 +25,7 @@ from rest_framework.response import Response
 from apps.accounts.choices import Role
 from apps.accounts.permissions import EVERY_ROLE_BUT_DEVICE
 from apps.accounts.roles import role_of
+from apps.registry.api.alias_representations import alias_representation
 from apps.registry.api.filtersets import ModelFamilyFilterSet, ModelVersionFilterSet
 from apps.registry.api.serializers import (
     AliasMoveSerializer,
@@ -53,6 +55,14 @@ WITH_DEVICES = frozenset({Role.OFFICER, Role.ENGINEER, Role.DEVICE})
 # Lookups by natural key; ids may contain dots, which DRF's default lookup pattern excludes. No NUL: PostgreSQL
 # cannot even compare one (a lookup with it would be a 500, not a 404).
 NATURAL_KEY_PATTERN = r"[^/\x00]+"
+# A response header of the alias answer (200 and 304).
+ETAG_HEADER = OpenApiParameter(
+    "ETag",
+    OpenApiTypes.STR,
+    OpenApiParameter.HEADER,
+    response=[200, 304],
+    description="Strong validator of the answer (quoted sha256 of its canonical JSON).",
+)
 # The `code` of a download refused because the store does not hold the registered file (docs/api/device-protocol.md).
 ARTIFACT_UNAVAILABLE = "artifact_unavailable"
 
@@ -251,6 +261,43 @@ class AliasViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Ge
         if role_of(self.request.user) == Role.DEVICE:
             return queryset.filter(name=CHAMPION_ALIAS)
         return queryset.all()
+
+    @extend_schema(
+        parameters=[
+            OpenApiParameter(
+                "If-None-Match",
+                OpenApiTypes.STR,
+                OpenApiParameter.HEADER,
+                description="The ETag of an answer the client holds: 304 without a body while it is still current.",
+            ),
+            ETAG_HEADER,
+        ],
+        responses={
+            200: OpenApiResponse(
+                AliasSerializer, description="The alias and its version; `ETag` identifies this answer."
+            ),
+            304: OpenApiResponse(description="The answer named by If-None-Match is still current (no body)."),
+        },
+    )
+    def retrieve(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        """One alias with its version: what devices poll (the champion). Answers carry an ETag; a poll that sends
+        it back in If-None-Match gets 304 while the alias, its version's status and aliases are unchanged."""
+        name = str(kwargs[self.lookup_field])
+        if role_of(request.user) == Role.DEVICE and name != CHAMPION_ALIAS:
+            raise NotFound(f"no alias {name!r} (devices read only {CHAMPION_ALIAS!r})")
+        try:
+            representation = alias_representation(
+                name, lambda: AliasSerializer(self.get_queryset().get(name=name)).data
+            )
+        except Alias.DoesNotExist:
+            representation = None  # deleted (in the admin) between the fingerprint and the build
+        if representation is None:
+            raise NotFound(f"no alias {name!r}")
+        headers = {"ETag": representation.etag, "Cache-Control": "private, no-cache"}
+        presented = parse_etags(request.headers.get("If-None-Match", ""))
+        if representation.etag in presented or "*" in presented:
+            return Response(status=status.HTTP_304_NOT_MODIFIED, headers=headers)
+        return Response(representation.data, headers=headers)
 
     @extend_schema(request=AliasMoveSerializer, responses=AliasSerializer)
     @action(detail=True, methods=["post"])

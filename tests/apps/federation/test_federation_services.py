@@ -119,17 +119,21 @@ def test_open_round_rejects_bad_settings(
 
 
 def test_round_start_is_published_after_commit_only(
-    engineer: User, base: ModelVersion, django_capture_on_commit_callbacks: Any, settings: Any, tmp_path: Any
+    engineer: User, base: ModelVersion, settings: Any, tmp_path: Any
 ) -> None:
     from apps.federation.events import bus_settings
     from fednested.messaging import Topic, make_bus
 
     settings.FEDNESTED_BUS = "embedded"
     settings.FEDNESTED_BUS_PATH = tmp_path / "bus.sqlite3"
+    from apps.outbox.handlers import Delivery
+    from workers.relay.relay import relay_batch
+
     deadline = timezone.now() + timedelta(hours=1)
-    with django_capture_on_commit_callbacks(execute=True) as callbacks:
-        open_round(base_version=base, buffer_size_k=2, deadline_at=deadline, actor=engineer, round_id="round-7")
-    assert len(callbacks) == 1
+    open_round(base_version=base, buffer_size_k=2, deadline_at=deadline, actor=engineer, round_id="round-7")
+    # The RoundStart waits in the outbox, written with the round; the relay publishes it.
+    with Delivery() as delivery:
+        assert relay_batch(delivery).sent == 1
     with make_bus(bus_settings()) as bus, bus.consumer("tests-round-start", [Topic.CONTROL_ROUNDS]) as consumer:
         message = consumer.poll(5.0)
     assert message is not None
@@ -140,13 +144,23 @@ def test_round_start_is_published_after_commit_only(
 
 
 def test_training_task_is_started_only_after_commit(
-    engineer: User, base: ModelVersion, django_capture_on_commit_callbacks: Any
+    engineer: User, base: ModelVersion, django_capture_on_commit_callbacks: Any, settings: Any
 ) -> None:
+    from apps.outbox.models import OutboxEvent
+
+    settings.FEDNESTED_JOBS_IN_PROCESS = False
     round_ = open_on(base, engineer)
     with django_capture_on_commit_callbacks(execute=False) as callbacks:
         task = create_training_task(kind="expert_aggregation", actor=engineer, round_=round_)
-    # The job is handed over by its on_commit callback, so nothing of it ran inside the transaction.
-    assert [callback.args for callback in callbacks] == [(task.pk, "workers.aggregation.aggregate_round_task")]
+    # The job is handed over through the outbox (the relay sends it once the row committed): nothing of it ran
+    # inside the transaction, and with a broker nothing waits for the commit in this process either.
+    assert callbacks == []
+    row = OutboxEvent.objects.get(kind="celery_task", key=str(task.pk))
+    assert (row.topic, row.payload, row.sent_at) == (
+        "workers.aggregation.aggregate_round_task",
+        {"task": "workers.aggregation.aggregate_round_task", "args": [task.pk]},
+        None,
+    )
     assert TrainingTask.objects.get(pk=task.pk).status == TaskStatus.PENDING
 
 

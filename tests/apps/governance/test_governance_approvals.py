@@ -38,24 +38,25 @@ def versions(
 
 
 def test_approve_moves_champion_archives_the_old_one_and_publishes_after_commit(
-    people: dict[str, User],
-    versions: list[ModelVersion],
-    django_capture_on_commit_callbacks: Any,
-    settings: Any,
-    tmp_path: Any,
+    people: dict[str, User], versions: list[ModelVersion], settings: Any, tmp_path: Any
 ) -> None:
     from apps.federation.events import bus_settings
     from fednested.messaging import ModelAvailable, Topic, make_bus
 
     settings.FEDNESTED_BUS = "embedded"
     settings.FEDNESTED_BUS_PATH = tmp_path / "bus.sqlite3"
+    from apps.outbox.handlers import Delivery
+    from apps.outbox.models import OutboxEvent
+    from workers.relay.relay import relay_batch
+
     v1, v2 = versions
-    with django_capture_on_commit_callbacks(execute=True):
-        approve_version(request_approval(v1, actor=people["engineer"]), actor=people["officer"], reason="baseline")
-    with django_capture_on_commit_callbacks(execute=True) as callbacks:
-        request = request_approval(v2, actor=people["engineer"], note="beats v1 on automotive")
-        approve_version(request, actor=people["officer"], reason="no protected domain regressed")
-    assert len(callbacks) == 1
+    approve_version(request_approval(v1, actor=people["engineer"]), actor=people["officer"], reason="baseline")
+    request = request_approval(v2, actor=people["engineer"], note="beats v1 on automotive")
+    approve_version(request, actor=people["officer"], reason="no protected domain regressed")
+    # Each approval wrote its ModelAvailable to the outbox in its own transaction; the relay publishes them.
+    assert OutboxEvent.objects.filter(sent_at=None, topic=Topic.CONTROL_ROUNDS).count() == 2
+    with Delivery() as delivery:
+        assert relay_batch(delivery).sent == 2
 
     assert Alias.objects.get(name="champion").version == v2
     statuses = dict(ModelVersion.objects.values_list("version_id", "status"))

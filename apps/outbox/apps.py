@@ -1,0 +1,9 @@
+"""App configuration for apps.outbox."""
+
+from django.apps import AppConfig
+
+
+class OutboxConfig(AppConfig):
+    name = "apps.outbox"
+    label = "outbox"
+    verbose_name = "Outbox"
