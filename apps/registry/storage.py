@@ -8,6 +8,7 @@ files relative to the store, never by the server's absolute path.
 
 import re
 from enum import StrEnum
+from functools import lru_cache
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -59,9 +60,16 @@ def artifact_path(uri: str, root: Path) -> Path:
             f"{uri!r}: only artifacts://, file:// and relative paths inside the artifact store are supported"
         )
     resolved = candidate.resolve()
-    if not resolved.is_relative_to(root.resolve()):
+    if not resolved.is_relative_to(_resolved_root(root)):
         raise ValueError(f"{uri!r} points outside the artifact store")
     return resolved
+
+
+@lru_cache(maxsize=16)
+def _resolved_root(root: Path) -> Path:
+    # The ingest worker resolves a URI per envelope: the root's own resolution is kept (a root whose symlink is
+    # re-pointed while the process runs only refuses more, never less: files must lie under the old target too).
+    return root.resolve()
 
 
 def store_relative(path: Path, root: Path) -> str:

@@ -44,7 +44,7 @@ DEADLINE_CHECK_INTERVAL_S = 5.0
 # Messages taken per batch: one transaction and one offset commit each. Large enough that the fixed cost of a batch
 # (its locks, window decision and commit round trips) is spread thin; small enough that a batch's transaction stays
 # short and a crash re-reads little (bench/ingest.py measures the effect: docs/benchmarks.md).
-DEFAULT_BATCH_SIZE = 200
+DEFAULT_BATCH_SIZE = 500
 MAX_BATCH_SIZE = 10_000
 
 
