@@ -89,27 +89,17 @@ def _build_world(root: Path) -> Any:
     """A registered `tiny` base version v1 in the artifact store `root`, as the tests' WorkerWorld."""
     from apps.accounts.choices import Role
     from apps.accounts.models import User
-    from apps.registry.services import create_model_family, register_version
-    from fednested.checkpoints import read_manifest, save_version
+    from fednested.checkpoints import save_version
     from fednested.deltas import expert_param_shapes
     from fednested.models import build_model
-    from tests.federation_world import WorkerWorld, registry_specs
+    from tests.federation_world import WorkerWorld, register_base_version
 
     model = build_model("tiny", vocab_size=320, seed=3)
     save_version(model, root / "versions" / "v1", version_id="v1", parent_version=None)
     engineer = User(username="bench-engineer", role=Role.ENGINEER)
     engineer.set_unusable_password()
     engineer.save()
-    family = create_model_family(name="tiny-moe", architecture="MixtralForCausalLM", actor=engineer)
-    manifest = read_manifest(root / "versions" / "v1")
-    base = register_version(
-        family=family,
-        version_id="v1",
-        manifest=manifest.to_dict(),
-        artifacts=registry_specs(manifest, root / "versions" / "v1"),
-        artifact_uri="artifacts://versions/v1",
-        actor=engineer,
-    )
+    family, base = register_base_version(root, engineer)
     return WorkerWorld(root=root, shapes=expert_param_shapes(model), engineer=engineer, family=family, base=base)
 
 

@@ -135,6 +135,12 @@ def world(db: Any, base_template: BaseTemplate, tmp_path: Path, settings: Any) -
     engineer = User(username="erin-engineer", role=Role.ENGINEER)
     engineer.set_unusable_password()
     engineer.save()
+    family, base = register_base_version(root, engineer)
+    return WorkerWorld(root=root, shapes=base_template.shapes, engineer=engineer, family=family, base=base)
+
+
+def register_base_version(root: Path, engineer: User) -> tuple[ModelFamily, ModelVersion]:
+    """Family tiny-moe and its version v1, registered by `engineer` from `root`/versions/v1 of the store `root`."""
     family = create_model_family(name="tiny-moe", architecture="MixtralForCausalLM", actor=engineer)
     manifest = read_manifest(root / "versions" / "v1")
     base = register_version(
@@ -145,7 +151,7 @@ def world(db: Any, base_template: BaseTemplate, tmp_path: Path, settings: Any) -
         artifact_uri="artifacts://versions/v1",
         actor=engineer,
     )
-    return WorkerWorld(root=root, shapes=base_template.shapes, engineer=engineer, family=family, base=base)
+    return family, base
 
 
 @dataclass

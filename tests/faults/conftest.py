@@ -18,8 +18,6 @@ from django.utils import timezone
 from apps.accounts.choices import Role
 from apps.accounts.services import create_user_with_role
 from apps.federation.services import open_round
-from apps.registry.services import create_model_family, register_version
-from fednested.checkpoints import read_manifest
 from fednested.messaging import KafkaBusSettings, TopicsConfig, bootstrap_topics
 from tests.faults.harness import (
     AGGREGATION_TIMEOUT_S,
@@ -31,7 +29,7 @@ from tests.faults.harness import (
     database_at,
     worker_commands,
 )
-from tests.federation_world import BaseTemplate, WorkerWorld, base_template, enroll, registry_specs
+from tests.federation_world import BaseTemplate, WorkerWorld, base_template, enroll, register_base_version
 
 __all__ = ["artifact_store", "base_template", "harness"]
 # Tables of the module's runs, printed at the end of the pytest run.
@@ -90,16 +88,7 @@ def _running_system(root: Path, services: PrivateServices, template: BaseTemplat
     with override_settings(**overrides):
         engineer = create_user_with_role(username="erin-engineer", role=Role.ENGINEER, actor=None, actor_label="faults")
         officer = create_user_with_role(username="olivia-officer", role=Role.OFFICER, actor=None, actor_label="faults")
-        family = create_model_family(name="tiny-moe", architecture="MixtralForCausalLM", actor=engineer)
-        manifest = read_manifest(store / "versions" / "v1")
-        v1 = register_version(
-            family=family,
-            version_id="v1",
-            manifest=manifest.to_dict(),
-            artifacts=registry_specs(manifest, store / "versions" / "v1"),
-            artifact_uri="artifacts://versions/v1",
-            actor=engineer,
-        )
+        family, v1 = register_base_version(store, engineer)
         world = WorkerWorld(root=store, shapes=template.shapes, engineer=engineer, family=family, base=v1)
         devices = [enroll(world, f"fault-car-{index}") for index in range(K)]
         open_round(
