@@ -15,7 +15,9 @@ fails it and reopens the window; a candidate it had not registered leaves no reg
 replaced by the next attempt), and one it had registered stands with its updates applied once.
 """
 
+import hashlib
 import logging
+import math
 import os
 import shutil
 import signal
@@ -33,6 +35,15 @@ from apps.federation.choices import DeviceStatus, RoundStatus, TaskKind, TaskSta
 from apps.federation.jobs import AggregationParams
 from apps.federation.models import Round, TrainingTask, Update
 from apps.federation.payloads import adapter_config_of, checked_payload_path
+from apps.federation.privacy import privacy_ledger
+from apps.federation.server_state import (
+    StateReference,
+    discard_stale_staging,
+    install_state,
+    load_version_state,
+    stage_state,
+    staged_path,
+)
 from apps.federation.services import (
     claim_round_for_aggregation,
     close_round,
@@ -51,15 +62,21 @@ from apps.registry.services import register_saved_version
 from apps.registry.storage import artifact_path, artifact_root, redact_store_paths
 from controlplane.metrics.families import timed_aggregation
 from fednested.aggregation import RejectionCode, UpdateFacts, UpdateRejected, expert_of_delta
-from fednested.aggregation.factored import aggregate_factored
 from fednested.aggregation.factors import FactorFile, FactorFileError
+from fednested.aggregation.privacy import PrivacyBudgetExceeded, check_budget, epsilon_for
 from fednested.aggregation.rejections import DEVICE_FAULTS
+from fednested.aggregation.server_optimizers import (
+    ServerOptimizer,
+    ServerOptimizerStateError,
+    resume_server_optimizer,
+)
 from fednested.aggregation.settings import RoundAggregationSettings
-from fednested.aggregation.validation import check_delta_norms
-from fednested.aggregation.weights import bound_claimed_tokens, bounded_expert_weights, reliability_from_history
-from fednested.checkpoints import load_version, save_version
+from fednested.aggregation.validation import check_delta_norms, expert_shapes_of
+from fednested.aggregation.weights import bound_claimed_tokens, reliability_from_history
+from fednested.aggregation.window import combine_window
+from fednested.checkpoints import Manifest, load_version, save_version
 from fednested.data.tokenizer import load_tokenizer
-from fednested.deltas import merge_expert_deltas
+from fednested.deltas import delta_key, merge_expert_deltas, parse_delta_key
 from fednested.messaging import AdapterSummary
 from fednested.observability.tracing import resumed_span
 
@@ -95,6 +112,11 @@ class Contribution:
     factors: FactorFile
     facts: UpdateFacts[str]
     claim_note: str | None
+    # ‖ΔW‖ of the whole update (all its experts' dense deltas together): what differential privacy clips.
+    norm: float
+    # sha256 over the update's factors (key, A, B and scale, in key order), whatever else its file holds: two
+    # devices sending the same update are caught even when the files' metadata differ.
+    content_digest: str
 
 
 @dataclass(frozen=True)
@@ -181,7 +203,15 @@ def contribution_of(
         # The window's limits may be stricter than the ones the update was first checked against (it may have
         # waited without a window), and one delta that overflows would fail the whole window: check each norm
         # again, one factor pair at a time, so a bad update is rejected alone.
-        norms = {key: factors.read(key).norm() for key in sorted(factors.delta_keys())}
+        norms: dict[str, float] = {}
+        digest = hashlib.sha256(f"scale={config.scale!r}".encode())
+        for key in sorted(factors.delta_keys()):
+            pair = factors.read(key)
+            norms[key] = pair.norm()
+            digest.update(key.encode())
+            for tensor in (pair.lora_a, pair.lora_b):
+                digest.update(repr(tuple(tensor.shape)).encode())
+                digest.update(tensor.contiguous().numpy().tobytes())
     except FactorFileError as error:
         raise UpdateRejected(RejectionCode.MALFORMED, str(error), client_id=client_id) from None
     check_delta_norms(norms, settings_.limits, client_id=client_id)
@@ -203,7 +233,151 @@ def contribution_of(
         reliability=reliability_from_history(accepted, rejected),
         sender=client_id,
     )
-    return Contribution(update=update, factors=factors, facts=facts, claim_note=claim_note)
+    return Contribution(
+        update=update,
+        factors=factors,
+        facts=facts,
+        claim_note=claim_note,
+        norm=math.sqrt(sum(value * value for value in norms.values())),
+        content_digest=digest.hexdigest(),
+    )
+
+
+def _without_duplicates(contributions: list[Contribution], rejected: dict[str, str]) -> list[Contribution]:
+    """Each distinct update once: a copy of one applied earlier, or of one earlier in this window (whichever device
+    sent it), is rejected as duplicate_update naming its twin. An attacker who replays one poisoned update from
+    several enrolled devices gets one vote, which the robust rule then bounds; a copy perturbed or re-factored is
+    no longer identical and is left to the robust rule and the norm bound, as any colluding devices are."""
+    digests = [contribution.content_digest for contribution in contributions]
+    applied = dict(
+        Update.objects.filter(content_digest__in=digests, status=UpdateStatus.APPLIED)
+        .order_by("received_at", "id")
+        .values_list("content_digest", "update_id")
+    )
+    first: dict[str, Contribution] = {}
+    kept: list[Contribution] = []
+    for contribution in contributions:
+        twin_id = applied.get(contribution.content_digest)
+        twin = first.get(contribution.content_digest)
+        if twin_id is None and twin is None:
+            first[contribution.content_digest] = contribution
+            kept.append(contribution)
+            continue
+        where = (
+            f"update {twin_id}, applied earlier"
+            if twin_id is not None
+            else f"update {twin.update.update_id} from device {twin.update.device.client_id!r} in this window"
+            if twin is not None
+            else ""
+        )
+        reject_update(
+            contribution.update,
+            RejectionCode.DUPLICATE_UPDATE.value,
+            f"at aggregation: its adapters are identical to {where}",
+            actor_label=ACTOR_LABEL,
+        )
+        rejected[contribution.update.update_id] = RejectionCode.DUPLICATE_UPDATE.value
+    return kept
+
+
+def _noised_keys(manifest: Manifest, contributions: list[Contribution]) -> dict[str, tuple[int, ...]]:
+    """Every expert's delta of the weights the window's adapters target, with its shape: differential privacy noises
+    all of them, so the candidate does not reveal which experts the devices trained (which weights adapters target
+    is the federation's configuration, not a device's data)."""
+    targeted = {parse_delta_key(key)[0] for contribution in contributions for key in contribution.factors.delta_keys()}
+    keys: dict[str, tuple[int, ...]] = {}
+    for name, (experts, *shape) in expert_shapes_of(manifest).items():
+        if name in targeted:
+            keys.update({delta_key(name, expert): tuple(shape) for expert in range(experts)})
+    return keys
+
+
+def _privacy_refusal(settings_: RoundAggregationSettings) -> str | None:
+    """Why the window may not be aggregated with noise (one more aggregation would exceed the federation's ε
+    budget), or None. Checked when a round opens for all it plans; checked again here because other series may
+    have spent budget meanwhile."""
+    if settings_.privacy is None:
+        return None
+    try:
+        check_budget(privacy_ledger().noise_multipliers, settings_.privacy, planned=1)
+    except PrivacyBudgetExceeded as error:
+        return str(error)
+    return None
+
+
+def _resume_optimizer(champion: ModelVersion, settings_: RoundAggregationSettings, store: Path) -> ServerOptimizer:
+    """The server optimiser, continuing the champion's state. A state that cannot be used (missing, altered, or
+    another version's) is not trusted: the optimiser starts afresh and the candidate's lineage says why, so a bad
+    file costs the moments' warm-up, never the window."""
+    try:
+        state = load_version_state(champion, store)
+    except ServerOptimizerStateError as error:
+        problem = redact_store_paths(str(error), store)
+        logger.error("server optimiser state of %s is unusable, starting afresh: %s", champion.version_id, problem)
+        return ServerOptimizer(
+            settings_.server_optimizer,
+            note=f"the state {champion.version_id} left could not be used ({problem}); started afresh",
+        )
+    optimizer, _ = resume_server_optimizer(settings_.server_optimizer, state)
+    return optimizer
+
+
+# What a noised window must not publish (lineage, the window's record, the API): per-update norms and clip factors,
+# and the realised noise, are functions of the devices' data outside the Gaussian mechanism that ε accounts for.
+PRIVATE_FIELDS = frozenset({"norms", "clipped", "noise_rms_drawn", "scaled", "update_scale"})
+
+
+def _released(record: Any, *, private: bool) -> Any:
+    """`record` as published: for a noised window, without the PRIVATE_FIELDS at any depth."""
+    if not private:
+        return record
+    if isinstance(record, dict):
+        return {key: _released(value, private=True) for key, value in record.items() if key not in PRIVATE_FIELDS}
+    if isinstance(record, list):
+        return [_released(value, private=True) for value in record]
+    return record
+
+
+def _evidence(
+    settings_: RoundAggregationSettings, window: dict[str, Any], state: StateReference, champion: ModelVersion
+) -> dict[str, Any]:
+    """What officers are shown about how the candidate was made (lineage, API, version page): the rule and what it
+    cut, the server optimiser and where its state went, and the privacy accounting when noise was added."""
+    aggregation = settings_.aggregation
+    optimizer = dict(window["server_optimizer"])
+    optimizer["resumed_from"] = champion.version_id if optimizer.get("resumed") else None
+    optimizer["state"] = state.to_dict()
+    evidence: dict[str, Any] = {
+        # Flat copies of the rule's settings, as earlier candidates recorded them.
+        "method": aggregation.method,
+        "clip_norm": aggregation.clip_norm,
+        "norm_bound_multiplier": aggregation.norm_bound_multiplier,
+        "trim_fraction": aggregation.trim_fraction,
+        "server_learning_rate": settings_.server_optimizer.learning_rate,
+        "staleness_exponent": aggregation.weighting.staleness_exponent,
+        "max_update_share": aggregation.weighting.max_update_share,
+        "rule": window["rule"],
+        "server_optimizer": optimizer,
+        "privacy": None,
+    }
+    privacy = window.get("privacy")
+    if settings_.privacy is not None and isinstance(privacy, dict):
+        ledger = privacy_ledger()
+        multipliers = (*ledger.noise_multipliers, settings_.privacy.noise_multiplier)
+        drawn = privacy.get("noise_rms_drawn")
+        evidence["rule"] = _released(window["rule"], private=True)
+        evidence["privacy"] = {key: value for key, value in privacy.items() if key not in PRIVATE_FIELDS} | {
+            # That noise was drawn, not how much: the size of the drawn noise, like each update's norm or clip
+            # factor, would tell something about the devices' updates that ε does not account for.
+            "noise_drawn": isinstance(drawn, float) and drawn > 0 and bool(privacy.get("noised_coordinates")),
+            "clipped_updates": len(privacy.get("clipped") or {}),
+            "delta": settings_.privacy.delta,
+            "epsilon": epsilon_for(multipliers, settings_.privacy.delta),
+            "epsilon_budget": settings_.privacy.epsilon_budget,
+            "noised_aggregations": len(multipliers),
+            "unprotected_aggregations": ledger.unprotected,
+        }
+    return evidence
 
 
 @timed_aggregation
@@ -261,6 +435,27 @@ def _aggregate_claimed_round(task: TrainingTask, round_: Round, params: Aggregat
         except UpdateRejected as rejection:
             reject_update(update, rejection.code.value, f"at aggregation: {rejection.message}", actor_label=ACTOR_LABEL)
             rejected[update.update_id] = rejection.code.value
+    contributions = _without_duplicates(contributions, rejected)
+    privacy_refusal = _privacy_refusal(settings_) if contributions else None
+    if privacy_refusal is not None:
+        for contribution in contributions:
+            reject_update(
+                contribution.update,
+                RejectionCode.PRIVACY_BUDGET_SPENT.value,
+                f"at aggregation: {privacy_refusal}",
+                actor_label=ACTOR_LABEL,
+            )
+            rejected[contribution.update.update_id] = RejectionCode.PRIVACY_BUDGET_SPENT.value
+        with transaction.atomic():
+            # The series stops here: every next window would be refused the same way until an operator acts.
+            close_round(
+                round_,
+                actor=None,
+                actor_label=ACTOR_LABEL,
+                status=RoundStatus.CANCELLED,
+                reason=f"privacy budget: {privacy_refusal}; the series stops",
+            )
+        return AggregationOutcome(round_.round_id, None, (), rejected, {}, {})
     if not contributions:
         with transaction.atomic():
             close_round(
@@ -272,19 +467,44 @@ def _aggregate_claimed_round(task: TrainingTask, round_: Round, params: Aggregat
             )
             continue_series(round_, base_version=champion, actor_label=ACTOR_LABEL)
         return AggregationOutcome(round_.round_id, None, (), rejected, {}, {})
-    aggregation = settings_.aggregation
-    plan = bounded_expert_weights([contribution.facts for contribution in contributions], aggregation.weighting)
+    version_id = candidate_version_id(round_)
+    if ModelVersion.objects.filter(version_id=version_id).exists():
+        # Never overwrite (or delete) the files of a registered version: they are what its registry entry vouches for.
+        raise CandidateAlreadyRegistered(
+            f"round {round_.round_id}: model version {version_id!r} is already registered; "
+            f"its files under artifacts://versions/{version_id} are left as they are"
+        )
     champion_directory = artifact_path(champion.artifact_uri, store)
     model, champion_manifest = load_version(champion_directory, expected_version=champion.version_id)
+    optimizer = _resume_optimizer(champion, settings_, store)
 
-    def merge(key: str, delta: Any) -> None:
-        merge_expert_deltas(model, {key: delta}, eta=aggregation.server_learning_rate)
+    def merge(key: str, step: Any) -> None:
+        # The optimiser's step already carries the server learning rate η.
+        merge_expert_deltas(model, {key: step}, eta=1.0)
 
-    report = aggregate_factored(
-        [contribution.factors for contribution in contributions], plan.weights, aggregation, merge
+    result = combine_window(
+        [contribution.factors for contribution in contributions],
+        [contribution.facts for contribution in contributions],
+        settings_,
+        optimizer,
+        merge,
+        update_norms={contribution.update.update_id: contribution.norm for contribution in contributions},
+        key_shapes=_noised_keys(champion_manifest, contributions) if settings_.privacy is not None else None,
     )
+    report = result.report
     applied = tuple(contribution.update.update_id for contribution in contributions)
-    weights_by_update = dict(zip(applied, plan.weights, strict=True))
+    weights_by_update = result.weights
+    # Written under a name of this task's own and moved into place only while it still holds the window: a task
+    # released as lost (and still running) can never write over the files of the attempt that replaced it.
+    staging = store / "versions" / f".{version_id}.task-{task.pk}"
+    state_staging = f".{version_id}.task-{task.pk}.safetensors"
+    # Staging files of earlier attempts at this candidate (their workers died before registering, or they were
+    # released as lost): this task holds the window now, so none of them can ever be registered.
+    for stale in (store / "versions").glob(f".{version_id}.task-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    discard_stale_staging(store, version_id)
+    state = stage_state(optimizer, version_id=version_id, staging_name=state_staging, store=store)
+    evidence = _evidence(settings_, result.record, state, champion)
     record: dict[str, Any] = {
         "trigger": params.trigger,
         "parent": champion.version_id,
@@ -294,38 +514,15 @@ def _aggregate_claimed_round(task: TrainingTask, round_: Round, params: Aggregat
                 "base_version": contribution.update.base_version.version_id,
                 "staleness": contribution.facts.staleness,
                 "reliability": round(contribution.facts.reliability, 6),
-                "share_capped_experts": plan.capped.get(contribution.update.update_id, []),
+                "share_capped_experts": result.capped.get(contribution.update.update_id, []),
                 **({"claim_bounded": contribution.claim_note} if contribution.claim_note else {}),
             }
             for contribution in contributions
         },
         "rejected": rejected,
-        "aggregation": {
-            "method": aggregation.method,
-            "clip_norm": aggregation.clip_norm,
-            "norm_bound_multiplier": aggregation.norm_bound_multiplier,
-            "trim_fraction": aggregation.trim_fraction,
-            "server_learning_rate": aggregation.server_learning_rate,
-            "staleness_exponent": aggregation.weighting.staleness_exponent,
-            "max_update_share": aggregation.weighting.max_update_share,
-        },
-        "report": report.to_dict(),
+        "aggregation": evidence,
+        "report": _released(report.to_dict(), private=settings_.privacy is not None),
     }
-    version_id = candidate_version_id(round_)
-    directory = store / "versions" / version_id
-    if ModelVersion.objects.filter(version_id=version_id).exists():
-        # Never overwrite (or delete) the files of a registered version: they are what its registry entry vouches for.
-        raise CandidateAlreadyRegistered(
-            f"round {round_.round_id}: model version {version_id!r} is already registered; "
-            f"its files under artifacts://versions/{version_id} are left as they are"
-        )
-    # Written under a name of this task's own and moved into place only while it still holds the window: a task
-    # released as lost (and still running) can never write over the files of the attempt that replaced it.
-    staging = store / "versions" / f".{version_id}.task-{task.pk}"
-    # Staging directories of earlier attempts at this candidate (their workers died before registering, or they were
-    # released as lost): this task holds the window now, so none of them can ever be registered.
-    for stale in (store / "versions").glob(f".{version_id}.task-*"):
-        shutil.rmtree(stale, ignore_errors=True)
     has_tokenizer = any(entry.partition == "tokenizer" for entry in champion_manifest.files.values())
     save_version(
         model,
@@ -338,16 +535,17 @@ def _aggregate_claimed_round(task: TrainingTask, round_: Round, params: Aggregat
             "task": task.pk,
             "updates": list(applied),
             "staleness": {update_id: entry["staleness"] for update_id, entry in record["updates"].items()},
-            "aggregation": record["aggregation"] | {"weights": weights_by_update, "notes": report.notes},
+            "aggregation": evidence | {"weights": weights_by_update, "notes": report.notes},
         },
     )
     _crash_if_asked("after_files_written")
     try:
         version = _register_candidate(
-            task, round_, staging, directory, champion, contributions, applied, record, version_id
+            task, round_, staging, state_staging, champion, contributions, applied, record, version_id
         )
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        staged_path(store, state_staging).unlink(missing_ok=True)
     logger.info(
         "round %s: %d updates onto %s → candidate %s (%d rejected)",
         round_.round_id,
@@ -363,20 +561,24 @@ def _register_candidate(
     task: TrainingTask,
     round_: Round,
     staging: Path,
-    directory: Path,
+    state_staging: str,
     champion: ModelVersion,
     contributions: list[Contribution],
     applied: tuple[str, ...],
     record: dict[str, Any],
     version_id: str,
 ) -> ModelVersion:
-    """The one transaction that makes the candidate real: files moved into place, registry, updates, window."""
+    """The one transaction that makes the candidate real: files (and the optimiser's state) moved into place,
+    registry, updates, window."""
+    store = artifact_root()
+    directory = store / "versions" / version_id
     with transaction.atomic():
         _still_owned(task, round_)
         if directory.exists():
             # Left by an attempt that died before registering it; nothing refers to an unregistered directory.
             shutil.rmtree(directory)
         os.replace(staging, directory)
+        install_state(store, state_staging, version_id)
         _crash_if_asked("after_files_moved")
         version = register_saved_version(
             directory,
@@ -390,7 +592,9 @@ def _register_candidate(
         updates = [contribution.update for contribution in contributions]
         mark_updates_applied(updates, version=version, actor_label=ACTOR_LABEL)
         for contribution in contributions:
-            Update.objects.filter(pk=contribution.update.pk).update(staleness=contribution.facts.staleness)
+            Update.objects.filter(pk=contribution.update.pk).update(
+                staleness=contribution.facts.staleness, content_digest=contribution.content_digest
+            )
         close_round(
             round_,
             actor=None,

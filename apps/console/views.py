@@ -24,6 +24,7 @@ from apps.governance.choices import ApprovalStatus
 from apps.governance.models import ApprovalRequest, AuditEvent
 from apps.governance.services import approve_version, reject_version
 from apps.registry.choices import CHAMPION_ALIAS, LineageKind
+from apps.registry.evidence import aggregation_evidence
 from apps.registry.models import Alias, LineageEdge, ModelVersion
 
 PAGE_SIZE = 50
@@ -187,6 +188,7 @@ def _version_page(
             "artifacts": artifacts,
             "artifact_bytes": sum(a.size_bytes for a in artifacts),
             "lineage": _lineage(version),
+            "aggregation": aggregation_evidence(version.manifest),
             "evaluation": evaluation,
             "approvals": approvals,
             "pending": pending,

@@ -197,6 +197,13 @@ class Update(models.Model):
         blank=True,
         help_text="W3C trace context of its ingestion (the device's trace); the aggregation applying it links to it.",
     )
+    content_digest = models.CharField(
+        max_length=64,
+        blank=True,
+        db_index=True,
+        help_text="sha256 over its adapter factors, set when aggregated: the same update sent twice (from one "
+        "device under a new id, or from several devices) is applied once.",
+    )
 
     class Meta:
         ordering = ("-received_at", "-id")

@@ -33,7 +33,8 @@ from apps.federation.events import publish_round_start_on_commit
 from apps.federation.identity import CheckedRequest, check_csr, register_device_key, revoke_device_keys
 from apps.federation.jobs import checked_params, send_training_task_on_commit
 from apps.federation.models import DeviceKey, EdgeDevice, EnrollmentToken, Round, StagedPayload, TrainingTask, Update
-from apps.federation.windows import champion_version, staleness_of
+from apps.federation.privacy import check_round_budget
+from apps.federation.windows import champion_version, round_settings, staleness_of
 from apps.governance.audit import record_audit_event
 from apps.governance.models import AuditEvent
 from apps.registry.choices import VersionStatus
@@ -416,7 +417,10 @@ def open_round(
         )
     if config is not None and not isinstance(config, dict):
         raise ValidationError({"config": "config must be a JSON object"})
-    check_round_config(config or {})
+    settings_ = check_round_config(config or {})
+    if settings_.privacy is not None:
+        # A round that would take the federation past its ε budget refuses to start, saying by how much.
+        check_round_budget(settings_.privacy, planned=settings_.privacy.planned_aggregations)
     members = list(dict.fromkeys(cohort))
     if mode == RoundMode.SYNC:
         if not members:
@@ -516,6 +520,26 @@ def continue_series(round_: Round, *, base_version: ModelVersion, actor_label: s
     if Round.objects.filter(series=round_.series, sequence__gt=round_.sequence).exists():
         # The series already went on (e.g. past a window whose aggregation kept failing): never fork it.
         return None
+    settings_ = round_settings(round_)
+    if settings_.privacy is not None:
+        try:
+            check_round_budget(settings_.privacy, planned=1)
+        except ValidationError as error:
+            # One more noised window would exceed the budget: the series stops, said in the audit trail and on
+            # the window, rather than open a window whose aggregation must be refused.
+            reason = "; ".join(error.messages)
+            current = Round.objects.values_list("record", flat=True).get(pk=round_.pk)
+            Round.objects.filter(pk=round_.pk).update(
+                record=(current if isinstance(current, dict) else {}) | {"series_stopped": reason}
+            )
+            record_audit_event(
+                actor=None,
+                actor_label=actor_label,
+                verb="federation.series.stopped",
+                target=round_,
+                data={"round_id": round_.round_id, "series": round_.series, "reason": reason},
+            )
+            return None
     sequence = round_.sequence + 1
     round_id = f"{round_.series[:52]}.{sequence}"
     if Round.objects.filter(round_id=round_id).exists():

@@ -67,6 +67,8 @@ class AggregationReport:
     experts: dict[ExpertKey, ExpertAggregation] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     deltas: int = 0
+    # update id → factor < 1 its whole update was scaled by for every expert (`update_scale`, DP's clip), with why.
+    update_scale: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -74,6 +76,7 @@ class AggregationReport:
             "deltas": self.deltas,
             "notes": self.notes,
             "experts": {expert: record.to_dict() for expert, record in sorted(self.experts.items())},
+            **({"update_scale": self.update_scale} if self.update_scale else {}),
         }
 
 
@@ -142,6 +145,8 @@ def aggregate_factored(
     emit: Callable[[DeltaKey, Tensor], None],
     *,
     max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES,
+    update_scale: Mapping[str, float] | None = None,
+    update_scale_reason: str = "dp_clip",
 ) -> AggregationReport:
     """Combine the updates expert by expert and hand each aggregated fp32 delta to `emit(key, delta)`.
 
@@ -149,6 +154,11 @@ def aggregate_factored(
     an expert with weight 0 or absent from an update's map gets nothing from that update. Keys no update
     contributes to are not emitted, so merging leaves those experts unchanged. Raises ValueError naming the update
     for misaligned inputs, negative or non-finite weights, or factor shapes that disagree across updates.
+
+    `update_scale` maps an update id to a factor in (0, 1] multiplied into that update's scaling for every expert, on
+    top of the per-expert screens (DP's clip of the whole update to a joint norm: the delta is multiplied by the
+    product of both); updates it does not name keep 1. Factors < 1 are recorded in the report's `update_scale`
+    under `update_scale_reason`.
     """
     if len(sources) != len(weights):
         raise ValueError(f"{len(sources)} updates but {len(weights)} weight maps")
@@ -163,7 +173,16 @@ def aggregate_factored(
         if source.update_id in seen:
             raise ValueError(f"update {source.update_id} is given twice; an update is aggregated once")
         seen.add(source.update_id)
+    whole = dict(update_scale or {})
+    for update_id, factor in whole.items():
+        if update_id not in seen:
+            raise ValueError(f"update_scale names update {update_id}, which is not being aggregated")
+        if not (math.isfinite(factor) and 0 < factor <= 1):
+            raise ValueError(f"update {update_id}: update_scale must be in (0, 1], got {factor}")
     report = AggregationReport(method=config.method)
+    report.update_scale = {
+        update_id: {"by": update_scale_reason, "factor": factor} for update_id, factor in whole.items() if factor < 1
+    }
     trim_warned: list[str] = []
     for expert, keys in _group_by_expert(sources).items():
         contributing = [
@@ -184,6 +203,8 @@ def aggregate_factored(
                 squared[update_id] += value
         norms = {update_id: math.sqrt(value) for update_id, value in squared.items()}
         scaling, scaled, bound = _scaling(norms, config)
+        for update_id in scaling:
+            scaling[update_id] *= whole.get(update_id, 1.0)
         record = ExpertAggregation(
             expert=expert,
             contributors=[source.update_id for source, _ in contributing],

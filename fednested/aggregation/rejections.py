@@ -38,6 +38,8 @@ class RejectionCode(StrEnum):
     INCOMPLETE_BODY = "incomplete_body"
     WINDOW_UNUSABLE = "window_unusable"
     NOT_CHECKED = "not_checked"
+    DUPLICATE_UPDATE = "duplicate_update"
+    PRIVACY_BUDGET_SPENT = "privacy_budget_spent"
 
     @property
     def description(self) -> str:
@@ -73,6 +75,10 @@ REJECTION_DESCRIPTIONS: dict[RejectionCode, str] = {
     RejectionCode.INCOMPLETE_BODY: "the upload ended before its declared Content-Length",
     RejectionCode.WINDOW_UNUSABLE: "the window's settings cannot be used (an operator must fix them); resend later",
     RejectionCode.NOT_CHECKED: "recorded before every envelope was checked once; resend it",
+    RejectionCode.DUPLICATE_UPDATE: "its adapters are identical to another update's (this device's or another's); "
+    "an update counts once, whoever sends it",
+    RejectionCode.PRIVACY_BUDGET_SPENT: "the federation's differential-privacy budget would be exceeded by this "
+    "window; an operator must raise the budget or stop noised rounds",
 }
 
 # Rejections that say something about the device itself (what it sent), as opposed to timing or the server's state
@@ -96,6 +102,7 @@ DEVICE_FAULTS: frozenset[RejectionCode] = frozenset(
         RejectionCode.INVALID_UPDATE_ID,
         RejectionCode.SHA256_MISSING,
         RejectionCode.INCOMPLETE_BODY,
+        RejectionCode.DUPLICATE_UPDATE,
     }
 )
 

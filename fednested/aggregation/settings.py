@@ -14,6 +14,8 @@ from datetime import timedelta
 from typing import Any
 
 from fednested.aggregation.aggregate import AGGREGATION_METHODS, AggregationConfig
+from fednested.aggregation.privacy import PRIVACY_KEYS, PrivacyConfig, PrivacyConfigError
+from fednested.aggregation.server_optimizers import SERVER_OPTIMIZERS, ServerOptimizerConfig
 from fednested.aggregation.validation import UpdateLimits
 from fednested.aggregation.weights import WeightingConfig
 
@@ -26,7 +28,15 @@ ROUND_SETTING_KEYS: dict[str, str] = {
     "claim_history_factor": "a number >= 1: routed tokens are scaled down when an update claims more training tokens "
     "than this × the median of the device's earlier accepted updates",
     "trim_fraction": "a number in [0, 0.5)",
-    "server_learning_rate": "a number in (0, 100] (η in W ← W + η·ΔW)",
+    "server_learning_rate": "a number in (0, 100] (the server optimiser's η; fedavg: W ← W + η·ΔW)",
+    "server_optimizer": f"one of {', '.join(SERVER_OPTIMIZERS)} (Reddi et al., 2021; the state of fedavgm, fedadam and "
+    "fedyogi follows the line of champions)",
+    "server_momentum": "a number in [0, 1): β1 of fedavgm, fedadam and fedyogi",
+    "server_beta2": "a number in [0, 1): β2 of fedadam and fedyogi",
+    "server_tau": "a number > 0: the adaptivity τ of fedadam and fedyogi",
+    "dp": "null (no differential privacy) or an object with "
+    + "; ".join(f"{key}: {text}" for key, text in PRIVACY_KEYS.items())
+    + ". Needs aggregation_method weighted_mean and no norm_bound_multiplier",
     "staleness_exponent": "a number >= 0 (a in (1 + τ)^-a)",
     "weight_by_routed_tokens": "true or false",
     "weight_by_examples": "true or false",
@@ -60,6 +70,20 @@ class RoundAggregationSettings:
     min_updates_at_deadline: int = 1
     min_cohort_fraction: float = 1.0
     claim_history_factor: float = 4.0
+    server_optimizer: ServerOptimizerConfig = field(default_factory=ServerOptimizerConfig)
+    # Central DP on the aggregate (fednested.aggregation.privacy); None = no noise, and no flag may claim any.
+    privacy: PrivacyConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.privacy is not None:
+            problem = dp_conflict(self.aggregation)
+            if problem is not None:
+                raise RoundSettingsError(problem)
+        if self.server_optimizer.learning_rate != self.aggregation.server_learning_rate:
+            raise RoundSettingsError(
+                f"server_optimizer.learning_rate {self.server_optimizer.learning_rate} and "
+                f"aggregation.server_learning_rate {self.aggregation.server_learning_rate} must be the same η"
+            )
 
     @classmethod
     def from_mapping(cls, config: Mapping[str, Any], *, where: str = "round config") -> RoundAggregationSettings:
@@ -106,6 +130,14 @@ class RoundAggregationSettings:
                 trim_fraction=float(value("trim_fraction", number, aggregation.trim_fraction)),
                 server_learning_rate=float(value("server_learning_rate", number, aggregation.server_learning_rate)),
             )
+            optimizer = defaults.server_optimizer
+            server_optimizer = ServerOptimizerConfig(
+                name=value("server_optimizer", str, optimizer.name),
+                learning_rate=aggregation.server_learning_rate,
+                momentum=float(value("server_momentum", number, optimizer.momentum)),
+                beta2=float(value("server_beta2", number, optimizer.beta2)),
+                tau=float(value("server_tau", number, optimizer.tau)),
+            )
             max_delta_norm = value("max_delta_norm", number, limits.max_delta_norm, nullable=True)
             max_total_norm = value("max_total_norm", number, limits.max_total_norm, nullable=True)
             limits = UpdateLimits(
@@ -118,6 +150,15 @@ class RoundAggregationSettings:
             raise
         except ValueError as error:
             raise RoundSettingsError(f"{where}: {error}") from error
+        privacy = None
+        if config.get("dp") is not None:
+            try:
+                privacy = PrivacyConfig.from_mapping(config["dp"], where=f"{where}: 'dp'")
+            except PrivacyConfigError as error:
+                raise RoundSettingsError(str(error)) from error
+            problem = dp_conflict(aggregation)
+            if problem is not None:
+                raise RoundSettingsError(f"{where}: {problem}")
         max_staleness = value("max_staleness", int, defaults.max_staleness)
         if max_staleness < 0:
             raise RoundSettingsError(f"{where}: 'max_staleness' must be {ROUND_SETTING_KEYS['max_staleness']}")
@@ -148,7 +189,32 @@ class RoundAggregationSettings:
             min_updates_at_deadline=minimum,
             min_cohort_fraction=fraction,
             claim_history_factor=history_factor,
+            server_optimizer=server_optimizer,
+            privacy=privacy,
         )
+
+
+def dp_conflict(aggregation: AggregationConfig) -> str | None:
+    """Why `aggregation` cannot be combined with DP, or None.
+
+    DP's noise is calibrated to the sensitivity of a clipped sum: one update moves it by at most C. The trimmed mean
+    and the coordinate median are not sums (which values survive depends on every update), and the relative norm
+    bound scales each update by the median norm of the others, so removing one update changes how all the others
+    count: neither has sensitivity C, and the noise would not give the ε the accountant reports. Absolute per-expert
+    clipping (clip_norm) depends on the update alone, so it may stay: it applies before DP's whole-update clip.
+    """
+    if aggregation.method != "weighted_mean":
+        return (
+            f"'dp' needs aggregation_method 'weighted_mean', not {aggregation.method!r}: a robust rule's output is "
+            f"not a clipped sum, so its sensitivity is not clip_norm and the noise would not give the ε reported"
+        )
+    if aggregation.norm_bound_multiplier is not None:
+        return (
+            "'dp' cannot be combined with 'norm_bound_multiplier': that bound scales each update by the median norm "
+            "of the others, so one update's presence changes how all count and the sensitivity is not clip_norm; "
+            "set it to null (DP's clip bounds every update already)"
+        )
+    return None
 
 
 def _optional_float(raw: Any) -> float | None:

@@ -4,10 +4,12 @@ from typing import Any
 
 from django.db import connection
 from django.db.models import Model
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from apps.accounts.models import User
 from apps.registry.choices import ArtifactPartition
+from apps.registry.evidence import aggregation_evidence
 from apps.registry.models import Alias, LineageEdge, ModelFamily, ModelVersion, VersionArtifact, VersionEvaluation
 from apps.registry.services import ARTIFACT_URI_PATTERN, SLUG_PATTERN, VERSION_ID_PATTERN
 from apps.registry.storage import artifact_root, public_location
@@ -63,6 +65,11 @@ class ModelVersionSerializer(serializers.ModelSerializer[ModelVersion]):
     artifacts = VersionArtifactSerializer(many=True, read_only=True)
     aliases = serializers.SlugRelatedField[Alias](slug_field="name", many=True, read_only=True)
     artifact_uri = StoreLocationField(read_only=True, help_text="The version's folder: artifacts://<path>.")
+    aggregation = serializers.SerializerMethodField(
+        help_text="How an aggregated candidate was made: the robust rule and what it cut, the server optimiser, and "
+        "the differential privacy applied (dp_noised is true only when noise was drawn; ε at δ over the "
+        "federation's noised aggregations). Null for versions not made by aggregation."
+    )
 
     class Meta:
         model = ModelVersion
@@ -76,10 +83,27 @@ class ModelVersionSerializer(serializers.ModelSerializer[ModelVersion]):
             "artifact_uri",
             "artifacts",
             "aliases",
+            "aggregation",
             "created_by_label",
             "created_at",
         )
         read_only_fields = fields
+
+    @extend_schema_field(
+        {
+            "type": "object",
+            "nullable": True,
+            "properties": {
+                "rule": {"type": "object"},
+                "server_optimizer": {"type": "object"},
+                "dp_noised": {"type": "boolean"},
+                "privacy": {"type": "object", "nullable": True},
+            },
+            "required": ["rule", "server_optimizer", "dp_noised", "privacy"],
+        }
+    )
+    def get_aggregation(self, version: ModelVersion) -> dict[str, Any] | None:
+        return aggregation_evidence(version.manifest)
 
 
 class ArtifactInputSerializer(serializers.Serializer[dict[str, Any]]):

@@ -5,6 +5,9 @@ from typing import Any
 
 import pytest
 
+from fednested.aggregation.aggregate import AggregationConfig
+from fednested.aggregation.privacy import PrivacyConfig
+from fednested.aggregation.server_optimizers import ServerOptimizerConfig
 from fednested.aggregation.settings import MAX_WAIT_S, ROUND_SETTING_KEYS, RoundAggregationSettings, RoundSettingsError
 
 
@@ -130,3 +133,93 @@ def test_bad_values_are_named(config: dict[str, Any], message: str) -> None:
     with pytest.raises(RoundSettingsError, match=message) as caught:
         RoundAggregationSettings.from_mapping(config, where="round 'r1' config")
     assert str(caught.value).startswith("round 'r1' config: ")
+
+
+def test_server_optimizer_and_dp_default_to_fedavg_without_noise() -> None:
+    settings = RoundAggregationSettings.from_mapping({})
+    assert settings.server_optimizer == ServerOptimizerConfig(name="fedavg", learning_rate=1.0)
+    assert settings.privacy is None
+    assert RoundAggregationSettings.from_mapping({"dp": None}).privacy is None
+
+
+def test_server_optimizer_keys_are_read_and_eta_is_one_value() -> None:
+    settings = RoundAggregationSettings.from_mapping(
+        {
+            "server_optimizer": "fedyogi",
+            "server_learning_rate": 0.03,
+            "server_momentum": 0.5,
+            "server_beta2": 0.9,
+            "server_tau": 0.01,
+        }
+    )
+    assert settings.server_optimizer == ServerOptimizerConfig("fedyogi", 0.03, 0.5, 0.9, 0.01)
+    assert settings.aggregation.server_learning_rate == 0.03
+    edges = RoundAggregationSettings.from_mapping({"server_momentum": 0, "server_beta2": 0})
+    assert (edges.server_optimizer.momentum, edges.server_optimizer.beta2) == (0.0, 0.0)
+    with pytest.raises(RoundSettingsError, match="must be the same η"):
+        RoundAggregationSettings(aggregation=AggregationConfig(server_learning_rate=0.5))
+
+
+def test_dp_is_read_and_may_keep_absolute_clipping() -> None:
+    settings = RoundAggregationSettings.from_mapping(
+        {
+            "dp": {
+                "noise_multiplier": 1.1,
+                "clip_norm": 0.5,
+                "delta": 1e-6,
+                "epsilon_budget": 8,
+                "planned_aggregations": 3,
+            },
+            "clip_norm": 2.0,
+        }
+    )
+    assert settings.privacy == PrivacyConfig(1.1, 0.5, 1e-6, 8.0, 3)
+    assert settings.aggregation.clip_norm == 2.0
+
+
+def test_every_new_key_is_documented() -> None:
+    assert {"server_optimizer", "server_momentum", "server_beta2", "server_tau", "dp"} <= set(ROUND_SETTING_KEYS)
+    assert "fedavg, fedavgm, fedadam, fedyogi" in ROUND_SETTING_KEYS["server_optimizer"]
+    assert "noise_multiplier" in ROUND_SETTING_KEYS["dp"]
+    assert "clip_norm" in ROUND_SETTING_KEYS["dp"]
+
+
+DP = {"noise_multiplier": 1.0, "clip_norm": 1.0}
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"server_optimizer": "adam"}, "server optimiser 'adam' is not one of fedavg, fedavgm, fedadam, fedyogi"),
+        ({"server_optimizer": 1}, r"'server_optimizer' must be one of fedavg, fedavgm, fedadam, fedyogi .*, got 1"),
+        ({"server_momentum": 1}, r"server optimiser momentum must be a finite number in \[0, 1\), got 1.0"),
+        ({"server_momentum": True}, r"'server_momentum' must be a number in \[0, 1\).*, got True"),
+        ({"server_beta2": -0.1}, r"server optimiser beta2 must be a finite number in \[0, 1\), got -0.1"),
+        ({"server_tau": 0}, "server optimiser tau must be a finite number > 0, got 0.0"),
+        ({"server_tau": float("nan")}, r"'server_tau' must be a number > 0.*, got nan"),
+        ({"dp": {"clip_norm": 1.0}}, r"'dp': 'noise_multiplier' is required"),
+        ({"dp": {"noise_multiplier": 1.0}}, r"'dp': 'clip_norm' is required"),
+        ({"dp": {"noise_multiplier": 0, "clip_norm": 1}}, r"'dp': 'noise_multiplier' must be a number > 0"),
+        ({"dp": {"noise_multiplier": 1, "clip_norm": -1}}, r"'dp': 'clip_norm' must be a number > 0"),
+        ({"dp": {**DP, "noise": 2}}, r"'dp': unknown keys \['noise'\]"),
+        ({"dp": "on"}, r"'dp' must be an object with noise_multiplier and clip_norm, got 'on'"),
+        (
+            {"dp": DP, "aggregation_method": "trimmed_mean"},
+            "'dp' needs aggregation_method 'weighted_mean', not 'trimmed_mean': a robust rule's output is not a "
+            "clipped sum",
+        ),
+        ({"dp": DP, "aggregation_method": "coordinate_median"}, "'dp' needs aggregation_method 'weighted_mean'"),
+        ({"dp": DP, "norm_bound_multiplier": 3}, "'dp' cannot be combined with 'norm_bound_multiplier'"),
+    ],
+)
+def test_bad_new_values_are_named(config: dict[str, Any], message: str) -> None:
+    with pytest.raises(RoundSettingsError, match=message) as caught:
+        RoundAggregationSettings.from_mapping(config, where="round 'r1' config")
+    assert str(caught.value).startswith("round 'r1' config: ")
+
+
+def test_dp_with_a_robust_rule_is_refused_however_the_settings_are_built() -> None:
+    with pytest.raises(RoundSettingsError, match="'dp' needs aggregation_method 'weighted_mean'"):
+        RoundAggregationSettings(
+            aggregation=AggregationConfig(method="coordinate_median"), privacy=PrivacyConfig(1.0, 1.0)
+        )

@@ -1,8 +1,9 @@
 """`manage.py check_store`: does the artifact store hold what the registry says? Exit status 1 when it does not.
 
-Every file of every version and every stored update payload must lie inside the store with its registered size and
-sha256. Files of the store that no row names are warnings (orphans: what an aggregation that died before registering
-left behind, a file copied in by hand); `heldout/` holds evaluation sets, which task parameters name, and is skipped.
+Every file of every version, the server optimiser state its lineage names, and every stored update payload must lie
+inside the store with its registered size and sha256. Files of the store that no row names are warnings (orphans:
+what an aggregation that died before registering left behind, a file copied in by hand); `heldout/` holds
+evaluation sets, which task parameters name, and is skipped.
 """
 
 import os
@@ -14,6 +15,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from apps.federation.choices import UpdateStatus
 from apps.federation.models import StagedPayload, Update
+from apps.federation.server_state import state_reference
 from apps.registry.models import ModelVersion
 from apps.registry.services import MANIFEST_FILE_NAME
 from apps.registry.storage import (
@@ -24,6 +26,7 @@ from apps.registry.storage import (
     file_inside,
     store_relative,
 )
+from fednested.aggregation.server_optimizers import ServerOptimizerStateError
 from fednested.checkpoints import file_sha256
 
 WARNINGS = frozenset({StoreProblem.ORPHAN, StoreProblem.NOT_STORE_RELATIVE})
@@ -120,6 +123,28 @@ def _check_versions(report: StoreReport, root: Path) -> None:
                 report.findings.append(Finding(StoreProblem.OUTSIDE_STORE, owner, location, str(error)))
                 continue
             _check_file(report, path, root, owner=owner, sha256=artifact.sha256, size_bytes=artifact.size_bytes)
+        _check_server_state(report, version, root, owner=owner)
+
+
+def _check_server_state(report: StoreReport, version: ModelVersion, root: Path, *, owner: str) -> None:
+    """The server optimiser's state file the version's lineage names (aggregated candidates only)."""
+    try:
+        reference = state_reference(version.manifest)
+    except ServerOptimizerStateError as error:
+        report.findings.append(Finding(StoreProblem.NOT_IN_STORE, owner, "lineage.aggregation", str(error)))
+        return
+    if reference is None:
+        return
+    path = _located(report, reference.uri, root, owner=f"{owner} server optimiser state")
+    if path is not None:
+        _check_file(
+            report,
+            path,
+            root,
+            owner=f"{owner} server optimiser state",
+            sha256=reference.sha256,
+            size_bytes=reference.bytes,
+        )
 
 
 def _check_payloads(report: StoreReport, root: Path) -> None:
