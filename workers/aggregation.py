@@ -503,47 +503,48 @@ def _aggregate_claimed_round(task: TrainingTask, round_: Round, params: Aggregat
     for stale in (store / "versions").glob(f".{version_id}.task-*"):
         shutil.rmtree(stale, ignore_errors=True)
     discard_stale_staging(store, version_id)
-    state = stage_state(optimizer, version_id=version_id, staging_name=state_staging, store=store)
-    evidence = _evidence(settings_, result.record, state, champion)
-    record: dict[str, Any] = {
-        "trigger": params.trigger,
-        "parent": champion.version_id,
-        "updates": {
-            contribution.update.update_id: {
-                "client_id": contribution.update.device.client_id,
-                "base_version": contribution.update.base_version.version_id,
-                "staleness": contribution.facts.staleness,
-                "reliability": round(contribution.facts.reliability, 6),
-                "share_capped_experts": result.capped.get(contribution.update.update_id, []),
-                **({"claim_bounded": contribution.claim_note} if contribution.claim_note else {}),
-            }
-            for contribution in contributions
-        },
-        "rejected": rejected,
-        "aggregation": evidence,
-        "report": _released(report.to_dict(), private=settings_.privacy is not None),
-    }
-    has_tokenizer = any(entry.partition == "tokenizer" for entry in champion_manifest.files.values())
-    save_version(
-        model,
-        staging,
-        version_id=version_id,
-        parent_version=champion.version_id,
-        tokenizer=load_tokenizer(champion_directory) if has_tokenizer else None,
-        lineage={
-            "round": round_.round_id,
-            "task": task.pk,
-            "updates": list(applied),
-            "staleness": {update_id: entry["staleness"] for update_id, entry in record["updates"].items()},
-            "aggregation": evidence | {"weights": weights_by_update, "notes": report.notes},
-        },
-    )
-    _crash_if_asked("after_files_written")
     try:
+        state = stage_state(optimizer, version_id=version_id, staging_name=state_staging, store=store)
+        evidence = _evidence(settings_, result.record, state, champion)
+        record: dict[str, Any] = {
+            "trigger": params.trigger,
+            "parent": champion.version_id,
+            "updates": {
+                contribution.update.update_id: {
+                    "client_id": contribution.update.device.client_id,
+                    "base_version": contribution.update.base_version.version_id,
+                    "staleness": contribution.facts.staleness,
+                    "reliability": round(contribution.facts.reliability, 6),
+                    "share_capped_experts": result.capped.get(contribution.update.update_id, []),
+                    **({"claim_bounded": contribution.claim_note} if contribution.claim_note else {}),
+                }
+                for contribution in contributions
+            },
+            "rejected": rejected,
+            "aggregation": evidence,
+            "report": _released(report.to_dict(), private=settings_.privacy is not None),
+        }
+        has_tokenizer = any(entry.partition == "tokenizer" for entry in champion_manifest.files.values())
+        save_version(
+            model,
+            staging,
+            version_id=version_id,
+            parent_version=champion.version_id,
+            tokenizer=load_tokenizer(champion_directory) if has_tokenizer else None,
+            lineage={
+                "round": round_.round_id,
+                "task": task.pk,
+                "updates": list(applied),
+                "staleness": {update_id: entry["staleness"] for update_id, entry in record["updates"].items()},
+                "aggregation": evidence | {"weights": weights_by_update, "notes": report.notes},
+            },
+        )
+        _crash_if_asked("after_files_written")
         version = _register_candidate(
             task, round_, staging, state_staging, champion, contributions, applied, record, version_id
         )
     finally:
+        # Whatever happened (a full disk, a store refusing writes, a lost hold): no staged file of this attempt stays.
         shutil.rmtree(staging, ignore_errors=True)
         staged_path(store, state_staging).unlink(missing_ok=True)
     logger.info(
