@@ -76,8 +76,5 @@ def aggregation_evidence(manifest: Any) -> dict[str, Any] | None:
             else {"name": "fedavg", "learning_rate": aggregation.get("server_learning_rate")}
         ),
         "dp_noised": noised,
-        "privacy": {key: privacy.get(key) for key in PRIVACY_FIELDS}
-        | {"clipped_updates": len(privacy.get("clipped") or {})}
-        if isinstance(privacy, dict)
-        else None,
+        "privacy": {key: privacy.get(key) for key in PRIVACY_FIELDS} if isinstance(privacy, dict) else None,
     }
