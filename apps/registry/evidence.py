@@ -41,8 +41,10 @@ def aggregation_evidence(manifest: Any) -> dict[str, Any] | None:
     aggregation = lineage.get("aggregation") if isinstance(lineage, dict) else None
     if not isinstance(aggregation, dict):
         return None
-    rule = aggregation.get("rule") if isinstance(aggregation.get("rule"), dict) else {}
-    scaled = rule.get("scaled") if isinstance(rule.get("scaled"), dict) else {}
+    raw_rule = aggregation.get("rule")
+    rule: dict[str, Any] = raw_rule if isinstance(raw_rule, dict) else {}
+    raw_scaled = rule.get("scaled")
+    scaled: dict[str, Any] = raw_scaled if isinstance(raw_scaled, dict) else {}
     optimizer = aggregation.get("server_optimizer")
     privacy = aggregation.get("privacy")
     noised = (

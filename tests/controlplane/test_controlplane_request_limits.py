@@ -5,14 +5,25 @@ input queue — and a chunked body is cut off once it passes the limit."""
 import asyncio
 import json
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from asgiref.testing import ApplicationCommunicator
-
-from controlplane.asgi import application
+from opentelemetry.instrumentation.django import DjangoInstrumentor
 
 MiB = 1024 * 1024
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _django_instrumentation_stays_in_this_module() -> Iterator[None]:
+    """controlplane.asgi instruments Django for the whole process when imported (its OpenTelemetry middleware): it
+    is imported here, at run time, and the instrumentation removed afterwards, so tests collected with this module
+    (the API contract's live server among them) run the middleware chain they were written for."""
+    instrumented = DjangoInstrumentor().is_instrumented_by_opentelemetry
+    yield
+    if not instrumented:
+        DjangoInstrumentor().uninstrument()
 
 
 def http_scope(method: str, path: str, headers: list[tuple[bytes, bytes]]) -> dict[str, Any]:
@@ -35,6 +46,8 @@ def http_scope(method: str, path: str, headers: list[tuple[bytes, bytes]]) -> di
 async def exchange(scope: dict[str, Any], chunks: list[bytes]) -> tuple[int, dict[str, Any], int]:
     """Send `chunks` as the request body (all queued up front, as a fast client's would be), then read the response:
     (status, JSON body, how many chunks the application never read)."""
+    from controlplane.asgi import application
+
     communicator = ApplicationCommunicator(application, scope)
     for index, chunk in enumerate(chunks):
         await communicator.send_input({"type": "http.request", "body": chunk, "more_body": index < len(chunks) - 1})
@@ -126,3 +139,22 @@ def test_an_upload_within_its_limit_is_read_whole_even_past_the_json_limit(setti
         {"detail": "Authentication credentials were not provided.", "code": "not_authenticated"},
         0,
     )
+
+
+@pytest.mark.django_db
+def test_the_wsgi_application_answers_a_path_beyond_latin_1_without_a_server_error() -> None:
+    """OpenTelemetry's Django middleware rebuilt the URL from the decoded path and failed with a 500 (found by the
+    API contract test); the WSGI entry point keeps the raw target, so such a path is an ordinary 404."""
+    from wsgiref.util import setup_testing_defaults
+
+    from controlplane.wsgi import application as wsgi_application
+
+    assert DjangoInstrumentor().is_instrumented_by_opentelemetry
+    environ: dict[str, Any] = {}
+    setup_testing_defaults(environ)
+    # What a WSGI server hands over for GET /api/v1/aliases/%F0%B0%AB%BF/: the bytes as Latin-1 characters.
+    environ["PATH_INFO"] = "/api/v1/aliases/" + "\U00030abf".encode().decode("latin-1") + "/"
+    statuses: list[str] = []
+    body = b"".join(wsgi_application(environ, lambda status, headers, *rest: statuses.append(status)))
+    assert statuses
+    assert statuses[0][:3] in {"401", "403", "404"}, (statuses, body[:300])
