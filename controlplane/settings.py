@@ -283,6 +283,12 @@ if FEDNESTED_BUS == "kafka" and not FEDNESTED_KAFKA_BOOTSTRAP:
 # Prepended to every topic name, so deployments (or test runs) can share one broker.
 FEDNESTED_TOPIC_PREFIX = envstr("FEDNESTED_TOPIC_PREFIX", "")
 FEDNESTED_ARTIFACT_ROOT = Path(envstr("FEDNESTED_ARTIFACT_ROOT", str(VAR_DIR / "artifacts")))
+# The promotion gate's thresholds (apps/governance/gate.py): a JSON file, checked whenever it is read; empty: no gate.
+FEDNESTED_PROMOTION_GATE = envstr("FEDNESTED_PROMOTION_GATE", "").strip()
+# How many earlier champions a candidate's forgetting report compares it with (each may have to be scored again).
+FEDNESTED_FORGETTING_LINEAGE_DEPTH = envint("FEDNESTED_FORGETTING_LINEAGE_DEPTH", 10)
+if not 1 <= FEDNESTED_FORGETTING_LINEAGE_DEPTH <= 100:
+    raise ImproperlyConfigured("FEDNESTED_FORGETTING_LINEAGE_DEPTH must be between 1 and 100")
 # How long an enrollment token stays valid when the issuer does not say.
 FEDNESTED_ENROLLMENT_TOKEN_TTL_S = envint("FEDNESTED_ENROLLMENT_TOKEN_TTL_S", 24 * 3600)
 # The outbox relay (workers/relay/) retries a message it could not deliver after base × 2^(attempts-1) seconds,

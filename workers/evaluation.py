@@ -3,6 +3,8 @@ the registry (VersionEvaluation), then an approval request to the governance off
 
 The held-out sets of a deployment are JSONL files `<domain>.jsonl` in `<artifact root>/heldout/` (or the folder the
 task's params name as `heldout_dir`); every version is scored on the same files, so losses compare across versions.
+The candidate's forgetting report (fednested.evaluation.forgetting) compares it with its parent and the earlier
+champions of its line on those files too: their stored scores are reused where they were taken on the same files.
 """
 
 import math
@@ -17,15 +19,18 @@ from apps.accounts.services import system_user
 from apps.federation.jobs import EvaluationParams, heldout_files
 from apps.federation.models import TrainingTask
 from apps.federation.services import fail_training_task, finish_training_task, start_training_task
+from apps.governance.gate import gate_verdict
 from apps.governance.models import ApprovalRequest
 from apps.governance.services import REQUESTER_ROLES, request_approval
+from apps.registry.forgetting import record_forgetting_report, report_lineage, stored_losses
 from apps.registry.models import ModelVersion
 from apps.registry.services import DomainEvaluation, record_version_evaluation
 from apps.registry.storage import artifact_path, artifact_root, artifact_uri, redact_store_paths, store_relative
-from fednested.checkpoints import load_version
+from fednested.checkpoints import CheckpointError, load_version
 from fednested.data import Record, read_jsonl
 from fednested.data.tokenizer import load_tokenizer
 from fednested.evaluation.domains import DomainEval, EvalConfig, evaluate_domains
+from fednested.evaluation.forgetting import ForgettingReport, forgetting_report
 from fednested.observability.tracing import resumed_span
 
 ACTOR_LABEL = "worker:evaluation"
@@ -72,6 +77,52 @@ def domain_evaluations(
     return rows
 
 
+def lineage_report(
+    version: ModelVersion,
+    scores: dict[str, DomainEval],
+    parent_scores: dict[str, DomainEval] | None,
+    records: dict[str, list[Record]],
+    config: EvalConfig,
+    heldout: str,
+) -> tuple[ForgettingReport, dict[str, str]]:
+    """The candidate's forgetting report, and where each compared version's losses came from.
+
+    The parent was just scored; earlier champions reuse their recorded scores when those were taken on the same
+    held-out sets (`heldout`), and are scored again otherwise. A champion whose files are gone from the store is left
+    out, and the sources say so and why.
+    """
+    lineage = report_lineage(version)
+    losses: dict[str, dict[str, float]] = {version.version_id: {d: s.loss for d, s in scores.items()}}
+    sources: dict[str, str] = {}
+    for earlier in lineage.earlier:
+        if earlier == lineage.parent and parent_scores is not None:
+            losses[earlier.version_id], sources[earlier.version_id] = (
+                {d: s.loss for d, s in parent_scores.items()},
+                "scored",
+            )
+            continue
+        stored = stored_losses(earlier, heldout)
+        if stored is not None:
+            losses[earlier.version_id], sources[earlier.version_id] = stored, "stored"
+            continue
+        try:
+            scored = score_version(earlier, records, config)
+        except (CheckpointError, FileNotFoundError) as error:
+            sources[earlier.version_id] = "unavailable: " + redact_store_paths(str(error), artifact_root())
+            continue
+        losses[earlier.version_id], sources[earlier.version_id] = {d: s.loss for d, s in scored.items()}, "scored"
+    compared = [earlier.version_id for earlier in lineage.earlier if earlier.version_id in losses]
+    report = forgetting_report(
+        [*compared, version.version_id],
+        losses,
+        parent=lineage.parent.version_id
+        if lineage.parent is not None and lineage.parent.version_id in losses
+        else None,
+        champions=[champion.version_id for champion in lineage.champions if champion.version_id in losses],
+    )
+    return report, sources
+
+
 def approval_requester(task: TrainingTask) -> User:
     """Who asks the officers: the engineer who opened the round, or the system account for automated rounds.
 
@@ -98,11 +149,12 @@ def evaluate_candidate(task: TrainingTask) -> ApprovalRequest:
     scores = score_version(version, records, config)
     parent_scores = score_version(version.parent, records, config) if version.parent is not None else None
     rows = domain_evaluations(scores, parent_scores)
+    heldout_uri = artifact_uri(store_relative(heldout, artifact_root()))
+    report, sources = lineage_report(version, scores, parent_scores, records, config, heldout_uri)
     requester = approval_requester(task)
     with transaction.atomic():
-        record_version_evaluation(
-            version, rows, actor_label=ACTOR_LABEL, heldout=artifact_uri(store_relative(heldout, artifact_root()))
-        )
+        record_version_evaluation(version, rows, actor_label=ACTOR_LABEL, heldout=heldout_uri)
+        record_forgetting_report(version, report, heldout=heldout_uri, actor_label=ACTOR_LABEL, scored=sources)
         lines = [
             f"{row.domain}: loss {row.loss:.4f}"
             + (f" (parent {row.parent_loss:.4f})" if row.parent_loss is not None else "")
@@ -110,6 +162,15 @@ def evaluate_candidate(task: TrainingTask) -> ApprovalRequest:
         ]
         round_id = task.round.round_id if task.round is not None else None
         note = f"Aggregated by {ACTOR_LABEL} from round {round_id}. Held-out: " + "; ".join(lines)
+        if report.average_forgetting is not None:
+            note += (
+                f". Average forgetting {report.average_forgetting:.4f} nats, backward transfer "
+                f"{report.backward_transfer:+.4f} over {len(report.versions) - 1} earlier version(s)"
+            )
+        # Officers see at once whether the gate holds the candidate; approve_version asks the gate again.
+        verdict = gate_verdict(version)
+        if verdict.held:
+            note += f". Held by the promotion gate: {verdict.summary()}"
         return request_approval(version, actor=requester, note=note)
 
 

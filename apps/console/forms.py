@@ -17,6 +17,18 @@ class DecisionForm(forms.Form):
     )
 
 
+class OverrideForm(forms.Form):
+    """Ask for an override of the promotion gate, or grant the one waiting (a second officer); a reason either way."""
+
+    step = forms.ChoiceField(choices=[("request", "Ask for an override"), ("grant", "Grant the override")])
+    reason = forms.CharField(
+        widget=forms.Textarea(attrs={"rows": 2}),
+        max_length=2000,
+        help_text="Why the candidate should be promoted despite the gate; recorded in the audit log.",
+        error_messages={"required": "An override needs a written reason: it is recorded in the audit log."},
+    )
+
+
 class UpdateFilterForm(forms.Form):
     """Filters of the update list; every field optional."""
 

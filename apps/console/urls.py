@@ -12,6 +12,7 @@ urlpatterns = [
     path("sign-out/", views.SignOutView.as_view(), name="sign-out"),
     path("versions/<str:version_id>/", views.version_detail, name="version-detail"),
     path("approvals/<int:request_pk>/decide/", views.decide_approval, name="decide-approval"),
+    path("approvals/<int:request_pk>/override/", views.gate_override, name="gate-override"),
     path("updates/", views.update_list, name="update-list"),
     path("updates/<str:update_id>/", views.update_detail, name="update-detail"),
     path("audit/", views.audit_log, name="audit-log"),

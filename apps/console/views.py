@@ -16,13 +16,21 @@ from django.views.decorators.http import require_POST
 from apps.accounts.choices import Role
 from apps.accounts.roles import role_of
 from apps.console.access import AUDIT_READER_ROLES, console_page, forbidden, render_page
-from apps.console.evaluation import evaluation_summary
-from apps.console.forms import AuditFilterForm, DecisionForm, UpdateFilterForm
+from apps.console.evaluation import evaluation_summary, forgetting_view
+from apps.console.forms import AuditFilterForm, DecisionForm, OverrideForm, UpdateFilterForm
 from apps.federation.choices import UpdateStatus
 from apps.federation.models import EdgeDevice, Round, Update
 from apps.governance.choices import ApprovalStatus
-from apps.governance.models import ApprovalRequest, AuditEvent
-from apps.governance.services import approve_version, reject_version
+from apps.governance.gate import GateVerdict, gate_verdict
+from apps.governance.models import ApprovalRequest, AuditEvent, GateOverride
+from apps.governance.services import (
+    PromotionHeld,
+    approve_version,
+    covering_override,
+    grant_gate_override,
+    reject_version,
+    request_gate_override,
+)
 from apps.registry.choices import CHAMPION_ALIAS, LineageKind
 from apps.registry.evidence import aggregation_evidence
 from apps.registry.models import Alias, LineageEdge, ModelVersion
@@ -75,6 +83,35 @@ def _why_not_decide(user: Any, approval: ApprovalRequest) -> str:
     if role_of(user) != Role.OFFICER:
         return "Only governance officers decide approval requests."
     return ""
+
+
+def _gate_context(user: Any, pending: ApprovalRequest | None) -> dict[str, Any]:
+    """The promotion gate on the version page: whether it blocks Approve, and who may ask for or grant an override.
+
+    Mirrors governance.services' rules for showing the controls; the services decide again on POST.
+    """
+    if pending is None:
+        return {"gate": None}
+    verdict: GateVerdict = gate_verdict(pending.version)
+    granted = covering_override(pending, verdict.breaches) if verdict.held and not verdict.error else None
+    open_override = GateOverride.objects.filter(request=pending, granted_at=None).select_related("requested_by").first()
+    is_officer = role_of(user) == Role.OFFICER and pending.requested_by_id != user.pk
+    why_not_grant = ""
+    if open_override is not None and open_override.requested_by_id == user.pk:
+        why_not_grant = "You asked for this override, so a second officer must grant it."
+    return {
+        "gate": verdict,
+        "gate_blocks": verdict.held and granted is None,
+        "granted_override": granted,
+        "open_override": open_override,
+        "may_request_override": is_officer
+        and verdict.held
+        and not verdict.error
+        and granted is None
+        and open_override is None,
+        "may_grant_override": is_officer and open_override is not None and open_override.requested_by_id != user.pk,
+        "why_not_grant": why_not_grant,
+    }
 
 
 @console_page()
@@ -168,7 +205,12 @@ def _lineage(version: ModelVersion) -> dict[str, Any]:
 
 
 def _version_page(
-    request: HttpRequest, version: ModelVersion, *, form: DecisionForm | None = None, status: int = 200
+    request: HttpRequest,
+    version: ModelVersion,
+    *,
+    form: DecisionForm | None = None,
+    override_form: OverrideForm | None = None,
+    status: int = 200,
 ) -> HttpResponse:
     approvals = list(
         ApprovalRequest.objects.filter(version=version)
@@ -195,6 +237,9 @@ def _version_page(
             "may_decide": pending is not None and _may_decide(request.user, pending),
             "why_not_decide": _why_not_decide(request.user, pending) if pending else "",
             "form": form or DecisionForm(),
+            "override_form": override_form or OverrideForm(),
+            "forgetting": forgetting_view(version),
+            **_gate_context(request.user, pending),
         },
         nav="dashboard",
         status=status,
@@ -234,12 +279,48 @@ def decide_approval(request: HttpRequest, request_pk: int) -> HttpResponse:
     except ValidationError as exc:
         messages.error(request, f"Not decided: {_validation_text(exc)}")
         return HttpResponseRedirect(version_url, status=303)
+    except PromotionHeld as exc:
+        # A page drawn before the gate held the candidate (or before a threshold changed) still posts Approve:
+        # the service refuses it, and the page is drawn again with the reason, as the API's 409.
+        messages.error(request, f"Not approved: {exc}")
+        return _version_page(request, approval.version, status=409)
     if decision == "approve":
         messages.success(
             request, f"Approved {approval.version.version_id}: it is now the champion and devices are told to move."
         )
     else:
         messages.success(request, f"Rejected {approval.version.version_id}.")
+    return HttpResponseRedirect(version_url, status=303)
+
+
+@require_POST
+@console_page()
+def gate_override(request: HttpRequest, request_pk: int) -> HttpResponse:
+    """An officer asks for a gate override, or a second officer grants the one waiting; the services decide who may."""
+    approval = get_object_or_404(ApprovalRequest.objects.select_related("version"), pk=request_pk)
+    version_url = reverse("console:version-detail", args=[approval.version.version_id])
+    form = OverrideForm(request.POST)
+    if not form.is_valid():
+        return _version_page(request, approval.version, override_form=form, status=400)
+    step, reason = form.cleaned_data["step"], form.cleaned_data["reason"]
+    try:
+        if step == "request":
+            request_gate_override(approval, actor=request.user, reason=reason)
+        else:
+            waiting = GateOverride.objects.filter(request=approval, granted_at=None).select_related("request").first()
+            if waiting is None:
+                messages.error(request, "Not granted: no override of this request is waiting for a grant.")
+                return HttpResponseRedirect(version_url, status=303)
+            grant_gate_override(waiting, actor=request.user, reason=reason)
+    except PermissionDenied as exc:
+        return forbidden(request, f"Override refused: {exc}", back_url=version_url)
+    except ValidationError as exc:
+        messages.error(request, f"Override refused: {_validation_text(exc)}")
+        return HttpResponseRedirect(version_url, status=303)
+    if step == "request":
+        messages.success(request, "Override asked for: a second officer must grant it before the version is approved.")
+    else:
+        messages.success(request, "Override granted: an officer may now approve the version despite the gate.")
     return HttpResponseRedirect(version_url, status=303)
 
 

@@ -69,3 +69,35 @@ class ApprovalDecision(models.Model):
 
     def __str__(self) -> str:
         return f"{self.decision} #{self.request_id} by {self.decided_by_id}"
+
+
+class GateOverride(models.Model):
+    """A request to approve a candidate the promotion gate holds, and a second officer's grant of it.
+
+    Records the breaches it was asked for: a grant covers those breaches only, so a candidate evaluated again with a
+    new breach is held again. Who may ask and who may grant is `apps.governance.gate`'s rule, enforced by the services.
+    """
+
+    request = models.ForeignKey(ApprovalRequest, on_delete=models.PROTECT, related_name="gate_overrides")
+    requested_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+")
+    reason = models.TextField()
+    breaches = models.JSONField(help_text="The gate's breaches when the override was asked for.")
+    requested_at = models.DateTimeField(auto_now_add=True)
+    granted_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    grant_reason = models.TextField(blank=True)
+    granted_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ("-requested_at", "-id")
+        constraints = (
+            # One open (ungranted) override request per approval request: a second officer answers one question.
+            models.UniqueConstraint(
+                fields=["request"], condition=models.Q(granted_at__isnull=True), name="governance_one_open_override"
+            ),
+        )
+
+    def __str__(self) -> str:
+        state = f"granted by {self.granted_by_id}" if self.granted_at else "asked"
+        return f"gate override of approval #{self.request_id} ({state})"

@@ -19,13 +19,26 @@ from apps.federation.events import publish_model_available_on_commit
 from apps.federation.models import TrainingTask
 from apps.governance.audit import record_audit_event
 from apps.governance.choices import ApprovalStatus, Decision
-from apps.governance.models import ApprovalDecision, ApprovalRequest
+from apps.governance.gate import Breach, GateVerdict, gate_verdict
+from apps.governance.models import ApprovalDecision, ApprovalRequest, GateOverride
 from apps.registry.choices import CHAMPION_ALIAS, VersionStatus
 from apps.registry.models import Alias, ModelVersion
 from apps.registry.services import move_alias, set_version_status
 from fednested.observability.tracing import resumed_span
 
 REQUESTER_ROLES = frozenset({Role.ENGINEER, Role.ADMIN, Role.SYSTEM})
+
+
+class PromotionHeld(Exception):  # a refusal, like Django's PermissionDenied, not a program error
+    """The promotion gate holds the candidate: the API answers 409 with `verdict`'s breaches, the console says why."""
+
+    def __init__(self, version_id: str, verdict: GateVerdict) -> None:
+        self.version_id = version_id
+        self.verdict = verdict
+        super().__init__(
+            f"version {version_id!r} is held by the promotion gate: {verdict.summary()}; a second officer may grant "
+            "an override another officer asked for"
+        )
 
 
 @transaction.atomic
@@ -50,11 +63,17 @@ def request_approval(version: ModelVersion, *, actor: Any, note: str = "") -> Ap
     return request
 
 
-def _decide(request: ApprovalRequest, *, actor: Any, decision: str, reason: str) -> ApprovalRequest:
+def _check_decider(request: ApprovalRequest, actor: Any) -> None:
     if role_of(actor) != Role.OFFICER:
         raise PermissionDenied("only governance officers decide approval requests")
     if request.requested_by_id == actor.pk:
         raise PermissionDenied("an officer cannot decide their own approval request")
+
+
+def _decide(
+    request: ApprovalRequest, *, actor: Any, decision: str, reason: str, override: GateOverride | None = None
+) -> ApprovalRequest:
+    _check_decider(request, actor)
     # Claim the request: of two officers deciding at once, exactly one gets here with a count of 1.
     claimed = ApprovalRequest.objects.filter(pk=request.pk, status=ApprovalStatus.PENDING).update(status=decision)
     request.refresh_from_db()
@@ -65,7 +84,12 @@ def _decide(request: ApprovalRequest, *, actor: Any, decision: str, reason: str)
         actor=actor,
         verb=f"governance.approval.{decision}",
         target=request,
-        data={"version_id": request.version.version_id, "reason": reason, "decided_at": timezone.now().isoformat()},
+        data={
+            "version_id": request.version.version_id,
+            "reason": reason,
+            "decided_at": timezone.now().isoformat(),
+            **({"gate_override": override.pk, "overridden": override.breaches} if override is not None else {}),
+        },
     )
     return request
 
@@ -99,8 +123,34 @@ def approve_version(request: ApprovalRequest, *, actor: Any, reason: str = "") -
         return _approve(request, actor=actor, reason=reason)
 
 
+def covering_override(request: ApprovalRequest, breaches: list[Breach]) -> GateOverride | None:
+    """The granted override of `request` that covers every one of `breaches`, if any (newest first)."""
+    wanted = {breach.key for breach in breaches}
+    for override in GateOverride.objects.filter(request=request, granted_at__isnull=False).order_by("-granted_at"):
+        granted = {
+            (item.get("domain", ""), item.get("against", ""), item.get("reference") or "", item.get("limit", ""))
+            for item in override.breaches
+            if isinstance(item, dict)
+        }
+        if wanted <= granted:
+            return override
+    return None
+
+
 def _approve(request: ApprovalRequest, *, actor: Any, reason: str) -> ApprovalRequest:
-    request = _decide(request, actor=actor, decision=Decision.APPROVED, reason=reason)
+    # The gate is asked inside the approval's transaction, after the version row is locked, so a stale page (or two
+    # officers at once) cannot slip a held candidate through.
+    # Who may decide is checked first: someone who may not approve at all is told that, not the gate's figures.
+    _check_decider(request, actor)
+    ModelVersion.objects.select_for_update().filter(pk=request.version_id).first()
+    verdict = gate_verdict(request.version)
+    override = None
+    if verdict.held:
+        # A broken thresholds file holds everything: nothing was granted against it.
+        override = covering_override(request, verdict.breaches) if not verdict.error else None
+        if override is None:
+            raise PromotionHeld(request.version.version_id, verdict)
+    request = _decide(request, actor=actor, decision=Decision.APPROVED, reason=reason, override=override)
     version = request.version
     previous = Alias.objects.select_for_update().filter(name=CHAMPION_ALIAS).select_related("version").first()
     if previous is not None and previous.version_id != version.pk:
@@ -124,3 +174,83 @@ def reject_version(request: ApprovalRequest, *, actor: Any, reason: str) -> Appr
     request = _decide(request, actor=actor, decision=Decision.REJECTED, reason=reason)
     set_version_status(request.version, VersionStatus.REJECTED, actor=actor)
     return request
+
+
+def _officer_reason(actor: Any, reason: str, what: str) -> str:
+    """The reason, stripped; PermissionDenied for anyone but an officer, ValidationError for a blank reason."""
+    if role_of(actor) != Role.OFFICER:
+        raise PermissionDenied(f"only governance officers {what}")
+    if not reason.strip():
+        raise ValidationError({"reason": "a gate override needs a written reason (it is recorded in the audit trail)"})
+    return reason.strip()
+
+
+@transaction.atomic
+def request_gate_override(request: ApprovalRequest, *, actor: Any, reason: str) -> GateOverride:
+    """An officer asks that a candidate the gate holds be approved anyway; another officer must grant it.
+
+    Records the breaches as they stand, so the grant covers exactly what was asked about.
+    """
+    reason = _officer_reason(actor, reason, "ask for gate overrides")
+    request = ApprovalRequest.objects.select_for_update().select_related("version").get(pk=request.pk)
+    if request.status != ApprovalStatus.PENDING:
+        raise ValidationError({"status": f"approval request #{request.pk} was already {request.status}"})
+    verdict = gate_verdict(request.version)
+    if verdict.error:
+        raise ValidationError({"gate": verdict.summary() + "; fix the thresholds file rather than override it"})
+    if not verdict.breaches:
+        raise ValidationError({"gate": f"version {request.version.version_id!r} is not held by the gate"})
+    if GateOverride.objects.filter(request=request, granted_at__isnull=True).exists():
+        raise ValidationError({"gate": f"approval request #{request.pk} already has an override waiting for a grant"})
+    override = GateOverride.objects.create(
+        request=request,
+        requested_by=actor,
+        reason=reason,
+        breaches=[breach.to_json() for breach in verdict.breaches],
+    )
+    record_audit_event(
+        actor=actor,
+        verb="governance.gate.override_requested",
+        target=request,
+        data={
+            "version_id": request.version.version_id,
+            "override": override.pk,
+            "reason": reason,
+            "breaches": override.breaches,
+        },
+    )
+    return override
+
+
+@transaction.atomic
+def grant_gate_override(override: GateOverride, *, actor: Any, reason: str) -> GateOverride:
+    """A second officer grants an override: not the officer who asked for it, nor the requester of the approval."""
+    reason = _officer_reason(actor, reason, "grant gate overrides")
+    if override.requested_by_id == actor.pk:
+        raise PermissionDenied("an officer cannot grant the gate override they asked for: a second officer must")
+    if override.request.requested_by_id == actor.pk:
+        raise PermissionDenied("the requester of the approval cannot grant a gate override of it")
+    if override.request.status != ApprovalStatus.PENDING:
+        raise ValidationError(
+            {"status": f"approval request #{override.request_id} was already {override.request.status}"}
+        )
+    # Claim it: of two officers granting at once, exactly one gets a count of 1.
+    claimed = GateOverride.objects.filter(pk=override.pk, granted_at__isnull=True).update(
+        granted_by=actor, grant_reason=reason, granted_at=timezone.now()
+    )
+    if claimed != 1:
+        raise ValidationError({"gate": f"gate override #{override.pk} was already granted"})
+    override.refresh_from_db()
+    record_audit_event(
+        actor=actor,
+        verb="governance.gate.override_granted",
+        target=override.request,
+        data={
+            "version_id": override.request.version.version_id,
+            "override": override.pk,
+            "requested_by": override.requested_by.get_username(),
+            "reason": reason,
+            "breaches": override.breaches,
+        },
+    )
+    return override

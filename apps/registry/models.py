@@ -158,3 +158,22 @@ class VersionEvaluation(models.Model):
     def loss_change(self) -> float | None:
         """loss − parent loss (negative: the version is better on this domain); None without a parent score."""
         return None if self.parent_loss is None else self.loss - self.parent_loss
+
+
+class ForgettingReport(models.Model):
+    """A candidate's forgetting report: its per-domain held-out loss against its parent and the earlier champions of
+    its line, with average forgetting and backward transfer (fednested.evaluation.forgetting). One per version;
+    evaluating the version again replaces it, like its VersionEvaluation rows."""
+
+    version = models.OneToOneField(ModelVersion, on_delete=models.CASCADE, related_name="forgetting_report")
+    report = models.JSONField(
+        help_text="ForgettingReport.to_json(): each compared version's losses and per-domain figures."
+    )
+    average_forgetting = models.FloatField(null=True, blank=True, help_text="Mean per-domain forgetting (nats).")
+    backward_transfer = models.FloatField(null=True, blank=True, help_text="Mean backward transfer (nats; < 0 forgot).")
+    heldout = models.CharField(max_length=500, blank=True, help_text="The held-out sets every loss was scored on.")
+    computed_by_label = models.CharField(max_length=200)
+    computed_at = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return f"forgetting report of {self.version.version_id}"

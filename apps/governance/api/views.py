@@ -2,18 +2,36 @@
 
 from typing import Any, ClassVar
 
-from drf_spectacular.utils import extend_schema
+from django.shortcuts import get_object_or_404
+from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
+from rest_framework.generics import RetrieveAPIView
 from rest_framework.request import Request
 from rest_framework.response import Response
 
 from apps.accounts.choices import Role
 from apps.accounts.permissions import EVERY_ROLE_BUT_DEVICE
 from apps.governance.api.filtersets import ApprovalRequestFilterSet, AuditEventFilterSet
-from apps.governance.api.serializers import ApprovalRequestSerializer, AuditEventSerializer, DecisionInputSerializer
-from apps.governance.models import ApprovalRequest, AuditEvent
-from apps.governance.services import approve_version, reject_version, request_approval
+from apps.governance.api.serializers import (
+    ApprovalRequestSerializer,
+    AuditEventSerializer,
+    DecisionInputSerializer,
+    ForgettingReportSerializer,
+    GateHeldSerializer,
+    GateOverrideSerializer,
+    OverrideInputSerializer,
+)
+from apps.governance.models import ApprovalRequest, AuditEvent, GateOverride
+from apps.governance.services import (
+    PromotionHeld,
+    approve_version,
+    grant_gate_override,
+    reject_version,
+    request_approval,
+    request_gate_override,
+)
+from apps.registry.models import ForgettingReport
 
 OFFICER = frozenset({Role.OFFICER})
 
@@ -23,7 +41,9 @@ class ApprovalRequestViewSet(
 ):
     """Approval requests: engineers request approval of a candidate; an officer other than the requester decides."""
 
-    queryset = ApprovalRequest.objects.select_related("version", "requested_by", "decision__decided_by").all()
+    queryset = ApprovalRequest.objects.select_related(
+        "version__parent", "requested_by", "decision__decided_by"
+    ).prefetch_related("gate_overrides__requested_by", "gate_overrides__granted_by")
     serializer_class = ApprovalRequestSerializer
     filterset_class = ApprovalRequestFilterSet
     action_roles: ClassVar[dict[str, frozenset[Role]]] = {
@@ -32,6 +52,8 @@ class ApprovalRequestViewSet(
         "create": frozenset({Role.ENGINEER}),
         "approve": OFFICER,
         "reject": OFFICER,
+        "request_override": OFFICER,
+        "grant_override": OFFICER,
     }
 
     def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:
@@ -41,13 +63,48 @@ class ApprovalRequestViewSet(
         approval = request_approval(data["version"], actor=request.user, note=data.get("note", ""))
         return Response(ApprovalRequestSerializer(approval).data, status=status.HTTP_201_CREATED)
 
-    @extend_schema(request=DecisionInputSerializer, responses=ApprovalRequestSerializer)
+    @extend_schema(
+        request=DecisionInputSerializer,
+        responses={
+            200: ApprovalRequestSerializer,
+            409: OpenApiResponse(GateHeldSerializer, description="The promotion gate holds the candidate."),
+        },
+    )
     @action(detail=True, methods=["post"])
     def approve(self, request: Request, pk: str) -> Response:
         serializer = DecisionInputSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        approval = approve_version(self.get_object(), actor=request.user, reason=serializer.validated_data["reason"])
+        try:
+            approval = approve_version(
+                self.get_object(), actor=request.user, reason=serializer.validated_data["reason"]
+            )
+        except PromotionHeld as held:
+            body = {"detail": str(held), "code": "gate_held", "version": held.version_id, **held.verdict.to_json()}
+            return Response(GateHeldSerializer(body).data, status=status.HTTP_409_CONFLICT)
         return Response(ApprovalRequestSerializer(approval).data)
+
+    @extend_schema(request=OverrideInputSerializer, responses={201: GateOverrideSerializer})
+    @action(detail=True, methods=["post"], url_path="request-override")
+    def request_override(self, request: Request, pk: str) -> Response:
+        """An officer asks to approve a candidate the gate holds; a second officer must grant it."""
+        serializer = OverrideInputSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        override = request_gate_override(
+            self.get_object(), actor=request.user, reason=serializer.validated_data["reason"]
+        )
+        return Response(GateOverrideSerializer(override).data, status=status.HTTP_201_CREATED)
+
+    @extend_schema(request=OverrideInputSerializer, responses=GateOverrideSerializer)
+    @action(detail=True, methods=["post"], url_path="grant-override")
+    def grant_override(self, request: Request, pk: str) -> Response:
+        """A second officer grants the override waiting on this request; then any officer may approve it."""
+        serializer = OverrideInputSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        override = get_object_or_404(
+            GateOverride.objects.select_related("request__version"), request=self.get_object(), granted_at=None
+        )
+        granted = grant_gate_override(override, actor=request.user, reason=serializer.validated_data["reason"])
+        return Response(GateOverrideSerializer(granted).data)
 
     @extend_schema(request=DecisionInputSerializer, responses=ApprovalRequestSerializer)
     @action(detail=True, methods=["post"])
@@ -65,3 +122,13 @@ class AuditEventViewSet(viewsets.ReadOnlyModelViewSet[AuditEvent]):
     serializer_class = AuditEventSerializer
     filterset_class = AuditEventFilterSet
     action_roles: ClassVar[dict[str, frozenset[Role]]] = {"list": OFFICER, "retrieve": OFFICER}
+
+
+class ForgettingReportView(RetrieveAPIView[ForgettingReport]):
+    """A version's forgetting report: per-domain loss against its parent and earlier champions, forgetting and BWT."""
+
+    queryset = ForgettingReport.objects.select_related("version")
+    serializer_class = ForgettingReportSerializer
+    lookup_field = "version__version_id"
+    lookup_url_kwarg = "version_id"
+    action_roles: ClassVar[dict[str, frozenset[Role]]] = {"get": EVERY_ROLE_BUT_DEVICE}
