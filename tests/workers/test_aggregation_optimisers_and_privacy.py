@@ -225,6 +225,11 @@ def test_a_private_window_adds_the_noise_it_claims_and_accounts_epsilon(
     assert body["aggregation"]["server_optimizer"]["name"] == "fedavg"
     base = api.get(f"/api/v1/versions/{world.base.version_id}/").json()
     assert base["aggregation"] is None
+    ledger = api.get("/api/v1/privacy/").json()
+    assert (ledger["noised_aggregations"], ledger["unprotected_aggregations"]) == (1, 0)
+    assert ledger["epsilon"] == pytest.approx(privacy["epsilon"])
+    assert api.get("/api/v1/privacy/?delta=1e-3").json()["epsilon"] < ledger["epsilon"]
+    assert api.get("/api/v1/privacy/?delta=2").status_code == 400
 
     officer = User.objects.create(username="oscar-officer", role=Role.OFFICER)
     client = Client()

@@ -215,6 +215,24 @@ class CloseRoundSerializer(serializers.Serializer[dict[str, Any]]):
     reason = serializers.CharField(max_length=500, required=False, default="", allow_blank=True)
 
 
+class PrivacyLedgerQuerySerializer(serializers.Serializer[dict[str, Any]]):
+    delta = serializers.FloatField(
+        default=1e-5, min_value=1e-12, max_value=0.5, help_text="The δ at which ε is reported (default 1e-5)."
+    )
+
+
+class PrivacyLedgerSerializer(serializers.Serializer[dict[str, Any]]):
+    """The federation's differential-privacy ledger: every noised aggregation registered so far."""
+
+    delta = serializers.FloatField()
+    epsilon = serializers.FloatField(help_text="ε at δ composed over every noised aggregation (RDP accountant).")
+    noised_aggregations = serializers.IntegerField()
+    noise_multipliers = serializers.ListField(child=serializers.FloatField(), help_text="In registration order.")
+    unprotected_aggregations = serializers.IntegerField(
+        help_text="Aggregations that added no noise: the data in them is not covered by ε."
+    )
+
+
 class TrainingTaskSerializer(serializers.ModelSerializer[TrainingTask]):
     round = serializers.SlugRelatedField[Round](
         slug_field="round_id", queryset=Round.objects.all(), required=False, allow_null=True, default=None

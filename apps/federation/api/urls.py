@@ -7,6 +7,7 @@ from apps.federation.api.views import (
     EdgeDeviceViewSet,
     EnrollmentTokenViewSet,
     EnrollView,
+    PrivacyLedgerView,
     RoundViewSet,
     TrainingTaskViewSet,
     UpdateViewSet,
@@ -19,4 +20,8 @@ router.register("rounds", RoundViewSet, basename="round")
 router.register("tasks", TrainingTaskViewSet, basename="task")
 router.register("updates", UpdateViewSet, basename="update")
 
-urlpatterns = [path("enroll/", EnrollView.as_view(), name="enroll"), *router.urls]
+urlpatterns = [
+    path("enroll/", EnrollView.as_view(), name="enroll"),
+    path("privacy/", PrivacyLedgerView.as_view(), name="privacy-ledger"),
+    *router.urls,
+]

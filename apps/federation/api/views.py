@@ -40,6 +40,8 @@ from apps.federation.api.serializers import (
     IssuedEnrollmentTokenSerializer,
     PayloadReceiptSerializer,
     PayloadRefusalSerializer,
+    PrivacyLedgerQuerySerializer,
+    PrivacyLedgerSerializer,
     RevokeDeviceSerializer,
     RoundSerializer,
     TrainingTaskSerializer,
@@ -50,6 +52,7 @@ from apps.federation.api.serializers import (
 from apps.federation.choices import RoundMode, RoundStatus
 from apps.federation.identity import ca_certificate_pem, renew_certificate
 from apps.federation.models import EdgeDevice, EnrollmentToken, Round, TrainingTask, Update
+from apps.federation.privacy import privacy_ledger
 from apps.federation.services import (
     PayloadRefused,
     close_round,
@@ -263,6 +266,31 @@ class RoundViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Ge
             reason=data["reason"],
         )
         return Response(RoundSerializer(round_).data)
+
+
+class PrivacyLedgerView(APIView):
+    """The federation's differential-privacy ledger (officers and engineers): ε spent so far, what a round with `dp`
+    is checked against before it opens (docs/server-optimizers-and-privacy.md)."""
+
+    action_roles: ClassVar[dict[str, frozenset[Role]]] = {"get": frozenset({Role.OFFICER, Role.ENGINEER})}
+
+    @extend_schema(parameters=[PrivacyLedgerQuerySerializer], responses=PrivacyLedgerSerializer)
+    def get(self, request: Request) -> Response:
+        query = PrivacyLedgerQuerySerializer(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        delta = query.validated_data["delta"]
+        ledger = privacy_ledger()
+        return Response(
+            PrivacyLedgerSerializer(
+                {
+                    "delta": delta,
+                    "epsilon": ledger.epsilon(delta),
+                    "noised_aggregations": len(ledger.noise_multipliers),
+                    "noise_multipliers": list(ledger.noise_multipliers),
+                    "unprotected_aggregations": ledger.unprotected,
+                }
+            ).data
+        )
 
 
 class TrainingTaskViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet[TrainingTask]):
