@@ -11,7 +11,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv test lint typecheck djangocheck pytest demo bench-edge bench-aggregate bench-async bench-api bench-ingest services-start services-stop services-status clean
+.PHONY: venv test lint typecheck djangocheck pytest demo bench-edge bench-aggregate bench-async bench-federated bench-api bench-ingest services-start services-stop services-status clean
 
 venv:
 	@echo "virtualenv: $(VENV)"
@@ -68,6 +68,11 @@ bench-aggregate:
 # Asynchronous buffered aggregation against synchronous FedAvg on a simulated clock (tiny model, real training).
 bench-async:
 	$(PY) -m bench.asynchronous
+
+# Federated edge LoRA against centralised LoRA on the same tokens: server optimisers, robust rules under poisoning,
+# DP at ε 1/4/8 (tiny model, real training, 3 seeds; docs/benchmarks/federated.md).
+bench-federated:
+	$(PY) -m bench.federated
 
 # 200 simulated devices (Locust) against the control plane as deployed (gunicorn + uvicorn workers, PostgreSQL of
 # var/services/env.sh, a fresh database) and against make demo's single-process server; needs `make services-start`.

@@ -22,7 +22,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn
@@ -97,6 +97,44 @@ class AsyncBenchSettings:
 # the world: corpus, tokenizer, pre-trained base, held-out set, devices
 
 
+class WorldSettings(Protocol):
+    """What `build_world` reads; bench/federated.py builds the same world from its own settings."""
+
+    @property
+    def devices(self) -> int: ...
+    @property
+    def device_records(self) -> int: ...
+    @property
+    def corpus_seed(self) -> int: ...
+    @property
+    def pretrain_records_per_domain(self) -> int: ...
+    @property
+    def heldout_per_domain(self) -> int: ...
+    @property
+    def tokenizer_vocab(self) -> int: ...
+    @property
+    def pretrain_steps(self) -> int: ...
+    @property
+    def seq_len(self) -> int: ...
+
+
+class LocalTrainingSettings(Protocol):
+    """What `train_local` reads: one local run's budget and its LoRA."""
+
+    @property
+    def local_steps(self) -> int: ...
+    @property
+    def seq_len(self) -> int: ...
+    @property
+    def rows_per_batch(self) -> int: ...
+    @property
+    def learning_rate(self) -> float: ...
+    @property
+    def lora_rank(self) -> int: ...
+    @property
+    def lora_alpha(self) -> float: ...
+
+
 @dataclass(frozen=True)
 class Device:
     """One simulated edge device and the records only it trains on."""
@@ -118,7 +156,7 @@ class World:
     pretraining_loss: list[float]
 
 
-def build_world(settings: AsyncBenchSettings) -> World:
+def build_world(settings: WorldSettings) -> World:
     """The corpus, a BPE on its training split, and a `tiny` base pre-trained in full on a mix of every domain
     (as apps/demo/bootstrap.py does), so expert adapters start from a model that knows the domains a little."""
     per_device_domain = math.ceil(settings.devices * settings.device_records / 5) + settings.device_records
@@ -228,7 +266,7 @@ class LocalUpdate:
 
 
 def train_local(
-    server: nn.Module, device: Device, world: World, settings: AsyncBenchSettings, *, seed: int
+    server: nn.Module, device: Device, world: World, settings: LocalTrainingSettings, *, seed: int
 ) -> tuple[dict[str, torch.Tensor], dict[str, int], list[float]]:
     """Fresh expert adapters on a copy of the server model, trained on the device's records; the server model is
     not touched. Returns the adapter tensors, the tokens routed per expert (counted as the edge client counts them)

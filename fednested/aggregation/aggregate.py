@@ -22,6 +22,9 @@ from fednested.deltas import DeltaKey, ExpertDeltas, parse_delta_key
 
 AggregationMethod = Literal["weighted_mean", "trimmed_mean", "coordinate_median"]
 AGGREGATION_METHODS: tuple[AggregationMethod, ...] = get_args(AggregationMethod)
+# What the direction screen compares: each expert's delta on its own, or the whole update over all its experts.
+DirectionScope = Literal["expert", "update"]
+DIRECTION_SCOPES: tuple[DirectionScope, ...] = get_args(DirectionScope)
 # "layer.expert", as in the update envelope's routed_tokens (e.g. "3.7").
 ExpertKey = str
 # One buffered update: its dense deltas and its (normalised or raw) weight for each expert it carries.
@@ -43,6 +46,11 @@ class AggregationConfig:
     # Norm bound relative to the window (Sun et al., 2019): an update whose delta for an expert is longer than this
     # multiple of the median over that expert's contributors is scaled down to it; None = no bound.
     norm_bound_multiplier: float | None = None
+    # Direction screen: an update whose cosine with the weighted mean of the OTHER contributors is below this gets
+    # weight 0 (for that expert with scope "expert"; for every expert with scope "update"); None = no screen.
+    # It catches what the norm bound cannot: a sign-flipped update of honest norm.
+    min_cosine: float | None = None
+    direction_scope: DirectionScope = "expert"
     # trimmed_mean only: fraction trimmed from each end per coordinate.
     trim_fraction: float = 0.1
     # η in W_e ← W_e + η·ΔW_e.
@@ -53,6 +61,12 @@ class AggregationConfig:
         bound = self.norm_bound_multiplier
         if bound is not None and not (math.isfinite(bound) and bound >= 1):
             raise ValueError(f"norm_bound_multiplier must be None or a finite number >= 1, got {bound}")
+        if self.min_cosine is not None and not (math.isfinite(self.min_cosine) and -1 <= self.min_cosine < 1):
+            raise ValueError(f"min_cosine must be None or a number in [-1, 1), got {self.min_cosine}")
+        if self.direction_scope not in DIRECTION_SCOPES:
+            raise ValueError(
+                f"unknown direction_scope {self.direction_scope!r}; choose one of {', '.join(DIRECTION_SCOPES)}"
+            )
         if not (math.isfinite(self.server_learning_rate) and 0 < self.server_learning_rate <= MAX_SERVER_LEARNING_RATE):
             raise ValueError(
                 f"server_learning_rate must be in (0, {MAX_SERVER_LEARNING_RATE:g}], got {self.server_learning_rate}"

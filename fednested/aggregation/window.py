@@ -234,4 +234,14 @@ def _rule_record(
         "trimmed_per_end": {str(n): experts for n, experts in sorted(trimmed.items())},
         "update_scale": report.update_scale,
         "notes": list(report.notes),
+        # Only with the direction screen on, so records of rounds without it keep their shape.
+        **(
+            {
+                "min_cosine": aggregation.min_cosine,
+                "direction_scope": aggregation.direction_scope,
+                "direction": report.direction,
+            }
+            if aggregation.min_cosine is not None
+            else {}
+        ),
     }

@@ -222,7 +222,7 @@ def test_a_private_window_adds_the_noise_it_claims_and_accounts_epsilon(
     body = api.get(f"/api/v1/versions/{candidate.version_id}/").json()
     assert body["aggregation"]["dp_noised"] is True
     assert body["aggregation"]["privacy"]["epsilon"] == pytest.approx(privacy["epsilon"])
-    assert body["aggregation"]["server_optimizer"]["name"] == "fedavg"
+    assert body["aggregation"]["server_optimizer"]["name"] == "fedavgm"  # the default
     base = api.get(f"/api/v1/versions/{world.base.version_id}/").json()
     assert base["aggregation"] is None
     ledger = api.get("/api/v1/privacy/").json()

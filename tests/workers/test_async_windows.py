@@ -49,7 +49,13 @@ from workers.ingest.consumer import ingest_message
 
 MakeUpdate = Callable[..., tuple[UpdateEnvelope, dict[str, torch.Tensor]]]
 # Exact weights: no reliability factor (it depends on each device's history) unless a test is about it.
-PLAIN = {"weight_by_reliability": False}
+# Weights from staleness and routed tokens alone, combined by FedAvg's plain weighted mean (the tests compute it).
+PLAIN = {
+    "weight_by_reliability": False,
+    "server_optimizer": "fedavg",
+    "norm_bound_multiplier": None,
+    "min_cosine": None,
+}
 
 
 @pytest.fixture
@@ -374,7 +380,7 @@ def test_a_huge_update_is_scaled_to_the_norm_bound_and_the_record_says_so(
     world: WorkerWorld, make_update: MakeUpdate, officer: User, no_sends: None
 ) -> None:
     promote(world, world.base, officer)
-    window = open_window(world, k=4, norm_bound_multiplier=2.0, **PLAIN)
+    window = open_window(world, k=4, **(PLAIN | {"norm_bound_multiplier": 2.0}))
     devices = [enroll(world, f"car-{index}") for index in range(4)]
     for index, device in enumerate(devices):
         adapters = random_adapters(world.shapes, {LAYER0_DOWN: [1], LAYER1_UP: [2]}, seed=index)

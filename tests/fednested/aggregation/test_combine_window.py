@@ -27,6 +27,11 @@ DOWN = "model.layers.0.mlp.experts.down_proj"
 SIZES = {UP: (6, 4), DOWN: (4, 3)}
 
 
+# FedAvg's plain weighted mean, spelled out: these tests check combine_window's arithmetic, not the library's robust
+# defaults (a new federation's norm bound and FedAvgM, tested in test_round_aggregation_settings.py).
+PLAIN = {"server_optimizer": "fedavg", "norm_bound_multiplier": None, "min_cosine": None}
+
+
 def adapters(seed: int, experts: Mapping[str, Sequence[int]], *, factor: float = 1.0, sizes: Any = None) -> Any:
     sizes = sizes or SIZES
     generator = torch.Generator().manual_seed(seed)
@@ -92,7 +97,7 @@ THREE = [
 
 def test_without_dp_fedavg_emits_the_rounds_weighted_mean() -> None:
     sources, facts = window(THREE)
-    settings = RoundAggregationSettings.from_mapping({})
+    settings = RoundAggregationSettings.from_mapping(PLAIN)
     emitted, result = run(sources, facts, settings)
     weights = bounded_expert_weights(facts, settings.aggregation.weighting).weights
     expected = aggregate_expert_deltas([(dense(source), weights[i]) for i, source in enumerate(sources)])
@@ -115,7 +120,7 @@ def test_without_dp_fedavg_emits_the_rounds_weighted_mean() -> None:
 
 def test_the_server_optimizer_turns_each_aggregate_into_its_step() -> None:
     sources, facts = window(THREE)
-    plain = RoundAggregationSettings.from_mapping({})
+    plain = RoundAggregationSettings.from_mapping(PLAIN)
     means, _ = run(sources, facts, plain)
     settings = RoundAggregationSettings.from_mapping(
         {"server_optimizer": "fedavgm", "server_learning_rate": 0.5, "server_momentum": 0.25}
@@ -229,7 +234,7 @@ def test_an_update_scaled_100_times_moves_the_dp_aggregate_by_at_most_c_over_k()
     assert shift == pytest.approx(clip / 4, rel=1e-4)
     assert set(result.record["privacy"]["clipped"]) == {"evil"}
     # Without DP the plain mean moves by a quarter of the attacker's norm, about 100 honest updates' worth.
-    plain = RoundAggregationSettings.from_mapping({"max_update_share": None, "weight_by_routed_tokens": False})
+    plain = RoundAggregationSettings.from_mapping(PLAIN | {"max_update_share": None, "weight_by_routed_tokens": False})
     plain_attacked, _ = run(attacked_sources, attacked_facts, plain)
     plain_quiet, _ = run(quiet_sources, quiet_facts, plain)
     plain_shift = math.sqrt(
@@ -288,7 +293,7 @@ def test_without_a_generator_the_noise_is_unpredictable() -> None:
 
 def test_misaligned_inputs_and_another_optimizer_are_refused() -> None:
     sources, facts = window(THREE)
-    settings = RoundAggregationSettings.from_mapping({})
+    settings = RoundAggregationSettings.from_mapping(PLAIN)
     with pytest.raises(ValueError, match="misaligned: update u0 next to u1"):
         run(sources, [facts[1], facts[0], facts[2]], settings)
     with pytest.raises(ValueError, match="3 updates but 2 update facts"):
@@ -300,7 +305,7 @@ def test_misaligned_inputs_and_another_optimizer_are_refused() -> None:
 
 def test_update_scale_multiplies_each_updates_delta_and_is_reported() -> None:
     sources, facts = window(THREE)
-    settings = RoundAggregationSettings.from_mapping({})
+    settings = RoundAggregationSettings.from_mapping(PLAIN)
     weights = bounded_expert_weights(facts, settings.aggregation.weighting).weights
     halved = [
         AdapterFactors("u0", {k: v * 0.5 if k.endswith("/lora_A") else v for k, v in THREE[0][1].items()}, 1.0),

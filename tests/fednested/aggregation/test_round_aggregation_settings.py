@@ -64,8 +64,12 @@ def test_every_known_key_is_read_and_unknown_keys_are_left_alone() -> None:
 
 
 def test_new_keys_have_their_documented_defaults() -> None:
+    # The robust default bench-federated selected (docs/benchmarks/federated.md).
     settings = RoundAggregationSettings.from_mapping({})
-    assert settings.aggregation.norm_bound_multiplier is None
+    assert settings.aggregation.method == "weighted_mean"
+    assert settings.aggregation.norm_bound_multiplier == 2.0
+    assert (settings.aggregation.min_cosine, settings.aggregation.direction_scope) == (-0.02, "update")
+    assert settings.aggregation.clip_norm is None
     assert settings.aggregation.weighting.max_update_share == 0.4
     assert (settings.claim_history_factor, settings.min_cohort_fraction) == (4.0, 1.0)
 
@@ -135,11 +139,30 @@ def test_bad_values_are_named(config: dict[str, Any], message: str) -> None:
     assert str(caught.value).startswith("round 'r1' config: ")
 
 
-def test_server_optimizer_and_dp_default_to_fedavg_without_noise() -> None:
+def test_server_optimizer_defaults_to_the_benchmarks_fedavgm_and_dp_to_no_noise() -> None:
     settings = RoundAggregationSettings.from_mapping({})
-    assert settings.server_optimizer == ServerOptimizerConfig(name="fedavg", learning_rate=1.0)
+    assert settings.server_optimizer == ServerOptimizerConfig(name="fedavgm", learning_rate=1.0, momentum=0.5)
+    assert settings == RoundAggregationSettings()
     assert settings.privacy is None
     assert RoundAggregationSettings.from_mapping({"dp": None}).privacy is None
+    # Another optimiser named alone gets the paper's β1, and an adaptive one a step size per weight, not η = 1.
+    assert RoundAggregationSettings.from_mapping({"server_optimizer": "fedavg"}).server_optimizer == (
+        ServerOptimizerConfig(name="fedavg", learning_rate=1.0, momentum=0.9)
+    )
+    adam = RoundAggregationSettings.from_mapping({"server_optimizer": "fedadam"})
+    assert (adam.server_optimizer.learning_rate, adam.server_optimizer.momentum) == (0.01, 0.9)
+    assert adam.aggregation.server_learning_rate == 0.01
+
+
+def test_a_round_asking_for_dp_gets_the_dp_compatible_rule_where_it_names_none() -> None:
+    private = RoundAggregationSettings.from_mapping({"dp": {"noise_multiplier": 1.0, "clip_norm": 1.0}})
+    assert (private.aggregation.method, private.aggregation.norm_bound_multiplier) == ("weighted_mean", None)
+    assert private.aggregation.min_cosine is None
+    # Naming an incompatible rule is still refused, with the reason.
+    with pytest.raises(RoundSettingsError, match="norm_bound_multiplier"):
+        RoundAggregationSettings.from_mapping(
+            {"dp": {"noise_multiplier": 1.0, "clip_norm": 1.0}, "norm_bound_multiplier": 2.0}
+        )
 
 
 def test_server_optimizer_keys_are_read_and_eta_is_one_value() -> None:
