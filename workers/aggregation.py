@@ -35,7 +35,7 @@ from apps.federation.choices import DeviceStatus, RoundStatus, TaskKind, TaskSta
 from apps.federation.jobs import AggregationParams
 from apps.federation.models import Round, TrainingTask, Update
 from apps.federation.payloads import adapter_config_of, checked_payload_path
-from apps.federation.privacy import privacy_ledger
+from apps.federation.privacy import PrivacyLedger, privacy_ledger
 from apps.federation.server_state import (
     StateReference,
     discard_stale_staging,
@@ -292,14 +292,14 @@ def _noised_keys(manifest: Manifest, contributions: list[Contribution]) -> dict[
     return keys
 
 
-def _privacy_refusal(settings_: RoundAggregationSettings) -> str | None:
+def _privacy_refusal(settings_: RoundAggregationSettings, ledger: PrivacyLedger | None) -> str | None:
     """Why the window may not be aggregated with noise (one more aggregation would exceed the federation's ε
     budget), or None. Checked when a round opens for all it plans; checked again here because other series may
     have spent budget meanwhile."""
-    if settings_.privacy is None:
+    if settings_.privacy is None or ledger is None:
         return None
     try:
-        check_budget(privacy_ledger().noise_multipliers, settings_.privacy, planned=1)
+        check_budget(ledger.noise_multipliers, settings_.privacy, planned=1)
     except PrivacyBudgetExceeded as error:
         return str(error)
     return None
@@ -339,7 +339,11 @@ def _released(record: Any, *, private: bool) -> Any:
 
 
 def _evidence(
-    settings_: RoundAggregationSettings, window: dict[str, Any], state: StateReference, champion: ModelVersion
+    settings_: RoundAggregationSettings,
+    window: dict[str, Any],
+    state: StateReference,
+    champion: ModelVersion,
+    ledger: PrivacyLedger | None,
 ) -> dict[str, Any]:
     """What officers are shown about how the candidate was made (lineage, API, version page): the rule and what it
     cut, the server optimiser and where its state went, and the privacy accounting when noise was added."""
@@ -361,8 +365,7 @@ def _evidence(
         "privacy": None,
     }
     privacy = window.get("privacy")
-    if settings_.privacy is not None and isinstance(privacy, dict):
-        ledger = privacy_ledger()
+    if settings_.privacy is not None and ledger is not None and isinstance(privacy, dict):
         multipliers = (*ledger.noise_multipliers, settings_.privacy.noise_multiplier)
         drawn = privacy.get("noise_rms_drawn")
         evidence["rule"] = _released(window["rule"], private=True)
@@ -436,7 +439,9 @@ def _aggregate_claimed_round(task: TrainingTask, round_: Round, params: Aggregat
             reject_update(update, rejection.code.value, f"at aggregation: {rejection.message}", actor_label=ACTOR_LABEL)
             rejected[update.update_id] = rejection.code.value
     contributions = _without_duplicates(contributions, rejected)
-    privacy_refusal = _privacy_refusal(settings_) if contributions else None
+    # Read once: the budget check and the candidate's ε both compose over it (one aggregation runs at a time).
+    ledger = privacy_ledger() if settings_.privacy is not None and contributions else None
+    privacy_refusal = _privacy_refusal(settings_, ledger)
     if privacy_refusal is not None:
         for contribution in contributions:
             reject_update(
@@ -505,7 +510,7 @@ def _aggregate_claimed_round(task: TrainingTask, round_: Round, params: Aggregat
     discard_stale_staging(store, version_id)
     try:
         state = stage_state(optimizer, version_id=version_id, staging_name=state_staging, store=store)
-        evidence = _evidence(settings_, result.record, state, champion)
+        evidence = _evidence(settings_, result.record, state, champion, ledger)
         record: dict[str, Any] = {
             "trigger": params.trigger,
             "parent": champion.version_id,
