@@ -3,7 +3,7 @@
 from django.contrib import admin
 
 from apps.governance.admin_mixins import ReadOnlyAdminMixin
-from apps.governance.models import ApprovalDecision, ApprovalRequest, AuditEvent
+from apps.governance.models import ApprovalDecision, ApprovalRequest, AuditEvent, GateOverride
 
 
 @admin.register(AuditEvent)
@@ -31,3 +31,12 @@ class ApprovalDecisionAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):  # type: igno
     list_display = ("request", "decision", "decided_by", "decided_at")
     list_filter = ("decision", "decided_at")
     search_fields = ("request__version__version_id", "decided_by__username", "reason")
+
+
+@admin.register(GateOverride)
+class GateOverrideAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):  # type: ignore[type-arg]
+    """Asked and granted through the audited services only (two officers, two reasons): read-only here."""
+
+    list_display = ("request", "requested_by", "requested_at", "granted_by", "granted_at")
+    list_filter = ("requested_at", "granted_at")
+    search_fields = ("request__version__version_id", "requested_by__username", "reason", "grant_reason")

@@ -3,7 +3,15 @@
 from django.contrib import admin
 
 from apps.governance.admin_mixins import ReadOnlyAdminMixin
-from apps.registry.models import Alias, LineageEdge, ModelFamily, ModelVersion, VersionArtifact, VersionEvaluation
+from apps.registry.models import (
+    Alias,
+    ForgettingReport,
+    LineageEdge,
+    ModelFamily,
+    ModelVersion,
+    VersionArtifact,
+    VersionEvaluation,
+)
 
 
 @admin.register(ModelFamily)
@@ -61,3 +69,12 @@ class VersionEvaluationAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):  # type: ign
     list_display = ("version", "domain", "loss", "parent_loss", "perplexity", "tokens", "evaluated_at")
     list_filter = ("domain", "evaluated_at")
     search_fields = ("version__version_id", "domain", "heldout")
+
+
+@admin.register(ForgettingReport)
+class ForgettingReportAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):  # type: ignore[type-arg]
+    """Written by the evaluation job only: what the promotion gate and the officers read must not be edited here."""
+
+    list_display = ("version", "average_forgetting", "backward_transfer", "computed_by_label", "computed_at")
+    search_fields = ("version__version_id", "computed_by_label")
+    date_hierarchy = "computed_at"

@@ -13,9 +13,12 @@ from django.test import Client
 from django.urls import reverse
 
 from apps.federation.services import create_training_task, store_update_payload
+from apps.governance.models import GateOverride
 from apps.governance.services import approve_version, request_approval
+from apps.registry.forgetting import record_forgetting_report
 from apps.registry.models import ModelFamily, ModelVersion
 from apps.registry.services import DomainEvaluation, record_version_evaluation
+from fednested.evaluation.forgetting import forgetting_report
 
 pytestmark = pytest.mark.django_db
 
@@ -40,7 +43,20 @@ def test_every_admin_list_and_detail_page_renders(
         max_bytes=1024,
         root=tmp_path,
     )
-    approve_version(request_approval(v1, actor=cast["engineer"].user), actor=cast["officer"].user)
+    v0 = version_factory(v1.family, "tiny-moe-v0")
+    report = forgetting_report(
+        ["tiny-moe-v0", "tiny-moe-v1"],
+        {"tiny-moe-v0": {"medical": 1.9}, "tiny-moe-v1": {"medical": 2.0}},
+        parent="tiny-moe-v0",
+        champions=["tiny-moe-v0"],
+    )
+    record_forgetting_report(v1, report, heldout="heldout", actor_label="tests", scored={"tiny-moe-v0": "stored"})
+    approval = request_approval(v1, actor=cast["engineer"].user)
+    # Asked and granted through the gate's services in tests/apps/governance; here only the admin pages are tried.
+    GateOverride.objects.create(
+        request=approval, requested_by=cast["officer"].user, reason="tests", breaches=[{"domain": "medical"}]
+    )
+    approve_version(approval, actor=cast["officer"].user)
     round_a = round_factory(v1, round_id="round-a")
     create_training_task(kind="expert_aggregation", actor=cast["engineer"].user, round_=round_a)
     update_row_factory(cast["device"].device, "tiny-moe-v1")
@@ -53,7 +69,7 @@ def test_every_admin_list_and_detail_page_renders(
         for model in admin_site._registry
         if model._meta.app_label in {"accounts", "registry", "federation", "governance"}
     ]
-    assert len(ours) == 17
+    assert len(ours) == 19
     for model in ours:
         info = (model._meta.app_label, model._meta.model_name)
         listing = client.get(reverse("admin:{}_{}_changelist".format(*info)), {"q": "tiny"})
