@@ -283,6 +283,18 @@ if FEDNESTED_BUS == "kafka" and not FEDNESTED_KAFKA_BOOTSTRAP:
 # Prepended to every topic name, so deployments (or test runs) can share one broker.
 FEDNESTED_TOPIC_PREFIX = envstr("FEDNESTED_TOPIC_PREFIX", "")
 FEDNESTED_ARTIFACT_ROOT = Path(envstr("FEDNESTED_ARTIFACT_ROOT", str(VAR_DIR / "artifacts")))
+# The audit chain's anchors (apps/governance/chain.py): the chain head appended to this file outside the database, at
+# most every FEDNESTED_AUDIT_ANCHOR_INTERVAL seconds while events are sealed (0: only `fednested audit anchor`). The
+# default file is named after the database, so two databases on one checkout never mix their anchors.
+FEDNESTED_AUDIT_ANCHOR_FILE = Path(
+    envstr(
+        "FEDNESTED_AUDIT_ANCHOR_FILE",
+        str(VAR_DIR / "audit" / f"anchors-{Path(str(DATABASES['default']['NAME'])).name or 'default'}.jsonl"),
+    )
+)
+FEDNESTED_AUDIT_ANCHOR_INTERVAL = envint("FEDNESTED_AUDIT_ANCHOR_INTERVAL", 300)
+if FEDNESTED_AUDIT_ANCHOR_INTERVAL < 0:
+    raise ImproperlyConfigured("FEDNESTED_AUDIT_ANCHOR_INTERVAL must be >= 0 seconds (0: anchor only on demand)")
 # The promotion gate's thresholds (apps/governance/gate.py): a JSON file, checked whenever it is read; empty: no gate.
 FEDNESTED_PROMOTION_GATE = envstr("FEDNESTED_PROMOTION_GATE", "").strip()
 # How many earlier champions a candidate's forgetting report compares it with (each may have to be scored again).

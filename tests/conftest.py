@@ -93,7 +93,10 @@ def artifact_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     Through override_settings rather than pytest-django's `settings` fixture: some tests use `settings` as the name of
     their own parameter (bus or adapter settings), which would shadow the fixture."""
     root = tmp_path_factory.mktemp("artifacts")
-    with override_settings(FEDNESTED_ARTIFACT_ROOT=root):
+    # The audit chain's anchors too: each test database starts a chain of its own, and anchors of another test's chain
+    # would make verify_chain report a rewritten chain.
+    anchors = tmp_path_factory.mktemp("audit") / "anchors.jsonl"
+    with override_settings(FEDNESTED_ARTIFACT_ROOT=root, FEDNESTED_AUDIT_ANCHOR_FILE=anchors):
         yield root
 
 

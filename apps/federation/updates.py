@@ -43,6 +43,7 @@ from apps.federation.windows import (
     window_readiness,
 )
 from apps.governance.audit import record_audit_event
+from apps.governance.chain import schedule_seal
 from apps.governance.models import AuditEvent
 from apps.registry.choices import CHAMPION_ALIAS
 from apps.registry.models import Alias, ModelVersion
@@ -646,6 +647,7 @@ def _record_checked(
             AuditEvent.objects.bulk_create(
                 [_audit_row(item, update) for (_, item), update in zip(checked, updates, strict=True)]
             )
+            schedule_seal()
         for (index, item), update in zip(checked, updates, strict=True):
             outcomes[index] = _recorded(item, update)
     except INFRASTRUCTURE_ERRORS:

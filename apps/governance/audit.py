@@ -1,12 +1,14 @@
 """The audit writer every service calls, inside its own transaction, for each state change it makes.
 
-It only ever inserts: there is no service that updates or deletes an AuditEvent.
+It only ever inserts: there is no service that updates or deletes an AuditEvent. Each event joins the tamper-evident
+hash chain once its transaction commits (apps.governance.chain).
 """
 
 from typing import Any
 
 from django.db import models
 
+from apps.governance.chain import schedule_seal
 from apps.governance.models import AuditEvent
 
 SYSTEM_ACTOR = "system"
@@ -30,7 +32,7 @@ def record_audit_event(
     """Append one AuditEvent. `actor` is a user or None (system); `actor_label` overrides how it is named."""
     user = actor if actor is not None and getattr(actor, "is_authenticated", False) else None
     object_type = f"{target._meta.app_label}.{target._meta.model_name}" if target is not None else ""
-    return AuditEvent.objects.create(
+    event = AuditEvent.objects.create(
         actor=user,
         actor_label=actor_label or actor_label_for(user),
         verb=verb,
@@ -38,3 +40,5 @@ def record_audit_event(
         object_id=str(target.pk) if target is not None else "",
         data=data or {},
     )
+    schedule_seal()
+    return event

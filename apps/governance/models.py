@@ -19,9 +19,19 @@ class AuditEvent(models.Model):
     object_id = models.CharField(max_length=200, blank=True, db_index=True)
     data = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    # The hash chain (apps.governance.chain): set once when the event is sealed, right after its transaction commits.
+    # `seq` is the event's place in the chain; `entry_hash` commits to the previous event's hash and to this event's
+    # fields in canonical form, so editing, deleting or reordering sealed events breaks the chain where it happened.
+    seq = models.BigIntegerField(null=True, blank=True, unique=True, help_text="Place in the audit hash chain.")
+    prev_hash = models.CharField(max_length=64, blank=True, help_text="entry_hash of the event before (seq − 1).")
+    entry_hash = models.CharField(max_length=64, blank=True, help_text="sha256 over prev_hash and this event.")
 
     class Meta:
         ordering = ("-created_at", "-id")
+        indexes = (
+            # Sealing reads the unsealed events in id order; the partial index keeps that cheap on a long trail.
+            models.Index(fields=["id"], condition=models.Q(seq__isnull=True), name="governance_audit_unsealed"),
+        )
 
     def __str__(self) -> str:
         return f"{self.created_at:%Y-%m-%d %H:%M:%S} {self.actor_label} {self.verb} {self.object_type}:{self.object_id}"

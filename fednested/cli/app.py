@@ -44,6 +44,13 @@ LAZY_GROUPS: tuple[LazyCommandGroup, ...] = (
         help="Control-plane registry commands, e.g. `fednested registry check-store` (needs the control plane).",
         missing_hint="run it where the control plane is installed (pip install 'fednested[controlplane]')",
     ),
+    LazyCommandGroup(
+        name="audit",
+        module="apps.governance.cli",
+        attribute="app",
+        help="The audit trail's hash chain, e.g. `fednested audit verify` (needs the control plane).",
+        missing_hint="run it where the control plane is installed (pip install 'fednested[controlplane]')",
+    ),
 )
 
 

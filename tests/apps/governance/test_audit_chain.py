@@ -1,0 +1,256 @@
+"""The audit trail's hash chain on PostgreSQL: events are sealed after their transaction commits, and editing,
+deleting, reordering or rewriting sealed events is detected, naming the first broken link."""
+
+import itertools
+import json
+import threading
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.db import connection, transaction
+from typer.testing import CliRunner
+
+from apps.governance.audit import record_audit_event
+from apps.governance.chain import (
+    GENESIS_HASH,
+    anchor_chain,
+    link_hash,
+    read_anchors,
+    seal_pending,
+    verify_chain,
+)
+from apps.governance.cli import app as audit_cli
+from apps.governance.models import AuditEvent
+
+pytestmark = pytest.mark.django_db
+
+# The tests run inside one transaction that is never committed (faster than transactional tests, which empty every
+# table after each test); the sealer's on-commit callbacks run when each audited block leaves its capture.
+Capture = Callable[..., AbstractContextManager[Any]]
+
+
+@pytest.fixture
+def record(django_capture_on_commit_callbacks: Capture) -> Callable[..., list[AuditEvent]]:
+    def build(count: int, *, start: int = 0) -> list[AuditEvent]:
+        return _record(django_capture_on_commit_callbacks, count, start=start)
+
+    return build
+
+
+def _record(capture: Capture, count: int, *, start: int = 0) -> list[AuditEvent]:
+    events = []
+    for index in range(start, start + count):
+        with capture(execute=True), transaction.atomic():
+            events.append(
+                record_audit_event(
+                    actor=None,
+                    actor_label=f"worker:test-{index % 3}",
+                    verb="federation.update.recorded",
+                    data={"index": index, "loss": 0.1 * index, "note": "naïve — ünïcode"},
+                )
+            )
+    return events
+
+
+def _chain() -> list[AuditEvent]:
+    return list(AuditEvent.objects.filter(seq__isnull=False).order_by("seq"))
+
+
+def test_events_are_sealed_when_their_transaction_commits_and_the_chain_holds(
+    record: Callable[..., list[AuditEvent]],
+) -> None:
+    record(5)
+    chain = _chain()
+    assert [event.seq for event in chain] == [1, 2, 3, 4, 5]
+    assert chain[0].prev_hash == GENESIS_HASH
+    for before, after in itertools.pairwise(chain):
+        assert after.prev_hash == before.entry_hash
+    report = verify_chain()
+    assert report.ok, report.broken
+    assert (report.events, report.head_seq, report.unsealed) == (5, 5, 0)
+    assert report.head_hash == chain[-1].entry_hash
+
+
+def test_a_rolled_back_transaction_leaves_no_link_and_no_gap(record: Callable[..., list[AuditEvent]]) -> None:
+    record(2)
+
+    def roll_back() -> None:
+        with transaction.atomic():
+            record_audit_event(actor=None, actor_label="worker:test", verb="never.committed")
+            raise RuntimeError("roll back")
+
+    with pytest.raises(RuntimeError):
+        roll_back()
+    record(1, start=2)
+    assert [event.seq for event in _chain()] == [1, 2, 3]
+    assert verify_chain().ok
+
+
+def test_an_edited_payload_actor_action_or_time_is_detected_at_its_link(
+    record: Callable[..., list[AuditEvent]],
+) -> None:
+    events = record(6)
+    edits: list[dict[str, Any]] = [
+        {"data": {"index": 2, "loss": 0.0}},
+        {"actor_label": "olivia-officer"},
+        {"verb": "governance.approval.approved"},
+        {"object_id": "42"},
+    ]
+    for edit in edits:
+        target = events[2]
+        original = AuditEvent.objects.filter(pk=target.pk).values(*edit).get()
+        AuditEvent.objects.filter(pk=target.pk).update(**edit)
+        report = verify_chain()
+        assert not report.ok
+        assert report.broken_seq == 3
+        assert report.broken_event_id == target.pk
+        assert "does not match its hash" in (report.broken or "")
+        AuditEvent.objects.filter(pk=target.pk).update(**original)
+        assert verify_chain().ok
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "UPDATE governance_auditevent SET created_at = created_at + interval '1 second' WHERE id = %s",
+            [events[4].pk],
+        )
+    report = verify_chain()
+    assert not report.ok
+    assert report.broken_seq == 5
+
+
+def test_a_deleted_event_is_detected_as_a_gap(record: Callable[..., list[AuditEvent]]) -> None:
+    events = record(5)
+    AuditEvent.objects.filter(pk=events[1].pk).delete()
+    report = verify_chain()
+    assert not report.ok
+    assert report.broken_seq == 2
+    assert "seq 2 is missing" in (report.broken or "")
+    assert report.events == 1
+
+
+def test_reordered_events_are_detected(record: Callable[..., list[AuditEvent]]) -> None:
+    events = record(5)
+    first, second = events[1], events[3]
+    # Swap their places (through a free seq, because seq is unique).
+    AuditEvent.objects.filter(pk=first.pk).update(seq=-1)
+    AuditEvent.objects.filter(pk=second.pk).update(seq=2)
+    AuditEvent.objects.filter(pk=first.pk).update(seq=4)
+    report = verify_chain()
+    assert not report.ok
+    assert report.broken_seq == 2
+    assert report.broken_event_id == second.pk
+
+
+def _rewrite_chain() -> None:
+    """What an attacker with database access does after an edit: recompute every hash from the first link."""
+    prev = GENESIS_HASH
+    for event in _chain():
+        event.prev_hash = prev
+        event.entry_hash = prev = link_hash(event, seq=int(event.seq or 0), prev_hash=prev)
+        event.save(update_fields=["prev_hash", "entry_hash"])
+
+
+def test_the_anchors_catch_a_rewritten_chain_and_a_truncated_end(
+    record: Callable[..., list[AuditEvent]], tmp_path: Path
+) -> None:
+    anchors = tmp_path / "anchors.jsonl"
+    events = record(4)
+    written = anchor_chain(anchors)
+    assert written is not None
+    assert written.seq == 4
+    assert read_anchors(anchors)[0].hash == events[-1].__class__.objects.get(seq=4).entry_hash
+    record(2, start=4)
+    assert verify_chain(anchors).ok
+    assert verify_chain(anchors).anchors_checked == 1
+
+    AuditEvent.objects.filter(pk=events[0].pk).update(data={"index": 0, "forged": True})
+    _rewrite_chain()
+    report = verify_chain(anchors)
+    assert not report.ok
+    assert "the chain was rewritten" in (report.broken or "")
+    assert report.broken_seq == 4
+
+    AuditEvent.objects.filter(seq__gte=3).delete()
+    _rewrite_chain()
+    report = verify_chain(anchors)
+    assert not report.ok
+    assert "deleted from the end" in (report.broken or "")
+
+
+def test_sealing_anchors_by_itself_once_the_interval_has_passed(
+    record: Callable[..., list[AuditEvent]], settings: Any, tmp_path: Path
+) -> None:
+    settings.FEDNESTED_AUDIT_ANCHOR_FILE = tmp_path / "auto.jsonl"
+    settings.FEDNESTED_AUDIT_ANCHOR_INTERVAL = 3600
+    record(3)
+    anchors = read_anchors(tmp_path / "auto.jsonl")
+    # The first seal anchors (no anchor yet); the next ones are within the hour and do not.
+    assert [anchor.seq for anchor in anchors] == [1]
+    assert verify_chain().ok
+
+
+def test_unsealed_events_are_reported_and_sealed_later(record: Callable[..., list[AuditEvent]]) -> None:
+    record(2)
+    # An event whose sealing never ran (the process died between commit and seal).
+    AuditEvent.objects.create(actor_label="worker:test", verb="federation.update.recorded", data={})
+    report = verify_chain()
+    assert report.ok
+    assert report.unsealed == 1
+    assert "not sealed yet" in report.warnings[0]
+    assert seal_pending() == 1
+    assert verify_chain().unsealed == 0
+    assert verify_chain().events == 3
+
+
+def test_audit_verify_cli_names_the_first_broken_link(record: Callable[..., list[AuditEvent]], tmp_path: Path) -> None:
+    events = record(3)
+    runner = CliRunner()
+    anchors = tmp_path / "anchors.jsonl"
+    result = runner.invoke(audit_cli, ["verify", "--anchors", str(anchors)])
+    assert result.exit_code == 0, result.output
+    assert "audit chain holds: 3 sealed event(s)" in result.output
+    AuditEvent.objects.filter(pk=events[1].pk).update(data={"tampered": 1})
+    result = runner.invoke(audit_cli, ["verify", "--json", "--anchors", str(anchors)])
+    assert result.exit_code == 1
+    body = json.loads(result.stdout)
+    assert body["ok"] is False
+    assert body["broken_seq"] == 2
+    assert body["broken_event_id"] == events[1].pk
+    anchors.write_text("not json\n")
+    result = runner.invoke(audit_cli, ["verify", "--anchors", str(anchors)])
+    assert result.exit_code == 2
+    assert "line 1: not an anchor" in result.output
+
+
+@pytest.mark.django_db(transaction=True)
+def test_writers_committing_concurrently_get_one_unbroken_chain() -> None:
+    """Real commits from several threads at once: the sealers take turns under the advisory lock, every committed
+    event gets exactly one place, and the chain verifies."""
+    errors: list[BaseException] = []
+
+    def write(worker: int) -> None:
+        try:
+            for index in range(15):
+                with transaction.atomic():
+                    record_audit_event(
+                        actor=None, actor_label=f"worker:{worker}", verb="test.concurrent", data={"i": index}
+                    )
+                    record_audit_event(actor=None, actor_label=f"worker:{worker}", verb="test.concurrent.second")
+        except BaseException as error:  # surfaced below: an exception in a thread would otherwise vanish
+            errors.append(error)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=write, args=(worker,)) for worker in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors, errors
+    report = verify_chain()
+    assert report.ok, report.broken
+    assert report.events == 90
+    assert report.unsealed == 0
+    assert sorted(int(seq or 0) for seq in AuditEvent.objects.values_list("seq", flat=True)) == list(range(1, 91))
