@@ -5,7 +5,7 @@ from functools import wraps
 from typing import Any
 
 from django.contrib.auth.views import redirect_to_login
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpRequest, HttpResponse, HttpResponseBase
 from django.shortcuts import render
 from django.urls import reverse
 
@@ -16,7 +16,7 @@ from apps.accounts.roles import role_of
 READER_ROLES = frozenset({Role.OFFICER, Role.ENGINEER, Role.ADMIN})
 AUDIT_READER_ROLES = frozenset({Role.OFFICER, Role.ADMIN})
 
-View = Callable[..., HttpResponse]
+View = Callable[..., HttpResponseBase]  # pages, redirects and streamed downloads
 
 
 def render_page(
@@ -43,7 +43,7 @@ def console_page(roles: frozenset[Role] = READER_ROLES) -> Callable[[View], View
 
     def decorate(view: View) -> View:
         @wraps(view)
-        def wrapped(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        def wrapped(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
             if not request.user.is_authenticated:
                 return redirect_to_login(request.get_full_path(), login_url=reverse("console:sign-in"))
             role = role_of(request.user)

@@ -42,3 +42,11 @@ class AuditFilterForm(forms.Form):
 
     verb = forms.CharField(required=False, max_length=100, label="Action contains")
     actor = forms.CharField(required=False, max_length=200, label="Actor contains")
+    object_type = forms.CharField(required=False, max_length=100, label="Object type (app.model)")
+    object_id = forms.CharField(required=False, max_length=200, label="Object id")
+    after = forms.DateTimeField(
+        required=False, label="From (UTC)", widget=forms.DateTimeInput(attrs={"type": "datetime-local"})
+    )
+    before = forms.DateTimeField(
+        required=False, label="Until (UTC)", widget=forms.DateTimeInput(attrs={"type": "datetime-local"})
+    )

@@ -16,4 +16,6 @@ urlpatterns = [
     path("updates/", views.update_list, name="update-list"),
     path("updates/<str:update_id>/", views.update_detail, name="update-detail"),
     path("audit/", views.audit_log, name="audit-log"),
+    path("audit/export.jsonl", views.audit_export, {"kind": "jsonl"}, name="audit-export-jsonl"),
+    path("audit/export.csv", views.audit_export, {"kind": "csv"}, name="audit-export-csv"),
 ]

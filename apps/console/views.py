@@ -8,7 +8,7 @@ from django.contrib.auth.views import LoginView, LogoutView
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.core.paginator import Page, Paginator
 from django.db.models import Count, Prefetch, Q
-from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.http import HttpRequest, HttpResponse, HttpResponseBase, HttpResponseRedirect
 from django.shortcuts import get_object_or_404
 from django.urls import reverse
 from django.views.decorators.http import require_POST
@@ -21,6 +21,7 @@ from apps.console.forms import AuditFilterForm, DecisionForm, OverrideForm, Upda
 from apps.federation.choices import UpdateStatus
 from apps.federation.models import EdgeDevice, Round, Update
 from apps.governance.choices import ApprovalStatus
+from apps.governance.export import audit_export_response
 from apps.governance.gate import GateVerdict, gate_verdict
 from apps.governance.models import ApprovalRequest, AuditEvent, GateOverride
 from apps.governance.services import (
@@ -370,18 +371,44 @@ def update_detail(request: HttpRequest, update_id: str) -> HttpResponse:
     )
 
 
+def _filtered_events(form: AuditFilterForm) -> Any:
+    events = AuditEvent.objects.select_related("actor")
+    if form.is_valid():
+        data = form.cleaned_data
+        if data["verb"]:
+            events = events.filter(verb__icontains=data["verb"])
+        if data["actor"]:
+            events = events.filter(actor_label__icontains=data["actor"])
+        if data["object_type"]:
+            events = events.filter(object_type=data["object_type"])
+        if data["object_id"]:
+            events = events.filter(object_id=data["object_id"])
+        if data["after"]:
+            events = events.filter(created_at__gte=data["after"])
+        if data["before"]:
+            events = events.filter(created_at__lt=data["before"])
+    return events
+
+
 @console_page(AUDIT_READER_ROLES)
 def audit_log(request: HttpRequest) -> HttpResponse:
     form = AuditFilterForm(request.GET or None)
-    events = AuditEvent.objects.select_related("actor")
-    if form.is_valid():
-        if form.cleaned_data["verb"]:
-            events = events.filter(verb__icontains=form.cleaned_data["verb"])
-        if form.cleaned_data["actor"]:
-            events = events.filter(actor_label__icontains=form.cleaned_data["actor"])
+    events = _filtered_events(form)
     return render_page(
         request,
         "console/audit_log.html",
         {"form": form, "page": _page(request, events), "query": _query_without_page(request)},
         nav="audit",
     )
+
+
+@console_page(AUDIT_READER_ROLES)
+def audit_export(request: HttpRequest, kind: str) -> HttpResponseBase:
+    """The filtered trail as a download (the same filters as the page), with the hash-chain fields."""
+    form = AuditFilterForm(request.GET or None)
+    if request.GET and not form.is_valid():
+        return HttpResponse(
+            f"The filters are not valid: {form.errors.as_text()}", status=400, content_type="text/plain"
+        )
+    filters = {key: str(value) for key, value in request.GET.items() if key in form.fields and value}
+    return audit_export_response(_filtered_events(form), kind=kind, actor=request.user, filters=filters)

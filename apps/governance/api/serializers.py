@@ -143,5 +143,16 @@ class DecisionInputSerializer(serializers.Serializer[dict[str, Any]]):
 class AuditEventSerializer(serializers.ModelSerializer[AuditEvent]):
     class Meta:
         model = AuditEvent
-        fields = ("id", "created_at", "actor_label", "verb", "object_type", "object_id", "data")
+        fields = (
+            "id",
+            "created_at",
+            "actor_label",
+            "verb",
+            "object_type",
+            "object_id",
+            "data",
+            "seq",
+            "prev_hash",
+            "entry_hash",
+        )
         read_only_fields = fields

@@ -2,7 +2,9 @@
 
 from typing import Any, ClassVar
 
+from django.http import StreamingHttpResponse
 from django.shortcuts import get_object_or_404
+from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
@@ -22,6 +24,7 @@ from apps.governance.api.serializers import (
     GateOverrideSerializer,
     OverrideInputSerializer,
 )
+from apps.governance.export import CSV_MEDIA_TYPE, JSONL_MEDIA_TYPE, audit_export_response
 from apps.governance.models import ApprovalRequest, AuditEvent, GateOverride
 from apps.governance.services import (
     PromotionHeld,
@@ -116,12 +119,40 @@ class ApprovalRequestViewSet(
 
 
 class AuditEventViewSet(viewsets.ReadOnlyModelViewSet[AuditEvent]):
-    """The audit trail, newest first; officers (and admins) read it, nobody writes it through the API."""
+    """The audit trail, newest first; officers (and admins) read it, nobody writes it through the API. The exports
+    take the list's filters and stream the matching events in chain order, with their hash-chain fields, so a copy
+    can be checked offline (`fednested audit verify-export`)."""
 
     queryset = AuditEvent.objects.all()
     serializer_class = AuditEventSerializer
     filterset_class = AuditEventFilterSet
-    action_roles: ClassVar[dict[str, frozenset[Role]]] = {"list": OFFICER, "retrieve": OFFICER}
+    action_roles: ClassVar[dict[str, frozenset[Role]]] = {
+        "list": OFFICER,
+        "retrieve": OFFICER,
+        "export_jsonl": OFFICER,
+        "export_csv": OFFICER,
+    }
+
+    def _export(self, request: Request, kind: str) -> StreamingHttpResponse:
+        events = self.filter_queryset(self.get_queryset())
+        return audit_export_response(
+            events,
+            kind=kind,
+            actor=request.user,
+            filters={key: str(value) for key, value in request.query_params.items()},
+        )
+
+    @extend_schema(filters=True, responses={(200, JSONL_MEDIA_TYPE): OpenApiTypes.STR})
+    @action(detail=False, methods=["get"], url_path="export-jsonl", pagination_class=None)
+    def export_jsonl(self, request: Request) -> StreamingHttpResponse:
+        """The matching events as JSON Lines, one event per line, in chain order."""
+        return self._export(request, "jsonl")
+
+    @extend_schema(filters=True, responses={(200, CSV_MEDIA_TYPE): OpenApiTypes.STR})
+    @action(detail=False, methods=["get"], url_path="export-csv", pagination_class=None)
+    def export_csv(self, request: Request) -> StreamingHttpResponse:
+        """The matching events as CSV with a header row; `data` as JSON text."""
+        return self._export(request, "csv")
 
 
 class ForgettingReportView(RetrieveAPIView[ForgettingReport]):

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from django.db import connection, transaction
+from django.test import Client
 from typer.testing import CliRunner
 
 from apps.governance.audit import record_audit_event
@@ -23,6 +24,7 @@ from apps.governance.chain import (
     verify_chain,
 )
 from apps.governance.cli import app as audit_cli
+from apps.governance.export import verify_export
 from apps.governance.models import AuditEvent
 
 pytestmark = pytest.mark.django_db
@@ -254,3 +256,69 @@ def test_writers_committing_concurrently_get_one_unbroken_chain() -> None:
     assert report.events == 90
     assert report.unsealed == 0
     assert sorted(int(seq or 0) for seq in AuditEvent.objects.values_list("seq", flat=True)) == list(range(1, 91))
+
+
+def test_exports_carry_the_chain_and_verify_offline(
+    record: Callable[..., list[AuditEvent]], cast: dict[str, Any], tmp_path: Path
+) -> None:
+    record(4)
+    officer = cast["officer"].client
+    response = officer.get("/api/v1/audit-events/export-jsonl/", {"verb": "federation.update.recorded"})
+    assert response.status_code == 200
+    assert response["Content-Type"] == "application/x-ndjson"
+    assert "attachment" in response["Content-Disposition"]
+    lines = b"".join(response.streaming_content).decode().splitlines()
+    seqs = [json.loads(line)["seq"] for line in lines]
+    # The cast's own events (enrolment, users) were sealed first, by the same seal.
+    assert seqs == list(range(seqs[0], seqs[0] + 4))
+    report = verify_export(lines)
+    assert report.ok, report.problems
+    assert (report.verified, report.stretches) == (4, 1)
+    # A filtered export is stretches of the chain: every line still verifies on its own.
+    assert verify_export([lines[0], lines[2]]).ok
+
+    tampered = json.loads(lines[1])
+    tampered["data"]["loss"] = 0.0
+    path = tmp_path / "export.jsonl"
+    path.write_text("\n".join([lines[0], json.dumps(tampered), lines[2], "{not json"]) + "\n")
+    result = CliRunner().invoke(audit_cli, ["verify-export", str(path)])
+    assert result.exit_code == 1
+    assert f"line 2: event seq {seqs[1]}" in result.output
+    assert "line 4: not an audit event" in result.output
+
+    csv_response = officer.get("/api/v1/audit-events/export-csv/")
+    assert csv_response["Content-Type"] == "text/csv"
+    rows = b"".join(csv_response.streaming_content).decode().splitlines()
+    assert rows[0].startswith("seq,id,created_at,actor_label,verb")
+    assert cast["engineer"].client.get("/api/v1/audit-events/export-jsonl/").status_code == 403
+    assert AuditEvent.objects.filter(verb="governance.audit.exported", actor_label="olivia-officer").count() == 2
+
+
+def test_a_spreadsheet_formula_in_audit_text_is_made_inert(
+    record: Callable[..., list[AuditEvent]], cast: dict[str, Any]
+) -> None:
+    record(1)
+    AuditEvent.objects.create(actor_label='=HYPERLINK("x")', verb="federation.update.recorded", data={})
+    rows = b"".join(cast["officer"].client.get("/api/v1/audit-events/export-csv/").streaming_content).decode()
+    assert "'=HYPERLINK" in rows
+
+
+def test_the_console_filters_by_object_and_time_and_exports_what_it_shows(
+    record: Callable[..., list[AuditEvent]], cast: dict[str, Any], client: Client
+) -> None:
+    events = record(3)
+    AuditEvent.objects.filter(pk=events[1].pk).update(object_type="registry.modelversion", object_id="7")
+    client.force_login(cast["officer"].user)
+    page = client.get("/audit/", {"object_type": "registry.modelversion", "object_id": "7"})
+    assert page.status_code == 200
+    assert page.content.decode().count("<tr>") == 2  # the header row and the one event
+    export = client.get("/audit/export.jsonl", {"object_type": "registry.modelversion", "object_id": "7"})
+    lines = b"".join(export.streaming_content).decode().splitlines()  # type: ignore[attr-defined]
+    assert [json.loads(line)["id"] for line in lines] == [events[1].pk]
+    later = client.get("/audit/export.jsonl", {"after": "2999-01-01T00:00"})
+    assert b"".join(later.streaming_content) == b""  # type: ignore[attr-defined]
+    bad = client.get("/audit/export.csv", {"after": "yesterday"})
+    assert bad.status_code == 400
+    assert b"Enter a valid date/time" in bad.content
+    client.force_login(cast["engineer"].user)
+    assert client.get("/audit/export.jsonl").status_code == 403
