@@ -11,7 +11,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv test lint typecheck djangocheck pytest demo bench-edge bench-aggregate bench-async bench-federated bench-api bench-ingest services-start services-stop services-status clean
+.PHONY: venv test lint typecheck djangocheck pytest demo bench-edge bench-aggregate bench-async bench-federated bench-forgetting bench-api bench-ingest bench-tier1 services-start services-stop services-status clean
 
 venv:
 	@echo "virtualenv: $(VENV)"
@@ -74,6 +74,11 @@ bench-async:
 bench-federated:
 	$(PY) -m bench.federated
 
+# Anti-forgetting safeguards (EWC, distillation, freezing, combined) on sequential and federated domain updates
+# (tiny model, real training, 3 seeds; docs/benchmarks/forgetting.md).
+bench-forgetting:
+	$(PY) -m bench.forgetting
+
 # 200 simulated devices (Locust) against the control plane as deployed (gunicorn + uvicorn workers, PostgreSQL of
 # var/services/env.sh, a fresh database) and against make demo's single-process server; needs `make services-start`.
 bench-api:
@@ -85,6 +90,11 @@ bench-api:
 bench-ingest:
 	source var/services/env.sh
 	$(PY) -m bench.ingest
+
+# Tier-1 core update: DeepSpeed ZeRO-2 (2 ranks x 1 thread, torchrun, gloo) against a plain PyTorch loop with 2
+# threads on the same model, data and precision (docs/tier1-core-update.md).
+bench-tier1:
+	$(PY) -m bench.tier1
 
 # The test services on their own, for running single tests by hand (docs/operations/services.md).
 services-start:

@@ -14,6 +14,8 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from django.core.exceptions import ImproperlyConfigured
 
+from fednested.governance.pii import PiiConfigError
+from fednested.governance.pii import load_config as load_pii_config
 from fednested.observability.logs import LOG_FORMATS, logging_config
 from fednested.observability.tracing import TracingSetupError, check_endpoint
 
@@ -295,8 +297,19 @@ FEDNESTED_AUDIT_ANCHOR_FILE = Path(
 FEDNESTED_AUDIT_ANCHOR_INTERVAL = envint("FEDNESTED_AUDIT_ANCHOR_INTERVAL", 300)
 if FEDNESTED_AUDIT_ANCHOR_INTERVAL < 0:
     raise ImproperlyConfigured("FEDNESTED_AUDIT_ANCHOR_INTERVAL must be >= 0 seconds (0: anchor only on demand)")
+# PII redaction of stored free text (fednested/governance/pii.py, docs/pii-redaction.md): on by default; `off`, inline
+# JSON or a JSON file path for custom entities and limits. Parsed here so a bad value stops start-up.
+try:
+    FEDNESTED_PII_REDACTION = load_pii_config(envstr("FEDNESTED_PII_REDACTION", "on"), source="FEDNESTED_PII_REDACTION")
+except PiiConfigError as error:
+    raise ImproperlyConfigured(str(error)) from error
 # The promotion gate's thresholds (apps/governance/gate.py): a JSON file, checked whenever it is read; empty: no gate.
 FEDNESTED_PROMOTION_GATE = envstr("FEDNESTED_PROMOTION_GATE", "").strip()
+# Each new version's Fisher (apps/federation/safeguards.py): JSON {"domains": "protected" | [...], "max_tokens",
+# "seq_len", "heldout_dir"}, checked when a version is made; empty: versions ship none (rounds cannot ask for EWC).
+FEDNESTED_FISHER = envstr("FEDNESTED_FISHER", "").strip()
+# A JSONL of public or synthetic records every new version ships as its replay set; empty: none.
+FEDNESTED_REPLAY_SET = envstr("FEDNESTED_REPLAY_SET", "").strip()
 # How many earlier champions a candidate's forgetting report compares it with (each may have to be scored again).
 FEDNESTED_FORGETTING_LINEAGE_DEPTH = envint("FEDNESTED_FORGETTING_LINEAGE_DEPTH", 10)
 if not 1 <= FEDNESTED_FORGETTING_LINEAGE_DEPTH <= 100:

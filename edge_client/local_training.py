@@ -8,15 +8,22 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from edge_client.errors import EdgeClientError
 from fednested.adapters import ExpertLoraConfig, adapter_state_dict
+from fednested.checkpoints import Manifest
+from fednested.checkpoints.safeguards import MAX_REPLAY_BYTES, REPLAY_FILE_NAME, wants_fisher, wants_replay
+from fednested.config.training import SafeguardConfig
+from fednested.data.jsonl import JsonlFormatError, read_jsonl
 from fednested.data.records import Record
 from fednested.training.edge import EdgeTrainConfig, TrainMetrics, train_adapters
+from fednested.training.safeguards import FISHER_FILE_NAME, FisherFileError, load_fisher_file
 
 _LAYER_IN_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -94,21 +101,80 @@ def count_routed_tokens(model: nn.Module, *, pad_id: int | None = None) -> Itera
             handle.remove()
 
 
+class SafeguardFilesError(EdgeClientError):
+    """A safeguard the round asks for needs a file of the base version that is absent or unusable: training does not
+    start (it never runs without a safeguard it was asked for)."""
+
+
+@dataclass(frozen=True)
+class SafeguardInputs:
+    """What the safeguards read from the base version: its Fisher (EWC) and its replay set (replay, distillation)."""
+
+    fisher: dict[str, torch.Tensor] | None = None
+    replay: list[Record] | None = None
+
+
+def load_safeguard_inputs(
+    model: nn.Module, directory: Path, manifest: Manifest, safeguards: SafeguardConfig
+) -> SafeguardInputs:
+    """The files `safeguards` needs from the version in `directory` (already sha256-verified against `manifest`),
+    checked; SafeguardFilesError naming the file and what is wrong with it. `model` carries the adapters the Fisher
+    must fit."""
+    fisher = None
+    if wants_fisher(safeguards):
+        if FISHER_FILE_NAME not in manifest.files:
+            raise SafeguardFilesError(
+                f"the round asks for EWC (ewc_lambda={safeguards.ewc_lambda}) but version {manifest.version_id} ships "
+                f"no {FISHER_FILE_NAME}; not training without it"
+            )
+        try:
+            fisher = load_fisher_file(directory / FISHER_FILE_NAME, expected_version=manifest.version_id, model=model)
+        except FisherFileError as error:
+            raise SafeguardFilesError(
+                f"the round asks for EWC but the version's Fisher is unusable: {error}"
+            ) from error
+    replay = None
+    if wants_replay(safeguards) or safeguards.distill_weight > 0:
+        path = directory / REPLAY_FILE_NAME
+        if REPLAY_FILE_NAME not in manifest.files or not path.is_file():
+            raise SafeguardFilesError(
+                f"the round asks for replay or distillation but version {manifest.version_id} ships no "
+                f"{REPLAY_FILE_NAME}; not training without it"
+            )
+        if path.stat().st_size > MAX_REPLAY_BYTES:
+            raise SafeguardFilesError(
+                f"{path}: {path.stat().st_size} bytes, over the {MAX_REPLAY_BYTES} a replay set may have"
+            )
+        try:
+            replay = read_jsonl(path, strict=True).records
+        except JsonlFormatError as error:
+            raise SafeguardFilesError(f"the version's replay set is unusable: {error}") from error
+    return SafeguardInputs(fisher=fisher, replay=replay)
+
+
 def train_local_adapters(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     records: Sequence[Record],
     config: EdgeTrainConfig,
+    inputs: SafeguardInputs | None = None,
 ) -> LocalTrainingResult:
     """Train the adapters already attached to `model` on `records`; returns the adapter tensors (detached copies,
-    on CPU) and the routed-token counts."""
+    on CPU) and the routed-token counts. `inputs` feed `config.safeguards` (load_safeguard_inputs)."""
     if not records:
         raise ValueError("no training records: the local data files held no valid lines")
     started_at = datetime.now(UTC)
     # The id the training loop pads rows with (fednested.training.edge.train_adapters picks it the same way).
     pad_id = tokenizer.pad_token_id if isinstance(tokenizer.pad_token_id, int) else tokenizer.eos_token_id
     with count_routed_tokens(model, pad_id=pad_id if isinstance(pad_id, int) else None) as routed:
-        metrics = train_adapters(model, tokenizer, records, config)
+        metrics = train_adapters(
+            model,
+            tokenizer,
+            records,
+            config,
+            fisher=inputs.fisher if inputs is not None else None,
+            replay=inputs.replay if inputs is not None else None,
+        )
     finished_at = datetime.now(UTC)
     adapters = {name: tensor.detach().to("cpu").clone() for name, tensor in adapter_state_dict(model).items()}
     return LocalTrainingResult(

@@ -8,7 +8,7 @@ import math
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -17,7 +17,12 @@ from pydantic import BaseModel
 
 from edge_client.enrollment import certificate_due, ensure_enrolled, renew_if_due
 from edge_client.errors import EdgeClientError
-from edge_client.local_training import LocalTrainingResult, adapter_summary, train_local_adapters
+from edge_client.local_training import (
+    LocalTrainingResult,
+    adapter_summary,
+    load_safeguard_inputs,
+    train_local_adapters,
+)
 from edge_client.sidecar import AuditLog, Sidecar, load_policy
 from edge_client.sidecar.audit import head_path_for
 from edge_client.snapshots import LoadedBase, PulledVersion, QuantizeBits, load_base, pull_champion
@@ -35,7 +40,9 @@ from fednested.checkpoints import (
     save_update,
     verify_version,
 )
+from fednested.checkpoints.safeguards import parse_round_safeguards
 from fednested.config import EdgeDataSettings, EdgeModelSettings, Tier2Config
+from fednested.config.training import SafeguardConfig
 from fednested.data.jsonl import JsonlFormatError, read_jsonl_files
 from fednested.data.records import Record
 from fednested.messaging.acls import EDGE_GROUP_PREFIX
@@ -185,6 +192,9 @@ class ClientRun:
         self.base: LoadedBase | None = None
         self.reported_version: str | None = None
         self.round_for_base: dict[str, str] = {}
+        # base version -> the config its RoundStart carried (the round's safeguards among it), and the latest one.
+        self.round_configs: dict[str, dict[str, Any]] = {}
+        self.latest_round_config: dict[str, Any] | None = None
         self.updates_this_run = 0
         # version id -> (manifest sha256 the ModelAvailable event announced, where the event was read)
         self.announced: dict[str, tuple[str, str]] = {}
@@ -321,16 +331,38 @@ class ClientRun:
             )
         return list(result.records)
 
+    def round_safeguards(self, base_version: str) -> SafeguardConfig | None:
+        """The safeguards of the window this run trains for: the RoundStart that named `base_version`, else the
+        latest one announced (an asynchronous series' next windows start on the champion of their day, which may
+        not be the version a device moved to since; a series keeps one config). None: the round asks for none."""
+        config = self.round_configs.get(base_version, self.latest_round_config)
+        if config is None:
+            return None
+        try:
+            return parse_round_safeguards(config, where=f"the round config for {base_version}")
+        except ValueError as exc:
+            # The control plane checks the section when it opens the round: a bad one here was not written by it.
+            raise EdgeClientError(f"{exc}; not training with safeguards the round did not validly ask for") from exc
+
+    def training_config(self, base_version: str) -> EdgeTrainConfig:
+        """The device's training config, with the round's safeguards in place of its own when the round has some."""
+        safeguards = self.round_safeguards(base_version)
+        training = self.settings.training
+        return training if safeguards is None else replace(training, safeguards=safeguards)
+
     def train_and_spool(self, outbox: Outbox, sidecar: Sidecar) -> None:
         assert self.base is not None
         base_version = self.base.version.version_id
         records = self.read_records(sidecar)
         started_at = datetime.now(UTC)
         try:
+            config = self.training_config(base_version)
             # Attached in place: this base now carries trained adapters, which is fine because a base version is
             # trained on once; the next version is loaded fresh by move_to.
             model = attach_expert_adapters(self.base.model, self.settings.adapter)
-            result = train_local_adapters(model, self.base.tokenizer, records, self.settings.training)
+            version = self.base.version
+            inputs = load_safeguard_inputs(model, version.directory, version.manifest, config.safeguards)
+            result = train_local_adapters(model, self.base.tokenizer, records, config, inputs)
         except Exception as exc:
             self.spool_telemetry(outbox, base_version, None, started_at, outcome="failed")
             sidecar.record("training.failed", {"base_version": base_version, "error": f"{type(exc).__name__}: {exc}"})
@@ -354,6 +386,10 @@ class ClientRun:
                 "steps": result.metrics.steps,
                 "tokens": result.metrics.tokens,
                 "adapter_tensors": len(result.adapters),
+                # the safeguards' last terms (None where off): evidence on the device that they ran
+                "ewc_penalty": result.metrics.ewc_penalty,
+                "distill_loss": result.metrics.distill_loss,
+                "replay_records": result.metrics.replay_records,
             },
         )
 
@@ -478,6 +514,8 @@ class ClientRun:
             _remember(self.seen_events, event_id, None)
         if isinstance(event, RoundStart):
             _remember(self.round_for_base, event.base_version, event.round_id)
+            _remember(self.round_configs, event.base_version, dict(event.config))
+            self.latest_round_config = dict(event.config)
         elif (
             isinstance(event, ModelAvailable)
             and event.alias == "champion"
@@ -485,6 +523,16 @@ class ClientRun:
         ):
             _remember(self.announced, event.version_id, (event.manifest_sha256, message.where()))
             self.champion_stale = True
+
+    def read_waiting_events(self, consumer: Consumer, sidecar: Sidecar) -> None:
+        """Handle the control events already on the bus without waiting for more (bounded: a flood cannot hold the
+        device here)."""
+        for _ in range(MAX_REMEMBERED_EVENTS):
+            message = consumer.poll(0.0)
+            if message is None:
+                return
+            self.handle_control(message, sidecar)
+            consumer.commit(message)
 
     def sync_champion(self, api: ControlPlaneClient, sidecar: Sidecar) -> None:
         """Move to whatever the API says the champion is now (it may be newer than the last event)."""
@@ -582,6 +630,8 @@ class ClientRun:
                     self.last_champion_check = time.monotonic()
             self.report_version(api, sidecar)
             if self.needs_training(outbox):
+                # The round's config decides the safeguards: read the announcements already waiting first.
+                self.read_waiting_events(consumer, sidecar)
                 self.train_and_spool(outbox, sidecar)
             if outbox.pending():
                 self.absorb(deliverer.deliver_pending(deadline=self.deadline), outbox)

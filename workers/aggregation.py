@@ -36,6 +36,7 @@ from apps.federation.jobs import AggregationParams
 from apps.federation.models import Round, TrainingTask, Update
 from apps.federation.payloads import adapter_config_of, checked_payload_path
 from apps.federation.privacy import PrivacyLedger, privacy_ledger
+from apps.federation.safeguards import write_safeguard_files
 from apps.federation.server_state import (
     StateReference,
     discard_stale_staging,
@@ -502,6 +503,7 @@ def _aggregate_claimed_round(task: TrainingTask, round_: Round, params: Aggregat
     # Written under a name of this task's own and moved into place only while it still holds the window: a task
     # released as lost (and still running) can never write over the files of the attempt that replaced it.
     staging = store / "versions" / f".{version_id}.task-{task.pk}"
+    safeguards_staging = store / "versions" / f".{version_id}.task-{task.pk}.safeguards"
     state_staging = f".{version_id}.task-{task.pk}.safetensors"
     # Staging files of earlier attempts at this candidate (their workers died before registering, or they were
     # released as lost): this task holds the window now, so none of them can ever be registered.
@@ -530,19 +532,27 @@ def _aggregate_claimed_round(task: TrainingTask, round_: Round, params: Aggregat
             "report": _released(report.to_dict(), private=settings_.privacy is not None),
         }
         has_tokenizer = any(entry.partition == "tokenizer" for entry in champion_manifest.files.values())
+        tokenizer = load_tokenizer(champion_directory) if has_tokenizer else None
+        # The candidate's own Fisher (of the weights just merged: what devices will train on) and replay set.
+        safeguards_staging.mkdir(parents=True)
+        safeguard_files, safeguard_note = write_safeguard_files(
+            model, tokenizer, safeguards_staging, version_id=version_id
+        )
         save_version(
             model,
             staging,
             version_id=version_id,
             parent_version=champion.version_id,
-            tokenizer=load_tokenizer(champion_directory) if has_tokenizer else None,
+            tokenizer=tokenizer,
             lineage={
                 "round": round_.round_id,
                 "task": task.pk,
                 "updates": list(applied),
                 "staleness": {update_id: entry["staleness"] for update_id, entry in record["updates"].items()},
                 "aggregation": evidence | {"weights": weights_by_update, "notes": report.notes},
+                **({"safeguards": safeguard_note} if safeguard_note else {}),
             },
+            safeguard_files=safeguard_files,
         )
         _crash_if_asked("after_files_written")
         version = _register_candidate(
@@ -551,6 +561,7 @@ def _aggregate_claimed_round(task: TrainingTask, round_: Round, params: Aggregat
     finally:
         # Whatever happened (a full disk, a store refusing writes, a lost hold): no staged file of this attempt stays.
         shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(safeguards_staging, ignore_errors=True)
         staged_path(store, state_staging).unlink(missing_ok=True)
     logger.info(
         "round %s: %d updates onto %s → candidate %s (%d rejected)",

@@ -1,9 +1,13 @@
 """The demo's starting point: a seeded multi-domain corpus, a BPE tokenizer and a `tiny` MoE model briefly
 pre-trained on a general mix of every domain, saved as the first immutable version. Pure fednested, no Django."""
 
-from collections.abc import Mapping, Sequence
+import shutil
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from transformers import PreTrainedModel
 
 from fednested.checkpoints import Manifest, save_version
 from fednested.data import (
@@ -70,10 +74,20 @@ def heldout_by_domain(
     return {name: corpus[name].records("heldout", "text") for name in names}
 
 
+# (model, tokenizer, folder to write into) -> (files the version ships beside its weights, what its lineage says)
+SafeguardFiles = Callable[[PreTrainedModel, Any, Path], tuple[dict[str, Path], dict[str, Any]]]
+
+
 def build_first_version(
-    corpus: Mapping[str, DomainCorpus], config: BootstrapConfig, directory: Path, *, version_id: str = "v1"
+    corpus: Mapping[str, DomainCorpus],
+    config: BootstrapConfig,
+    directory: Path,
+    *,
+    version_id: str = "v1",
+    safeguard_files: SafeguardFiles | None = None,
 ) -> FirstVersion:
-    """Train the tokenizer on the general mix, build the model, pre-train all of it briefly, and save it."""
+    """Train the tokenizer on the general mix, build the model, pre-train all of it briefly, and save it (with the
+    safeguard files `safeguard_files` writes for the trained weights, if given)."""
     mix = general_mix(corpus)
     tokenizer = train_bpe_tokenizer(record_texts(mix), BpeTokenizerConfig(vocab_size=config.vocab_size))
     model = build_model(config.preset, config.family, vocab_size=len(tokenizer), seed=config.seed)
@@ -99,11 +113,27 @@ def build_first_version(
         )
         for parameter in model.parameters():
             parameter.requires_grad_(False)
-    lineage = {
+    lineage: dict[str, Any] = {
         "datasets": [f"synthetic-general-mix-seed{config.seed}"],
         "runs": [f"demo-pretrain-{config.pretrain_steps}-steps"],
     }
-    manifest = save_version(
-        model, directory, version_id=version_id, parent_version=None, lineage=lineage, tokenizer=tokenizer
-    )
+    files: dict[str, Path] = {}
+    scratch = directory.parent / f".{directory.name}.safeguards"
+    try:
+        if safeguard_files is not None:
+            scratch.mkdir(parents=True)
+            files, note = safeguard_files(model, tokenizer, scratch)
+            if note:
+                lineage["safeguards"] = note
+        manifest = save_version(
+            model,
+            directory,
+            version_id=version_id,
+            parent_version=None,
+            lineage=lineage,
+            tokenizer=tokenizer,
+            safeguard_files=files,
+        )
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return FirstVersion(manifest=manifest, directory=directory, pretraining=metrics)

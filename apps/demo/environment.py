@@ -17,6 +17,9 @@ SERVICE_VARIABLES = (
     "FEDNESTED_TOPIC_PREFIX",
     "FEDNESTED_REQUIRE_SERVICES",
 )
+# The demo's Fisher: on the held-out sets of the domains its gate protects (the domains no device trains on), a
+# few thousand tokens (about two seconds of the tiny model per version).
+DEMO_FISHER = '{"domains": "protected", "max_tokens": 4096, "seq_len": 128}'
 # The control plane's own settings: their SQLite set-up already serves several writing processes.
 DEMO_SETTINGS_MODULE = "controlplane.settings"
 
@@ -51,6 +54,11 @@ class DemoPaths:
     def static(self) -> Path:
         return self.root / "static"
 
+    @property
+    def promotion_gate(self) -> Path:
+        """The demo federation's gate thresholds (written by the demo once it knows which domains are protected)."""
+        return self.root / "promotion-gate.json"
+
 
 def database_url(path: Path) -> str:
     return f"sqlite:///{path}"
@@ -68,6 +76,9 @@ def demo_environment(base: Mapping[str, str], paths: DemoPaths) -> dict[str, str
             "FEDNESTED_BUS_PATH": str(paths.bus),
             "FEDNESTED_ARTIFACT_ROOT": str(paths.artifacts),
             "STATIC_ROOT": str(paths.static),
+            "FEDNESTED_PROMOTION_GATE": str(paths.promotion_gate),
+            # Every version ships the Fisher of its weights on the gate's protected domains, for the rounds' EWC.
+            "FEDNESTED_FISHER": DEMO_FISHER,
             # The demo prints its own progress; INFO lines of Celery and the workers go to their logs only.
             "LOG_LEVEL": base.get("LOG_LEVEL", "WARNING"),
             "PYTHONUNBUFFERED": "1",

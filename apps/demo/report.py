@@ -72,3 +72,27 @@ def staleness_table(rows: Sequence[AppliedUpdate]) -> str:
     lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(line)).rstrip() for line in [header, *cells]]
     lines.insert(1, "  ".join("-" * width for width in widths))
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class GateOutcome:
+    """What the promotion gate said of one candidate: held or not, and each threshold it is past."""
+
+    version_id: str
+    held: bool
+    reasons: tuple[str, ...] = ()
+
+
+def gate_table(outcomes: Sequence[GateOutcome]) -> str:
+    """One line per candidate: 'passed', or 'HELD' followed by each domain, figure and limit the gate quotes."""
+    if not outcomes:
+        return "(no candidate was decided)"
+    width = max(len(outcome.version_id) for outcome in outcomes)
+    lines = []
+    for outcome in outcomes:
+        if not outcome.held:
+            lines.append(f"{outcome.version_id.ljust(width)}  passed: promoted")
+            continue
+        lines.append(f"{outcome.version_id.ljust(width)}  HELD by the gate, not promoted:")
+        lines.extend(f"{' ' * width}    {reason}" for reason in outcome.reasons)
+    return "\n".join(lines)

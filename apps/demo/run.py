@@ -10,6 +10,7 @@ plane's HTTP server, the ingest worker, the outbox relay and the devices are sep
 files. SIGTERM stops them all, as Ctrl-C does.
 """
 
+import json
 import secrets
 import signal
 import sys
@@ -17,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from types import FrameType
 from typing import Any, TypeVar
@@ -34,13 +36,17 @@ from apps.demo.devices import DemoDevice, EdgeTrainingPlan, client_command, clie
 from apps.demo.environment import DemoPaths
 from apps.demo.processes import DemoError, ManagedProcess, start_process, wait_for_http
 from apps.demo.progress import Progress
-from apps.demo.report import AppliedUpdate, VersionScores, loss_table, staleness_table
+from apps.demo.report import AppliedUpdate, GateOutcome, VersionScores, gate_table, loss_table, staleness_table
 from apps.federation.choices import TaskKind, TaskStatus, UpdateStatus
 from apps.federation.models import EdgeDevice, Round, TrainingTask, Update
+from apps.federation.safeguards import write_safeguard_files
 from apps.federation.services import create_training_task, issue_enrollment_token, open_round
 from apps.governance.choices import ApprovalStatus
+from apps.governance.gate import gate_verdict
 from apps.governance.models import ApprovalRequest
-from apps.governance.services import approve_version
+from apps.governance.services import approve_version, reject_version
+from apps.outbox.choices import OutboxKind
+from apps.outbox.models import OutboxEvent
 from apps.registry.models import ModelVersion
 from apps.registry.services import create_model_family, register_saved_version
 from fednested.data import Record, write_jsonl
@@ -54,6 +60,15 @@ FIRST_VERSION = "v1"
 SERIES = "demo"
 WINDOW_K = 2
 FINISHED_TASK_STATUSES = (TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED)
+# The promotion gate the demo federation runs with (--gate-max-increase): no domain a device does not train on may
+# get more than this much worse (in nats) than the candidate's parent or the champion.
+PROTECTED_MAX_INCREASE_NATS = 0.01
+# EWC strength the demo's rounds ask the devices for (--ewc-lambda): the penalty λ/2·Σ F·ΔW² over the adapters' ΔW,
+# with the version's Fisher normalised to mean 1; 0 opens the rounds without safeguards. Deliberately light, so the
+# gate has something to decide (measured on the default demo, docs/forgetting-and-promotion-gate.md): without EWC the
+# second candidate makes code 0.475 and telemetry 0.148 nats worse; λ = 0.03 leaves +0.015 and +0.023 (the gate
+# holds it) while the trained domains learn almost as much; from λ = 0.1 they get at most 0.002 worse.
+DEMO_EWC_LAMBDA = 0.03
 
 T = TypeVar("T")
 
@@ -70,12 +85,23 @@ class DemoOptions:
     step_timeout_s: float = 900.0
     bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
     edge: EdgeTrainingPlan = field(default_factory=EdgeTrainingPlan)
+    ewc_lambda: float = DEMO_EWC_LAMBDA
+    gate_max_increase: float = PROTECTED_MAX_INCREASE_NATS
+
+    @property
+    def protected_domains(self) -> tuple[str, ...]:
+        """The domains no device trains on: the gate protects them and the rounds' EWC holds them."""
+        return DEVICE_DOMAINS[self.devices :]
 
     def __post_init__(self) -> None:
         if not 3 <= self.devices <= len(DEVICE_DOMAINS):
             raise ValueError(f"devices must be between 3 and {len(DEVICE_DOMAINS)}, got {self.devices}")
         if self.rounds < 1:
             raise ValueError(f"rounds must be at least 1, got {self.rounds}")
+        if not 0 <= self.ewc_lambda < float("inf"):
+            raise ValueError(f"ewc_lambda must be a finite number >= 0, got {self.ewc_lambda}")
+        if not 0 <= self.gate_max_increase < float("inf"):
+            raise ValueError(f"gate_max_increase must be a finite number >= 0, got {self.gate_max_increase}")
 
 
 @dataclass(frozen=True)
@@ -158,6 +184,7 @@ class Demo:
         self.versions: list[ModelVersion] = []
         self.seen_updates: dict[str, str] = {}
         self.device_records: dict[str, list[Record]] = {}
+        self.gate_outcomes: list[GateOutcome] = []
         self.url = ""
 
     # -- waiting ---------------------------------------------------------------------------------------------------
@@ -217,11 +244,20 @@ class Demo:
         heldout_dir = self.paths.artifacts / "heldout"
         for domain, records in heldout_by_domain(corpus).items():
             write_jsonl(heldout_dir / f"{domain}.jsonl", records)
+        self.write_promotion_gate()
         self.progress.step(
             f"Training a BPE tokenizer and pre-training the '{config.preset}' model on a general mix "
             f"({config.pretrain_steps} steps; the Tier-1 stand-in)"
         )
-        first = build_first_version(corpus, config, self.paths.artifacts / "versions" / FIRST_VERSION)
+        first = build_first_version(
+            corpus,
+            config,
+            self.paths.artifacts / "versions" / FIRST_VERSION,
+            # The same files (its Fisher) the aggregation worker writes for every candidate.
+            safeguard_files=lambda model, tokenizer, folder: write_safeguard_files(
+                model, tokenizer, folder, version_id=FIRST_VERSION
+            ),
+        )
         if first.pretraining is not None:
             curve = first.pretraining.loss_curve
             self.progress.step(
@@ -229,6 +265,13 @@ class Demo:
             )
         version = register_first_version(first, cast.engineer)
         self.progress.step(f"Registered {version.version_id} ({len(first.manifest.files)} files, sha256-verified)")
+        fisher = first.manifest.lineage.get("safeguards", {}).get("fisher")
+        if fisher:
+            self.progress.step(
+                "  it ships fisher.safetensors: the diagonal Fisher of its expert weights on "
+                f"{', '.join(fisher['domains'])} (numbers about weights: no record leaves the control plane), for "
+                "the devices' EWC penalty"
+            )
         request = self.evaluate(version, cast.engineer)
         approve_version(request, actor=cast.officer, reason="Initial model: the baseline for the federated rounds.")
         self.progress.step(
@@ -238,6 +281,23 @@ class Demo:
         self.versions.append(version)
         self.device_records = {domain: corpus[domain].mixed_records("train") for domain in DEVICE_DOMAINS}
         return version
+
+    def write_promotion_gate(self) -> None:
+        """The federation's gate (FEDNESTED_PROMOTION_GATE points here in the demo's environment): the domains no
+        device trains on may get at most PROTECTED_MAX_INCREASE_NATS worse than the parent and the champion."""
+        protected = self.options.protected_domains
+        gate = {
+            "protected": {
+                domain: {"max_increase_nats": self.options.gate_max_increase, "against": ["parent", "champion"]}
+                for domain in protected
+            }
+        }
+        self.paths.promotion_gate.write_text(json.dumps(gate, indent=2) + "\n", encoding="utf-8")
+        if protected:
+            self.progress.step(
+                f"Promotion gate: {', '.join(protected)} (no device trains there) may get at most "
+                f"{self.options.gate_max_increase} nats worse than a candidate's parent or the champion"
+            )
 
     def evaluate(self, version: ModelVersion, actor: User) -> ApprovalRequest:
         """Run the evaluation job on `version` (as for any candidate): it records the scores and asks for approval."""
@@ -310,8 +370,8 @@ class Demo:
             cwd=Path(settings.BASE_DIR),
         )
         self.processes.append(server)
-        wait_for_http(f"{self.url}/admin/login/", server, timeout_s=120)
-        self.progress.step(f"Control plane serving at {self.url}/ (log: {server.log_path})")
+        # The workers start while the server does: each takes seconds to import its stack, and the relay must be up
+        # to announce the window before the devices train (its RoundStart carries the safeguards).
         worker = start_process(
             "ingest worker",
             [sys.executable, "-m", "workers.ingest", "--poll-timeout", "0.5"],
@@ -320,7 +380,6 @@ class Demo:
             cwd=Path(settings.BASE_DIR),
         )
         self.processes.append(worker)
-        self.progress.step(f"Ingest worker consuming updates.experts.local (log: {worker.log_path})")
         relay = start_process(
             "outbox relay",
             [sys.executable, "-m", "workers.relay", "--poll-interval", "0.2"],
@@ -329,19 +388,38 @@ class Demo:
             cwd=Path(settings.BASE_DIR),
         )
         self.processes.append(relay)
+        wait_for_http(f"{self.url}/admin/login/", server, timeout_s=120)
+        self.progress.step(f"Control plane serving at {self.url}/ (log: {server.log_path})")
+        self.progress.step(f"Ingest worker consuming updates.experts.local (log: {worker.log_path})")
         self.progress.step(f"Outbox relay publishing control events as they commit (log: {relay.log_path})")
 
     def open_window(self, base: ModelVersion, cast: Cast) -> None:
+        # EWC on the protected domains' Fisher, which every version ships (none protected: nothing to hold).
+        wanted = self.options.protected_domains and self.options.ewc_lambda > 0
+        safeguards = {"ewc_lambda": self.options.ewc_lambda} if wanted else {}
         open_round(
             base_version=base,
             buffer_size_k=WINDOW_K,
             deadline_at=timezone.now() + timedelta(seconds=self.options.step_timeout_s),
             actor=cast.engineer,
             round_id=window_id(1),
+            config={"safeguards": safeguards} if safeguards else {},
         )
         self.progress.step(
             f"eric opened the asynchronous window series '{SERIES}' (K={WINDOW_K}): updates on v1 or any later "
             "champion are taken, each aggregate goes onto the champion of its day, and the next window opens itself"
+        )
+        if safeguards:
+            self.progress.step(
+                f"  its config asks the devices for EWC (λ={self.options.ewc_lambda}) against the Fisher their "
+                "version ships"
+            )
+        # A device reads the safeguards from the window's RoundStart: the devices start once it is on the bus.
+        self.wait_for(
+            "the relay to announce the window",
+            lambda: (
+                None if OutboxEvent.objects.filter(kind=OutboxKind.BUS_EVENT, sent_at__isnull=True).exists() else True
+            ),
         )
 
     def start_client(self, device: DemoDevice) -> None:
@@ -429,6 +507,40 @@ class Demo:
         self.progress.step(f"  {request.requested_by.username} requested approval of {version.version_id}")
         return request
 
+    def decide(self, request: ApprovalRequest, cast: Cast) -> bool:
+        """olivia approves the candidate unless the promotion gate holds it; a held one she rejects, quoting the gate,
+        and the federated loop ends there (the champion stays). True when it was approved."""
+        version = request.version
+        verdict = gate_verdict(version)
+        outcome = GateOutcome(
+            version_id=version.version_id,
+            held=verdict.held,
+            reasons=tuple(breach.describe() for breach in verdict.breaches)
+            or ((verdict.error,) if verdict.error else ()),
+        )
+        self.gate_outcomes.append(outcome)
+        self.versions.append(version)
+        if verdict.held:
+            self.progress.step(f"  the promotion gate holds {version.version_id}: {verdict.summary()}")
+            reject_version(
+                request,
+                actor=cast.officer,
+                reason=f"Held by the promotion gate, not promoted: {verdict.summary()}"[:2000],
+            )
+            self.progress.step(
+                f"olivia rejected {version.version_id} (Approve is disabled while the gate holds it); the champion "
+                "stays, and the demo's rounds end here"
+            )
+            return False
+        approve_version(
+            request,
+            actor=cast.officer,
+            reason=f"Per-domain losses reviewed in the demo, within the gate; promoting {version.version_id}.",
+        )
+        passed = " (within the promotion gate)" if verdict.configured else ""
+        self.progress.step(f"olivia approved {version.version_id}{passed}; champion moved, devices told")
+        return True
+
     def devices_on(self, version: ModelVersion) -> None:
         total = len(self.devices)
 
@@ -440,7 +552,12 @@ class Demo:
         self.progress.step(f"  all {total} devices report {version.version_id} as their current version")
 
     def finish_clients(self) -> None:
+        held = any(outcome.held for outcome in self.gate_outcomes)
         for client_id, process in self.clients.items():
+            if held:
+                # No new champion will come for the devices to move to: once their updates are in, they are stopped.
+                self.wait_for(f"{client_id}'s updates to be delivered", partial(self.delivered_everything, client_id))
+                process.stop()
             deadline = time.monotonic() + self.options.step_timeout_s
             while process.running and time.monotonic() < deadline:
                 time.sleep(0.5)
@@ -451,6 +568,15 @@ class Demo:
                 f"  {client_id}: trained on {report.get('trained_on')}, delivered "
                 f"{len(report.get('updates_delivered', []))} updates, now on {report.get('current_version')}"
             )
+
+    def delivered_everything(self, client_id: str) -> bool | None:
+        """Whether `client_id` has nothing left to send: its client exited or its spool is empty."""
+        process = self.clients[client_id]
+        if not process.running:
+            return True
+        device = next(device for device in self.devices if device.client_id == client_id)
+        pending = device.state_dir / "spool" / "pending"
+        return True if not pending.is_dir() or not any(pending.iterdir()) else None
 
     def summary(self, cast: Cast) -> None:
         trained = [device.domain for device in self.devices]
@@ -484,6 +610,12 @@ class Demo:
             )
             + self.waiting_note()
         )
+        if self.gate_outcomes and self.options.protected_domains:
+            self.progress.block(
+                f"Promotion gate (untrained domains {', '.join(self.options.protected_domains)} may get at most "
+                f"{self.options.gate_max_increase} nats worse than the parent or the champion; the rounds asked the "
+                f"devices for EWC with λ={self.options.ewc_lambda}):\n\n" + gate_table(self.gate_outcomes)
+            )
         self.progress.block(
             f"Sign in at {self.url}/ to look around:\n"
             f"  governance officer  olivia / {cast.officer_password}\n"
@@ -548,13 +680,8 @@ class Demo:
                 request = self.approval_request(version)
                 if number == 1:
                     self.late_updates_waiting(version)
-                approve_version(
-                    request,
-                    actor=cast.officer,
-                    reason=f"Window {number}: per-domain losses reviewed in the demo; promoting {version.version_id}.",
-                )
-                self.progress.step(f"olivia approved {version.version_id}; champion moved, devices told")
-                self.versions.append(version)
+                if not self.decide(request, cast):
+                    break
                 self.devices_on(version)
             self.finish_clients()
             self.summary(cast)

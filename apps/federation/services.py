@@ -34,8 +34,9 @@ from apps.federation.identity import CheckedRequest, check_csr, register_device_
 from apps.federation.jobs import checked_params, send_training_task_on_commit
 from apps.federation.models import DeviceKey, EdgeDevice, EnrollmentToken, Round, StagedPayload, TrainingTask, Update
 from apps.federation.privacy import check_round_budget
+from apps.federation.safeguards import check_round_safeguards
 from apps.federation.windows import champion_version, round_settings, staleness_of
-from apps.governance.audit import record_audit_event
+from apps.governance.audit import record_audit_event, redact_for_storage
 from apps.governance.models import AuditEvent
 from apps.registry.choices import VersionStatus
 from apps.registry.models import ModelVersion
@@ -418,6 +419,8 @@ def open_round(
     if config is not None and not isinstance(config, dict):
         raise ValidationError({"config": "config must be a JSON object"})
     settings_ = check_round_config(config or {})
+    # What the devices will apply: refused now if a value is bad or base_version lacks the file it needs.
+    check_round_safeguards(config or {}, base_version)
     if settings_.privacy is not None:
         # A round that would take the federation past its ε budget refuses to start, saying by how much.
         check_round_budget(settings_.privacy, planned=settings_.privacy.planned_aggregations)
@@ -678,10 +681,15 @@ def create_training_task(
 
 
 def _move_task(task_pk: int, *, to: str, from_statuses: Sequence[str], actor_label: str, **fields: Any) -> bool:
+    error = fields.get("error", "")
+    if error:
+        # An error may quote a path, a host or a user's address: the task row keeps it redacted of PII; the audit
+        # event gets the original, which record_audit_event redacts the same way and records the counts of.
+        fields["error"] = redact_for_storage(error, where=f"training task {task_pk} error").text
     moved = TrainingTask.objects.filter(pk=task_pk, status__in=from_statuses).update(status=to, **fields)
     if moved:
         task = TrainingTask.objects.get(pk=task_pk)
-        data = {"kind": task.kind, "error": fields.get("error", "")}
+        data = {"kind": task.kind, "error": error}
         record_audit_event(actor=None, actor_label=actor_label, verb=f"federation.task.{to}", target=task, data=data)
     return bool(moved)
 
@@ -829,7 +837,8 @@ def reject_update(update: Update, code: str, message: str, *, actor_label: str =
         actor_label=actor_label,
         data={"code": code, "message": message},
         rejection_code=code,
-        rejection_message=message,
+        # Stored redacted of PII; the audit event's copy is redacted (and counted) by record_audit_event.
+        rejection_message=redact_for_storage(message, where=f"update {update.update_id} rejection_message").text,
     )
 
 

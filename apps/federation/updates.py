@@ -42,7 +42,7 @@ from apps.federation.windows import (
     version_manifest,
     window_readiness,
 )
-from apps.governance.audit import record_audit_event
+from apps.governance.audit import record_audit_event, redact_for_storage
 from apps.governance.chain import schedule_seal
 from apps.governance.models import AuditEvent
 from apps.registry.choices import CHAMPION_ALIAS
@@ -51,6 +51,7 @@ from fednested.adapters.lora import layer_index
 from fednested.aggregation import RejectionCode, UpdateRejected, expert_key, validate_update
 from fednested.aggregation.settings import RoundAggregationSettings, RoundSettingsError
 from fednested.checkpoints import CheckpointError, Manifest
+from fednested.governance.pii import REDACTED_KEY, Redacted
 from fednested.identity.keys import load_public_key
 from fednested.messaging import UpdateEnvelope
 from fednested.observability.tracing import current_traceparent
@@ -106,6 +107,8 @@ class _Checked:
     staleness: int | None = None
     notes: dict[str, Any] = field(default_factory=dict)
     rejection: UpdateRejected | None = None
+    # The rejection message redacted of PII, made once for both the update row and its audit row.
+    redacted_message: Redacted | None = None
 
 
 @dataclass(frozen=True)
@@ -682,7 +685,8 @@ def _update_row(item: _Checked, moment: datetime) -> Update:
         round=item.window if rejection is None else None,
         status=UpdateStatus.BUFFERED if rejection is None else UpdateStatus.REJECTED,
         rejection_code=rejection.code.value if rejection is not None else "",
-        rejection_message=rejection.message if rejection is not None else "",
+        # A rejection may quote what the device sent (a field, an id): stored redacted of PII, like its audit row.
+        rejection_message=_redacted_rejection(item).text if rejection is not None else "",
         staleness=item.staleness,
         payload_uri=envelope.payload.uri,
         payload_sha256=envelope.payload.sha256,
@@ -710,7 +714,12 @@ def _audit_row(item: _Checked, update: Update) -> AuditEvent:
         **item.notes,
     }
     if rejection is not None:
-        data |= {"code": rejection.code.value, "message": rejection.message}
+        # Only the message is free text: the other fields are ids, digests and numbers the checks validated, so the
+        # batch (which holds its locks while these rows are built) pays for redaction only on rejected updates.
+        redacted = _redacted_rejection(item)
+        data |= {"code": rejection.code.value, "message": redacted.text}
+        if redacted.entities:
+            data[REDACTED_KEY] = dict(redacted.entities)
     # The row record_audit_event(actor=device.user, target=update, ...) writes, unsaved, so a batch inserts all
     # of them in one statement.
     user = item.device.user
@@ -722,6 +731,13 @@ def _audit_row(item: _Checked, update: Update) -> AuditEvent:
         object_id=str(update.pk),
         data=data,
     )
+
+
+def _redacted_rejection(item: _Checked) -> Redacted:
+    if item.redacted_message is None:
+        message = item.rejection.message if item.rejection is not None else ""
+        item.redacted_message = redact_for_storage(message, where=f"update {item.envelope.update_id} rejection_message")
+    return item.redacted_message
 
 
 def _recorded(item: _Checked, update: Update) -> UpdateOutcome:

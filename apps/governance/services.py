@@ -17,7 +17,7 @@ from apps.accounts.roles import role_of
 from apps.federation.choices import TaskKind
 from apps.federation.events import publish_model_available_on_commit
 from apps.federation.models import TrainingTask
-from apps.governance.audit import record_audit_event
+from apps.governance.audit import record_audit_event, redact_for_storage
 from apps.governance.choices import ApprovalStatus, Decision
 from apps.governance.gate import Breach, GateVerdict, gate_verdict
 from apps.governance.models import ApprovalDecision, ApprovalRequest, GateOverride
@@ -53,12 +53,15 @@ def request_approval(version: ModelVersion, *, actor: Any, note: str = "") -> Ap
         )
     if ApprovalRequest.objects.filter(version=version, status=ApprovalStatus.PENDING).exists():
         raise ValidationError({"version": f"version {version.version_id!r} already has a pending approval request"})
-    request = ApprovalRequest.objects.create(version=version, requested_by=actor, note=note)
+    # Free text is stored redacted of PII (docs/pii-redaction.md); the audit event records what was replaced.
+    redacted = redact_for_storage(note, where=f"approval request note of {version.version_id}")
+    request = ApprovalRequest.objects.create(version=version, requested_by=actor, note=redacted.text)
     record_audit_event(
         actor=actor,
         verb="governance.approval.requested",
         target=request,
-        data={"version_id": version.version_id, "note": note},
+        data={"version_id": version.version_id, "note": redacted.text},
+        redacted=redacted.entities,
     )
     return request
 
@@ -79,14 +82,16 @@ def _decide(
     request.refresh_from_db()
     if claimed != 1:
         raise ValidationError({"status": f"approval request #{request.pk} was already {request.status}"})
-    ApprovalDecision.objects.create(request=request, decided_by=actor, decision=decision, reason=reason)
+    redacted = redact_for_storage(reason, where=f"{decision} reason of approval request #{request.pk}")
+    ApprovalDecision.objects.create(request=request, decided_by=actor, decision=decision, reason=redacted.text)
     record_audit_event(
         actor=actor,
         verb=f"governance.approval.{decision}",
         target=request,
+        redacted=redacted.entities,
         data={
             "version_id": request.version.version_id,
-            "reason": reason,
+            "reason": redacted.text,
             "decided_at": timezone.now().isoformat(),
             **({"gate_override": override.pk, "overridden": override.breaches} if override is not None else {}),
         },
@@ -202,20 +207,22 @@ def request_gate_override(request: ApprovalRequest, *, actor: Any, reason: str) 
         raise ValidationError({"gate": f"version {request.version.version_id!r} is not held by the gate"})
     if GateOverride.objects.filter(request=request, granted_at__isnull=True).exists():
         raise ValidationError({"gate": f"approval request #{request.pk} already has an override waiting for a grant"})
+    redacted = redact_for_storage(reason, where=f"gate override reason of approval request #{request.pk}")
     override = GateOverride.objects.create(
         request=request,
         requested_by=actor,
-        reason=reason,
+        reason=redacted.text,
         breaches=[breach.to_json() for breach in verdict.breaches],
     )
     record_audit_event(
         actor=actor,
         verb="governance.gate.override_requested",
         target=request,
+        redacted=redacted.entities,
         data={
             "version_id": request.version.version_id,
             "override": override.pk,
-            "reason": reason,
+            "reason": redacted.text,
             "breaches": override.breaches,
         },
     )
@@ -234,9 +241,10 @@ def grant_gate_override(override: GateOverride, *, actor: Any, reason: str) -> G
         raise ValidationError(
             {"status": f"approval request #{override.request_id} was already {override.request.status}"}
         )
+    redacted = redact_for_storage(reason, where=f"grant reason of gate override #{override.pk}")
     # Claim it: of two officers granting at once, exactly one gets a count of 1.
     claimed = GateOverride.objects.filter(pk=override.pk, granted_at__isnull=True).update(
-        granted_by=actor, grant_reason=reason, granted_at=timezone.now()
+        granted_by=actor, grant_reason=redacted.text, granted_at=timezone.now()
     )
     if claimed != 1:
         raise ValidationError({"gate": f"gate override #{override.pk} was already granted"})
@@ -245,11 +253,12 @@ def grant_gate_override(override: GateOverride, *, actor: Any, reason: str) -> G
         actor=actor,
         verb="governance.gate.override_granted",
         target=override.request,
+        redacted=redacted.entities,
         data={
             "version_id": override.request.version.version_id,
             "override": override.pk,
             "requested_by": override.requested_by.get_username(),
-            "reason": reason,
+            "reason": redacted.text,
             "breaches": override.breaches,
         },
     )

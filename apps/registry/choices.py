@@ -21,6 +21,8 @@ class ArtifactPartition(models.TextChoices):
     TOKENIZER = "tokenizer", "Tokenizer"
     CONFIG = "config", "Config"
     MANIFEST = "manifest", "Manifest"
+    # Not weights: what a device needs to train on the version safely (its Fisher, a replay set).
+    SAFEGUARDS = "safeguards", "Safeguards"
 
 
 class LineageKind(models.TextChoices):

@@ -297,6 +297,7 @@ REGISTRY_PARTITIONS = {
     "gate": ArtifactPartition.GATE,
     "config": ArtifactPartition.CONFIG,
     "tokenizer": ArtifactPartition.TOKENIZER,
+    "safeguards": ArtifactPartition.SAFEGUARDS,
 }
 
 

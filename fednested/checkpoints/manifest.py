@@ -19,8 +19,17 @@ from fednested.partition import PartitionError, PartitionMap
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 ManifestKind = Literal["version", "update"]
-FilePartition = Literal["core", "experts", "gate", "adapters", "config", "tokenizer"]
-_FILE_PARTITIONS: tuple[FilePartition, ...] = ("core", "experts", "gate", "adapters", "config", "tokenizer")
+# "safeguards": files a version ships for training on it rather than weights of it (its Fisher, a replay set).
+FilePartition = Literal["core", "experts", "gate", "adapters", "config", "tokenizer", "safeguards"]
+_FILE_PARTITIONS: tuple[FilePartition, ...] = (
+    "core",
+    "experts",
+    "gate",
+    "adapters",
+    "config",
+    "tokenizer",
+    "safeguards",
+)
 
 # Config keys that describe how a model was last run or saved, not what it is; left out of the architecture id.
 _VOLATILE_CONFIG_KEYS = frozenset(

@@ -78,11 +78,20 @@ def save_version(
     lineage: Mapping[str, Any] | None = None,
     tokenizer: Any = None,
     created_at: str | None = None,
+    safeguard_files: Mapping[str, Path] | None = None,
 ) -> Manifest:
-    """Write `model` as an immutable version into `directory` (which must not exist yet) and return its manifest."""
+    """Write `model` as an immutable version into `directory` (which must not exist yet) and return its manifest.
+
+    `safeguard_files` (name in the version → file to copy) are shipped with it under partition "safeguards": what a
+    device needs to train on this version safely (its Fisher, a replay set), sha256-verified like the weights.
+    """
     target = Path(directory)
     if not version_id:
         raise CheckpointError(target, "invalid", "version_id must be a non-empty string")
+    extra = dict(safeguard_files or {})
+    for name in extra:
+        if "/" in name or "\\" in name or name.startswith(".") or name in (*PARTITION_FILES.values(), CONFIG_NAME):
+            raise CheckpointError(target / name, "invalid", "a safeguard file needs a plain name of its own")
     if target.exists():
         raise CheckpointError(target, "exists", "a version directory is immutable; choose a new directory")
     if hasattr(model, "peft_config"):
@@ -104,6 +113,9 @@ def save_version(
             files[name] = file_entry(staging / name, _FILE_PARTITION[kind])
         (staging / CONFIG_NAME).write_text(model.config.to_json_string(use_diff=False), encoding="utf-8")
         files[CONFIG_NAME] = file_entry(staging / CONFIG_NAME, "config")
+        for name, source in sorted(extra.items()):
+            shutil.copyfile(source, staging / name)
+            files[name] = file_entry(staging / name, "safeguards")
         if tokenizer is not None:
             before = set(os.listdir(staging))
             _save_tokenizer(tokenizer, staging)

@@ -14,7 +14,10 @@ from fednested.cli.config_commands import config_app, init_config
 from fednested.cli.errors import fail
 from fednested.cli.identity_commands import ca_app
 from fednested.cli.infra_commands import infra_app
+from fednested.cli.interop_commands import export_app, import_app
 from fednested.cli.messaging_commands import messaging_app
+from fednested.cli.policy_commands import policy_app
+from fednested.cli.tier1_commands import tier1_app
 
 
 @dataclass(frozen=True)
@@ -90,8 +93,12 @@ def build_app(lazy_groups: Sequence[LazyCommandGroup] = LAZY_GROUPS) -> typer.Ty
     app.command("init-config")(init_config)
     app.add_typer(config_app, name="config")
     app.add_typer(messaging_app, name="messaging")
+    app.add_typer(tier1_app, name="tier1")
     app.add_typer(ca_app, name="ca")
     app.add_typer(infra_app, name="infra")
+    app.add_typer(import_app, name="import")
+    app.add_typer(export_app, name="export")
+    app.add_typer(policy_app, name="policy")
     for group in lazy_groups:
         _add_lazy_group(app, group)
     return app

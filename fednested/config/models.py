@@ -152,8 +152,84 @@ class Tier1TrainingSettings(ConfigModel):
     max_steps: int = Field(default=1000, ge=1, description="Optimizer steps of one core update.")
     seed: int = Field(default=0, ge=0, description="Seed for data order and dropout.")
     precision: Precision = Field(default="auto", description="auto: bf16 on CUDA, fp32 on CPU.")
+    ranks: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Training processes (DeepSpeed ranks) the core update launches on this machine: one per GPU, "
+        "or CPU processes on the CPU accelerator.",
+    )
+    zero_stage: Literal[0, 1, 2] = Field(
+        default=2,
+        description="DeepSpeed ZeRO stage: 1 partitions optimizer state across ranks, 2 also gradients. Stage 3 "
+        "(partitioned weights) is not supported by the core update, which reads whole weights on rank 0.",
+    )
+    offload_optimizer: bool = Field(
+        default=False,
+        description="ZeRO-Offload: keep optimizer state in host memory and step it on the CPU (DeepSpeedCPUAdam). "
+        "CUDA only: on the CPU accelerator the state is in host memory already, so it is refused.",
+    )
+    train_gate: bool = Field(
+        default=False,
+        description="Train the routers (gates) with the core and experts. Off keeps routing stable for the "
+        "adapters edge devices train on the experts.",
+    )
     deepspeed_config: Path | None = Field(
-        default=None, description="DeepSpeed JSON config for multi-GPU training; null trains in one process."
+        default=None,
+        description="Extra DeepSpeed JSON merged over the config built from these settings (e.g. communication or "
+        "logging options). It may not set the optimizer or scheduler (use the fields above), and a batch-size "
+        "triple that does not multiply out is refused before any rank starts.",
+    )
+
+
+class Tier1FaultInjection(ConfigModel):
+    """A deliberate crash, to rehearse what a failed core update leaves behind (a failed job, no version)."""
+
+    rank: int = Field(ge=0, description="The rank that raises.", examples=[1])
+    after_step: int = Field(ge=0, description="It raises once this many optimizer steps are done.", examples=[1])
+
+
+class Tier1CoreUpdateSettings(ConfigModel):
+    """`fednested tier1 core-update`: which champion to train, where the candidate goes, how deltas combine.
+
+    W_core <- W_core + eta_core * dW_core; W_experts <- W_experts + eta_t1 * dW_T1 + eta_t2 * dW_edges.
+    """
+
+    champion_dir: Path | None = Field(
+        default=None,
+        description="Version directory of the champion to train (its tokenizer is used too). Required to run.",
+        examples=["artifacts/versions/v1"],
+    )
+    output_dir: Path = Field(
+        default=Path("artifacts/versions"),
+        description="Where the candidate version directory is created (as <output_dir>/<version id>).",
+    )
+    eta_core: float = Field(default=1.0, ge=0, le=10, description="Step size applied to the core's trained delta.")
+    eta_t1: float = Field(
+        default=1.0, ge=0, le=10, description="Step size applied to the experts' (and gates') Tier-1 trained delta."
+    )
+    eta_t2: float = Field(
+        default=1.0, ge=0, le=10, description="Step size applied to the edge aggregates' expert delta dW_edges."
+    )
+    accelerator: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto",
+        description="DeepSpeed accelerator: auto picks cuda when a GPU is visible, else cpu (gloo collectives).",
+    )
+    cpu_shm_comm: bool = Field(
+        default=False,
+        description="CPU accelerator only: use DeepSpeed's shared-memory all-reduce kernel instead of plain gloo. "
+        "It is a C++ op compiled on first use (minutes; cached under TORCH_EXTENSIONS_DIR).",
+    )
+    master_port: int = Field(default=0, ge=0, le=65535, description="Rendezvous port on 127.0.0.1; 0 picks a free one.")
+    timeout_s: float = Field(
+        default=3600.0,
+        gt=0,
+        le=7 * 86_400,
+        description="Wall-clock limit of the whole run; the ranks are killed after.",
+    )
+    fault_injection: Tier1FaultInjection | None = Field(
+        default=None,
+        description="Rehearsal only: make one rank raise after a given step. Leave null in production.",
     )
 
 
@@ -175,6 +251,9 @@ class Tier1Config(ConfigModel):
     kind: Literal["tier1"] = Field(default="tier1", description="Which configuration this is: tier1 (cluster).")
     model: Tier1ModelSettings = Field(default_factory=Tier1ModelSettings, description="The MoE model.")
     training: Tier1TrainingSettings = Field(default_factory=Tier1TrainingSettings, description="Core/expert training.")
+    core_update: Tier1CoreUpdateSettings = Field(
+        default_factory=Tier1CoreUpdateSettings, description="Core update: champion, output, delta step sizes."
+    )
     storage: StorageSettings = Field(default_factory=StorageSettings, description="Artifacts, checkpoints, runs.")
     bus: BusSettings = Field(
         default_factory=EmbeddedBusSettings,

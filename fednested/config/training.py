@@ -7,12 +7,106 @@ It lives in the torch-free config package (not beside the training loop) because
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 from fednested.config.fields import SettingError, check_settings
 
 Precision = Literal["auto", "fp32", "bf16"]
+
+
+# What `SafeguardConfig.freeze_experts` entries look like: "<layer>:<expert>", the decoder layer and the expert index.
+FROZEN_EXPERT_PATTERN = re.compile(r"^(\d+):(\d+)$")
+
+
+def parse_frozen_expert(entry: str) -> tuple[int, int]:
+    """(layer, expert) of a `freeze_experts` entry such as "1:3"; ValueError naming the entry otherwise."""
+    match = FROZEN_EXPERT_PATTERN.match(entry.strip())
+    if match is None:
+        raise ValueError(f"freeze_experts entry {entry!r} is not '<layer>:<expert>' (e.g. '1:3')")
+    return int(match.group(1)), int(match.group(2))
+
+
+@dataclass(frozen=True)
+class SafeguardConfig:
+    """Anti-forgetting safeguards of a training run, each off at its default (docs/forgetting-and-promotion-gate.md,
+    "Safeguards in training"). The edge loop (`fednested.training.train_adapters`) reads all of them; the functions in
+    `fednested.training.safeguards` work on named parameter deltas so a full-weight (Tier-1) loop can use them too."""
+
+    ewc_lambda: float = field(
+        default=0.0,
+        metadata={
+            "help": "EWC strength λ of the penalty λ/2·Σ F·ΔW² on the experts' weight deltas, with the parent "
+            "version's diagonal Fisher (its fisher.safetensors) divided by its mean; 0 turns EWC off. Training "
+            "refuses to start when λ > 0 and the version has no usable Fisher file.",
+            "minimum": 0,
+        },
+    )
+    freeze_layers: tuple[int, ...] = field(
+        default=(),
+        metadata={"help": "Decoder layers (indices from 0) whose expert adapters get no update."},
+    )
+    freeze_experts: tuple[str, ...] = field(
+        default=(),
+        metadata={"help": "Experts whose adapters get no update, as '<layer>:<expert>' strings (e.g. '1:3')."},
+    )
+    freeze_gate: bool = field(
+        default=False,
+        metadata={
+            "help": "Freeze the router (gate) weights. Full-weight training only: edge training never updates the "
+            "gate, so an edge run that sets this refuses to start rather than pretend to honour it."
+        },
+    )
+    distill_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of the distillation term KL(champion ‖ model) on one replay micro-batch per step; the "
+            "champion on the edge is the frozen base (adapters disabled). 0 turns it off; > 0 needs replay records.",
+            "minimum": 0,
+        },
+    )
+    distill_temperature: float = field(
+        default=2.0,
+        metadata={"help": "Softmax temperature T of the distillation term (the term is scaled by T²).", "minimum": 0.1},
+    )
+    replay_fraction: float = field(
+        default=0.0,
+        metadata={
+            "help": "Share of the training records drawn from the federation's replay set (public or synthetic "
+            "records), mixed into the local data; 0 turns replay off, > 0 needs replay records.",
+            "minimum": 0,
+            "exclusive_maximum": 1,
+        },
+    )
+
+    def __post_init__(self) -> None:
+        check_settings(self)
+        for layer in self.freeze_layers:
+            if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+                raise SettingError("SafeguardConfig", "freeze_layers", f"must be layer indices >= 0, got {layer!r}")
+        for entry in self.freeze_experts:
+            try:
+                parse_frozen_expert(entry)
+            except ValueError as error:
+                raise SettingError("SafeguardConfig", "freeze_experts", str(error)) from None
+
+    @property
+    def frozen_experts(self) -> frozenset[tuple[int, int]]:
+        """(layer, expert) pairs named by `freeze_experts`."""
+        return frozenset(parse_frozen_expert(entry) for entry in self.freeze_experts)
+
+    @property
+    def any_enabled(self) -> bool:
+        """Whether any safeguard changes training (all off: the loop runs exactly as without safeguards)."""
+        return bool(
+            self.ewc_lambda > 0
+            or self.freeze_layers
+            or self.freeze_experts
+            or self.freeze_gate
+            or self.distill_weight > 0
+            or self.replay_fraction > 0
+        )
 
 
 @dataclass(frozen=True)
@@ -63,6 +157,10 @@ class EdgeTrainConfig:
             "expert compute for most of the activation memory (what decides peak memory on a small device once the "
             "base is quantized)."
         },
+    )
+    safeguards: SafeguardConfig = field(
+        default_factory=SafeguardConfig,
+        metadata={"help": "Anti-forgetting safeguards (EWC, freezing, distillation, replay); all off by default."},
     )
 
     def __post_init__(self) -> None:

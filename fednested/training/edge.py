@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal, TypeAlias
@@ -26,6 +26,7 @@ from fednested.data.encoding import EncodedExample, encode_records
 from fednested.data.packing import PackedBatch, iter_batches, pack_examples
 from fednested.data.records import ChatRecord, PromptCompletionRecord, Record, TextRecord
 from fednested.training.forward import model_device, packed_loss_sum, resolve_precision
+from fednested.training.safeguards import EdgeSafeguards
 
 StopReason: TypeAlias = Literal["max_steps", "max_seconds", "max_epochs"]
 
@@ -49,6 +50,11 @@ class TrainMetrics:
     precision: Literal["fp32", "bf16"] = "fp32"
     trainable_parameters: int = 0
     num_threads: int = 0
+    # Safeguards (fednested.training.safeguards): the last step's EWC penalty and distillation KL (None when off),
+    # and how many replay records were mixed into the training data.
+    ewc_penalty: float | None = None
+    distill_loss: float | None = None
+    replay_records: int = 0
 
     @property
     def final_loss(self) -> float:
@@ -120,8 +126,16 @@ def train_adapters(
     tokenizer: PreTrainedTokenizerBase,
     data: Sequence[Record] | Sequence[EncodedExample],
     config: EdgeTrainConfig,
+    *,
+    fisher: Mapping[str, torch.Tensor] | None = None,
+    replay: Sequence[Record] | None = None,
 ) -> TrainMetrics:
     """Train the model's adapters (its parameters that require grad) on `data`; returns what the run did.
+
+    `config.safeguards` switches the anti-forgetting safeguards on: EWC needs `fisher` (the parent version's, from
+    `fednested.training.safeguards.load_fisher_file`), replay and distillation need `replay` (the federation's
+    public or synthetic records). A safeguard asked for without what it needs raises SafeguardError before any
+    step; with every safeguard off the run is bitwise the run without them.
 
     Each optimizer step averages the loss over every target token of its `grad_accum_steps` micro-batches, so
     accumulating two micro-batches of b rows is the same step as one batch of 2b rows. The wall-clock budget is
@@ -140,11 +154,27 @@ def train_adapters(
     device = model_device(model)
     precision = resolve_precision(config.precision, device)
     metrics = TrainMetrics(precision=precision, trainable_parameters=sum(p.numel() for p in parameters))
+    safeguards = None
+    if config.safeguards.any_enabled:
+        safeguards = EdgeSafeguards.prepare(
+            model,
+            tokenizer,
+            config.safeguards,
+            fisher=fisher,
+            replay=replay,
+            seq_len=config.seq_len,
+            rows_per_batch=config.rows_per_batch,
+            pad_id=pad_id,
+        )
     with _torch_threads(config.num_threads) as threads, _expert_recompute(model, config.recompute_experts):
         metrics.num_threads = threads
         torch.manual_seed(config.seed)  # adapter dropout, if any, draws from the global generator
         rng = random.Random(config.seed)
         examples = _as_examples(data, tokenizer)
+        if safeguards is not None:
+            local = len(examples)
+            examples = safeguards.mix(examples, config.seed)
+            metrics.replay_records = len(examples) - local
         optimizer = torch.optim.AdamW(
             parameters,
             lr=config.learning_rate,
@@ -167,7 +197,7 @@ def train_adapters(
                         metrics.stop_reason = reason
                         return metrics
                     step_started = time.perf_counter()
-                    loss = _optimizer_step(model, optimizer, parameters, window, config, precision, metrics)
+                    loss = _optimizer_step(model, optimizer, parameters, window, config, precision, metrics, safeguards)
                     metrics.loss_curve.append(loss)
                     metrics.steps += 1
                     metrics.epochs = epoch + (window_index + 1) / len(windows)
@@ -207,8 +237,10 @@ def _optimizer_step(
     config: EdgeTrainConfig,
     precision: Literal["fp32", "bf16"],
     metrics: TrainMetrics,
+    safeguards: EdgeSafeguards | None = None,
 ) -> float:
-    """Forward and backward every micro-batch of the window, then one optimizer update; returns the mean loss."""
+    """Forward and backward every micro-batch of the window, then one optimizer update; returns the mean loss
+    (the data's cross-entropy only: the safeguards' terms are reported in metrics)."""
     for group in optimizer.param_groups:
         group["lr"] = config.learning_rate * _learning_rate_scale(metrics.steps, config.warmup_steps)
     window_targets = sum(batch.target_tokens for batch in window)
@@ -226,8 +258,16 @@ def _optimizer_step(
         metrics.tokens += batch.real_tokens
         metrics.target_tokens += batch.target_tokens
         metrics.padding_tokens += batch.input_ids.numel() - batch.real_tokens
+    if safeguards is not None:
+        # once per step, not per micro-batch: the penalty is on the weights, the distillation on its own replay batch
+        safeguards.add_terms(model, precision)
+        metrics.ewc_penalty = safeguards.terms.ewc_penalty
+        metrics.distill_loss = safeguards.terms.distill_loss
+        safeguards.before_step()
     if config.max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    if safeguards is not None:
+        safeguards.after_step()
     return loss_total / max(window_targets, 1)

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from fednested.config.training import Precision
 from fednested.data.encoding import IGNORE_INDEX
@@ -73,14 +74,29 @@ def resolve_precision(precision: Precision, device: torch.device) -> Literal["fp
     return "fp32"
 
 
+# Largest fp32 logits block the loss materialises at once: 4 Mi elements (16 MB). A packed micro-batch of 512 targets
+# over a 2,041-token vocabulary (the benchmarks) fits in one block and takes the unchunked path bitwise; a 32k-256k
+# vocabulary (real checkpoints) would otherwise hold [targets, vocab] fp32 logits, their softmax and their gradient
+# (hundreds of MB to GBs) at once, more than a 4-bit base of a few hundred M parameters weighs.
+LOSS_CHUNK_ELEMENTS = 4 * 1024 * 1024
+
+
 def packed_loss_sum(
-    model: nn.Module, batch: PackedBatch, *, precision: Literal["fp32", "bf16"] = "fp32"
+    model: nn.Module,
+    batch: PackedBatch,
+    *,
+    precision: Literal["fp32", "bf16"] = "fp32",
+    chunk_elements: int = LOSS_CHUNK_ELEMENTS,
 ) -> tuple[torch.Tensor, int]:
     """Sum of next-token cross-entropy over the batch's targets, and how many targets there were.
 
     `attention_mask` stays None so transformers builds a block-diagonal causal mask from the restarting position
-    ids: attention never crosses a record boundary inside a packed row.
+    ids: attention never crosses a record boundary inside a packed row. The LM head and the loss run over chunks of
+    target rows whose logits hold at most `chunk_elements` values; under autograd each chunk is checkpointed, so
+    the backward recomputes one chunk's logits at a time instead of keeping every chunk's alive.
     """
+    if chunk_elements < 1:
+        raise ValueError(f"chunk_elements must be at least 1, got {chunk_elements}")
     parts = causal_lm_parts(model)
     with torch.autocast(device_type=batch.input_ids.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         outputs = parts.decoder(
@@ -90,7 +106,46 @@ def packed_loss_sum(
         has_target = batch.targets != IGNORE_INDEX
         targets = batch.targets[has_target]
         # Boolean indexing is a host sync, but it removes the vocabulary projection for every non-target position.
-        logits = parts.head(hidden[has_target])
+        hidden = hidden[has_target]
+    rows = max(1, chunk_elements // _vocab_size(parts))
+    count = int(targets.numel())
+    if count <= rows:
+        return _loss_sum(parts, hidden, targets, precision), count
+    # Recompute pays one more head forward per chunk; it is needed only when something upstream wants a gradient.
+    needs_grad = torch.is_grad_enabled() and (
+        hidden.requires_grad or any(parameter.requires_grad for parameter in parts.head.parameters())
+    )
+    loss_sum: torch.Tensor | None = None
+    for start in range(0, count, rows):
+        chunk_hidden, chunk_targets = hidden[start : start + rows], targets[start : start + rows]
+        if needs_grad:
+            part = checkpoint(_loss_sum, parts, chunk_hidden, chunk_targets, precision, use_reentrant=False)
+            assert isinstance(part, torch.Tensor)
+        else:
+            part = _loss_sum(parts, chunk_hidden, chunk_targets, precision)
+        loss_sum = part if loss_sum is None else loss_sum + part
+    assert loss_sum is not None  # count > rows >= 1, so the loop ran
+    return loss_sum, count
+
+
+def _vocab_size(parts: _CausalLmParts) -> int:
+    out_features = getattr(parts.head, "out_features", None)
+    if isinstance(out_features, int) and out_features > 0:
+        return out_features
+    vocab = getattr(parts.config, "vocab_size", None)
+    if isinstance(vocab, int) and vocab > 0:
+        return vocab
+    raise TypeError(
+        f"cannot tell the vocabulary size of {type(parts.head).__name__}: no out_features or config.vocab_size"
+    )
+
+
+def _loss_sum(
+    parts: _CausalLmParts, hidden: torch.Tensor, targets: torch.Tensor, precision: Literal["fp32", "bf16"]
+) -> torch.Tensor:
+    """Summed cross-entropy of `targets` given the final hidden states of their positions."""
+    with torch.autocast(device_type=hidden.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        logits = parts.head(hidden)
     logits = logits.float()
     scaling = getattr(parts.config, "logits_scaling", None)  # Granite-family models divide logits by this
     if isinstance(scaling, (int, float)) and scaling not in (0, 1):
@@ -98,5 +153,4 @@ def packed_loss_sum(
     softcap = getattr(parts.config, "final_logit_softcapping", None)  # Gemma-family models cap logits
     if isinstance(softcap, (int, float)) and softcap > 0:
         logits = torch.tanh(logits / softcap) * softcap
-    loss_sum = nn.functional.cross_entropy(logits, targets, reduction="sum")
-    return loss_sum, int(targets.numel())
+    return nn.functional.cross_entropy(logits, targets, reduction="sum")

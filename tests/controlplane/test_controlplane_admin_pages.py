@@ -43,7 +43,7 @@ def test_every_admin_list_and_detail_page_renders(
         max_bytes=1024,
         root=tmp_path,
     )
-    v0 = version_factory(v1.family, "tiny-moe-v0")
+    version_factory(v1.family, "tiny-moe-v0")
     report = forgetting_report(
         ["tiny-moe-v0", "tiny-moe-v1"],
         {"tiny-moe-v0": {"medical": 1.9}, "tiny-moe-v1": {"medical": 2.0}},

@@ -2,6 +2,7 @@
 ingest worker and edge-client subprocesses on SQLite and the embedded bus, whatever services the caller's
 environment points at."""
 
+import json
 import os
 import sqlite3
 import subprocess
@@ -32,6 +33,10 @@ def test_demo_applies_a_stale_update_and_moves_every_device(tmp_path: Path) -> N
             "2",
             "--step-timeout",
             "400",
+            # With two steps per device nothing moves far; a loose gate keeps this run's path (both candidates
+            # promoted) the same on every machine. A held candidate's summary: test_demo_parts.
+            "--gate-max-increase",
+            "1",
             "--dir",
             str(demo_dir),
         ],
@@ -51,12 +56,17 @@ def test_demo_applies_a_stale_update_and_moves_every_device(tmp_path: Path) -> N
         "to the champion v1: demo-candidate",
         "Window demo.2: the aggregation worker applied",
         "to the champion demo-candidate: demo.2-candidate",
-        "olivia approved demo.2-candidate; champion moved, devices told",
+        "olivia approved demo.2-candidate (within the promotion gate); champion moved, devices told",
+        "it ships fisher.safetensors: the diagonal Fisher of its expert weights on code, telemetry",
+        "its config asks the devices for EWC",
         "all 3 devices report demo.2-candidate as their current version",
         "Stale updates applied with their staleness weight: ",
         "governance officer  olivia / ",
     ):
         assert line in output, line
+    gate = output.split("Promotion gate (untrained domains telemetry, code may get at most 1.0 nats worse")[1]
+    assert "demo-candidate    passed: promoted" in gate
+    assert "demo.2-candidate  passed: promoted" in gate
     table = output.split("Per-domain held-out loss of each version")[1]
     header = next(line for line in table.splitlines() if line.startswith("domain"))
     assert header.split() == ["domain", "v1", "demo-candidate", "demo.2-candidate"]
@@ -77,3 +87,12 @@ def test_demo_applies_a_stale_update_and_moves_every_device(tmp_path: Path) -> N
     assert lost == (0,)
     assert decisions == [("approved", 3)]  # v1 and both candidates, each by the officer
     assert devices == (3,)
+    # Every run trained with the round's EWC against its version's Fisher (the devices' own audit logs say so).
+    finished = [
+        json.loads(line)["details"]
+        for log in sorted((demo_dir / "devices").glob("*/state/audit/audit.jsonl"))
+        for line in log.read_text().splitlines()
+        if '"training.finished"' in line
+    ]
+    assert len(finished) == 5
+    assert all(entry["ewc_penalty"] is not None for entry in finished)

@@ -13,12 +13,14 @@ from apps.demo.bootstrap import BootstrapConfig, build_first_version, demo_corpu
 from apps.demo.devices import DemoDevice, EdgeTrainingPlan, client_command, client_report, prepare_device
 from apps.demo.environment import SERVICE_VARIABLES, DemoPaths, demo_environment, running_in_demo_environment
 from apps.demo.processes import DemoError, free_port, start_process, wait_for_http
-from apps.demo.report import VersionScores, loss_table
+from apps.demo.report import GateOutcome, VersionScores, gate_table, loss_table
+from apps.governance.gate import check_thresholds, parse_gate
 from controlplane.settings import database_from_url
 from edge_client.sidecar.policy import load_policy
-from fednested.checkpoints import verify_version
+from fednested.checkpoints import load_version, verify_version
 from fednested.config import load_config
 from fednested.data import read_jsonl
+from fednested.training.safeguards import FISHER_FILE_NAME, estimate_fisher, load_fisher_file, save_fisher_file
 
 
 def test_loss_table_shows_each_version_against_its_parent() -> None:
@@ -155,3 +157,48 @@ def test_the_first_version_is_a_verified_pretrained_checkpoint(tmp_path: Path) -
     assert first.pretraining is not None
     assert first.pretraining.steps == 3
     assert first.pretraining.loss_curve[-1] < first.pretraining.loss_curve[0]
+
+
+def test_the_first_version_ships_the_fisher_of_its_pretrained_weights(tmp_path: Path) -> None:
+    config = BootstrapConfig(train_samples=8, heldout_samples=2, pretrain_steps=1, seq_len=64, rows_per_batch=4)
+    corpus = demo_corpus(config)
+    estimated: dict[str, object] = {}
+
+    def fisher_files(model: object, tokenizer: object, folder: Path) -> tuple[dict[str, Path], dict[str, object]]:
+        fisher = estimate_fisher(model, tokenizer, heldout_by_domain(corpus, ["code"]), max_tokens=64, seq_len=32)
+        estimated.update(fisher)
+        save_fisher_file(folder / FISHER_FILE_NAME, fisher, version_id="v1", domains=["code"])
+        return {FISHER_FILE_NAME: folder / FISHER_FILE_NAME}, {"fisher": {"domains": ["code"]}}
+
+    first = build_first_version(corpus, config, tmp_path / "v1", safeguard_files=fisher_files)  # type: ignore[arg-type]
+    manifest = verify_version(first.directory)
+    assert manifest.files[FISHER_FILE_NAME].partition == "safeguards"
+    assert manifest.lineage["safeguards"] == {"fisher": {"domains": ["code"]}}
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["v1"]  # the scratch folder is gone
+    model, _ = load_version(first.directory)
+    shipped = load_fisher_file(first.directory / FISHER_FILE_NAME, expected_version="v1", model=model)
+    # estimated on the pre-trained weights that were saved, not on the freshly built ones
+    assert sorted(shipped) == sorted(estimated)
+
+
+def test_the_summary_names_the_candidate_the_gate_held_with_its_domain_and_figures() -> None:
+    gate = parse_gate(
+        {"protected": {"code": {"max_increase_nats": 0.02}, "telemetry": {"max_increase_nats": 0.02}}},
+        source="promotion-gate.json",
+        known_domains=["code", "legal", "telemetry"],
+    )
+    outcomes = []
+    for version_id, losses in (
+        ("demo-candidate", {"code": 3.41, "telemetry": 3.07, "legal": 3.7}),
+        ("demo.2-candidate", {"code": 3.46, "telemetry": 3.075, "legal": 3.6}),
+    ):
+        breaches = check_thresholds(
+            gate, losses, {"parent": ("v1", {"code": 3.40, "telemetry": 3.06}), "champion": None}
+        )
+        outcomes.append(GateOutcome(version_id, bool(breaches), tuple(breach.describe() for breach in breaches)))
+    assert gate_table(outcomes).splitlines() == [
+        "demo-candidate    passed: promoted",
+        "demo.2-candidate  HELD by the gate, not promoted:",
+        "                    code: loss 3.4600 vs parent v1 3.4000 is +0.0600 nats, over the 0.0200 allowed",
+    ]
+    assert gate_table([]) == "(no candidate was decided)"

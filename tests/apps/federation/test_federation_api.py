@@ -69,6 +69,24 @@ def test_engineer_opens_and_closes_rounds_and_creates_tasks(cast: dict[str, Any]
     assert "already cancelled" in again.json()["status"][0]
 
 
+def test_a_round_with_unusable_safeguards_is_refused_with_the_reason(cast: dict[str, Any], v1: ModelVersion) -> None:
+    engineer = cast["engineer"].client
+    body = {"base_version": "tiny-moe-v1", "buffer_size_k": 2, "deadline_at": (timezone.now() + timedelta(hours=1))}
+    for safeguards, problem in (
+        ({"ewc_lambda": -1}, "ewc_lambda"),
+        ({"distill_temprature": 2}, "unknown keys ['distill_temprature']"),
+        ("strong", "must be an object of SafeguardConfig fields"),
+        ({"ewc_lambda": 1.5}, "version 'tiny-moe-v1' ships no fisher.safetensors: configure FEDNESTED_FISHER"),
+    ):
+        refused = engineer.post("/api/v1/rounds/", {**body, "config": {"safeguards": safeguards}}, format="json")
+        assert refused.status_code == 400, refused.content
+        assert problem in str(refused.json()["config"])
+    # freezing needs no file: the round opens, its config carries the section to the devices
+    opened = engineer.post("/api/v1/rounds/", {**body, "config": {"safeguards": {"freeze_layers": [0]}}}, format="json")
+    assert opened.status_code == 201, opened.content
+    assert opened.json()["config"] == {"safeguards": {"freeze_layers": [0]}}
+
+
 def test_engineer_opens_a_synchronous_round_with_a_cohort(cast: dict[str, Any], v1: ModelVersion) -> None:
     engineer = cast["engineer"].client
     deadline = (timezone.now() + timedelta(hours=3)).isoformat()

@@ -102,6 +102,25 @@ def test_tokenizer_files_are_part_of_the_version(tmp_path: Path) -> None:
     verify_version(tmp_path / "v")
 
 
+def test_safeguard_files_ship_with_the_version_and_are_verified(tmp_path: Path) -> None:
+    replay = tmp_path / "public.jsonl"
+    replay.write_text('{"text": "a public sentence"}\n')
+    model = build_model()
+    manifest = save_version(
+        model, tmp_path / "v", version_id="v", parent_version=None, safeguard_files={"replay.jsonl": replay}
+    )
+    assert manifest.files["replay.jsonl"] == FileEntry(file_sha256(replay), replay.stat().st_size, "safeguards")
+    assert read_manifest(tmp_path / "v").files["replay.jsonl"].partition == "safeguards"
+    verify_version(tmp_path / "v")
+    (tmp_path / "v" / "replay.jsonl").write_text('{"text": "a public sentencE"}\n')
+    with pytest.raises(CheckpointError, match=r"replay\.jsonl.*sha256 mismatch"):
+        verify_version(tmp_path / "v")
+    for name in ("experts.safetensors", "config.json", "../escape", ".hidden"):
+        with pytest.raises(CheckpointError, match="a safeguard file needs a plain name of its own"):
+            save_version(model, tmp_path / "w", version_id="w", parent_version=None, safeguard_files={name: replay})
+    assert not (tmp_path / "w").exists()
+
+
 def test_manifest_json_round_trip() -> None:
     manifest = Manifest(
         version_id="v9",

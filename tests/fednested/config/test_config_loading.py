@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -75,11 +76,17 @@ def count_fields(model: type[BaseModel], instance: BaseModel) -> int:
         if isinstance(value, BaseModel):
             total += count_fields(type(value), value)
         elif dataclasses.is_dataclass(value):
-            # A dataclass section (adapter, training, retry): every field has its help text in its metadata.
-            specs = dataclasses.fields(value)
-            assert all(spec.metadata.get("help") for spec in specs), f"{type(value).__name__} lacks a help text"
-            total += len(specs)
+            total += count_dataclass_fields(value)
     return total
+
+
+def count_dataclass_fields(value: Any) -> int:
+    """A dataclass section (adapter, training, retry) and the dataclasses nested in it (training.safeguards): every
+    field has its help text in its metadata."""
+    specs = dataclasses.fields(value)
+    assert all(spec.metadata.get("help") for spec in specs), f"{type(value).__name__} lacks a help text"
+    nested = [getattr(value, spec.name) for spec in specs]
+    return len(specs) + sum(count_dataclass_fields(item) for item in nested if dataclasses.is_dataclass(item))
 
 
 def test_relative_paths_resolve_against_the_config_directory(tmp_path: Path) -> None:

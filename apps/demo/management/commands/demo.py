@@ -38,6 +38,18 @@ class Command(BaseCommand):
         parser.add_argument("--pretrain-steps", type=int, default=BootstrapConfig.pretrain_steps)
         parser.add_argument("--edge-steps", type=int, default=EdgeTrainingPlan.max_steps, help="steps per device round")
         parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument(
+            "--ewc-lambda",
+            type=float,
+            default=DemoOptions.ewc_lambda,
+            help="EWC strength the rounds ask the devices for (0: rounds without safeguards)",
+        )
+        parser.add_argument(
+            "--gate-max-increase",
+            type=float,
+            default=DemoOptions.gate_max_increase,
+            help="nats an untrained (protected) domain may get worse before the promotion gate holds a candidate",
+        )
         parser.add_argument("--step-timeout", type=float, default=900.0, help="seconds any one step may take")
         parser.add_argument("--dir", type=Path, default=None, help="demo folder (default: var/demo, wiped first)")
 
@@ -55,6 +67,8 @@ class Command(BaseCommand):
                 step_timeout_s=options["step_timeout"],
                 bootstrap=BootstrapConfig(seed=options["seed"], pretrain_steps=options["pretrain_steps"]),
                 edge=EdgeTrainingPlan(max_steps=options["edge_steps"]),
+                ewc_lambda=options["ewc_lambda"],
+                gate_max_increase=options["gate_max_increase"],
             )
         except ValueError as error:
             raise CommandError(str(error)) from None
