@@ -9,6 +9,13 @@ cache=${FEDNESTED_CACHE:-$HOME/.cache/fednested}
 set_name=${1:-dev}
 tag=$("$py" -c 'import sys; print("py%d%d" % sys.version_info[:2])')
 venv="$cache/venv-$set_name-$tag"
+# An overlay set is a venv of its own layered over a base set's: a .pth file appends the base venv's site-packages to
+# sys.path, after the overlay's own, so what the overlay installs (pins that conflict with the base set's) wins and
+# everything else comes from the base. requirements/flower.txt says why Flower needs this.
+case "$set_name" in
+  flower) base_venv=$("$0" dev) ;;
+  *) base_venv= ;;
+esac
 key=$(cat "$here"/requirements/*.txt | sha256sum | cut -c1-16)
 stamp="$venv/.fednested-requirements"
 if [ ! -x "$venv/bin/python" ]; then
@@ -18,6 +25,10 @@ if [ ! -x "$venv/bin/python" ]; then
   "$venv/bin/python" -m pip install -q --upgrade pip >&2
 fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$key" ]; then
+  if [ -n "$base_venv" ]; then
+    purelib='import sysconfig; print(sysconfig.get_path("purelib"))'
+    "$base_venv/bin/python" -c "$purelib" >"$("$venv/bin/python" -c "$purelib")/zz-fednested-base.pth"
+  fi
   echo "installing requirements/$set_name.txt into $venv" >&2
   (cd "$here/requirements" && "$venv/bin/python" -m pip install -q -r "$set_name.txt" >&2)
   echo "$key" >"$stamp"
