@@ -88,6 +88,7 @@ class ClientSettings:
     adapter: ExpertLoraConfig = field(default_factory=ExpertLoraConfig)
     training: EdgeTrainConfig = field(default_factory=EdgeTrainConfig)
     quantize_bits: QuantizeBits = field(default=_tier2_default(EdgeModelSettings, "quantize_bits"))
+    lean_allocator: bool = field(default=_tier2_default(EdgeModelSettings, "lean_allocator"))
     display_name: str | None = None
     spool_dir: Path | None = None
     audit_log: Path | None = None
@@ -122,6 +123,7 @@ class ClientSettings:
             adapter=config.adapter,
             training=config.training,
             quantize_bits=config.model.quantize_bits,
+            lean_allocator=config.model.lean_allocator,
             display_name=config.display_name,
             spool_dir=config.spool_dir,
             audit_log=config.audit_log_path,
@@ -273,7 +275,9 @@ class ClientRun:
         pulled: PulledVersion = pull_champion(api, self.state, self.settings.retry, info=info, deadline=self.deadline)
         previous = self.base.version.version_id if self.base is not None else None
         self.base = None  # drop the old model before loading the next: one frozen base in memory at a time
-        self.base = load_base(pulled, quantize_bits=self.settings.quantize_bits)
+        self.base = load_base(
+            pulled, quantize_bits=self.settings.quantize_bits, lean_allocator=self.settings.lean_allocator
+        )
         self.state.set_current_version(pulled.version_id)
         self.report.current_version = pulled.version_id
         self.report.versions.append(pulled.version_id)
@@ -291,7 +295,9 @@ class ClientRun:
             sidecar.record("version.resume_failed", {"version_id": version_id, "error": str(exc)[:300]})
             return
         pulled = PulledVersion(version_id, directory, manifest, file_sha256(directory / MANIFEST_NAME))
-        self.base = load_base(pulled, quantize_bits=self.settings.quantize_bits)
+        self.base = load_base(
+            pulled, quantize_bits=self.settings.quantize_bits, lean_allocator=self.settings.lean_allocator
+        )
         self.report.current_version = version_id
         self.report.versions.append(version_id)
         sidecar.record("version.loaded", {"version_id": version_id, "previous": None, "resumed": True})

@@ -178,13 +178,15 @@ class LoadedBase:
     quantize_bits: int
 
 
-def load_base(version: PulledVersion, *, quantize_bits: QuantizeBits = 0) -> LoadedBase:
+def load_base(version: PulledVersion, *, quantize_bits: QuantizeBits = 0, lean_allocator: bool = True) -> LoadedBase:
     """Load a pulled version (every sha256 is verified again first). A quantized base is loaded straight into
     int8/NF4 one expert tensor at a time, so the full-precision experts are never all resident on the device."""
     model: nn.Module
     try:
         if quantize_bits:
-            model, _ = load_quantized_version(version.directory, quantize_bits, expected_version=version.version_id)
+            model, _ = load_quantized_version(
+                version.directory, quantize_bits, expected_version=version.version_id, lean_allocator=lean_allocator
+            )
         else:
             model, _ = load_version(version.directory, expected_version=version.version_id)
     except CheckpointError as exc:

@@ -270,8 +270,12 @@ def _quantizable_linears(model: nn.Module) -> list[str]:
     ]
 
 
-def quantize_base(model: nn.Module, bits: Bits, *, quantize_linears: bool = True) -> nn.Module:
+def quantize_base(
+    model: nn.Module, bits: Bits, *, quantize_linears: bool = True, lean_allocator: bool = True
+) -> nn.Module:
     """Freeze `model` and replace its expert stacks (and, by default, its linear layers) by int8 / NF4 versions.
+
+    `lean_allocator` pins glibc's mmap threshold for the process (`pin_mmap_threshold`): less memory, slower steps.
 
     In place; returns the same model. The full-precision weights are released as each module is replaced.
     Attach adapters afterwards with `fednested.adapters.attach_expert_adapters`.
@@ -285,7 +289,8 @@ def quantize_base(model: nn.Module, bits: Bits, *, quantize_linears: bool = True
     stacks = expert_stacks(model)
     if not stacks:
         raise QuantizationError(f"{type(model).__name__} has no fused expert stacks to quantize")
-    pin_mmap_threshold()
+    if lean_allocator:
+        pin_mmap_threshold()
     for param in model.parameters():
         param.requires_grad_(False)
     for name, stack in stacks.items():
@@ -323,7 +328,12 @@ def model_memory_bytes(model: nn.Module) -> int:
 
 
 def load_quantized_version(
-    directory: str | Path, bits: Bits, *, expected_version: str | None = None, quantize_linears: bool = True
+    directory: str | Path,
+    bits: Bits,
+    *,
+    expected_version: str | None = None,
+    quantize_linears: bool = True,
+    lean_allocator: bool = True,
 ) -> tuple[nn.Module, Manifest]:
     """A version directory loaded straight into an int8 / NF4 snapshot, one expert tensor at a time.
 
@@ -333,7 +343,8 @@ def load_quantized_version(
     """
     root = Path(directory)
     manifest, config = open_version(root, expected_version=expected_version)
-    pin_mmap_threshold()
+    if lean_allocator:
+        pin_mmap_threshold()
     # untouched torch.empty storage is never paged in, so the fp32 expert placeholders cost no resident memory
     model = build_empty_model(config)
     loaded: set[str] = set()
@@ -395,8 +406,10 @@ def pin_mmap_threshold() -> bool:
     interleave with the activations autograd keeps, and their freed pages stay resident: on `medium` (NF4, expert
     recompute) the training peak was 1,306 MB above the import baseline, 546 MB with the threshold pinned (of which
     242 MB are the packed weights). Pinning it (as MALLOC_MMAP_THRESHOLD_=131072 would) maps each such buffer and
-    returns it to the system on free; the page faults of re-mapping cost a little time, which a device that
-    chose a 4-bit base for its memory will take.
+    returns it to the system on free. The page faults of re-mapping cost training speed (the tiny preset's NF4 steps
+    ran 40-50% slower pinned; docs/benchmarks.md has the A/B), so a device chooses: `model.lean_allocator` in the
+    tier2 config (on by default, since a device that chose a 4-bit base chose it for memory). The pin is
+    process-wide and cannot be undone by this module.
     """
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
     return mallopt is not None and bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))

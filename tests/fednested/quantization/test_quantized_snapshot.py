@@ -136,6 +136,20 @@ def test_loading_a_version_straight_into_a_snapshot_equals_quantizing_it(tmp_pat
         assert torch.equal(streamed(ids).logits, quantized(ids).logits)
 
 
+def test_the_lean_allocator_is_pinned_only_when_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fednested.quantization.snapshot as snapshot
+
+    calls: list[str] = []
+    monkeypatch.setattr(snapshot, "pin_mmap_threshold", lambda: calls.append("pinned") or True)
+    save_version(build_model("tiny", "mixtral", seed=7), tmp_path / "v", version_id="v", parent_version=None)
+    load_quantized_version(tmp_path / "v", 4, lean_allocator=False)
+    quantize_base(build_model("tiny", "mixtral", seed=7), 8, lean_allocator=False)
+    assert calls == []
+    load_quantized_version(tmp_path / "v", 4)
+    quantize_base(build_model("tiny", "mixtral", seed=7), 8)
+    assert calls == ["pinned", "pinned"]
+
+
 def test_misuse_is_refused_with_a_reason() -> None:
     with pytest.raises(QuantizationError, match="bits must be 8 or 4, got 3"):
         quantize_base(build_model(), 3)  # type: ignore[arg-type]
