@@ -554,6 +554,9 @@ def _aggregate_claimed_round(task: TrainingTask, round_: Round, params: Aggregat
             },
             safeguard_files=safeguard_files,
         )
+        # save_version copied them into the staged version: their own staging goes now, so a worker that dies
+        # from here on leaves only the staged version (which the next attempt at this window discards).
+        shutil.rmtree(safeguards_staging, ignore_errors=True)
         _crash_if_asked("after_files_written")
         version = _register_candidate(
             task, round_, staging, state_staging, champion, contributions, applied, record, version_id

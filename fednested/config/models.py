@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fednested.config.adapter import ExpertLoraConfig
 from fednested.config.retry import RetryPolicy
-from fednested.config.training import EdgeTrainConfig, Precision
+from fednested.config.training import EdgeTrainConfig, Precision, SafeguardConfig
 from fednested.messaging.settings import BusSettings, EmbeddedBusSettings
 
 ConfigKind = Literal["tier1", "tier2"]
@@ -237,6 +237,15 @@ class Tier1CoreUpdateSettings(ConfigModel):
     fault_injection: Tier1FaultInjection | None = Field(
         default=None,
         description="Rehearsal only: make one rank raise after a given step. Leave null in production.",
+    )
+    safeguards: SafeguardConfig = Field(
+        default_factory=SafeguardConfig,
+        description="Anti-forgetting safeguards of the core update, all off by default (docs/tier1-core-update.md, "
+        "'Safeguards against forgetting'): EWC against the champion's shipped fisher.safetensors on the expert "
+        "weights; freeze_layers holds every tensor of those decoder layers, freeze_experts those experts' slices of "
+        "the fused expert tensors, freeze_gate the routers, bitwise; replay and distillation (from a frozen copy of "
+        "the champion) use the champion's shipped replay.jsonl. A safeguard whose file the champion lacks is "
+        "refused before any rank starts.",
     )
 
 

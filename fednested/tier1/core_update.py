@@ -31,6 +31,13 @@ from fednested.data.tokenizer import load_tokenizer
 from fednested.partition import PartitionKind, partition_model
 from fednested.tier1.combine import CoreUpdateEtas, combine_core_update, edge_expert_delta
 from fednested.tier1.plan import CoreUpdatePlan, file_sha256
+from fednested.tier1.safeguards import (
+    CoreSafeguards,
+    champion_snapshots,
+    distillation_batches,
+    mix_in_replay,
+    replay_examples,
+)
 from fednested.training.forward import packed_loss_sum
 
 RESULT_NAME = "result.json"
@@ -112,11 +119,26 @@ def train_rank(plan: CoreUpdatePlan, rank: int) -> dict[str, Any]:
     if not isinstance(pad_id, int):
         raise RuntimeError(f"the champion's tokenizer in {plan.champion_dir} has neither a pad nor an eos token")
     examples = _read_examples(plan, tokenizer)
+    guard_plan = plan.safeguards
+    replay = replay_examples(guard_plan, tokenizer) if guard_plan is not None else []
+    replay_mixed = 0
+    if guard_plan is not None and guard_plan.replay_fraction > 0:
+        mixed = mix_in_replay(guard_plan, examples, replay, plan.seed)
+        replay_mixed = len(mixed) - len(examples)
+        examples = mixed
 
     partition = partition_model(model)
     kinds: dict[str, PartitionKind] = {name: partition.kind_of_file(name) for name in partition}
+    frozen = set(plan.safeguards.frozen_tensors) if plan.safeguards is not None else set()
     for name, parameter in model.named_parameters():
-        parameter.requires_grad_(plan.train_gate or kinds[name] != "gate")
+        # a tensor frozen whole never reaches the optimizer, so nothing (not even weight decay) can move it
+        parameter.requires_grad_((plan.train_gate or kinds[name] != "gate") and name not in frozen)
+    snapshots = champion_snapshots(model, plan.safeguards) if plan.safeguards is not None else {}
+    teacher: torch.nn.Module | None = None
+    if guard_plan is not None and guard_plan.distill_weight > 0:
+        # the champion as it was, frozen: a second copy of the weights on this rank's device
+        teacher = load_version(plan.champion_dir, expected_version=plan.champion_version)[0]
+        teacher.requires_grad_(False)
     # rank 0 keeps the champion's weights to take the delta against (the model's own storage is trained in place)
     champion = {name: p.detach().clone() for name, p in model.named_parameters()} if rank == 0 else {}
     model.train()
@@ -132,6 +154,31 @@ def train_rank(plan: CoreUpdatePlan, rank: int) -> dict[str, Any]:
         config=plan.deepspeed_config,
     )
     device = engine.device
+    guards = None
+    if guard_plan is not None:
+        if teacher is not None:
+            # the teacher in the student's dtype: DeepSpeed's bf16 mode holds bf16 weights
+            teacher.to(device=device, dtype=next(engine.module.parameters()).dtype)
+        guards = CoreSafeguards.build(
+            guard_plan,
+            engine.module,
+            snapshots,
+            champion_version=plan.champion_version,
+            device=device,
+            teacher=teacher,
+            distill=distillation_batches(
+                replay,
+                seq_len=plan.seq_len,
+                rows=int(plan.deepspeed_config["train_micro_batch_size_per_gpu"]),
+                pad_id=pad_id,
+                rank=rank,
+                world_size=plan.world_size,
+            )
+            if teacher is not None
+            else None,
+            replay_mixed=replay_mixed,
+        )
+    snapshots.clear()
     # DeepSpeed's bf16 mode holds bf16 weights with fp32 master copies, so the forward needs no autocast.
     # per step: this rank's loss sum and target count; summed over ranks once at the end, so logging the loss
     # adds no collective (and no synchronisation point) to the step
@@ -142,12 +189,22 @@ def train_rank(plan: CoreUpdatePlan, rank: int) -> dict[str, Any]:
     while len(local_losses) < plan.max_steps:
         for window in _rank_windows(examples, plan, rank, pad_id, epoch):
             loss_total, target_total = 0.0, 0
-            for batch in window:
+            for micro, batch in enumerate(window):
                 on_device = batch.to(device)
                 loss_sum, count = packed_loss_sum(engine.module, on_device, precision="fp32")
                 # the mean over this micro-batch's targets; DeepSpeed divides by the accumulation steps
-                engine.backward(loss_sum / max(count, 1))
+                loss = loss_sum / max(count, 1)
+                if micro == 0 and guards is not None:
+                    # the EWC and distillation terms once per optimizer step (the weights do not move within a
+                    # window), scaled up by the accumulation steps DeepSpeed divides every micro-batch's loss by
+                    for term in (guards.penalty(), guards.distillation(engine.module, device)):
+                        if term is not None:
+                            loss = loss + term * len(window)
+                engine.backward(loss)
+                stepping = engine.is_gradient_accumulation_boundary()
                 engine.step()
+                if stepping and guards is not None:
+                    guards.restore()
                 loss_total += float(loss_sum.detach())
                 target_total += count
                 tokens += batch.real_tokens
@@ -174,6 +231,9 @@ def train_rank(plan: CoreUpdatePlan, rank: int) -> dict[str, Any]:
         "tokens": int(all_tokens.item()),
         "train_seconds": duration,
         "tokens_per_s": all_tokens.item() / duration if duration > 0 else 0.0,
+        "ewc_penalty_last": guards.last_penalty if guards is not None else None,
+        "distill_loss_last": guards.last_distill if guards is not None else None,
+        "replay_records": replay_mixed,
     }
     if not all(math.isfinite(loss) for loss in losses):
         raise RuntimeError(f"training diverged: non-finite loss in {losses}")
@@ -181,7 +241,8 @@ def train_rank(plan: CoreUpdatePlan, rank: int) -> dict[str, Any]:
     if rank == 0:
         # a frozen tensor did not train: its delta is exactly zero, not the rounding of a bf16 copy
         trained.update({name: weight for name, weight in champion.items() if name not in trained})
-        _write_candidate(plan, champion, trained, kinds, metrics, tokenizer, manifest.version_id, run_dir)
+        safeguards = guards.lineage() if guards is not None else None
+        _write_candidate(plan, champion, trained, kinds, metrics, safeguards, tokenizer, manifest.version_id, run_dir)
     dist.barrier()
     return metrics
 
@@ -213,6 +274,7 @@ def _write_candidate(
     trained: dict[str, torch.Tensor],
     kinds: dict[str, PartitionKind],
     metrics: dict[str, Any],
+    safeguards: dict[str, Any] | None,
     tokenizer: Any,
     champion_version: str,
     run_dir: Path,
@@ -251,6 +313,9 @@ def _write_candidate(
         },
         "etas": {"core": plan.eta_core, "t1": plan.eta_t1, "t2": plan.eta_t2},
         "train_gate": plan.train_gate,
+        # which anti-forgetting safeguards ran (null: none asked), with the EWC penalty's last value; not "safeguards",
+        # which in a version's lineage describes the safeguard files it ships
+        "safeguards_applied": safeguards,
         "edge_base": plan.edge_base,
         "edge_aggregates": plan.edge_aggregates,
         "training": {key: metrics[key] for key in ("steps", "loss_first", "loss_last", "tokens")},

@@ -34,6 +34,7 @@ from fednested.tier1.plan import (
     FaultPlan,
     build_deepspeed_config,
     inspect_dataset,
+    plan_safeguards,
     resolve_precision,
 )
 
@@ -124,7 +125,7 @@ def prepare_plan(
     if settings.champion_dir is None:
         raise CorePlanError("core_update.champion_dir is not set: name the champion's version directory")
     try:
-        manifest, _ = open_version(settings.champion_dir)
+        manifest, model_config = open_version(settings.champion_dir)
     except CheckpointError as error:
         raise CorePlanError(f"champion: {error}") from error
     if not training.train_files:
@@ -141,6 +142,13 @@ def prepare_plan(
             _, aggregates = check_edge_chain(edge_base, edge_aggregates, architecture_id=manifest.architecture_id)
         except CheckpointError as error:
             raise CorePlanError(f"edge aggregates: {error}") from error
+    safeguards = plan_safeguards(
+        settings.safeguards,
+        champion_dir=Path(settings.champion_dir),
+        manifest=manifest,
+        model_config=model_config,
+        train_gate=training.train_gate,
+    )
     fault = settings.fault_injection
     if fault is not None and fault.rank >= training.ranks:
         raise CorePlanError(f"core_update.fault_injection.rank {fault.rank} does not exist ({training.ranks} ranks)")
@@ -170,6 +178,7 @@ def prepare_plan(
         edge_base=str(edge_base.resolve()) if edge_base is not None else None,
         edge_aggregates=aggregates,
         fault=FaultPlan(fault.rank, fault.after_step) if fault is not None else None,
+        safeguards=safeguards,
     )
 
 

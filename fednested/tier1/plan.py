@@ -1,5 +1,6 @@
 """What a core update will do, decided and checked once before any rank starts: the DeepSpeed config, the
-datasets (with sha256), the champion and the edge aggregates. The plan travels to the ranks as one JSON file.
+datasets (with sha256), the champion, the edge aggregates and the anti-forgetting safeguards. The plan travels to
+the ranks as one JSON file.
 
 Everything that can be refused without training is refused here, so a bad config costs milliseconds, not a
 launch of N processes that each fail the same way.
@@ -13,8 +14,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from transformers import PretrainedConfig
+
+from fednested.adapters.lora import expert_stacks, layer_index
+from fednested.checkpoints.manifest import Manifest
+from fednested.checkpoints.safeguards import MAX_REPLAY_BYTES, REPLAY_FILE_NAME
+from fednested.checkpoints.versions import build_empty_model
+from fednested.config.adapter import EXPERT_TARGETS, AdapterError
 from fednested.config.models import Tier1TrainingSettings
-from fednested.data.jsonl import read_jsonl
+from fednested.config.training import SafeguardConfig
+from fednested.data.jsonl import JsonlFormatError, read_jsonl
+from fednested.partition import partition_model
+from fednested.training.safeguards import FISHER_FILE_NAME, FisherFileError, load_fisher_file
 
 Accelerator = Literal["cpu", "cuda"]
 # Keys the core update sets from the tier1 config; an extra DeepSpeed JSON may not set them differently.
@@ -47,6 +58,24 @@ class FaultPlan:
 
 
 @dataclass(frozen=True)
+class SafeguardPlan:
+    """`core_update.safeguards` checked against the champion and resolved to tensor names (plan.json's
+    `safeguards`): EWC's Fisher file, the tensors frozen whole, and the [tensor, expert] slices frozen in fused ones."""
+
+    config: dict[str, Any]
+    ewc_lambda: float
+    fisher_path: str | None = None
+    fisher_sha256: str | None = None
+    replay_path: str | None = None
+    replay_sha256: str | None = None
+    replay_fraction: float = 0.0
+    distill_weight: float = 0.0
+    distill_temperature: float = 2.0
+    frozen_tensors: list[str] = field(default_factory=list)
+    frozen_slices: list[tuple[str, int]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class CoreUpdatePlan:
     """Everything a rank needs, resolved to absolute paths and plain values (written as plan.json)."""
 
@@ -75,6 +104,7 @@ class CoreUpdatePlan:
     edge_base: str | None = None
     edge_aggregates: list[dict[str, Any]] = field(default_factory=list)
     fault: FaultPlan | None = None
+    safeguards: SafeguardPlan | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -84,6 +114,10 @@ class CoreUpdatePlan:
         data = json.loads(text)
         data["datasets"] = [DatasetEntry(**entry) for entry in data["datasets"]]
         data["fault"] = FaultPlan(**data["fault"]) if data.get("fault") else None
+        if data.get("safeguards"):
+            guards = data["safeguards"]
+            guards["frozen_slices"] = [(str(name), int(expert)) for name, expert in guards["frozen_slices"]]
+            data["safeguards"] = SafeguardPlan(**guards)
         return cls(**data)
 
 
@@ -235,3 +269,131 @@ def check_deepspeed_config(config: dict[str, Any], *, world_size: int, accelerat
     bf16 = config.get("bf16", {})
     if isinstance(fp16, dict) and isinstance(bf16, dict) and fp16.get("enabled") and bf16.get("enabled"):
         raise CorePlanError("DeepSpeed config: fp16 and bf16 are both enabled; choose one")
+
+
+def plan_safeguards(
+    safeguards: SafeguardConfig,
+    *,
+    champion_dir: Path,
+    manifest: Manifest,
+    model_config: PretrainedConfig,
+    train_gate: bool,
+) -> SafeguardPlan | None:
+    """Check `core_update.safeguards` against the champion before any rank starts; None when all are off.
+
+    EWC needs the champion's own Fisher (listed in its manifest, so sha256-verified, estimated for this version, with
+    this architecture's shapes); replay and distillation need the champion's replay set (listed, bounded, every line a
+    record); a layer or expert to freeze must exist. A safeguard asked for is never silently skipped.
+    """
+    if not safeguards.any_enabled:
+        return None
+    replay_path, replay_sha256 = None, None
+    if safeguards.replay_fraction > 0 or safeguards.distill_weight > 0:
+        replay_path, replay_sha256 = _check_replay(safeguards, champion_dir, manifest)
+    # Shapes and names only: the empty model's storage is never written, so it costs no memory.
+    model = build_empty_model(model_config)
+    fisher_path: Path | None = None
+    fisher_sha256: str | None = None
+    if safeguards.ewc_lambda > 0:
+        entry = manifest.files.get(FISHER_FILE_NAME)
+        if entry is None or entry.partition != "safeguards":
+            raise CorePlanError(
+                f"core_update.safeguards.ewc_lambda is {safeguards.ewc_lambda} but the champion "
+                f"{manifest.version_id!r} ({champion_dir}) ships no {FISHER_FILE_NAME}: create the champion with a "
+                "Fisher (FEDNESTED_FISHER) or set ewc_lambda to 0"
+            )
+        fisher_path = champion_dir / FISHER_FILE_NAME
+        try:
+            load_fisher_file(fisher_path, expected_version=manifest.version_id, model=model)
+        except FisherFileError as error:
+            raise CorePlanError(
+                f"core_update.safeguards.ewc_lambda: the champion's Fisher is unusable: {error}"
+            ) from error
+        fisher_sha256 = entry.sha256
+    parameters = dict(model.named_parameters())
+    stacks = expert_stacks(model)
+    experts_per_layer = {layer_index(name): parameters[f"{name}.{EXPERT_TARGETS[0]}"].shape[0] for name in stacks}
+    decoder_layers = sorted({layer for name in parameters if (layer := _decoder_layer(name)) is not None})
+    for layer in safeguards.freeze_layers:
+        if layer not in decoder_layers:
+            raise CorePlanError(
+                f"core_update.safeguards.freeze_layers names layer {layer}; the champion has decoder layers "
+                f"{decoder_layers[0]}..{decoder_layers[-1]}"
+            )
+    for layer, expert in sorted(safeguards.frozen_experts):
+        if layer not in experts_per_layer or expert >= experts_per_layer[layer]:
+            raise CorePlanError(
+                f"core_update.safeguards.freeze_experts names '{layer}:{expert}'; the champion's MoE layers are "
+                f"{sorted(experts_per_layer)} with {max(experts_per_layer.values(), default=0)} experts each"
+            )
+    partition = partition_model(model)
+    frozen_tensors = sorted(
+        name
+        for name in parameters
+        if (safeguards.freeze_gate and partition.kind_of_file(name) == "gate")
+        or _decoder_layer(name) in safeguards.freeze_layers
+    )
+    frozen_slices = sorted(
+        (f"{stack}.{target}", expert)
+        for stack in stacks
+        for target in EXPERT_TARGETS
+        for layer, expert in safeguards.frozen_experts
+        if layer == layer_index(stack) and layer not in safeguards.freeze_layers
+    )
+    trainable = [
+        name
+        for name in parameters
+        if name not in frozen_tensors and (train_gate or partition.kind_of_file(name) != "gate")
+    ]
+    if not trainable:
+        raise CorePlanError("core_update.safeguards freezes every tensor the core update would train; nothing to do")
+    return SafeguardPlan(
+        # as it reads back from plan.json (tuples become lists), so a plan equals its round trip
+        config=json.loads(json.dumps(asdict(safeguards))),
+        ewc_lambda=safeguards.ewc_lambda,
+        fisher_path=str(fisher_path.resolve()) if fisher_path is not None else None,
+        fisher_sha256=fisher_sha256,
+        replay_path=str(replay_path.resolve()) if replay_path is not None else None,
+        replay_sha256=replay_sha256,
+        replay_fraction=safeguards.replay_fraction,
+        distill_weight=safeguards.distill_weight,
+        distill_temperature=safeguards.distill_temperature,
+        frozen_tensors=frozen_tensors,
+        frozen_slices=frozen_slices,
+    )
+
+
+def _check_replay(safeguards: SafeguardConfig, champion_dir: Path, manifest: Manifest) -> tuple[Path, str]:
+    """The champion's replay set (path, sha256) for replay and distillation, checked as the edge checks it: listed in
+    the manifest, at most MAX_REPLAY_BYTES, every line a valid record, at least one."""
+    asked = (
+        f"replay_fraction is {safeguards.replay_fraction}"
+        if safeguards.replay_fraction > 0
+        else f"distill_weight is {safeguards.distill_weight}"
+    )
+    entry = manifest.files.get(REPLAY_FILE_NAME)
+    path = champion_dir / REPLAY_FILE_NAME
+    if entry is None or entry.partition != "safeguards":
+        raise CorePlanError(
+            f"core_update.safeguards.{asked} but the champion {manifest.version_id!r} ({champion_dir}) ships no "
+            f"{REPLAY_FILE_NAME}: create the champion with a replay set (FEDNESTED_REPLAY_SET) or turn it off"
+        )
+    if entry.bytes > MAX_REPLAY_BYTES:
+        raise CorePlanError(f"{path}: {entry.bytes} bytes, over the {MAX_REPLAY_BYTES} a replay set may have")
+    try:
+        records = read_jsonl(path, strict=True).records
+    except (JsonlFormatError, OSError) as error:
+        raise CorePlanError(
+            f"core_update.safeguards.{asked} but the champion's replay set is unusable: {error}"
+        ) from None
+    if not records:
+        raise CorePlanError(f"core_update.safeguards.{asked} but the champion's replay set {path} holds no record")
+    return path, entry.sha256
+
+
+def _decoder_layer(name: str) -> int | None:
+    """The decoder layer a parameter belongs to; None for the embeddings, final norm and head."""
+    try:
+        return layer_index(name)
+    except AdapterError:
+        return None

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from fednested.checkpoints import save_version
+from fednested.checkpoints.safeguards import REPLAY_FILE_NAME
 from fednested.checkpoints.versions import load_version, verify_version
 from fednested.cli import app
 from fednested.config import Tier1Config, Tier1TrainingSettings
@@ -20,9 +21,11 @@ from fednested.data import CorpusConfig, generate_corpus, record_texts, train_bp
 from fednested.data.tokenizer import BpeTokenizerConfig
 from fednested.models import build_model
 from fednested.partition import partition_model
-from fednested.tier1 import CoreUpdateError, CoreUpdateEtas, combine_core_update, run_core_update
+from fednested.tier1 import CoreUpdateError, CoreUpdateEtas, CoreUpdateResult, combine_core_update, run_core_update
 from fednested.tier1.core_update import TRAINED_DELTA_NAME
-from fednested.tier1.plan import CorePlanError, build_deepspeed_config
+from fednested.tier1.launcher import prepare_plan
+from fednested.tier1.plan import CorePlanError, CoreUpdatePlan, build_deepspeed_config
+from fednested.training.safeguards import FISHER_FILE_NAME, fisher_shapes, save_fisher_file
 
 
 def _sha256(path: Path) -> str:
@@ -39,7 +42,34 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     texts = [record for domain in corpus.values() for record in domain.records("train")]
     tokenizer = train_bpe_tokenizer(record_texts(texts), BpeTokenizerConfig(vocab_size=384))
     model = build_model("tiny", vocab_size=len(tokenizer), seed=1)
-    save_version(model, root / "champion", version_id="v1", parent_version=None, tokenizer=tokenizer)
+    # the champion ships a Fisher (EWC); a uniform one over the experts except expert 0, which it weighs 1000x
+    fisher = {}
+    for name, shape in fisher_shapes(model).items():
+        if ".mlp.experts." in name:
+            fisher[name] = torch.ones(shape)
+            fisher[name][0] = 1000.0
+    fisher_file = root / "fisher" / FISHER_FILE_NAME
+    save_fisher_file(fisher_file, fisher, version_id="v1", domains=["code"], tokens=1)
+    # and a replay set (replay, distillation): a few of the records, as the federation's public set would be
+    replay_file = root / "fisher" / REPLAY_FILE_NAME
+    write_jsonl(replay_file, texts[::6])
+    save_version(
+        model,
+        root / "champion",
+        version_id="v1",
+        parent_version=None,
+        tokenizer=tokenizer,
+        safeguard_files={FISHER_FILE_NAME: fisher_file, REPLAY_FILE_NAME: replay_file},
+    )
+    # a version shipping the champion's Fisher under its own id: a Fisher of another version
+    save_version(
+        model,
+        root / "misfit",
+        version_id="misfit",
+        parent_version="v1",
+        tokenizer=tokenizer,
+        safeguard_files={FISHER_FILE_NAME: fisher_file},
+    )
     # an edge aggregate changes experts only: shift every fused expert tensor by a known amount
     generator = torch.Generator().manual_seed(7)
     with torch.no_grad():
@@ -52,7 +82,14 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     with data.open("a", encoding="utf-8") as stream:
         stream.write("{not json\n")
         stream.write('{"unknown_field": 1}\n')
-    return {"champion": root / "champion", "agg1": root / "agg1", "data": data, "records": len(texts)}
+    return {
+        "champion": root / "champion",
+        "agg1": root / "agg1",
+        "misfit": root / "misfit",
+        "data": data,
+        "records": len(texts),
+        "replay_records": len(texts[::6]),
+    }
 
 
 def _config(world: dict[str, Any], tmp_path: Path, **overrides: Any) -> Tier1Config:
@@ -84,11 +121,32 @@ def _leftovers(directory: Path) -> list[str]:
     return sorted(path.name for path in directory.iterdir()) if directory.exists() else []
 
 
-@pytest.mark.slow
-def test_two_ranks_write_a_candidate_that_follows_the_formula(world: dict[str, Any], tmp_path: Path) -> None:
-    config = _config(world, tmp_path)
-    result = run_core_update(config, edge_base=world["champion"], edge_aggregates=[world["agg1"]], version_id="c1")
+# Safeguards on in the main launch (they keep the formula: a frozen tensor or slice has dW_T1 = 0), with weight decay,
+# which moves every weight in the optimizer at each step: a frozen expert slice must survive it bitwise. λ is large
+# so that EWC visibly holds back expert 0, which the champion's Fisher weighs 1000x.
+GUARDED = {
+    "ewc_lambda": 100.0,
+    "freeze_layers": [0],
+    "freeze_experts": ["1:2"],
+    "replay_fraction": 0.2,
+    "distill_weight": 0.5,
+}
 
+
+@pytest.fixture(scope="module")
+def guarded_run(world: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> tuple[CoreUpdateResult, Path]:
+    """One 2-rank launch with edge aggregates and safeguards, shared by the tests that read its candidate."""
+    tmp_path = tmp_path_factory.mktemp("guarded")
+    config = _config(world, tmp_path, training={"weight_decay": 0.1}, core_update={"safeguards": GUARDED})
+    result = run_core_update(config, edge_base=world["champion"], edge_aggregates=[world["agg1"]], version_id="c1")
+    return result, tmp_path
+
+
+@pytest.mark.slow
+def test_two_ranks_write_a_candidate_that_follows_the_formula(
+    world: dict[str, Any], guarded_run: tuple[CoreUpdateResult, Path]
+) -> None:
+    result, tmp_path = guarded_run
     assert result.version_dir == tmp_path / "versions" / "c1"
     assert _leftovers(tmp_path / "versions") == ["c1"]  # no staging directory left behind
     manifest = verify_version(result.version_dir)
@@ -118,6 +176,19 @@ def test_two_ranks_write_a_candidate_that_follows_the_formula(world: dict[str, A
             moved["expert"] += int(trained_delta[name].abs().sum() > 0)
     assert moved["core"] > 0
     assert moved["expert"] > 0
+    # freezing: every tensor of layer 0 and expert 2 of layer 1 did not move by a single bit; its neighbours did
+    for name, weight in old.items():
+        if name.startswith("model.layers.0."):
+            assert torch.equal(trained_delta[name], torch.zeros_like(weight)), name
+    for target in ("gate_up_proj", "down_proj"):
+        delta = trained_delta[f"model.layers.1.mlp.experts.{target}"]
+        assert torch.equal(delta[2], torch.zeros_like(delta[2])), target
+        assert delta[1].abs().sum() > 0, target
+    # EWC ran: its penalty is positive once the experts moved; distillation ran against the champion
+    assert result.metrics["ewc_penalty_last"] > 0
+    assert result.metrics["distill_loss_last"] > 0
+    # replay: round(0.2 * n / 0.8) of the champion's replay records mixed into the n training records
+    assert result.metrics["replay_records"] == round(0.2 * world["records"] / 0.8)
 
     lineage = result.lineage
     assert lineage["kind"] == "core_update"
@@ -132,10 +203,44 @@ def test_two_ranks_write_a_candidate_that_follows_the_formula(world: dict[str, A
     assert lineage["deepspeed"]["config"]["train_batch_size"] == 2 * 2 * 2
     assert lineage["edge_aggregates"] == [{"version_id": "agg1", "parent_version": "v1", "path": str(world["agg1"])}]
     assert lineage["etas"] == {"core": 0.0, "t1": 0.5, "t2": 1.0}
+    safeguards = lineage["safeguards_applied"]
+    assert safeguards["config"]["ewc_lambda"] == 100.0
+    assert safeguards["ewc"]["lambda"] == 100.0
+    assert safeguards["ewc"]["penalty_last"] == result.metrics["ewc_penalty_last"]
+    assert safeguards["ewc"]["fisher"]["sha256"] == _sha256(world["champion"] / FISHER_FILE_NAME)
+    assert "model.layers.0.self_attn.q_proj.weight" in safeguards["frozen_tensors"]
+    assert ["model.layers.1.mlp.experts.down_proj", 2] in safeguards["frozen_slices"]
+    replay_sha256 = _sha256(world["champion"] / REPLAY_FILE_NAME)
+    assert safeguards["replay"]["file"]["sha256"] == replay_sha256
+    assert safeguards["replay"]["records_mixed"] == result.metrics["replay_records"]
+    assert safeguards["distillation"]["loss_last"] == result.metrics["distill_loss_last"]
+    assert safeguards["distillation"]["temperature"] == 2.0
     assert result.metrics["steps"] == 3
     assert len(result.metrics["loss_curve"]) == 3
     assert (result.run_dir / "rank-0.log").is_file()
     assert (result.run_dir / "rank-1.log").is_file()
+
+
+@pytest.mark.slow
+def test_ewc_holds_the_weights_its_fisher_weighs_closer_to_the_champion(
+    world: dict[str, Any], guarded_run: tuple[CoreUpdateResult, Path], tmp_path: Path
+) -> None:
+    """The same launch without EWC (same seed, data order and freezing): expert 0, which the Fisher weighs 1000x,
+    moves less with the penalty than without it."""
+    with_ewc, _ = guarded_run
+    config = _config(
+        world, tmp_path, training={"weight_decay": 0.1}, core_update={"safeguards": {**GUARDED, "ewc_lambda": 0.0}}
+    )
+    without = run_core_update(config, version_id="c-no-ewc")
+    assert without.metrics["ewc_penalty_last"] is None
+    assert without.lineage["safeguards_applied"]["ewc"] is None
+    held = load_file(str(with_ewc.run_dir / TRAINED_DELTA_NAME))
+    free = load_file(str(without.run_dir / TRAINED_DELTA_NAME))
+    for target in ("gate_up_proj", "down_proj"):
+        name = f"model.layers.1.mlp.experts.{target}"
+        moved_free = float(free[name][0].abs().mean())
+        assert moved_free > 0, name  # expert 0 trains at all, so holding it back is measurable
+        assert float(held[name][0].abs().mean()) < 0.5 * moved_free, name
 
 
 @pytest.mark.slow
@@ -261,3 +366,64 @@ def test_the_deepspeed_config_follows_the_tier1_settings(tmp_path: Path) -> None
     assert config["optimizer"] == {"type": "AdamW", "params": {"lr": 2e-4, "weight_decay": 0.1}}
     with pytest.raises(CorePlanError, match="offload needs a CUDA accelerator"):
         build_deepspeed_config(training, accelerator="cpu", precision="fp32")
+
+
+@pytest.mark.parametrize(
+    ("champion", "expected"),
+    [
+        ("agg1", "champion 'agg1'"),  # ships no Fisher at all
+        ("misfit", "estimated for version 'v1', this model is version 'misfit'"),
+    ],
+)
+def test_ewc_without_the_champions_own_fisher_is_refused_before_training(
+    world: dict[str, Any], tmp_path: Path, champion: str, expected: str
+) -> None:
+    config = _config(world, tmp_path, core_update={"champion_dir": world[champion], "safeguards": {"ewc_lambda": 1.0}})
+    with pytest.raises(CoreUpdateError, match="refused before training") as caught:
+        run_core_update(config, version_id="ewc")
+    assert expected in str(caught.value)
+    assert _leftovers(tmp_path / "versions") == []
+    assert _leftovers(tmp_path / "runs") == []
+
+
+@pytest.mark.parametrize(
+    ("safeguards", "expected"),
+    [
+        ({"freeze_layers": [2]}, "freeze_layers names layer 2; the champion has decoder layers 0..1"),
+        ({"freeze_experts": ["1:4"]}, "freeze_experts names '1:4'"),
+        ({"replay_fraction": 0.2}, "replay_fraction is 0.2 but the champion 'agg1'"),
+        ({"distill_weight": 1.0}, "distill_weight is 1.0 but the champion 'agg1'"),
+    ],
+)
+def test_safeguards_that_cannot_run_are_refused_before_training(
+    world: dict[str, Any], tmp_path: Path, safeguards: dict[str, Any], expected: str
+) -> None:
+    # agg1 ships no safeguard files: replay and distillation have no replay set there
+    config = _config(world, tmp_path, core_update={"champion_dir": world["agg1"], "safeguards": safeguards})
+    with pytest.raises(CoreUpdateError, match="refused before training") as caught:
+        run_core_update(config, version_id="guarded")
+    assert expected in str(caught.value)
+
+
+def test_the_plan_resolves_frozen_gates_layers_and_expert_slices(world: dict[str, Any], tmp_path: Path) -> None:
+    config = _config(
+        world,
+        tmp_path,
+        training={"train_gate": True},
+        core_update={"safeguards": {"freeze_gate": True, "freeze_layers": [1], "freeze_experts": ["0:3", "1:0"]}},
+    )
+    plan = prepare_plan(config, staging=tmp_path, version_id="p", edge_base=None, edge_aggregates=[])
+    assert plan.safeguards is not None
+    frozen = set(plan.safeguards.frozen_tensors)
+    assert "model.layers.0.mlp.gate.weight" in frozen  # freeze_gate, though train_gate is on
+    assert {name for name in frozen if name.startswith("model.layers.1.")} == {
+        name for name, _ in load_version(world["champion"])[0].named_parameters() if name.startswith("model.layers.1.")
+    }
+    assert "model.layers.0.self_attn.q_proj.weight" not in frozen
+    # expert 0 of layer 1 is inside a frozen layer already: only layer 0's expert 3 is a slice
+    assert plan.safeguards.frozen_slices == [
+        ("model.layers.0.mlp.experts.down_proj", 3),
+        ("model.layers.0.mlp.experts.gate_up_proj", 3),
+    ]
+    assert plan.safeguards.fisher_path is None
+    assert CoreUpdatePlan.from_json(plan.to_json()) == plan
