@@ -5,6 +5,7 @@ embedded event bus, artifacts under var/. Deployments and CI set DATABASE_URL, R
 FEDNESTED_BUS=kafka.
 """
 
+import hashlib
 import ipaddress
 import os
 import secrets
@@ -287,11 +288,21 @@ FEDNESTED_TOPIC_PREFIX = envstr("FEDNESTED_TOPIC_PREFIX", "")
 FEDNESTED_ARTIFACT_ROOT = Path(envstr("FEDNESTED_ARTIFACT_ROOT", str(VAR_DIR / "artifacts")))
 # The audit chain's anchors (apps/governance/chain.py): the chain head appended to this file outside the database, at
 # most every FEDNESTED_AUDIT_ANCHOR_INTERVAL seconds while events are sealed (0: only `fednested audit anchor`). The
-# default file is named after the database, so two databases on one checkout never mix their anchors.
+# default file is named after the database and a digest of where it is (engine, host, port, name), so two databases on
+# one checkout never mix their anchors (two SQLite files both called db.sqlite3 did). A database dropped and created
+# again starts a new chain: its old anchors must go with it (make demo keeps its anchors in var/demo, which it wipes).
+_DATABASE_WHERE = "|".join(str(DATABASES["default"].get(key, "")) for key in ("ENGINE", "HOST", "PORT", "NAME"))
 FEDNESTED_AUDIT_ANCHOR_FILE = Path(
     envstr(
         "FEDNESTED_AUDIT_ANCHOR_FILE",
-        str(VAR_DIR / "audit" / f"anchors-{Path(str(DATABASES['default']['NAME'])).name or 'default'}.jsonl"),
+        str(
+            VAR_DIR
+            / "audit"
+            / (
+                f"anchors-{Path(str(DATABASES['default']['NAME'])).name or 'default'}-"
+                f"{hashlib.sha256(_DATABASE_WHERE.encode()).hexdigest()[:12]}.jsonl"
+            )
+        ),
     )
 )
 FEDNESTED_AUDIT_ANCHOR_INTERVAL = envint("FEDNESTED_AUDIT_ANCHOR_INTERVAL", 300)

@@ -55,6 +55,11 @@ class DemoPaths:
         return self.root / "static"
 
     @property
+    def audit_anchors(self) -> Path:
+        """The audit chain's anchors: inside the demo folder, so they go with the database it recreates each run."""
+        return self.root / "audit-anchors.jsonl"
+
+    @property
     def promotion_gate(self) -> Path:
         """The demo federation's gate thresholds (written by the demo once it knows which domains are protected)."""
         return self.root / "promotion-gate.json"
@@ -77,6 +82,7 @@ def demo_environment(base: Mapping[str, str], paths: DemoPaths) -> dict[str, str
             "FEDNESTED_ARTIFACT_ROOT": str(paths.artifacts),
             "STATIC_ROOT": str(paths.static),
             "FEDNESTED_PROMOTION_GATE": str(paths.promotion_gate),
+            "FEDNESTED_AUDIT_ANCHOR_FILE": str(paths.audit_anchors),
             # Every version ships the Fisher of its weights on the gate's protected domains, for the rounds' EWC.
             "FEDNESTED_FISHER": DEMO_FISHER,
             # The demo prints its own progress; INFO lines of Celery and the workers go to their logs only.
