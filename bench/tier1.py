@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from bench.edge import _measure_matmul_peak
+from bench.edge import _active_parameters, _measure_matmul_peak
 from bench.report import machine as machine_info
 from bench.report import write_report
 from fednested.checkpoints import load_version, save_version
@@ -71,17 +71,6 @@ class BenchSettings:
     tokenizer_vocab: int = 2048
     seed: int = 0
     repeats: int = 2
-
-
-def _active_parameters(model: torch.nn.Module) -> int:
-    config: Any = getattr(model, "config")  # noqa: B009 (nn.Module declares no config)
-    share: float = config.num_experts_per_tok / config.num_local_experts
-    total = 0.0
-    for name, parameter in model.named_parameters():
-        if "embed_tokens" in name:
-            continue
-        total += parameter.numel() * (share if ".experts." in name else 1.0)
-    return round(total)
 
 
 def _prepare(workdir: Path, settings: BenchSettings) -> dict[str, Any]:
