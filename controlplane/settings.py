@@ -170,6 +170,7 @@ INSTALLED_APPS = [
     "drf_spectacular",
     "drf_spectacular_sidecar",
     "channels",
+    "django_celery_beat",
     "apps.accounts",
     "apps.registry",
     "apps.federation",
@@ -177,6 +178,8 @@ INSTALLED_APPS = [
     "apps.console",
     "apps.demo",
     "apps.outbox",
+    "apps.dataengine",
+    "apps.schedules",
 ]
 
 MIDDLEWARE = [

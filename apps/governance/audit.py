@@ -12,6 +12,7 @@ from django.db import models
 
 from apps.governance.chain import schedule_seal
 from apps.governance.models import AuditEvent
+from apps.governance.signals import audit_recorded
 from fednested.governance.pii import Redacted, redact_payload, redactor_for
 
 SYSTEM_ACTOR = "system"
@@ -61,4 +62,5 @@ def record_audit_event(
         data=redact_audit_data(data or {}, verb=verb, redacted=redacted),
     )
     schedule_seal()
+    audit_recorded.send(sender=AuditEvent, event=event, target=target)
     return event

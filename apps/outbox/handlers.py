@@ -56,6 +56,8 @@ Handler = Callable[[OutboxEvent, Delivery], None]
 HANDLERS: dict[str, str] = {
     OutboxKind.BUS_EVENT: "apps.federation.events.deliver_bus_event",
     OutboxKind.CELERY_TASK: "apps.federation.jobs.deliver_celery_task",
+    OutboxKind.MLFLOW: "apps.governance.mlflow_sync.deliver_mlflow",
+    OutboxKind.DATAHUB: "apps.governance.datahub.deliver_datahub",
 }
 
 
