@@ -19,6 +19,8 @@ from rest_framework.exceptions import ValidationError as DrfValidationError
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
+from apps.accounts.refusals import record_api_refusal, record_console_refusal
+
 # Where the API lives (controlplane/urls.py mounts api/v1/ under it): requests there get JSON errors.
 API_PATH_PREFIX = "/api/"
 # The code of a body that lists field errors (the fields' own codes stay out of the body, as DRF has it).
@@ -45,6 +47,7 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
     response = drf_exception_handler(exc, context)
     if response is not None and isinstance(exc, APIException):
         response.data = with_code(response.data, exc.get_codes())
+        record_api_refusal(exc, context.get("request"), response.status_code)  # 401s and 403s join the audit trail
     return response
 
 
@@ -90,6 +93,7 @@ def bad_request(request: HttpRequest, exception: Exception) -> HttpResponse:
 
 def permission_denied(request: HttpRequest, exception: Exception) -> HttpResponse:
     """handler403, for what Django refuses outside the API's views (which answer their own 403s)."""
+    record_console_refusal(request, str(exception), channel="web")  # e.g. the admin's refusals join the audit trail
     if not is_api_request(request):
         return defaults.permission_denied(request, exception)
     return json_error(403, "you may not do this", "permission_denied")

@@ -9,8 +9,9 @@ from kombu.entity import Queue
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "controlplane.settings")
 
 # One queue per worker module (workers/<queue>.py), so a deployment can give aggregation and evaluation workers of
-# different sizes; apps/federation/jobs.py names the tasks these modules define.
-JOB_QUEUES = ("aggregation", "evaluation")
+# different sizes; apps/federation/jobs.py names the tasks these modules define. `schedules` takes the outer loop's
+# periodic tasks (apps/schedules/services.py names them), which `celery beat` sends.
+JOB_QUEUES = ("aggregation", "evaluation", "schedules", "training")
 
 app = Celery("controlplane")
 app.config_from_object("django.conf:settings", namespace="CELERY")

@@ -1,5 +1,9 @@
-"""Websocket routes served by controlplane.asgi (live round/approval feeds for the UI land here)."""
+"""Websocket routes served by controlplane.asgi: the console's live feed of decisions and new candidates."""
 
-from django.urls import URLPattern, URLResolver
+from django.urls import URLPattern, URLResolver, path
 
-websocket_urlpatterns: list[URLPattern | URLResolver] = []
+from apps.console.consumers import ConsoleConsumer
+
+websocket_urlpatterns: list[URLPattern | URLResolver] = [
+    path("ws/console/", ConsoleConsumer.as_asgi()),
+]

@@ -256,12 +256,23 @@ STATICFILES_DIRS = [BASE_DIR / "static"]
 
 # The web console's sign-in page (apps/console/urls.py); the browsable API signs in there too.
 LOGIN_URL = "console:sign-in"
+# A form post without a valid CSRF token (a forged post) is refused, and audited (apps.accounts.refusals), with a
+# console page that says what to do.
+CSRF_FAILURE_VIEW = "apps.console.views.csrf_failure"
 
 # --- channels (websockets) -----------------------------------------------------------------------------------------
 
 REDIS_URL = envstr("REDIS_URL", "")
+# channels_redis waits for a socket's next message with a blocking pop of 5 s; redis-py 8 times a socket read out
+# after 5 s by default, so the two race and a consumer dies with "Timeout reading" while it waits. Reads get longer.
+CHANNEL_REDIS_SOCKET_TIMEOUT_S = 15
 if REDIS_URL:
-    CHANNEL_LAYERS = {"default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [REDIS_URL]}}}
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": CHANNEL_REDIS_SOCKET_TIMEOUT_S}]},
+        }
+    }
 else:
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 
@@ -274,8 +285,13 @@ CELERY_BROKER_URL = envstr("CELERY_BROKER_URL", "")
 FEDNESTED_JOBS_IN_PROCESS = not CELERY_BROKER_URL
 # The database holds job state (TrainingTask.status); the Celery result backend is not used.
 CELERY_TASK_IGNORE_RESULT = True
+# … so no `celery.backend_cleanup` schedule either (beat installs one whenever results expire).
+CELERY_RESULT_EXPIRES = None
 CELERY_TASK_ACKS_LATE = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+# The outer loop's schedule is django-celery-beat's PeriodicTask table (apps/schedules, editable in the admin):
+# `celery -A controlplane beat` reads it; in the embedded mode the ingest worker's schedule thread does.
+CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 
 # --- fednested -----------------------------------------------------------------------------------------------------
 
@@ -311,6 +327,32 @@ FEDNESTED_AUDIT_ANCHOR_FILE = Path(
 FEDNESTED_AUDIT_ANCHOR_INTERVAL = envint("FEDNESTED_AUDIT_ANCHOR_INTERVAL", 300)
 if FEDNESTED_AUDIT_ANCHOR_INTERVAL < 0:
     raise ImproperlyConfigured("FEDNESTED_AUDIT_ANCHOR_INTERVAL must be >= 0 seconds (0: anchor only on demand)")
+# Refused access in the audit trail (apps/accounts/refusals.py, docs/audit-trail.md): at most one event per party and
+# reason in this many seconds per process, the refusals in between counted into the next one (0: every refusal).
+FEDNESTED_ACCESS_AUDIT_WINDOW = envint("FEDNESTED_ACCESS_AUDIT_WINDOW", 60)
+if FEDNESTED_ACCESS_AUDIT_WINDOW < 0:
+    raise ImproperlyConfigured("FEDNESTED_ACCESS_AUDIT_WINDOW must be >= 0 seconds (0: record every refusal)")
+# DataHub lineage (apps/governance/datahub.py, docs/datahub.md): when enabled, each mirrored change writes an outbox
+# row, and the relay appends its metadata change proposals to this JSON file (named after the database, like the
+# anchors), or sends them to a DataHub GMS when its URL is set (with the token, if the GMS wants one).
+FEDNESTED_DATAHUB_ENABLED = envbool("FEDNESTED_DATAHUB_ENABLED", True)
+FEDNESTED_DATAHUB_FILE = Path(
+    envstr(
+        "FEDNESTED_DATAHUB_FILE",
+        str(
+            VAR_DIR
+            / "datahub"
+            / (
+                f"metadata-{Path(str(DATABASES['default']['NAME'])).name or 'default'}-"
+                f"{hashlib.sha256(_DATABASE_WHERE.encode()).hexdigest()[:12]}.json"
+            )
+        ),
+    )
+)
+FEDNESTED_DATAHUB_GMS_URL = envstr("FEDNESTED_DATAHUB_GMS_URL", "").strip()
+if FEDNESTED_DATAHUB_GMS_URL and urlsplit(FEDNESTED_DATAHUB_GMS_URL).scheme not in {"http", "https"}:
+    raise ImproperlyConfigured(f"FEDNESTED_DATAHUB_GMS_URL={FEDNESTED_DATAHUB_GMS_URL!r} must be an http(s) URL")
+FEDNESTED_DATAHUB_GMS_TOKEN = envstr("FEDNESTED_DATAHUB_GMS_TOKEN", "").strip()
 # PII redaction of stored free text (fednested/governance/pii.py, docs/pii-redaction.md): on by default; `off`, inline
 # JSON or a JSON file path for custom entities and limits. Parsed here so a bad value stops start-up.
 try:
@@ -328,6 +370,34 @@ FEDNESTED_REPLAY_SET = envstr("FEDNESTED_REPLAY_SET", "").strip()
 FEDNESTED_FORGETTING_LINEAGE_DEPTH = envint("FEDNESTED_FORGETTING_LINEAGE_DEPTH", 10)
 if not 1 <= FEDNESTED_FORGETTING_LINEAGE_DEPTH <= 100:
     raise ImproperlyConfigured("FEDNESTED_FORGETTING_LINEAGE_DEPTH must be between 1 and 100")
+# The MLflow mirror of jobs and versions (apps/governance/mlflow_sync.py, docs/mlflow.md): MLflow's tracking (and
+# registry) URI — a SQLite store under var/ by default (no server: the relay writes it), an http(s):// MLflow server,
+# or `off` (no outbox rows written). Runs' artifacts of a local store go to FEDNESTED_MLFLOW_ARTIFACT_ROOT (default:
+# beside a SQLite store's file); a server keeps its own. FEDNESTED_MLFLOW_UI_URL is where the version page's links
+# point (default: the server's URI; a local store has no UI unless one runs `mlflow ui` on it).
+FEDNESTED_MLFLOW_TRACKING_URI = envstr(
+    "FEDNESTED_MLFLOW_TRACKING_URI", f"sqlite:///{VAR_DIR / 'mlflow' / 'mlflow.db'}"
+).strip()
+if FEDNESTED_MLFLOW_TRACKING_URI != "off" and "://" not in FEDNESTED_MLFLOW_TRACKING_URI:
+    raise ImproperlyConfigured(
+        f"FEDNESTED_MLFLOW_TRACKING_URI={FEDNESTED_MLFLOW_TRACKING_URI!r} is not a URI: use sqlite:////path/mlflow.db, "
+        "http(s)://host:port of an MLflow server, or 'off'"
+    )
+FEDNESTED_MLFLOW_ARTIFACT_ROOT = Path(
+    envstr(
+        "FEDNESTED_MLFLOW_ARTIFACT_ROOT",
+        str(
+            Path(FEDNESTED_MLFLOW_TRACKING_URI.removeprefix("sqlite:///")).parent / "artifacts"
+            if FEDNESTED_MLFLOW_TRACKING_URI.startswith("sqlite:///")
+            else VAR_DIR / "mlflow" / "artifacts"
+        ),
+    )
+)
+FEDNESTED_MLFLOW_EXPERIMENT = envstr("FEDNESTED_MLFLOW_EXPERIMENT", "fednested").strip() or "fednested"
+FEDNESTED_MLFLOW_UI_URL = envstr(
+    "FEDNESTED_MLFLOW_UI_URL",
+    FEDNESTED_MLFLOW_TRACKING_URI if FEDNESTED_MLFLOW_TRACKING_URI.startswith(("http://", "https://")) else "",
+).strip()
 # How long an enrollment token stays valid when the issuer does not say.
 FEDNESTED_ENROLLMENT_TOKEN_TTL_S = envint("FEDNESTED_ENROLLMENT_TOKEN_TTL_S", 24 * 3600)
 # The outbox relay (workers/relay/) retries a message it could not deliver after base × 2^(attempts-1) seconds,
@@ -345,9 +415,25 @@ if not 1 <= FEDNESTED_OUTBOX_RETRY_BASE_S <= FEDNESTED_OUTBOX_RETRY_MAX_S <= 24 
 FEDNESTED_AGGREGATION_TIMEOUT_S = envint("FEDNESTED_AGGREGATION_TIMEOUT_S", 2 * 3600)
 if FEDNESTED_AGGREGATION_TIMEOUT_S <= 0:
     raise ImproperlyConfigured(f"FEDNESTED_AGGREGATION_TIMEOUT_S={FEDNESTED_AGGREGATION_TIMEOUT_S} must be > 0")
+# Tier-1 core_update jobs (workers/training.py, docs/tier1.md): each dataset is read only if the Apache Ranger-format
+# policy JSON in this file allows the job's service principal (user, groups, roles) to read it. Empty: deny by
+# default, so no core_update task can be created or run until an operator names the policies.
+FEDNESTED_DATASET_POLICIES = envstr("FEDNESTED_DATASET_POLICIES", "").strip()
+FEDNESTED_TIER1_PRINCIPAL = envstr("FEDNESTED_TIER1_PRINCIPAL", "svc-tier1").strip()
+if not FEDNESTED_TIER1_PRINCIPAL:
+    raise ImproperlyConfigured("FEDNESTED_TIER1_PRINCIPAL must name the Tier-1 jobs' service principal")
+FEDNESTED_TIER1_PRINCIPAL_GROUPS = envlist("FEDNESTED_TIER1_PRINCIPAL_GROUPS", "")
+FEDNESTED_TIER1_PRINCIPAL_ROLES = envlist("FEDNESTED_TIER1_PRINCIPAL_ROLES", "")
 FEDNESTED_MAX_UPDATE_BYTES = envint("FEDNESTED_MAX_UPDATE_BYTES", 64 * 1024 * 1024)
 if FEDNESTED_MAX_UPDATE_BYTES <= 0:
     raise ImproperlyConfigured(f"FEDNESTED_MAX_UPDATE_BYTES={FEDNESTED_MAX_UPDATE_BYTES} must be > 0")
+# Largest telemetry.edge record the data engine reads (workers/telemetry); a larger one is refused and recorded. A
+# report with 64 per-domain entries is about 5 KB.
+FEDNESTED_TELEMETRY_MAX_BYTES = envint("FEDNESTED_TELEMETRY_MAX_BYTES", 16 * 1024)
+if not 1024 <= FEDNESTED_TELEMETRY_MAX_BYTES <= 1024 * 1024:
+    raise ImproperlyConfigured(
+        f"FEDNESTED_TELEMETRY_MAX_BYTES={FEDNESTED_TELEMETRY_MAX_BYTES} must be between 1024 and 1048576 bytes"
+    )
 
 # --- device identity (docs/operations/identity.md) ---
 # The federation's CA directory (`fednested ca init`). Unset: devices still register the public key of their CSR
@@ -456,7 +542,12 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
     "COMPONENT_SPLIT_REQUEST": True,
-    "ENUM_NAME_OVERRIDES": {"RejectionCodeEnum": "apps.federation.api.serializers.REJECTION_CODE_CHOICES"},
+    "ENUM_NAME_OVERRIDES": {
+        "RejectionCodeEnum": "apps.federation.api.serializers.REJECTION_CODE_CHOICES",
+        # Two "kind" fields (a task's, a data-engine rule's) and a rule's "task_kind": named by what they are.
+        "TaskKindEnum": "apps.federation.choices.TaskKind",
+        "RuleKindEnum": "apps.dataengine.choices.RuleKind",
+    },
     "POSTPROCESSING_HOOKS": [
         "drf_spectacular.hooks.postprocess_schema_enums",
         "controlplane.schema.add_error_components",

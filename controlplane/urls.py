@@ -12,6 +12,8 @@ api_v1: list[URLPattern | URLResolver] = [
     path("", include("apps.registry.api.urls")),
     path("", include("apps.federation.api.urls")),
     path("", include("apps.governance.api.urls")),
+    path("", include("apps.dataengine.api.urls")),
+    path("", include("apps.schedules.api.urls")),
     path("schema/", SpectacularAPIView.as_view(), name="schema"),
     path("docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),
 ]
@@ -23,6 +25,7 @@ urlpatterns = [
     path("api-auth/", include("rest_framework.urls")),
     # Prometheus' scrape of this process; only for the networks and token FEDNESTED_METRICS_* allow.
     path("metrics", metrics_view, name="metrics"),
+    path("data-engine/", include("apps.dataengine.urls")),
     path("", include("apps.console.urls")),
 ]
 

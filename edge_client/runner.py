@@ -47,7 +47,7 @@ from fednested.data.jsonl import JsonlFormatError, read_jsonl_files
 from fednested.data.records import Record
 from fednested.messaging.acls import EDGE_GROUP_PREFIX
 from fednested.messaging.bus import Consumer, Message, make_bus
-from fednested.messaging.schemas import ModelAvailable, RoundStart
+from fednested.messaging.schemas import ModelAvailable, RoundStart, TelemetryV2
 from fednested.messaging.settings import EmbeddedBusSettings, KafkaBusSettings
 from fednested.messaging.topics import Topic
 from fednested.training.edge import EdgeTrainConfig
@@ -448,17 +448,23 @@ class ClientRun:
     ) -> None:
         finished_at = result.finished_at if result is not None else datetime.now(UTC)
         loss = result.metrics.final_loss if result is not None else None
+        # Telemetry v2 (the data engine's signal). The local records carry no domain labels, so the report holds no
+        # per-domain entries: the control plane attributes it to the domain the device was enrolled for. No DP noise
+        # is drawn on the edge loss today (dp_noised false); were it drawn, per-domain losses would have to be noised
+        # the same way or left out (TelemetryV2's rule).
         event = {
-            "schema": "Telemetry",
-            "schema_version": 1,
+            "schema": TelemetryV2.SCHEMA,
+            "schema_version": TelemetryV2.SCHEMA_VERSION,
             "client_id": self.settings.client_id,
             "base_version": base_version,
             "round_id": self.round_for_base.get(base_version),
             "loss": loss if loss is None or loss == loss else None,  # NaN (no step ran) is not a loss
             "steps": result.metrics.steps if result is not None else 0,
+            "tokens": result.metrics.tokens if result is not None else 0,
             "duration_s": max(0.0, (finished_at - started_at).total_seconds()),
             "outcome": outcome,
             "dp_noised": False,
+            "domains": [],
             "started_at": started_at.isoformat(),
             "finished_at": finished_at.isoformat(),
         }

@@ -26,7 +26,7 @@ from edge_client.transport.bus import EventPublisher
 from edge_client.transport.http import ControlPlaneClient, ControlPlaneRejected, ControlPlaneUnavailable
 from edge_client.transport.retry import RetriesExhausted, RetryPolicy, call_with_retries
 from fednested.messaging.bus import BusError
-from fednested.messaging.schemas import Telemetry, UpdateEnvelope
+from fednested.messaging.schemas import Telemetry, TelemetryV2, UpdateEnvelope, decode
 from fednested.messaging.topics import Topic
 from fednested.observability.tracing import tracer
 
@@ -255,7 +255,10 @@ class Deliverer:
             envelope = finalize_envelope(item, receipt, self.signing_key)
             self.publisher.publish("update.envelope", item.topic, envelope, key=item.key)
         elif item.kind == KIND_TELEMETRY:
-            telemetry = Telemetry.model_validate_json(canonical_json(item.event))
+            # v1 items spooled by an older client stay sendable: decode picks the model by schema version.
+            telemetry = decode(canonical_json(item.event))
+            if not isinstance(telemetry, Telemetry | TelemetryV2):
+                raise SpoolError(f"telemetry item {item.directory} holds a {telemetry.SCHEMA} event")
             self.publisher.publish("telemetry", item.topic, telemetry, key=item.key)
         else:
             raise SpoolError(f"spool item {item.directory} has unknown kind {item.kind!r}")

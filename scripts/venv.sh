@@ -11,9 +11,9 @@ tag=$("$py" -c 'import sys; print("py%d%d" % sys.version_info[:2])')
 venv="$cache/venv-$set_name-$tag"
 # An overlay set is a venv of its own layered over a base set's: a .pth file appends the base venv's site-packages to
 # sys.path, after the overlay's own, so what the overlay installs (pins that conflict with the base set's) wins and
-# everything else comes from the base. requirements/flower.txt says why Flower needs this.
+# everything else comes from the base. requirements/flower.txt and requirements/mlflow.txt say why each needs this.
 case "$set_name" in
-  flower) base_venv=$("$0" dev) ;;
+  flower | mlflow) base_venv=$("$0" dev) ;;
   *) base_venv= ;;
 esac
 key=$(cat "$here"/requirements/*.txt | sha256sum | cut -c1-16)

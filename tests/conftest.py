@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from django.core.cache import cache
 from django.test import override_settings
 from django.utils import timezone
 from rest_framework.test import APIClient
@@ -98,6 +99,13 @@ def artifact_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     anchors = tmp_path_factory.mktemp("audit") / "anchors.jsonl"
     with override_settings(FEDNESTED_ARTIFACT_ROOT=root, FEDNESTED_AUDIT_ANCHOR_FILE=anchors):
         yield root
+
+
+@pytest.fixture(autouse=True)
+def fresh_refusal_windows() -> None:
+    """Django's cache (local memory in tests, one per process) holds the refused-access windows and counts
+    (apps.accounts.refusals): each test starts without another test's, so its refusals are recorded as its own."""
+    cache.clear()
 
 
 @pytest.fixture

@@ -2,14 +2,16 @@
 
 Everything runs as it would in a deployment, each piece in its own process: the control plane (pytest-django's live
 server), the ingest worker (`python -m workers.ingest`), the outbox relay (`python -m workers.relay`), a Celery
-worker for aggregation and evaluation, and edge devices (`python -m fednested tier2 run-client`). The test drives
-them only through what operators use: services for setting up the registry, the REST API (officer token) for the
-approval, the bus for envelopes, the console.
+worker for aggregation, evaluation and core updates, and edge devices (`python -m fednested tier2 run-client`). The
+test drives them only through what operators use: services for setting up the registry, the REST API (officer token)
+for the approval and (engineer token) for a core update, the bus for envelopes, the console.
 
 1. Three devices in three domains → updates → candidate → per-domain evaluation → approval through the REST API →
    every device on the new version (API and the clients' own state); the candidate beats its parent on the
    devices' domains. A fourth device, whose sidecar policy refuses its payload, keeps the update on the device
-   and the round goes ahead without it.
+   and the round goes ahead without it. Then an engineer starts a core update of the new champion over the REST API
+   (issue #9): the Celery worker (queue `training`) trains it with 2 DeepSpeed ranks on a Tier-1 JSONL the dataset
+   policies allow, and a candidate appears whose lineage names the dataset, the ranks and the edge aggregate.
 2. The bad-input matrix through Kafka and the separate ingest worker: each bad envelope is rejected (Update row) or
    refused (audit event) with its reason, visible in the API and in the console; the valid updates around them
    are buffered; the worker keeps running.
@@ -92,6 +94,22 @@ DOMAINS = ("medical", "legal", "recipes")
 ADAPTER = ExpertLoraConfig(rank=2, alpha=4)
 WAIT_S = 600.0
 T = TypeVar("T")
+# The deployment's Ranger-format dataset policies (docs/dataset-policies.md): the Tier-1 service principal may read
+# everything under datasets/ of the artifact store.
+DATASET_POLICIES = {
+    "policies": [
+        {
+            "id": 1,
+            "name": "e2e-tier1-datasets",
+            "service": "fednested",
+            "resources": {"dataset": {"values": ["/datasets"], "isRecursive": True}},
+            "policyItems": [{"accesses": [{"type": "read", "isAllowed": True}], "users": ["svc-tier1"]}],
+        }
+    ]
+}
+# A core update small enough to add little to the test: the tiny v1, 2 ranks of ZeRO-2 on the CPU, 2 steps.
+CORE_UPDATE_TRAINING = {"seq_len": 64, "rows_per_batch": 2, "max_steps": 2, "ranks": 2, "zero_stage": 2}
+CORE_UPDATE_SETTINGS = {"accelerator": "cpu", "timeout_s": 300.0}
 
 
 def service_setting(name: str, *, scheme: str | None = None) -> str:
@@ -141,6 +159,7 @@ class ControlPlane:
     officer: User
     officer_token: str
     engineer: User
+    engineer_token: str
     processes: list[ManagedProcess] = field(default_factory=list)
     # Processes expected to exit with an error status (their test checks how); the others must not.
     may_fail: set[str] = field(default_factory=set)
@@ -176,7 +195,8 @@ class ControlPlane:
                 "--pool",
                 "solo",
                 "--queues",
-                "aggregation,evaluation",
+                # workers.training.* (core updates) go to `training` (controlplane/celery.py).
+                "aggregation,evaluation,training",
                 "--hostname",
                 f"e2e-{uuid.uuid4().hex[:8]}@%h",
                 "--loglevel",
@@ -184,9 +204,10 @@ class ControlPlane:
             ],
         )
 
-    def api(self) -> APIClient:
+    def api(self, token: str | None = None) -> APIClient:
+        """A REST client with the officer's token, or with `token`."""
         client = APIClient()
-        client.credentials(HTTP_AUTHORIZATION=f"Token {self.officer_token}")
+        client.credentials(HTTP_AUTHORIZATION=f"Token {token or self.officer_token}")
         return client
 
     def wait_for(self, what: str, check: Callable[[], T | None], *, timeout_s: float = WAIT_S) -> T:
@@ -239,6 +260,10 @@ def control_plane(transactional_db: Any, live_server: Any, settings: Any, tmp_pa
     artifacts = tmp_path / "artifacts"
     artifacts.mkdir()
     crl_path = tmp_path / "crl.pem"
+    policies = tmp_path / "dataset-policies.json"
+    policies.write_text(json.dumps(DATASET_POLICIES), encoding="utf-8")
+    # The web server checks a core_update task's params against them too (no policy file: refused at creation).
+    settings.FEDNESTED_DATASET_POLICIES = str(policies)
     settings.FEDNESTED_BUS = "kafka"
     settings.FEDNESTED_KAFKA_BOOTSTRAP = bootstrap
     settings.FEDNESTED_KAFKA_SSL_CA = str(tls["ssl_ca"])
@@ -278,12 +303,14 @@ def control_plane(transactional_db: Any, live_server: Any, settings: Any, tmp_pa
         "FEDNESTED_ARTIFACT_ROOT": str(artifacts),
         "FEDNESTED_CA_DIR": str(ca.directory),
         "FEDNESTED_CRL_PATH": str(crl_path),
+        "FEDNESTED_DATASET_POLICIES": str(policies),
         "PYTHONPATH": os.pathsep.join([str(django_settings.BASE_DIR), *filter(None, [os.environ.get("PYTHONPATH")])]),
         "PYTHONUNBUFFERED": "1",
     }
     officer = create_user_with_role(username="olivia", role=Role.OFFICER, actor=None, actor_label="e2e")
     _, officer_token = issue_api_token(officer, actor=None, actor_label="e2e", name="e2e")
     engineer = create_user_with_role(username="eric", role=Role.ENGINEER, actor=None, actor_label="e2e")
+    _, engineer_token = issue_api_token(engineer, actor=None, actor_label="e2e", name="e2e")
     with running_haproxy(proxy_options, tmp_path / "haproxy") as proxy:
         plane = ControlPlane(
             root=tmp_path,
@@ -296,6 +323,7 @@ def control_plane(transactional_db: Any, live_server: Any, settings: Any, tmp_pa
             officer=officer,
             officer_token=officer_token,
             engineer=engineer,
+            engineer_token=engineer_token,
         )
         try:
             yield plane
@@ -398,6 +426,9 @@ def test_devices_train_officer_approves_over_the_api_and_every_device_moves(
     assert response.status_code == 200, response.content
     candidate.refresh_from_db()
     assert candidate.status == "champion"
+    # Tier-1 (issue #9): an engineer starts a core update of the new champion, as an operator would; the Celery worker
+    # runs it while the devices move. Checked at the end of the test.
+    core_task_pk = start_core_update(plane, first_version_template)
 
     for client_id, process in clients.items():
         plane.wait_for(f"{client_id} to finish", lambda p=process: True if not p.running else None)
@@ -466,6 +497,60 @@ def test_devices_train_officer_approves_over_the_api_and_every_device_moves(
         assert (heartbeat.status_code, heartbeat.json()["code"]) == (403, "client_certificate_required")
         only_token = anonymous.get(f"{plane.device_url}/api/v1/me/", headers={"Authorization": f"Token {token}"})
         assert (only_token.status_code, only_token.json()["code"]) == (401, "client_certificate_required")
+
+    check_core_update(plane, core_task_pk, champion=candidate, base=v1)
+
+
+def start_core_update(plane: ControlPlane, template: Path) -> int:
+    """Write a small Tier-1 JSONL into the store and create a core_update task over the REST API with the engineer's
+    token; returns the task's id. The relay hands it to the Celery worker's `training` queue."""
+    dataset = plane.artifacts / "datasets" / "tier1.jsonl"
+    dataset.parent.mkdir(parents=True, exist_ok=True)
+    lines = (template / "train" / "medical.jsonl").read_text(encoding="utf-8").splitlines()[:16]
+    dataset.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    params = {
+        "datasets": ["datasets/tier1.jsonl"],
+        "training": CORE_UPDATE_TRAINING,
+        "core_update": CORE_UPDATE_SETTINGS,
+    }
+    response = plane.api(plane.engineer_token).post(
+        "/api/v1/tasks/", {"kind": "core_update", "params": params}, format="json"
+    )
+    assert response.status_code == 201, response.content
+    task_pk: int = response.json()["id"]
+    return task_pk
+
+
+def check_core_update(plane: ControlPlane, task_pk: int, *, champion: ModelVersion, base: ModelVersion) -> None:
+    """The core update's candidate: registered by the worker with its lineage (dataset with sha256, DeepSpeed ranks,
+    the edge aggregate folded in), a child of the champion, and handed to evaluation like an edge aggregate."""
+    api = plane.api(plane.engineer_token)
+
+    def finished() -> dict[str, Any] | None:
+        task = api.get(f"/api/v1/tasks/{task_pk}/").json()
+        return task if task["status"] in {"succeeded", "failed"} else None
+
+    task = plane.wait_for(f"core update task {task_pk}", finished, timeout_s=300)
+    assert (task["status"], task["error"]) == ("succeeded", ""), task
+    assert [decision["outcome"] for decision in task["policy_decisions"]] == ["allowed"]
+    version = ModelVersion.objects.get(version_id=f"core-task-{task_pk}")
+    assert version.parent == champion
+    lineage = version.manifest["lineage"]
+    assert lineage["kind"] == "core_update"
+    assert lineage["champion"]["version_id"] == base.version_id  # the line's last core update: its first version
+    assert [entry["version_id"] for entry in lineage["edge_aggregates"]] == [champion.version_id]
+    (dataset,) = lineage["datasets"]
+    data = (plane.artifacts / "datasets" / "tier1.jsonl").read_bytes()
+    assert dataset["sha256"] == hashlib.sha256(data).hexdigest()
+    assert lineage["deepspeed"]["ranks"] == 2
+    assert lineage["training"]["steps"] == CORE_UPDATE_TRAINING["max_steps"]
+    listed = api.get(f"/api/v1/versions/{version.version_id}/lineage/")
+    assert listed.status_code == 200, listed.content
+    plane.wait_for(
+        "the core update candidate's approval request",
+        lambda: ApprovalRequest.objects.filter(version=version, status=ApprovalStatus.PENDING).first(),
+        timeout_s=300,
+    )
 
 
 def tight_policy_device(plane: ControlPlane, template: Path) -> DemoDevice:

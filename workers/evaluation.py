@@ -22,6 +22,7 @@ from apps.federation.services import fail_training_task, finish_training_task, s
 from apps.governance.gate import gate_verdict
 from apps.governance.models import ApprovalRequest
 from apps.governance.services import REQUESTER_ROLES, request_approval
+from apps.registry.choices import VersionStatus
 from apps.registry.forgetting import record_forgetting_report, report_lineage, stored_losses
 from apps.registry.models import ModelVersion
 from apps.registry.services import DomainEvaluation, record_version_evaluation
@@ -134,8 +135,10 @@ def approval_requester(task: TrainingTask) -> User:
     return system_user()
 
 
-def evaluate_candidate(task: TrainingTask) -> ApprovalRequest:
-    """Score the task's version and its parent, record the scores in the registry, and ask officers to approve it."""
+def evaluate_candidate(task: TrainingTask) -> ApprovalRequest | None:
+    """Score the task's version and its parent, record the scores in the registry, and ask officers to approve it
+    when it is a candidate. A version already decided (the champion, scored again by the champion-evaluation
+    schedule, apps/schedules) gets its scores and forgetting report only: None."""
     # The params were checked when the task was created; the store and the registry are checked again here, since
     # either may have changed since.
     params = EvaluationParams.of(task)
@@ -155,6 +158,8 @@ def evaluate_candidate(task: TrainingTask) -> ApprovalRequest:
     with transaction.atomic():
         record_version_evaluation(version, rows, actor_label=ACTOR_LABEL, heldout=heldout_uri)
         record_forgetting_report(version, report, heldout=heldout_uri, actor_label=ACTOR_LABEL, scored=sources)
+        if version.status != VersionStatus.CANDIDATE:
+            return None
         lines = [
             f"{row.domain}: loss {row.loss:.4f}"
             + (f" (parent {row.parent_loss:.4f})" if row.parent_loss is not None else "")
@@ -182,7 +187,8 @@ def evaluate_candidate(task: TrainingTask) -> ApprovalRequest:
     max_retries=5,
 )
 def evaluate_version_task(task_pk: int) -> int | None:
-    """Run TrainingTask `task_pk` (kind evaluation); returns the approval request's pk (None: not this worker's)."""
+    """Run TrainingTask `task_pk` (kind evaluation); returns the approval request's pk (None: not this worker's, or
+    a version that is no candidate)."""
     if not start_training_task(task_pk, actor_label=ACTOR_LABEL):
         return None
     task = TrainingTask.objects.select_related("round__opened_by").get(pk=task_pk)
@@ -196,4 +202,4 @@ def evaluate_version_task(task_pk: int) -> int | None:
         fail_training_task(task_pk, error=message, actor_label=ACTOR_LABEL)
         raise
     finish_training_task(task_pk, actor_label=ACTOR_LABEL)
-    return request.pk
+    return request.pk if request is not None else None

@@ -9,6 +9,7 @@ from django.http import HttpRequest
 
 from apps.accounts.models import ApiToken, User
 from apps.accounts.services import revoke_api_token, set_user_role
+from apps.governance.actors import Actor
 from apps.governance.admin_mixins import ReadOnlyAdminMixin
 from apps.governance.audit import record_audit_event
 
@@ -27,11 +28,11 @@ class UserAdmin(DjangoUserAdmin):  # type: ignore[type-arg]
             obj.role = form.initial.get("role", "")
         super().save_model(request, obj, form, change)
         if change and "role" in form.changed_data:
-            set_user_role(obj, new_role, actor=request.user)
+            set_user_role(obj, new_role, actor=Actor.of_request(request))
         changed = [field for field in form.changed_data if field not in {"role", "password"}]
         if not change or changed:
             record_audit_event(
-                actor=request.user,
+                actor=Actor.of_request(request),
                 verb="accounts.user.created_in_admin" if not change else "accounts.user.changed_in_admin",
                 target=obj,
                 data={"fields": changed if change else ["role"], "role": obj.role},
@@ -48,5 +49,5 @@ class ApiTokenAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):  # type: ignore[type-
 
     @admin.action(description="Revoke selected API tokens")
     def revoke_selected(self, request: HttpRequest, queryset: QuerySet[ApiToken]) -> None:
-        revoked = sum(revoke_api_token(token, actor=request.user) for token in queryset)
+        revoked = sum(revoke_api_token(token, actor=Actor.of_request(request)) for token in queryset)
         self.message_user(request, f"{revoked} token(s) revoked", messages.SUCCESS)

@@ -15,11 +15,13 @@ from rest_framework.request import Request
 
 from apps.accounts.choices import Role
 from apps.accounts.models import ApiToken, User
+from apps.accounts.refusals import CredentialsRefused
 from apps.accounts.services import record_api_token_use
 from apps.accounts.tokens import secret_sha256
 from apps.federation.choices import DeviceStatus
 from apps.federation.identity import live_certificate
 from apps.federation.models import EdgeDevice
+from apps.governance.actors import Actor
 from fednested.aggregation import RejectionCode
 from fednested.identity.ca import DEVICE_UNIT
 from fednested.infra.haproxy import (
@@ -52,15 +54,25 @@ class ApiTokenAuthentication(BaseAuthentication):
             raise AuthenticationFailed("API token contains non-ASCII characters") from exc
         token = ApiToken.objects.select_related("user").filter(key_sha256=secret_sha256(plaintext)).first()
         if token is None:
-            raise AuthenticationFailed("unknown API token")
+            raise CredentialsRefused("unknown API token", actor=Actor.anonymous(), reason="unknown_token")
+        # From here on the token names its owner: a refusal is recorded against that party (apps.accounts.refusals).
         if token.revoked_at is not None:
-            raise AuthenticationFailed(f"API token {token.key_prefix}… was revoked at {token.revoked_at.isoformat()}")
+            raise CredentialsRefused(
+                f"API token {token.key_prefix}… was revoked at {token.revoked_at.isoformat()}",
+                actor=Actor.of_user(token.user),
+                reason="token_revoked",
+            )
         if not token.user.is_active:
-            raise AuthenticationFailed(f"user {token.user.username!r} is deactivated")
+            raise CredentialsRefused(
+                f"user {token.user.username!r} is deactivated",
+                actor=Actor.of_user(token.user),
+                reason="user_deactivated",
+            )
         if token.user.role == Role.DEVICE and settings.FEDNESTED_DEVICES_REQUIRE_CERTIFICATE:
-            raise AuthenticationFailed(
+            raise CredentialsRefused(
                 f"device {token.user.username!r} must authenticate with its client certificate (through HAProxy), "
                 "not an API token: this control plane sets FEDNESTED_DEVICES_REQUIRE_CERTIFICATE",
+                actor=Actor.of_user(token.user),
                 code=CLIENT_CERTIFICATE_REQUIRED,
             )
         record_api_token_use(token)
@@ -132,20 +144,24 @@ class ProxyClientCertificateAuthentication(BaseAuthentication):
                 f"the client certificate names {common_name!r}, which is not an enrolled device",
                 code=RejectionCode.UNKNOWN_CLIENT.value,
             )
+        # An enrolled device's certificate: a refusal from here on is recorded against that device.
+        party = Actor.device(device.client_id, device.user)
         if device.status != DeviceStatus.ACTIVE:
             when = f" at {device.revoked_at.isoformat()}" if device.revoked_at else ""
-            raise AuthenticationFailed(
+            raise CredentialsRefused(
                 f"device {common_name!r} was revoked{when}; it must enroll again with a new token",
+                actor=party,
                 code=RejectionCode.REVOKED_CLIENT.value,
             )
         if not device.user.is_active:
-            raise AuthenticationFailed(
-                f"the account of device {common_name!r} is deactivated", code="device_deactivated"
+            raise CredentialsRefused(
+                f"the account of device {common_name!r} is deactivated", actor=party, code="device_deactivated"
             )
         if not live_certificate(device, serial):
-            raise AuthenticationFailed(
+            raise CredentialsRefused(
                 f"certificate {serial.lower()} is not a live certificate of device {common_name!r} (revoked, expired "
                 "or unknown): renew it, or enroll again if every certificate of the device is gone",
+                actor=party,
                 code="certificate_not_live",
             )
         return device.user, ClientCertificate(client_id=device.client_id, serial_hex=serial.lower())

@@ -1,7 +1,6 @@
 """Accounts services: every write to users and API tokens, each audited."""
 
 from datetime import timedelta
-from typing import Any
 
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
@@ -11,6 +10,7 @@ from django.utils import timezone
 from apps.accounts.choices import Role
 from apps.accounts.models import ApiToken, User
 from apps.accounts.tokens import new_secret, secret_sha256
+from apps.governance.actors import Actor, ActorLike
 from apps.governance.audit import record_audit_event
 
 API_TOKEN_PREFIX = "fna"
@@ -31,7 +31,7 @@ def _check_role(role: str) -> Role | str:
 
 @transaction.atomic
 def create_user_with_role(
-    *, username: str, role: str, actor: Any, email: str = "", password: str | None = None, actor_label: str = ""
+    *, username: str, role: str, actor: ActorLike, email: str = "", password: str | None = None, actor_label: str = ""
 ) -> User:
     """A new active user with `role` ('' for none); without a password it can only authenticate with API tokens."""
     checked_role = _check_role(role)
@@ -51,7 +51,7 @@ def create_user_with_role(
 
 
 @transaction.atomic
-def set_user_role(user: User, role: str, *, actor: Any) -> User:
+def set_user_role(user: User, role: str, *, actor: ActorLike) -> User:
     """Give `user` another role ('' removes every right)."""
     new_role = _check_role(role)
     old_role = user.role
@@ -64,7 +64,7 @@ def set_user_role(user: User, role: str, *, actor: Any) -> User:
 
 
 @transaction.atomic
-def issue_api_token(user: User, *, actor: Any, name: str, actor_label: str = "") -> tuple[ApiToken, str]:
+def issue_api_token(user: User, *, actor: ActorLike, name: str, actor_label: str = "") -> tuple[ApiToken, str]:
     """A new API token for `user`: the row and the plaintext, which is never stored and cannot be shown again."""
     if not name.strip():
         raise ValidationError({"name": "an API token needs a name saying what it is for"})
@@ -83,7 +83,7 @@ def issue_api_token(user: User, *, actor: Any, name: str, actor_label: str = "")
 
 
 @transaction.atomic
-def revoke_api_token(token: ApiToken, *, actor: Any, actor_label: str = "") -> bool:
+def revoke_api_token(token: ApiToken, *, actor: ActorLike, actor_label: str = "") -> bool:
     """Revoke one token; False (and no audit row) when it was already revoked."""
     revoked = ApiToken.objects.filter(pk=token.pk, revoked_at__isnull=True).update(revoked_at=timezone.now())
     token.refresh_from_db(fields=["revoked_at"])
@@ -99,7 +99,7 @@ def revoke_api_token(token: ApiToken, *, actor: Any, actor_label: str = "") -> b
 
 
 @transaction.atomic
-def deactivate_user(user: User, *, actor: Any, reason: str, actor_label: str = "") -> User:
+def deactivate_user(user: User, *, actor: ActorLike, reason: str, actor_label: str = "") -> User:
     """Sign `user` out for good: inactive, every API token revoked."""
     User.objects.filter(pk=user.pk).update(is_active=False)
     user.refresh_from_db(fields=["is_active"])
@@ -130,7 +130,10 @@ def system_user() -> User:
             user.set_unusable_password()
             user.save()
             record_audit_event(
-                actor=None, verb="accounts.user.created", target=user, data={"role": Role.SYSTEM, "system": True}
+                actor=Actor.automation(),
+                verb="accounts.user.created",
+                target=user,
+                data={"role": Role.SYSTEM, "system": True},
             )
     except IntegrityError:
         # Two workers created it at once; the other one's row is the account.

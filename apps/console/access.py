@@ -10,6 +10,7 @@ from django.shortcuts import render
 from django.urls import reverse
 
 from apps.accounts.choices import Role
+from apps.accounts.refusals import record_console_refusal
 from apps.accounts.roles import role_of
 
 # Devices authenticate with API tokens only, and outsiders (no role) may do nothing: neither gets a page.
@@ -35,6 +36,7 @@ def render_page(
 
 def forbidden(request: HttpRequest, message: str, *, back_url: str = "") -> HttpResponse:
     """A 403 page that says why, in the console's layout."""
+    record_console_refusal(request, message)  # every console refusal is an audit event (apps.accounts.refusals)
     return render_page(request, "console/forbidden.html", {"message": message, "back_url": back_url}, status=403)
 
 

@@ -8,6 +8,7 @@ app_name = "console"
 
 urlpatterns = [
     path("", views.dashboard, name="dashboard"),
+    path("queue/", views.decision_queue, name="queue"),
     path("sign-in/", views.SignInView.as_view(), name="sign-in"),
     path("sign-out/", views.SignOutView.as_view(), name="sign-out"),
     path("versions/<str:version_id>/", views.version_detail, name="version-detail"),

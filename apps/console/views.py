@@ -14,15 +14,18 @@ from django.urls import reverse
 from django.views.decorators.http import require_POST
 
 from apps.accounts.choices import Role
+from apps.accounts.refusals import csrf_failure as audited_csrf_failure
 from apps.accounts.roles import role_of
 from apps.console.access import AUDIT_READER_ROLES, console_page, forbidden, render_page
 from apps.console.evaluation import evaluation_summary, forgetting_view
+from apps.console.evidence import config_diff, contributions, lineage_chart, policy_decisions
 from apps.console.forms import AuditFilterForm, DecisionForm, OverrideForm, UpdateFilterForm
 from apps.federation.choices import UpdateStatus
 from apps.federation.models import EdgeDevice, Round, Update
 from apps.governance.choices import ApprovalStatus
 from apps.governance.export import audit_export_response
 from apps.governance.gate import GateVerdict, gate_verdict
+from apps.governance.mlflow_sync import mlflow_links
 from apps.governance.models import ApprovalRequest, AuditEvent, GateOverride
 from apps.governance.services import (
     PromotionHeld,
@@ -55,6 +58,19 @@ class SignOutView(LogoutView):
 
     def get_default_redirect_url(self) -> str:
         return reverse("console:sign-in")
+
+
+def csrf_failure(request: HttpRequest, reason: str = "") -> HttpResponse:
+    """CSRF_FAILURE_VIEW: a form posted without this session's token (forged on another site, or a page kept open
+    across a sign-out) is recorded as a refused access (apps.accounts.refusals) and answered in the console's layout
+    with what to do, rather than Django's bare page."""
+    audited_csrf_failure(request, reason)  # records the refusal; the console's page below replaces Django's
+    return forbidden(
+        request,
+        f"Refused: the form was not sent from a console page of your current session (CSRF verification failed: "
+        f"{reason}). Nothing was changed; reload the page and submit it again.",
+        back_url=reverse("console:dashboard"),
+    )
 
 
 def _page(request: HttpRequest, rows: Any) -> Page[Any]:
@@ -155,6 +171,22 @@ def dashboard(request: HttpRequest) -> HttpResponse:
     )
 
 
+@console_page()
+def decision_queue(request: HttpRequest) -> HttpResponse:
+    """What waits for an officer, oldest first: approval requests to decide and gate overrides to grant."""
+    approvals = (
+        ApprovalRequest.objects.filter(status=ApprovalStatus.PENDING)
+        .select_related("version", "requested_by")
+        .order_by("created_at", "id")
+    )
+    overrides = (
+        GateOverride.objects.filter(granted_at=None, request__status=ApprovalStatus.PENDING)
+        .select_related("request__version", "requested_by")
+        .order_by("requested_at", "id")
+    )
+    return render_page(request, "console/queue.html", {"approvals": approvals, "overrides": overrides}, nav="queue")
+
+
 def _manifest_summary(manifest: dict[str, Any]) -> list[tuple[str, str]]:
     """The manifest facts an officer reads; the full JSON stays available through the API."""
     architecture = manifest.get("architecture")
@@ -221,6 +253,7 @@ def _version_page(
     pending = next((a for a in approvals if a.status == ApprovalStatus.PENDING), None)
     artifacts = list(version.artifacts.all())
     evaluation = evaluation_summary(version)
+    lineage = _lineage(version)
     return render_page(
         request,
         "console/version_detail.html",
@@ -230,7 +263,11 @@ def _version_page(
             "manifest_facts": _manifest_summary(version.manifest),
             "artifacts": artifacts,
             "artifact_bytes": sum(a.size_bytes for a in artifacts),
-            "lineage": _lineage(version),
+            "lineage": lineage,
+            "contributions": contributions(version, [ref for ref, _ in lineage["contributing"]]),
+            "lineage_chart": lineage_chart(version),
+            "policy_decisions": policy_decisions(version),
+            "config_diff": config_diff(version),
             "aggregation": aggregation_evidence(version.manifest),
             "evaluation": evaluation,
             "approvals": approvals,
@@ -240,6 +277,7 @@ def _version_page(
             "form": form or DecisionForm(),
             "override_form": override_form or OverrideForm(),
             "forgetting": forgetting_view(version),
+            "mlflow": mlflow_links(version),
             **_gate_context(request.user, pending),
         },
         nav="dashboard",

@@ -55,6 +55,11 @@ class DemoPaths:
         return self.root / "static"
 
     @property
+    def mlflow(self) -> Path:
+        """The MLflow store the relay mirrors the demo's runs and versions into (SQLite file and artifacts)."""
+        return self.root / "mlflow"
+
+    @property
     def audit_anchors(self) -> Path:
         """The audit chain's anchors: inside the demo folder, so they go with the database it recreates each run."""
         return self.root / "audit-anchors.jsonl"
@@ -85,6 +90,15 @@ def demo_environment(base: Mapping[str, str], paths: DemoPaths) -> dict[str, str
             "FEDNESTED_AUDIT_ANCHOR_FILE": str(paths.audit_anchors),
             # Every version ships the Fisher of its weights on the gate's protected domains, for the rounds' EWC.
             "FEDNESTED_FISHER": DEMO_FISHER,
+            # The relay mirrors the demo's jobs and versions into an MLflow store of its own (docs/mlflow.md), wiped
+            # with the database whose task and version ids it is keyed by; unless the caller turned the mirror off.
+            "FEDNESTED_MLFLOW_TRACKING_URI": (
+                "off"
+                if base.get("FEDNESTED_MLFLOW_TRACKING_URI") == "off"
+                else f"sqlite:///{paths.mlflow / 'mlflow.db'}"
+            ),
+            # The DataHub lineage file (docs/datahub.md) goes with the database whose version and task ids it names.
+            "FEDNESTED_DATAHUB_FILE": str(paths.root / "datahub-metadata.json"),
             # The demo prints its own progress; INFO lines of Celery and the workers go to their logs only.
             "LOG_LEVEL": base.get("LOG_LEVEL", "WARNING"),
             "PYTHONUNBUFFERED": "1",

@@ -578,6 +578,34 @@ class Demo:
         pending = device.state_dir / "spool" / "pending"
         return True if not pending.is_dir() or not any(pending.iterdir()) else None
 
+    def mlflow_caught_up(self) -> None:
+        """Wait for the relay to mirror every job and version into the demo's MLflow store (docs/mlflow.md), then
+        say what it holds; nothing when the mirror is off."""
+        from apps.governance.mlflow_sync import mirror_enabled, mlflow_client
+
+        if not mirror_enabled():
+            return
+        self.wait_for(
+            "the relay to mirror the jobs and versions into MLflow",
+            lambda: (
+                None
+                if OutboxEvent.objects.filter(kind=OutboxKind.MLFLOW, sent_at=None, parked_at=None).exists()
+                else True
+            ),
+        )
+        parked = OutboxEvent.objects.filter(kind=OutboxKind.MLFLOW, parked_at__isnull=False).count()
+        if parked:
+            self.progress.step(f"  {parked} MLflow row(s) could not be mirrored; why: {self.paths.logs / 'relay.log'}")
+        client = mlflow_client()
+        experiment = client.get_experiment_by_name(settings.FEDNESTED_MLFLOW_EXPERIMENT)
+        runs = client.search_runs([experiment.experiment_id]) if experiment is not None else []
+        versions = client.search_model_versions()
+        self.progress.step(
+            f"MLflow holds {len(runs)} job runs ({', '.join(sorted(run.info.run_name for run in runs))}) and "
+            f"{len(versions)} registered model versions in {settings.FEDNESTED_MLFLOW_TRACKING_URI} "
+            "(browse: mlflow ui --backend-store-uri <that URI>, from scripts/venv.sh mlflow)"
+        )
+
     def summary(self, cast: Cast) -> None:
         trained = [device.domain for device in self.devices]
         scores = [
@@ -684,6 +712,7 @@ class Demo:
                     break
                 self.devices_on(version)
             self.finish_clients()
+            self.mlflow_caught_up()
             self.summary(cast)
             if self.options.serve:
                 self.progress.step("Serving until Ctrl-C or SIGTERM (the ingest worker and the relay keep running too)")

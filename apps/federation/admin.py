@@ -7,6 +7,7 @@ from django.http import HttpRequest
 
 from apps.federation.models import EdgeDevice, EnrollmentToken, Round, StagedPayload, TrainingTask, Update
 from apps.federation.services import revoke_device
+from apps.governance.actors import Actor
 from apps.governance.admin_mixins import ReadOnlyAdminMixin
 
 
@@ -21,7 +22,7 @@ class EdgeDeviceAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):  # type: ignore[typ
     def revoke_selected(self, request: HttpRequest, queryset: QuerySet[EdgeDevice]) -> None:
         for device in queryset:
             try:
-                revoke_device(device, actor=request.user, reason="revoked in the admin")
+                revoke_device(device, actor=Actor.of_request(request), reason="revoked in the admin")
             except ValidationError as exc:
                 self.message_user(request, f"{device.client_id}: {'; '.join(exc.messages)}", messages.WARNING)
             else:

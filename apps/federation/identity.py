@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import cache
 from pathlib import Path
-from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -22,6 +21,7 @@ from django.utils import timezone
 
 from apps.federation.choices import DeviceStatus
 from apps.federation.models import DeviceKey, EdgeDevice
+from apps.governance.actors import ActorLike
 from apps.governance.audit import record_audit_event
 from fednested.identity.ca import CAError, CertificateAuthority, Revoked, certificate_pem
 from fednested.identity.keys import (
@@ -124,7 +124,7 @@ def live_certificate(device: EdgeDevice, serial_hex: str) -> bool:
 
 
 @transaction.atomic
-def renew_certificate(device: EdgeDevice, csr: str, *, actor: Any) -> DeviceKey:
+def renew_certificate(device: EdgeDevice, csr: str, *, actor: ActorLike) -> DeviceKey:
     """A new certificate for an active device, for the key of `csr` (the same key, or a new one: key rotation).
 
     Earlier certificates stay valid until they expire, so envelopes signed and spooled before renewal still verify.

@@ -1,8 +1,8 @@
 """Tier-1 jobs: what each kind of TrainingTask takes, and how a committed task reaches the code that runs it.
 
 Each kind's params are declared once, here: `create_training_task` refuses a task whose params or references would
-make its job fail, and the worker reads its params through the same declaration. A kind with no worker (core_update)
-has no declaration, so no task of it can be created.
+make its job fail, and the worker reads its params through the same declaration. A kind with no worker would have no
+declaration, so no task of it could be created.
 
 A task is handed over through the outbox (apps/outbox): a `celery_task` row written in the caller's transaction, so
 a task whose row committed is always started, even when the broker was down at that moment. With a broker
@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Self
+from typing import Annotated, Any, Self
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
@@ -33,6 +33,7 @@ from pydantic import ValidationError as PydanticValidationError
 
 from apps.federation.choices import RoundStatus, TaskKind
 from apps.federation.models import Round, TrainingTask
+from apps.federation.windows import champion_version
 from apps.outbox.choices import OutboxKind
 from apps.outbox.handlers import Delivery, Undeliverable
 from apps.outbox.models import OutboxEvent
@@ -40,6 +41,7 @@ from apps.outbox.services import claim_for_local_run, enqueue
 from apps.registry.models import ModelVersion
 from apps.registry.services import VERSION_ID_PATTERN
 from apps.registry.storage import artifact_path, artifact_root
+from fednested.config.models import Tier1CoreUpdateSettings, Tier1TrainingSettings
 from fednested.observability.tracing import carry_context, inject_headers
 
 logger = logging.getLogger(__name__)
@@ -139,6 +141,84 @@ class EvaluationParams(JobParams):
         return {"params": problems} if problems else {}
 
 
+# Datasets one core update may name: each is decided by policy, hashed and read by every rank. A name's length keeps
+# its registry lineage edge (`artifacts://<path>#sha256=<64 hex>`) within the edge's 200 characters.
+MAX_CORE_UPDATE_DATASETS = 64
+MAX_DATASET_PARAM_CHARS = 112
+# What the job decides itself and a task may not set: the registry's champion and the store's layout, and the access
+# check's policy file and principal (the deployment's settings, never a task's wish).
+_CORE_UPDATE_OWNED = {
+    "training": ("train_files", "eval_files"),
+    "core_update": (
+        "champion_dir",
+        "output_dir",
+        "dataset_policies",
+        "principal",
+        "principal_groups",
+        "principal_roles",
+    ),
+}
+
+
+class CoreUpdateParams(JobParams):
+    """core_update (workers/training.py): the champion's core and experts trained on Tier-1 datasets under DeepSpeed,
+    with the edge aggregates promoted since the last core update folded in; `training` and `core_update` are the
+    tier1 config's sections (fednested/config/models.py, docs/tier1-core-update.md), declared there once."""
+
+    datasets: list[Annotated[str, Field(min_length=1, max_length=MAX_DATASET_PARAM_CHARS)]] = Field(
+        min_length=1,
+        max_length=MAX_CORE_UPDATE_DATASETS,
+        description="Tier-1 JSONL datasets: paths inside the artifact store (relative or artifacts://), each read "
+        "only if the dataset policies (FEDNESTED_DATASET_POLICIES) allow the job's service principal.",
+    )
+    training: Tier1TrainingSettings = Field(
+        default_factory=Tier1TrainingSettings,
+        description="The tier1 config's training section (ranks, max_steps, zero_stage, precision, ...); "
+        "deepspeed_config is a path inside the artifact store; the datasets are the `datasets` param.",
+    )
+    core_update: Tier1CoreUpdateSettings = Field(
+        default_factory=Tier1CoreUpdateSettings,
+        description="The tier1 config's core_update section (eta_core, eta_t1, eta_t2, accelerator, timeout_s, "
+        "safeguards, fault_injection); the champion and where the candidate goes are the registry's.",
+    )
+
+    def dataset_paths(self, root: Path) -> list[Path]:
+        """The datasets inside the store at `root`; ValueError (quoting the param, never the root) outside it."""
+        return [artifact_path(dataset, root) for dataset in self.datasets]
+
+    def deepspeed_config_path(self, root: Path) -> Path | None:
+        extra = self.training.deepspeed_config
+        return None if extra is None else artifact_path(str(extra), root)
+
+    def problems(self, round_: Round | None) -> dict[str, list[str]]:
+        problems = []
+        for section, owned in _CORE_UPDATE_OWNED.items():
+            given = getattr(self, section).model_fields_set
+            problems += [f"{section}.{key}: set by the job, not by a task" for key in owned if key in given]
+        root = artifact_root()
+        # Only where they are: whether a dataset exists is not looked at before the policies allow it (at run time).
+        for index, dataset in enumerate(self.datasets):
+            try:
+                artifact_path(dataset, root)
+            except ValueError as error:
+                problems.append(f"datasets.{index}: {error}")
+        try:
+            self.deepspeed_config_path(root)
+        except ValueError as error:
+            problems.append(f"training.deepspeed_config: {error}")
+        found: dict[str, list[str]] = {"params": problems} if problems else {}
+        if not settings.FEDNESTED_DATASET_POLICIES:
+            found["kind"] = [
+                "core_update tasks read datasets only as dataset policies allow, and FEDNESTED_DATASET_POLICIES "
+                "names no policy file: no dataset can be allowed (deny by default)"
+            ]
+        if round_ is not None:
+            found["round"] = ["a core_update task belongs to no round"]
+        if champion_version() is None:
+            found.setdefault("kind", []).append("no champion to train: approve a version (the `champion` alias) first")
+        return found
+
+
 @dataclass(frozen=True)
 class JobKind:
     """A kind of job that something runs: the Celery task (in workers/) and the params it reads."""
@@ -147,9 +227,9 @@ class JobKind:
     params: type[JobParams]
 
 
-# TaskKind → its job. core_update is in the wire schema, but Tier-1 core training runs outside the control plane and
-# no worker takes it: without an entry here such a task is refused at creation rather than left pending forever.
+# TaskKind → its job; a kind without an entry here would be refused at creation rather than left pending forever.
 JOBS: dict[str, JobKind] = {
+    TaskKind.CORE_UPDATE: JobKind("workers.training.run_core_update_task", CoreUpdateParams),
     TaskKind.EXPERT_AGGREGATION: JobKind("workers.aggregation.aggregate_round_task", AggregationParams),
     TaskKind.EVALUATION: JobKind("workers.evaluation.evaluate_version_task", EvaluationParams),
 }

@@ -156,6 +156,12 @@ class TrainingTask(models.Model):
         blank=True,
         help_text="W3C trace context of the code that created the task; its job's span continues that trace.",
     )
+    policy_decisions = models.JSONField(
+        default=list,
+        blank=True,
+        help_text="Dataset access decisions of its job (core_update), allowed or denied, each naming the deciding "
+        "policy and item (fednested.governance.ranger.Decision.to_json).",
+    )
 
     class Meta:
         ordering = ("-created_at", "-id")

@@ -36,6 +36,7 @@ from apps.federation.models import DeviceKey, EdgeDevice, EnrollmentToken, Round
 from apps.federation.privacy import check_round_budget
 from apps.federation.safeguards import check_round_safeguards
 from apps.federation.windows import champion_version, round_settings, staleness_of
+from apps.governance.actors import ActorLike, as_actor
 from apps.governance.audit import record_audit_event, redact_for_storage
 from apps.governance.models import AuditEvent
 from apps.registry.choices import VersionStatus
@@ -84,7 +85,7 @@ def device_username(client_id: str) -> str:
 
 @transaction.atomic
 def issue_enrollment_token(
-    *, actor: Any, note: str = "", domain: str = "", ttl: timedelta | None = None
+    *, actor: ActorLike, note: str = "", domain: str = "", ttl: timedelta | None = None
 ) -> tuple[EnrollmentToken, str]:
     """A one-time enrollment token: the row, and the plaintext (shown once, never stored)."""
     ttl = ttl if ttl is not None else timedelta(seconds=settings.FEDNESTED_ENROLLMENT_TOKEN_TTL_S)
@@ -97,7 +98,7 @@ def issue_enrollment_token(
         note=note[:200],
         domain=domain[:100],
         expires_at=timezone.now() + ttl,
-        created_by=actor if getattr(actor, "is_authenticated", False) else None,
+        created_by=as_actor(actor).user,
     )
     record_audit_event(
         actor=actor,
@@ -264,7 +265,7 @@ def enroll_device(
 
 
 @transaction.atomic
-def revoke_device(device: EdgeDevice, *, actor: Any, reason: str) -> EdgeDevice:
+def revoke_device(device: EdgeDevice, *, actor: ActorLike, reason: str) -> EdgeDevice:
     """Revoke a device: it can no longer authenticate or submit updates. Revoking twice is an error."""
     if not reason.strip():
         raise ValidationError({"reason": "say why the device is revoked"})
@@ -284,7 +285,7 @@ def revoke_device(device: EdgeDevice, *, actor: Any, reason: str) -> EdgeDevice:
             update,
             RejectionCode.REVOKED_CLIENT,
             f"device {device.client_id!r} was revoked before this update was aggregated: {printable(reason, 200)}",
-            actor_label=getattr(actor, "username", "") or "system",
+            actor_label=as_actor(actor).label,
         )
     record_audit_event(
         actor=actor,
@@ -387,7 +388,7 @@ def open_round(
     base_version: ModelVersion,
     buffer_size_k: int,
     deadline_at: datetime,
-    actor: Any,
+    actor: ActorLike,
     config: dict[str, Any] | None = None,
     round_id: str | None = None,
     mode: str = RoundMode.ASYNC,
@@ -453,7 +454,7 @@ def open_round(
         config=config or {},
         series=round_id,
         sequence=1,
-        opened_by=actor if getattr(actor, "is_authenticated", False) else None,
+        opened_by=as_actor(actor).user,
         cohort=members,
     )
     adopted = _adopt_waiting_updates(round_)
@@ -631,7 +632,7 @@ def reopen_round_after_failure(round_: Round, *, reason: str, actor_label: str, 
 
 @transaction.atomic
 def close_round(
-    round_: Round, *, actor: Any, actor_label: str = "", status: str = RoundStatus.CLOSED, reason: str = ""
+    round_: Round, *, actor: ActorLike, actor_label: str = "", status: str = RoundStatus.CLOSED, reason: str = ""
 ) -> Round:
     """Close (or cancel) an open or aggregating round."""
     if status not in (RoundStatus.CLOSED, RoundStatus.CANCELLED):
@@ -657,7 +658,7 @@ def close_round(
 
 @transaction.atomic
 def create_training_task(
-    *, kind: str, actor: Any, params: dict[str, Any] | None = None, round_: Round | None = None
+    *, kind: str, actor: ActorLike, params: dict[str, Any] | None = None, round_: Round | None = None
 ) -> TrainingTask:
     """A pending Tier-1 job, handed to its worker once committed. Refused (ValidationError naming 'kind', 'params' or
     'round') unless a worker runs `kind` and its params, round and what they refer to let the job run."""
@@ -667,7 +668,7 @@ def create_training_task(
         kind=kind,
         params=params,
         round=round_,
-        created_by=actor if getattr(actor, "is_authenticated", False) else None,
+        created_by=as_actor(actor).user,
         traceparent=current_traceparent(),
     )
     record_audit_event(

@@ -44,6 +44,7 @@ from apps.federation.windows import (
 )
 from apps.governance.audit import record_audit_event, redact_for_storage
 from apps.governance.chain import schedule_seal
+from apps.governance.choices import ActorKind
 from apps.governance.models import AuditEvent
 from apps.registry.choices import CHAMPION_ALIAS
 from apps.registry.models import Alias, ModelVersion
@@ -726,6 +727,7 @@ def _audit_row(item: _Checked, update: Update) -> AuditEvent:
     return AuditEvent(
         actor=user if user.is_authenticated else None,
         actor_label=device_actor_label(item.device.client_id),
+        actor_kind=ActorKind.DEVICE,
         verb=f"federation.update.{update.status}",
         object_type=f"{Update._meta.app_label}.{Update._meta.model_name}",
         object_id=str(update.pk),

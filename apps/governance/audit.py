@@ -10,19 +10,22 @@ from typing import Any
 from django.conf import settings
 from django.db import models
 
+from apps.governance.actors import SYSTEM_LABEL, Actor, ActorLike, as_actor
 from apps.governance.chain import schedule_seal
+from apps.governance.choices import ActorKind
 from apps.governance.models import AuditEvent
 from apps.governance.signals import audit_recorded
 from fednested.governance.pii import Redacted, redact_payload, redactor_for
 
-SYSTEM_ACTOR = "system"
+SYSTEM_ACTOR = SYSTEM_LABEL
 
 
-def actor_label_for(actor: Any, fallback: str = SYSTEM_ACTOR) -> str:
-    """How an actor is named in the trail: its username, or `fallback` for system work (a worker, a command)."""
-    if actor is not None and getattr(actor, "is_authenticated", False):
-        return str(actor.get_username())
-    return fallback
+def actor_label_for(actor: ActorLike, fallback: str = SYSTEM_ACTOR) -> str:
+    """How an actor is named in the trail: its label (a user's username), or `fallback` for system work."""
+    if isinstance(actor, Actor):
+        return actor.label
+    party = Actor.of_user(actor)
+    return fallback if party.kind == ActorKind.ANONYMOUS else party.label
 
 
 def redact_for_storage(text: str, *, where: str) -> Redacted:
@@ -39,23 +42,25 @@ def redact_audit_data(data: Mapping[str, Any], *, verb: str, redacted: Mapping[s
 
 def record_audit_event(
     *,
-    actor: Any,
+    actor: ActorLike,
     verb: str,
     target: models.Model | None = None,
     data: dict[str, Any] | None = None,
     actor_label: str = "",
     redacted: Mapping[str, int] = {},
 ) -> AuditEvent:
-    """Append one AuditEvent. `actor` is a user or None (system); `actor_label` overrides how it is named.
+    """Append one AuditEvent. `actor` is the acting party (apps.governance.actors.Actor); a user or None (system)
+    with `actor_label` naming it are still accepted, through `as_actor`, from call sites not yet moved to Actor.
 
     `data` is redacted of PII before the row is created, so the hash chain seals the redacted payload (redacting a
     sealed event would break its link); `redacted` are counts of redactions the caller already made.
     """
-    user = actor if actor is not None and getattr(actor, "is_authenticated", False) else None
+    party = as_actor(actor, actor_label)
     object_type = f"{target._meta.app_label}.{target._meta.model_name}" if target is not None else ""
     event = AuditEvent.objects.create(
-        actor=user,
-        actor_label=actor_label or actor_label_for(user),
+        actor=party.user,
+        actor_label=party.label,
+        actor_kind=party.kind,
         verb=verb,
         object_type=object_type,
         object_id=str(target.pk) if target is not None else "",

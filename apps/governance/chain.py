@@ -11,8 +11,9 @@ seal) leaves its events for the next seal: `fednested audit seal`, or any later 
 
 What each link commits to (`canonical_event`): its place (`seq`), the previous link's hash, the event's id, the actor
 as named in the trail (`actor_label`: kept when a user row is deleted, unlike the actor foreign key, which is not
-hashed for that reason), the action (`verb`), the object, the payload and the time. Editing any of them, deleting an
-event, or moving events around breaks the chain at that link; `verify_chain` names the first broken link.
+hashed for that reason) and its kind (`actor_kind`: person, device, automation or anonymous), the action (`verb`),
+the object, the payload and the time. Editing any of them, deleting an event, or moving events around breaks the
+chain at that link; `verify_chain` names the first broken link.
 
 An attacker with write access to the database could rewrite the whole chain after the event they changed. The
 anchors catch that: `anchor_chain` appends the chain head (seq and hash) to a file outside the database
@@ -61,6 +62,9 @@ def canonical_event(event: AuditEvent, *, seq: int, prev_hash: str) -> bytes:
         "payload": event.data,
         "at": created,
     }
+    if event.actor_kind:
+        # Only when set, so that events sealed before the column existed keep their hashes.
+        body["actor_kind"] = event.actor_kind
     return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
 

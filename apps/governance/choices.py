@@ -16,3 +16,16 @@ class Decision(models.TextChoices):
 
     APPROVED = "approved", "Approved"
     REJECTED = "rejected", "Rejected"
+
+
+class ActorKind(models.TextChoices):
+    """What kind of party acted in an audit event (apps.governance.actors.Actor).
+
+    `anonymous` is a party the control plane could not identify: it only ever appears on refused access (a request
+    with no or an unknown credential), never on a state change.
+    """
+
+    PERSON = "person", "Person"
+    DEVICE = "device", "Edge device"
+    AUTOMATION = "automation", "Automation"
+    ANONYMOUS = "anonymous", "Unidentified"

@@ -3,7 +3,7 @@
 from django.conf import settings
 from django.db import models
 
-from apps.governance.choices import ApprovalStatus, Decision
+from apps.governance.choices import ActorKind, ApprovalStatus, Decision
 
 
 class AuditEvent(models.Model):
@@ -14,6 +14,9 @@ class AuditEvent(models.Model):
     )
     # Kept even when the user row goes; names non-user actors too ("system", "device:<client id>", a worker).
     actor_label = models.CharField(max_length=200)
+    # Person, device, automation or (refused access only) anonymous: apps.governance.actors.Actor. Hashed into the
+    # chain; blank on events recorded before the column existed (their hashes do not cover it).
+    actor_kind = models.CharField(max_length=16, choices=ActorKind.choices, blank=True, db_index=True)
     verb = models.CharField(max_length=100, db_index=True, help_text="Dotted action name, e.g. 'registry.alias.moved'.")
     object_type = models.CharField(max_length=100, blank=True, db_index=True, help_text="app_label.model")
     object_id = models.CharField(max_length=200, blank=True, db_index=True)

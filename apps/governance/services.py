@@ -6,17 +6,17 @@ they made, and only officers decide. Engineers request approval; so does the `sy
 is not the requester — as the one who decides.
 """
 
-from typing import Any
-
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import transaction
 from django.utils import timezone
 
 from apps.accounts.choices import Role
+from apps.accounts.models import User
 from apps.accounts.roles import role_of
 from apps.federation.choices import TaskKind
 from apps.federation.events import publish_model_available_on_commit
 from apps.federation.models import TrainingTask
+from apps.governance.actors import ActorLike, as_actor
 from apps.governance.audit import record_audit_event, redact_for_storage
 from apps.governance.choices import ApprovalStatus, Decision
 from apps.governance.gate import Breach, GateVerdict, gate_verdict
@@ -42,7 +42,7 @@ class PromotionHeld(Exception):  # a refusal, like Django's PermissionDenied, no
 
 
 @transaction.atomic
-def request_approval(version: ModelVersion, *, actor: Any, note: str = "") -> ApprovalRequest:
+def request_approval(version: ModelVersion, *, actor: ActorLike, note: str = "") -> ApprovalRequest:
     """Ask officers to approve candidate `version` for promotion; one open request per version."""
     if role_of(actor) not in REQUESTER_ROLES:
         raise PermissionDenied("only engineers (or admins, or the system account) request approval of a version")
@@ -55,7 +55,7 @@ def request_approval(version: ModelVersion, *, actor: Any, note: str = "") -> Ap
         raise ValidationError({"version": f"version {version.version_id!r} already has a pending approval request"})
     # Free text is stored redacted of PII (docs/pii-redaction.md); the audit event records what was replaced.
     redacted = redact_for_storage(note, where=f"approval request note of {version.version_id}")
-    request = ApprovalRequest.objects.create(version=version, requested_by=actor, note=redacted.text)
+    request = ApprovalRequest.objects.create(version=version, requested_by=_account(actor), note=redacted.text)
     record_audit_event(
         actor=actor,
         verb="governance.approval.requested",
@@ -66,15 +66,26 @@ def request_approval(version: ModelVersion, *, actor: Any, note: str = "") -> Ap
     return request
 
 
-def _check_decider(request: ApprovalRequest, actor: Any) -> None:
+def _account(actor: ActorLike) -> User:
+    """The account that requests or decides: a person's (or the system account's); only parties with an account
+    get past the role checks, so this refuses nobody those checks let through."""
+    user = as_actor(actor).user
+    if user is None:
+        raise PermissionDenied(
+            f"{as_actor(actor).label!r} has no account: only people (or the system) request or decide"
+        )
+    return user
+
+
+def _check_decider(request: ApprovalRequest, actor: ActorLike) -> None:
     if role_of(actor) != Role.OFFICER:
         raise PermissionDenied("only governance officers decide approval requests")
-    if request.requested_by_id == actor.pk:
+    if request.requested_by_id == _account(actor).pk:
         raise PermissionDenied("an officer cannot decide their own approval request")
 
 
 def _decide(
-    request: ApprovalRequest, *, actor: Any, decision: str, reason: str, override: GateOverride | None = None
+    request: ApprovalRequest, *, actor: ActorLike, decision: str, reason: str, override: GateOverride | None = None
 ) -> ApprovalRequest:
     _check_decider(request, actor)
     # Claim the request: of two officers deciding at once, exactly one gets here with a count of 1.
@@ -83,7 +94,9 @@ def _decide(
     if claimed != 1:
         raise ValidationError({"status": f"approval request #{request.pk} was already {request.status}"})
     redacted = redact_for_storage(reason, where=f"{decision} reason of approval request #{request.pk}")
-    ApprovalDecision.objects.create(request=request, decided_by=actor, decision=decision, reason=redacted.text)
+    ApprovalDecision.objects.create(
+        request=request, decided_by=_account(actor), decision=decision, reason=redacted.text
+    )
     record_audit_event(
         actor=actor,
         verb=f"governance.approval.{decision}",
@@ -113,7 +126,7 @@ def candidate_traceparent(version: ModelVersion) -> str:
 
 
 @transaction.atomic
-def approve_version(request: ApprovalRequest, *, actor: Any, reason: str = "") -> ApprovalRequest:
+def approve_version(request: ApprovalRequest, *, actor: ActorLike, reason: str = "") -> ApprovalRequest:
     """Approve: the version becomes champion (alias moved, previous champion archived); ModelAvailable after commit.
 
     Traced as a span of the trace that produced the candidate (linked to the officer's request), so one trace runs
@@ -142,12 +155,19 @@ def covering_override(request: ApprovalRequest, breaches: list[Breach]) -> GateO
     return None
 
 
-def _approve(request: ApprovalRequest, *, actor: Any, reason: str) -> ApprovalRequest:
+def _approve(request: ApprovalRequest, *, actor: ActorLike, reason: str) -> ApprovalRequest:
     # The gate is asked inside the approval's transaction, after the version row is locked, so a stale page (or two
     # officers at once) cannot slip a held candidate through.
     # Who may decide is checked first: someone who may not approve at all is told that, not the gate's figures.
     _check_decider(request, actor)
-    ModelVersion.objects.select_for_update().filter(pk=request.version_id).first()
+    locked = ModelVersion.objects.select_for_update().filter(pk=request.version_id).first()
+    still_pending = ApprovalRequest.objects.filter(pk=request.pk, status=ApprovalStatus.PENDING).exists()
+    if still_pending and locked is not None and locked.status != VersionStatus.CANDIDATE:
+        # A request left pending on a version since rejected, archived or superseded: approving it would move the
+        # champion back to what an officer or a later promotion set aside. (A decided request is refused by _decide.)
+        raise ValidationError(
+            {"version": f"version {locked.version_id!r} is {locked.status}; only a candidate can be approved"}
+        )
     verdict = gate_verdict(request.version)
     override = None
     if verdict.held:
@@ -172,7 +192,7 @@ def _approve(request: ApprovalRequest, *, actor: Any, reason: str) -> ApprovalRe
 
 
 @transaction.atomic
-def reject_version(request: ApprovalRequest, *, actor: Any, reason: str) -> ApprovalRequest:
+def reject_version(request: ApprovalRequest, *, actor: ActorLike, reason: str) -> ApprovalRequest:
     """Reject: the version is marked rejected; `reason` is required so the requester knows what to fix."""
     if not reason.strip():
         raise ValidationError({"reason": "a rejection needs a reason"})
@@ -181,7 +201,7 @@ def reject_version(request: ApprovalRequest, *, actor: Any, reason: str) -> Appr
     return request
 
 
-def _officer_reason(actor: Any, reason: str, what: str) -> str:
+def _officer_reason(actor: ActorLike, reason: str, what: str) -> str:
     """The reason, stripped; PermissionDenied for anyone but an officer, ValidationError for a blank reason."""
     if role_of(actor) != Role.OFFICER:
         raise PermissionDenied(f"only governance officers {what}")
@@ -191,7 +211,7 @@ def _officer_reason(actor: Any, reason: str, what: str) -> str:
 
 
 @transaction.atomic
-def request_gate_override(request: ApprovalRequest, *, actor: Any, reason: str) -> GateOverride:
+def request_gate_override(request: ApprovalRequest, *, actor: ActorLike, reason: str) -> GateOverride:
     """An officer asks that a candidate the gate holds be approved anyway; another officer must grant it.
 
     Records the breaches as they stand, so the grant covers exactly what was asked about.
@@ -210,7 +230,7 @@ def request_gate_override(request: ApprovalRequest, *, actor: Any, reason: str) 
     redacted = redact_for_storage(reason, where=f"gate override reason of approval request #{request.pk}")
     override = GateOverride.objects.create(
         request=request,
-        requested_by=actor,
+        requested_by=_account(actor),
         reason=redacted.text,
         breaches=[breach.to_json() for breach in verdict.breaches],
     )
@@ -230,12 +250,12 @@ def request_gate_override(request: ApprovalRequest, *, actor: Any, reason: str) 
 
 
 @transaction.atomic
-def grant_gate_override(override: GateOverride, *, actor: Any, reason: str) -> GateOverride:
+def grant_gate_override(override: GateOverride, *, actor: ActorLike, reason: str) -> GateOverride:
     """A second officer grants an override: not the officer who asked for it, nor the requester of the approval."""
     reason = _officer_reason(actor, reason, "grant gate overrides")
-    if override.requested_by_id == actor.pk:
+    if override.requested_by_id == _account(actor).pk:
         raise PermissionDenied("an officer cannot grant the gate override they asked for: a second officer must")
-    if override.request.requested_by_id == actor.pk:
+    if override.request.requested_by_id == _account(actor).pk:
         raise PermissionDenied("the requester of the approval cannot grant a gate override of it")
     if override.request.status != ApprovalStatus.PENDING:
         raise ValidationError(
@@ -244,7 +264,7 @@ def grant_gate_override(override: GateOverride, *, actor: Any, reason: str) -> G
     redacted = redact_for_storage(reason, where=f"grant reason of gate override #{override.pk}")
     # Claim it: of two officers granting at once, exactly one gets a count of 1.
     claimed = GateOverride.objects.filter(pk=override.pk, granted_at__isnull=True).update(
-        granted_by=actor, grant_reason=redacted.text, granted_at=timezone.now()
+        granted_by=_account(actor), grant_reason=redacted.text, granted_at=timezone.now()
     )
     if claimed != 1:
         raise ValidationError({"gate": f"gate override #{override.pk} was already granted"})

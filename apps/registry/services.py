@@ -16,6 +16,7 @@ from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
+from apps.governance.actors import ActorLike, as_actor
 from apps.governance.audit import actor_label_for, record_audit_event
 from apps.registry.choices import ArtifactPartition, LineageKind, VersionStatus
 from apps.registry.models import Alias, LineageEdge, ModelFamily, ModelVersion, VersionArtifact, VersionEvaluation
@@ -173,7 +174,7 @@ def _checked_in_store(uri: str, artifacts: Sequence[ArtifactSpec]) -> str:
 
 @transaction.atomic
 def create_model_family(
-    *, name: str, architecture: str, actor: Any, config: dict[str, Any] | None = None, description: str = ""
+    *, name: str, architecture: str, actor: ActorLike, config: dict[str, Any] | None = None, description: str = ""
 ) -> ModelFamily:
     """A new model family; `name` is a lowercase slug."""
     if not SLUG_PATTERN.match(name):
@@ -189,7 +190,7 @@ def create_model_family(
         architecture=architecture.strip(),
         config=config or {},
         description=description,
-        created_by=actor if getattr(actor, "is_authenticated", False) else None,
+        created_by=as_actor(actor).user,
     )
     record_audit_event(actor=actor, verb="registry.family.created", target=family, data={"name": name})
     return family
@@ -203,7 +204,7 @@ def register_version(
     manifest: dict[str, Any],
     artifacts: Sequence[ArtifactSpec],
     artifact_uri: str,
-    actor: Any,
+    actor: ActorLike,
     actor_label: str = "",
     parent: ModelVersion | None = None,
     datasets: Iterable[str] = (),
@@ -232,7 +233,7 @@ def register_version(
     if ModelVersion.objects.filter(version_id=version_id).exists():
         raise ValidationError({"version_id": f"version {version_id!r} already exists; versions are immutable"})
     artifact_uri = _checked_in_store(artifact_uri, artifacts)
-    user = actor if getattr(actor, "is_authenticated", False) else None
+    user = as_actor(actor).user
     try:
         with transaction.atomic():
             version = ModelVersion.objects.create(
@@ -327,7 +328,7 @@ def register_saved_version(
     directory: Path,
     *,
     family: ModelFamily,
-    actor: Any,
+    actor: ActorLike,
     actor_label: str = "",
     parent: ModelVersion | None = None,
     datasets: Iterable[str] = (),
@@ -369,7 +370,7 @@ def register_saved_version(
 
 
 @transaction.atomic
-def set_version_status(version: ModelVersion, status: str, *, actor: Any, actor_label: str = "") -> ModelVersion:
+def set_version_status(version: ModelVersion, status: str, *, actor: ActorLike, actor_label: str = "") -> ModelVersion:
     """Change a version's lifecycle status (the only mutable thing about it)."""
     if status not in VersionStatus.values:
         raise ValidationError({"status": f"unknown version status {status!r}: use one of {VersionStatus.values}"})
@@ -390,11 +391,11 @@ def set_version_status(version: ModelVersion, status: str, *, actor: Any, actor_
 
 
 @transaction.atomic
-def move_alias(*, name: str, version: ModelVersion, actor: Any, actor_label: str = "") -> Alias:
+def move_alias(*, name: str, version: ModelVersion, actor: ActorLike, actor_label: str = "") -> Alias:
     """Point alias `name` at `version` (creating the alias on first use); audited with the old and new target."""
     if not SLUG_PATTERN.match(name):
         raise ValidationError({"name": f"alias {name!r} must be a lowercase slug"})
-    user = actor if getattr(actor, "is_authenticated", False) else None
+    user = as_actor(actor).user
     alias = Alias.objects.select_for_update().filter(name=name).first()
     previous = alias.version.version_id if alias is not None else None
     if alias is None:
@@ -471,7 +472,7 @@ def record_version_evaluation(
     results: Sequence[DomainEvaluation],
     *,
     actor_label: str,
-    actor: Any = None,
+    actor: ActorLike = None,
     heldout: str = "",
 ) -> list[VersionEvaluation]:
     """Record a version's per-domain held-out scores (with its parent's, for before/after); audited.
@@ -479,7 +480,7 @@ def record_version_evaluation(
     The scores replace any earlier evaluation of the version: the rows always describe one run on one held-out
     set, so the before/after columns compare like with like. Earlier runs stay in the audit trail.
     """
-    if not actor_label.strip() and not getattr(actor, "is_authenticated", False):
+    if not actor_label.strip() and as_actor(actor).user is None:
         raise ValidationError({"actor_label": "say who evaluated the version (e.g. 'worker:evaluation')"})
     version = ModelVersion.objects.select_for_update(of=("self",)).select_related("parent").get(pk=version.pk)
     parent = version.parent

@@ -229,6 +229,10 @@ DEFAULT_METADATA_FIELDS: tuple[str, ...] = (
     "duration_s",
     "outcome",
     "dp_noised",
+    # Telemetry v2: the per-domain breakdown (domain names, losses and token counts; values checked like the rest)
+    "domains[].domain",
+    "domains[].loss",
+    "domains[].tokens",
     "started_at",
     "finished_at",
     "sent_at",

@@ -238,6 +238,17 @@ class Tier1CoreUpdateSettings(ConfigModel):
         default=None,
         description="Rehearsal only: make one rank raise after a given step. Leave null in production.",
     )
+    dataset_policies: Path | None = Field(
+        default=None,
+        description="Apache Ranger-format policy JSON (docs/dataset-policies.md): when set, each training file is "
+        "read only if a policy allows `principal` to read it, decided before any byte of it is read. Null: no check "
+        "(the command runs with the operator's own file permissions).",
+    )
+    principal: str = Field(
+        default="svc-tier1", min_length=1, max_length=1024, description="Service principal the policies decide for."
+    )
+    principal_groups: list[str] = Field(default_factory=list, description="Groups of the service principal.")
+    principal_roles: list[str] = Field(default_factory=list, description="Roles of the service principal.")
     safeguards: SafeguardConfig = Field(
         default_factory=SafeguardConfig,
         description="Anti-forgetting safeguards of the core update, all off by default (docs/tier1-core-update.md, "

@@ -28,6 +28,8 @@ CONTROL_PLANE_SERVICE = "fednested-controlplane"
 # Consumer groups, as the consumers name them: the ingest worker's (workers/ingest/consumer.py DEFAULT_GROUP) and the
 # prefix of each device's own group on the control topic (edge_client/runner.py: `edge-<client id>`).
 INGEST_GROUP = "fednested-ingest"
+# The data engine's consumer (workers/telemetry/consumer.py DEFAULT_GROUP), on telemetry.edge and tasks.training.
+DATAENGINE_GROUP = "fednested-dataengine"
 EDGE_GROUP_PREFIX = "edge-"
 
 ACL_TIMEOUT_S = 20.0
@@ -73,14 +75,18 @@ class Consumes:
     group_is_prefix: bool
 
 
-# Every producer and consumer in the code, and nothing else: a topic nobody uses here (tasks.training, and
-# telemetry.edge on the reading side) gets no ACL until code uses it, and only super users reach it meanwhile.
+# Every producer and consumer in the code, and nothing else: a topic nobody used here would get no ACL until code
+# used it, and only super users would reach it meanwhile.
 FLOWS: tuple[Produces | Consumes, ...] = (
     Produces(DEVICE_PRINCIPAL, Topic.UPDATES),  # edge_client/spool.py: update envelopes
     Produces(DEVICE_PRINCIPAL, Topic.TELEMETRY),  # edge_client/spool.py: telemetry
     Consumes(DEVICE_PRINCIPAL, Topic.CONTROL_ROUNDS, EDGE_GROUP_PREFIX, True),  # edge_client/runner.py: rounds
     Produces(CONTROL_PLANE_PRINCIPAL, Topic.CONTROL_ROUNDS),  # apps/federation/events.py: RoundStart, ModelAvailable
     Consumes(CONTROL_PLANE_PRINCIPAL, Topic.UPDATES, INGEST_GROUP, False),  # workers/ingest/consumer.py
+    # apps/dataengine/services.py (through the outbox relay): the data engine's TrainingTask events
+    Produces(CONTROL_PLANE_PRINCIPAL, Topic.TASKS),
+    Consumes(CONTROL_PLANE_PRINCIPAL, Topic.TELEMETRY, DATAENGINE_GROUP, False),  # workers/telemetry/consumer.py
+    Consumes(CONTROL_PLANE_PRINCIPAL, Topic.TASKS, DATAENGINE_GROUP, False),  # workers/telemetry/consumer.py
 )
 
 

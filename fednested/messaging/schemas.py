@@ -216,6 +216,58 @@ class Telemetry(EventModel):
         return self
 
 
+# Domain names as the control plane stores them (EdgeDevice.domain, held-out `<domain>.jsonl` files): short, no path
+# separators, so a name can never point outside the held-out folder.
+DOMAIN_REGEX = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+DomainName = Annotated[str, StringConstraints(pattern=DOMAIN_REGEX)]
+# Per-domain entries one report may carry: a device trains on a few domains, and the bound keeps a report small.
+MAX_TELEMETRY_DOMAINS = 64
+
+
+class DomainTelemetry(EventModel):
+    """One domain's share of a local run: its loss (None when not measured, or left out under DP) and its tokens."""
+
+    domain: DomainName
+    loss: FiniteFloat | None = None
+    tokens: Count
+
+
+class TelemetryV2(EventModel):
+    """Telemetry v1 plus the tokens of the run and a per-domain breakdown, for the data engine (docs/data-engine.md).
+
+    `base_version` (the version trained on) is required. `domains` may be empty: the control plane then attributes
+    the whole report to the device's enrolled domain. Under DP (`dp_noised`) a per-domain loss is either noised like
+    `loss` or left out (None): a report never carries a clean per-domain loss beside a noised total.
+    """
+
+    SCHEMA: ClassVar[str] = "Telemetry"
+    SCHEMA_VERSION: ClassVar[int] = 2
+    schema_name: Literal["Telemetry"] = Field(default="Telemetry", alias="schema")
+    schema_version: Literal[2] = 2
+    client_id: ClientId
+    base_version: Identifier
+    round_id: Identifier | None = None
+    loss: FiniteFloat | None
+    steps: NonNegativeInt
+    tokens: Count
+    duration_s: Annotated[float, Field(ge=0, allow_inf_nan=False)]
+    outcome: TrainingOutcome
+    dp_noised: bool = False
+    domains: list[DomainTelemetry] = Field(default_factory=list, max_length=MAX_TELEMETRY_DOMAINS)
+    started_at: AwareDatetime
+    finished_at: AwareDatetime
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.finished_at < self.started_at:
+            raise ValueError(f"finished_at {self.finished_at.isoformat()} is before started_at")
+        names = [entry.domain for entry in self.domains]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"domains {repeated} are listed more than once")
+        return self
+
+
 class TrainingTask(EventModel):
     """A job for the Tier-1 workers; `params` is kind-specific and validated by the worker that runs it."""
 
@@ -229,7 +281,7 @@ class TrainingTask(EventModel):
     created_at: AwareDatetime
 
 
-Event: TypeAlias = RoundStart | ModelAvailable | ConfigChange | UpdateEnvelope | Telemetry | TrainingTask
+Event: TypeAlias = RoundStart | ModelAvailable | ConfigChange | UpdateEnvelope | Telemetry | TelemetryV2 | TrainingTask
 
 EVENT_TYPES: tuple[type[Event], ...] = (
     RoundStart,
@@ -237,6 +289,7 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     ConfigChange,
     UpdateEnvelope,
     Telemetry,
+    TelemetryV2,
     TrainingTask,
 )
 # (schema, version) → model. A new version is a new class registered here; old ones stay readable.

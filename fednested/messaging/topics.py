@@ -18,6 +18,7 @@ from fednested.messaging.schemas import (
     ModelAvailable,
     RoundStart,
     Telemetry,
+    TelemetryV2,
     TrainingTask,
     UpdateEnvelope,
 )
@@ -59,7 +60,7 @@ def _control_keys(event: Event) -> tuple[str, ...]:
 
 
 def _client_keys(event: Event) -> tuple[str, ...]:
-    return (event.client_id,) if isinstance(event, UpdateEnvelope | Telemetry) else ()
+    return (event.client_id,) if isinstance(event, UpdateEnvelope | Telemetry | TelemetryV2) else ()
 
 
 def _task_keys(event: Event) -> tuple[str, ...]:

@@ -324,7 +324,7 @@ def _write_candidate(
         model,
         plan.version_dir,
         version_id=plan.version_id,
-        parent_version=champion_version,
+        parent_version=plan.parent_version or champion_version,
         lineage=lineage,
         tokenizer=tokenizer,
     )

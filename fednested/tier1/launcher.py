@@ -25,6 +25,8 @@ from typing import Any
 from fednested.checkpoints.errors import CheckpointError
 from fednested.checkpoints.versions import open_version, verify_version
 from fednested.config.models import Tier1Config
+from fednested.governance.ranger import PolicyFileError
+from fednested.tier1.access import DatasetAccessDenied, decide_dataset_access, principal_of, require_allowed
 from fednested.tier1.combine import check_edge_chain
 from fednested.tier1.core_update import RESULT_NAME, rank_failure_path, rank_log_path
 from fednested.tier1.plan import (
@@ -119,8 +121,13 @@ def prepare_plan(
     version_id: str,
     edge_base: Path | None,
     edge_aggregates: Sequence[Path],
+    parent_version: str | None = None,
 ) -> CoreUpdatePlan:
-    """Check every input of a core update (without launching anything) and resolve it into a plan."""
+    """Check every input of a core update (without launching anything) and resolve it into a plan.
+
+    `parent_version` (default: the champion's) may name the last edge aggregate instead: the control plane trains the
+    last core update's version and folds in the aggregates promoted since, and the candidate must descend from the
+    champion of the day (the newest of them) for the registry's line of promotions."""
     settings, training = config.core_update, config.training
     if settings.champion_dir is None:
         raise CorePlanError("core_update.champion_dir is not set: name the champion's version directory")
@@ -130,6 +137,18 @@ def prepare_plan(
         raise CorePlanError(f"champion: {error}") from error
     if not training.train_files:
         raise CorePlanError("training.train_files is empty: list the Tier-1 JSONL datasets to train on")
+    if settings.dataset_policies is not None:
+        # Decided on the paths alone: nothing of a dataset is opened before every one of them is allowed.
+        try:
+            decisions = decide_dataset_access(
+                settings.dataset_policies,
+                principal_of(settings),
+                [Path(path) for path in training.train_files],
+                store_root=Path(config.storage.artifact_root),
+            )
+            require_allowed(decisions)
+        except (PolicyFileError, DatasetAccessDenied) as error:
+            raise CorePlanError(f"core_update.dataset_policies: {error}") from error
     datasets = [inspect_dataset(Path(path)) for path in training.train_files]
     accelerator, backend, bf16_supported = _accelerator(settings.accelerator)
     precision = resolve_precision(training.precision, accelerator, bf16_supported=bf16_supported)
@@ -149,12 +168,19 @@ def prepare_plan(
         model_config=model_config,
         train_gate=training.train_gate,
     )
+    newest = aggregates[-1]["version_id"] if aggregates else manifest.version_id
+    if parent_version is not None and parent_version not in (manifest.version_id, newest):
+        raise CorePlanError(
+            f"the candidate's parent {parent_version!r} must be the champion {manifest.version_id!r} or the last edge "
+            f"aggregate folded in ({newest!r})"
+        )
     fault = settings.fault_injection
     if fault is not None and fault.rank >= training.ranks:
         raise CorePlanError(f"core_update.fault_injection.rank {fault.rank} does not exist ({training.ranks} ranks)")
     return CoreUpdatePlan(
         champion_dir=str(Path(settings.champion_dir).resolve()),
         champion_version=manifest.version_id,
+        parent_version=parent_version,
         version_id=version_id,
         version_dir=str(staging / "version"),
         run_dir=str(staging / "run"),
@@ -188,12 +214,15 @@ def run_core_update(
     edge_base: Path | None = None,
     edge_aggregates: Sequence[Path] = (),
     version_id: str | None = None,
+    parent_version: str | None = None,
 ) -> CoreUpdateResult:
     """Train the champion under DeepSpeed with `config.training.ranks` ranks and write the candidate version.
 
     `edge_base` is the version of the last core update and `edge_aggregates` the edge-aggregate versions applied
-    since, oldest first; their expert deltas are folded in as dW_edges. Raises CoreUpdateError for a refused plan
-    (before anything starts) or a failed run (with the failing rank's log tail); nothing is left in the output.
+    since, oldest first; their expert deltas are folded in as dW_edges; `parent_version` is the candidate's parent
+    (the champion's by default, or the last of those aggregates: `prepare_plan`). Raises CoreUpdateError for a
+    refused plan (before anything starts) or a failed run (with the failing rank's log tail); nothing is left in the
+    output.
     """
     settings = config.core_update
     vid = version_id or f"core-{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
@@ -214,6 +243,7 @@ def run_core_update(
                 version_id=vid,
                 edge_base=edge_base,
                 edge_aggregates=edge_aggregates,
+                parent_version=parent_version,
             )
         except CorePlanError as error:
             raise CoreUpdateError(f"core update refused before training: {error}") from error

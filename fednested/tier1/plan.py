@@ -105,6 +105,8 @@ class CoreUpdatePlan:
     edge_aggregates: list[dict[str, Any]] = field(default_factory=list)
     fault: FaultPlan | None = None
     safeguards: SafeguardPlan | None = None
+    # The candidate's parent: the champion (None), or the last edge aggregate folded in (launcher.prepare_plan).
+    parent_version: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)

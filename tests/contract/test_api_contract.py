@@ -21,12 +21,14 @@ from typing import Any
 import pytest
 import schemathesis
 from django.utils import timezone
+from django_celery_beat.models import IntervalSchedule, PeriodicTask
 from hypothesis import HealthCheck, Phase, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from schemathesis.errors import FailureGroup
 
 from apps.accounts.choices import Role
+from apps.dataengine.services import Arrival, fire_trigger, record_telemetry, save_rule
 from apps.federation.choices import TaskKind
 from apps.federation.models import TrainingTask
 from apps.federation.services import issue_enrollment_token, open_round
@@ -34,6 +36,8 @@ from apps.governance.models import AuditEvent
 from apps.governance.services import request_approval
 from apps.registry.models import ModelVersion
 from apps.registry.services import DomainEvaluation, create_model_family, move_alias, record_version_evaluation
+from apps.schedules.services import CLOSE_DUE_WINDOWS_TASK
+from fednested.messaging import TelemetryV2, encode
 from tests.conftest import Member, make_device, make_update_row, make_user
 from tests.contract.conftest import CHECKS, CONFIG
 
@@ -85,7 +89,30 @@ def build_world(
     token, _ = issue_enrollment_token(actor=engineer, note="contract test")
     audit_event = AuditEvent.objects.order_by("id").first()
     assert audit_event is not None
+    every_hour, _ = IntervalSchedule.objects.get_or_create(every=1, period=IntervalSchedule.HOURS)
+    schedule = PeriodicTask.objects.create(name="contract-deadlines", task=CLOSE_DUE_WINDOWS_TASK, interval=every_hour)
+    rule = save_rule(actor=engineer, name="v1-rising", kind="rising_loss", task_kind="evaluation")
+    report = TelemetryV2.model_validate(
+        {
+            "client_id": device.client_id,
+            "base_version": "v1",
+            "loss": 1.5,
+            "steps": 1,
+            "tokens": 64,
+            "duration_s": 1.0,
+            "outcome": "succeeded",
+            "started_at": timezone.now(),
+            "finished_at": timezone.now(),
+        }
+    )
+    [signal_id] = record_telemetry(
+        Arrival(where="telemetry.edge[0]@0", key="car", raw=encode(report), event=report)
+    ).signal_ids
+    trigger = fire_trigger(rule, device.domain, {"signal_ids": [signal_id]})
     return {
+        "data-engine/signals": {"id": [signal_id]},
+        "data-engine/rules": {"id": [rule.pk]},
+        "data-engine/triggers": {"id": [trigger.pk]},
         "devices": {"client_id": [device.client_id, other_device.client_id]},
         "versions": {
             "version_id": ["v1", "v2"],
@@ -99,6 +126,7 @@ def build_world(
         "approvals": {"id": [approval.pk]},
         "enrollment-tokens": {"id": [token.pk]},
         "audit-events": {"id": [audit_event.pk]},
+        "schedules": {"id": [schedule.pk]},
     }
 
 
@@ -107,7 +135,9 @@ def real_path_parameters(operation: Any, world: dict[str, dict[str, list[Any]]])
     names = [parameter.name for parameter in operation.path_parameters]
     if not names:
         return []
-    collection = operation.path.split("/")[3]
+    # The path below /api/v1/ up to its first parameter: "versions", "data-engine/rules".
+    segments = operation.path.split("/")[3:]
+    collection = "/".join(itertools.takewhile(lambda segment: not segment.startswith("{"), segments)).strip("/")
     values = [world[collection][name] for name in names]
     return [dict(zip(names, combination, strict=True)) for combination in itertools.product(*values)]
 

@@ -20,7 +20,7 @@ from rest_framework.exceptions import ValidationError as DrfValidationError
 from controlplane.api_errors import exception_handler
 from fednested.messaging.schemas import CLIENT_ID_REGEX, UpdateEnvelope
 
-API_SERIALIZER_MODULES = ("apps.accounts", "apps.federation", "apps.governance", "apps.registry")
+API_SERIALIZER_MODULES = ("apps.accounts", "apps.federation", "apps.governance", "apps.registry", "apps.schedules")
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from django.contrib.admin.sites import site as admin_site
 from django.test import Client
 from django.urls import reverse
 
+from apps.dataengine.services import Arrival, fire_trigger, record_telemetry, save_rule
 from apps.federation.services import create_training_task, store_update_payload
 from apps.governance.models import GateOverride
 from apps.governance.services import approve_version, request_approval
@@ -19,6 +20,7 @@ from apps.registry.forgetting import record_forgetting_report
 from apps.registry.models import ModelFamily, ModelVersion
 from apps.registry.services import DomainEvaluation, record_version_evaluation
 from fednested.evaluation.forgetting import forgetting_report
+from fednested.messaging import TelemetryV2, encode
 
 pytestmark = pytest.mark.django_db
 
@@ -60,6 +62,24 @@ def test_every_admin_list_and_detail_page_renders(
     round_a = round_factory(v1, round_id="round-a")
     create_training_task(kind="expert_aggregation", actor=cast["engineer"].user, round_=round_a)
     update_row_factory(cast["device"].device, "tiny-moe-v1")
+    # The data engine's four models: a signal and a refused record through the telemetry service, a rule, a trigger.
+    telemetry = TelemetryV2.model_validate(
+        {
+            "client_id": "car-0001",
+            "base_version": "tiny-moe-v1",
+            "loss": 1.5,
+            "steps": 1,
+            "tokens": 64,
+            "duration_s": 1.0,
+            "outcome": "succeeded",
+            "started_at": v1.created_at,
+            "finished_at": v1.created_at,
+        }
+    )
+    record_telemetry(Arrival(where="telemetry.edge[0]@0", key="car-0001", raw=encode(telemetry), event=telemetry))
+    record_telemetry(Arrival(where="telemetry.edge[0]@1", key="car-0001", raw=b"{", problem="malformed JSON"))
+    rule = save_rule(actor=cast["engineer"].user, name="tiny-rising", kind="rising_loss", task_kind="evaluation")
+    fire_trigger(rule, "automotive", {"signal_ids": []})
     root = cast["officer"].user
     root.is_staff = root.is_superuser = True
     root.save()
@@ -67,9 +87,9 @@ def test_every_admin_list_and_detail_page_renders(
     ours = [
         model
         for model in admin_site._registry
-        if model._meta.app_label in {"accounts", "registry", "federation", "governance"}
+        if model._meta.app_label in {"accounts", "registry", "federation", "governance", "dataengine"}
     ]
-    assert len(ours) == 19
+    assert len(ours) == 23
     for model in ours:
         info = (model._meta.app_label, model._meta.model_name)
         listing = client.get(reverse("admin:{}_{}_changelist".format(*info)), {"q": "tiny"})

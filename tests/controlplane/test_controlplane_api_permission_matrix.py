@@ -13,8 +13,12 @@ from typing import Any
 
 import pytest
 from django.utils import timezone
+from django_celery_beat.models import IntervalSchedule, PeriodicTask
 
 from apps.accounts.models import ApiToken, User
+from apps.accounts.refusals import REFUSED_VERB
+from apps.dataengine.models import DataEngineRule, DataEngineTrigger, DeviceSignal
+from apps.dataengine.services import save_rule
 from apps.federation.models import EdgeDevice, EnrollmentToken, Round, StagedPayload, TrainingTask, Update
 from apps.federation.services import (
     create_training_task,
@@ -185,6 +189,28 @@ ROWS = [
     Row("get", "/api/v1/audit-events/", (200, 403, 403, 403, 401)),
     Row("get", "/api/v1/audit-events/{audit_event}/", (200, 403, 403, 403, 401)),
     Row("delete", "/api/v1/audit-events/{audit_event}/", (405, 403, 403, 403, 401)),
+    # schedules (read-only: edited in the admin)
+    Row("get", "/api/v1/schedules/", READ_ALL_BUT_DEVICE),
+    Row("get", "/api/v1/schedules/{schedule}/", READ_ALL_BUT_DEVICE),
+    Row("post", "/api/v1/schedules/", (405, 405, 403, 403, 401), lambda w: {"name": "x", "task": "y"}),
+    Row("delete", "/api/v1/schedules/{schedule}/", (405, 405, 403, 403, 401)),
+    # data engine: signals and triggers are read-only; engineers write rules
+    Row("get", "/api/v1/data-engine/signals/", READ_ALL_BUT_DEVICE),
+    Row("get", "/api/v1/data-engine/signals/{signal}/", READ_ALL_BUT_DEVICE),
+    Row("post", "/api/v1/data-engine/signals/", (405, 405, 403, 403, 401), lambda w: {"domain": "medical"}),
+    Row("get", "/api/v1/data-engine/rules/", READ_ALL_BUT_DEVICE),
+    Row("get", "/api/v1/data-engine/rules/{rule}/", READ_ALL_BUT_DEVICE),
+    Row(
+        "post",
+        "/api/v1/data-engine/rules/",
+        ENGINEER_WRITES,
+        lambda w: {"name": "legal-uncovered", "kind": "uncovered_domain", "task_kind": "evaluation"},
+    ),
+    Row("patch", "/api/v1/data-engine/rules/{rule}/", ENGINEER_ACTS, lambda w: {"enabled": False}),
+    Row("delete", "/api/v1/data-engine/rules/{rule}/", (405, 405, 403, 403, 401)),
+    Row("get", "/api/v1/data-engine/triggers/", READ_ALL_BUT_DEVICE),
+    Row("get", "/api/v1/data-engine/triggers/{trigger}/", READ_ALL_BUT_DEVICE),
+    Row("delete", "/api/v1/data-engine/triggers/{trigger}/", (405, 405, 403, 403, 401)),
     # schema and docs are public
     Row("get", "/api/v1/schema/", (200, 200, 200, 200, 200)),
     Row("get", "/api/v1/docs/", (200, 200, 200, 200, 200)),
@@ -214,6 +240,10 @@ SNAPSHOT_MODELS = [
     ApprovalRequest,
     ApprovalDecision,
     AuditEvent,
+    PeriodicTask,
+    DeviceSignal,
+    DataEngineRule,
+    DataEngineTrigger,
 ]
 
 
@@ -221,6 +251,8 @@ def snapshot() -> dict[str, list[dict[str, Any]]]:
     """Every row of every domain table (API tokens without last_used_at, which authentication touches)."""
     rows = {model.__name__: list(model.objects.order_by("pk").values()) for model in SNAPSHOT_MODELS}
     rows["ApiToken"] = list(ApiToken.objects.order_by("pk").values("id", "user_id", "key_sha256", "revoked_at"))
+    # A refusal is itself an audit event (apps.accounts.refusals); what must not change is everything else.
+    rows["AuditEvent"] = list(AuditEvent.objects.exclude(verb=REFUSED_VERB).order_by("pk").values())
     return rows
 
 
@@ -281,9 +313,43 @@ def world(
     signed = parse_update_envelope(envelope).signed(signing_key).model_dump(mode="json", by_alias=True)
     task = create_training_task(kind="expert_aggregation", actor=engineer, round_=round_a)
     token, plaintext = issue_enrollment_token(actor=engineer, note="spare")
+    every_hour, _ = IntervalSchedule.objects.get_or_create(every=1, period=IntervalSchedule.HOURS)
+    schedule = PeriodicTask.objects.create(
+        name="matrix-deadlines", task="workers.schedules.close_due_windows_task", interval=every_hour
+    )
+    rule = save_rule(
+        actor=engineer,
+        name="medical-loss-rising",
+        kind="rising_loss",
+        task_kind="evaluation",
+        task_params={"version_id": "tiny-moe-v1"},
+    )
+    signal = DeviceSignal.objects.create(
+        device=cast["device"].device,
+        client_id="car-0001",
+        domain="automotive",
+        loss=1.5,
+        tokens=256,
+        version="tiny-moe-v1",
+        outcome="succeeded",
+        schema_version=2,
+        source="telemetry.edge[0]@0",
+        report_sha256="0" * 64,
+        reported_at=timezone.now(),
+    )
+    trigger = DataEngineTrigger.objects.create(
+        rule=rule,
+        domain="automotive",
+        evidence={"signal_ids": [signal.pk]},
+        task_id="dataengine-1",
+        task_kind="evaluation",
+    )
     return {
         "cast": cast,
         "envelope_factory": envelope_factory,
+        "signal": signal.pk,
+        "rule": rule.pk,
+        "trigger": trigger.pk,
         "approval": approval.pk,
         "task": task.pk,
         "signed_envelope": signed,
@@ -294,6 +360,7 @@ def world(
         "new_update": str(uuid.uuid4()),
         "others_payload": others_payload,
         "audit_event": AuditEvent.objects.order_by("pk").first().pk,  # type: ignore[union-attr]
+        "schedule": schedule.pk,
     }
 
 

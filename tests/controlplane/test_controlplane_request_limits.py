@@ -111,6 +111,8 @@ def test_a_bad_content_length_is_a_400() -> None:
     assert (status, body["code"]) == (400, "bad_request")
 
 
+# django_db: Django's 401 writes its audit event (apps.accounts.refusals).
+@pytest.mark.django_db
 @pytest.mark.parametrize(
     "credential",
     [(b"authorization", b"Token abc"), (b"cookie", b"theme=dark; sessionid=abc"), (b"x-fednested-client-cn", b"car-1")],
@@ -127,6 +129,7 @@ def test_requests_within_the_limits_reach_django(credential: tuple[bytes, bytes]
     )
 
 
+@pytest.mark.django_db  # the 401 writes its audit event (apps.accounts.refusals)
 def test_an_upload_within_its_limit_is_read_whole_even_past_the_json_limit(settings: Any) -> None:
     settings.FEDNESTED_MAX_REQUEST_BYTES = MiB
     settings.FEDNESTED_MAX_UPDATE_BYTES = 4 * MiB

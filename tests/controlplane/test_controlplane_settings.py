@@ -90,11 +90,15 @@ def test_celery_has_one_queue_per_job_kind_and_routes_worker_modules() -> None:
     from apps.federation.jobs import JOBS
     from controlplane.celery import app
 
-    assert {queue.name for queue in app.conf.task_queues} == {"aggregation", "evaluation"}
+    assert {queue.name for queue in app.conf.task_queues} == {"aggregation", "evaluation", "schedules", "training"}
     router = app.amqp.router
     # Every job is sent by name alone (apps/federation/jobs.py): the route puts it in the queue of its module.
     routes = {kind: router.route({}, job.task_name, args=(1,), kwargs={})["queue"].name for kind, job in JOBS.items()}
-    assert routes == {"expert_aggregation": "aggregation", "evaluation": "evaluation"}
+    assert routes == {"core_update": "training", "expert_aggregation": "aggregation", "evaluation": "evaluation"}
+    # The outer loop's periodic tasks (apps/schedules/services.py), sent by beat by name alone too.
+    from apps.schedules.services import SCHEDULED_TASKS
+
+    assert {router.route({}, name, args=(), kwargs={})["queue"].name for name in SCHEDULED_TASKS} == {"schedules"}
 
 
 def test_asgi_routes_http_and_websocket() -> None:

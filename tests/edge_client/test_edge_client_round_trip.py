@@ -15,7 +15,7 @@ from safetensors.torch import load
 from edge_client.runner import ClientRunReport, RunOptions, run_client
 from edge_client.sidecar import verify_chain
 from fednested.identity.keys import generate_private_key
-from fednested.messaging.schemas import Telemetry, UpdateEnvelope
+from fednested.messaging.schemas import TelemetryV2, UpdateEnvelope
 from fednested.messaging.topics import Topic
 
 
@@ -91,10 +91,11 @@ def test_device_sends_one_signed_update_then_follows_the_new_champion(
     assert per_layer["0"] == per_layer["1"] == 2 * envelope.metrics["tokens"] > 0
 
     [telemetry] = [m.event for m in kit.drain(bus, Topic.TELEMETRY)]
-    assert isinstance(telemetry, Telemetry)
+    assert isinstance(telemetry, TelemetryV2)  # the data engine's version: the run's tokens, per-domain entries
     assert telemetry.outcome == "succeeded"
     assert telemetry.steps == 3
-    assert telemetry.base_version == "v1"
+    assert telemetry.tokens > 0
+    assert (telemetry.base_version, telemetry.domains) == ("v1", [])
 
     # Version reports, the verified snapshots on disk, and the state directory's current version.
     assert control_plane.heartbeats == [("edge-0001", "v1"), ("edge-0001", "v2")]

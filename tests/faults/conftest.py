@@ -14,10 +14,12 @@ import pytest
 from django.core.management import call_command
 from django.test import override_settings
 from django.utils import timezone
+from django_celery_beat.models import IntervalSchedule, PeriodicTask
 
 from apps.accounts.choices import Role
 from apps.accounts.services import create_user_with_role
 from apps.federation.services import open_round
+from apps.schedules.services import CLOSE_DUE_WINDOWS_TASK
 from fednested.messaging import KafkaBusSettings, TopicsConfig, bootstrap_topics
 from tests.faults.harness import (
     AGGREGATION_TIMEOUT_S,
@@ -89,6 +91,13 @@ def _running_system(root: Path, services: PrivateServices, template: BaseTemplat
         engineer = create_user_with_role(username="erin-engineer", role=Role.ENGINEER, actor=None, actor_label="faults")
         officer = create_user_with_role(username="olivia-officer", role=Role.OFFICER, actor=None, actor_label="faults")
         family, v1 = register_base_version(store, engineer)
+        # The deadline check the beat process fires (tests/faults/harness.py): every second, whatever a flush of the
+        # test database left of the migration's default schedule.
+        every_second, _ = IntervalSchedule.objects.get_or_create(every=1, period=IntervalSchedule.SECONDS)
+        PeriodicTask.objects.update_or_create(
+            name="aggregation-deadlines",
+            defaults={"task": CLOSE_DUE_WINDOWS_TASK, "interval": every_second, "crontab": None, "enabled": True},
+        )
         world = WorkerWorld(root=store, shapes=template.shapes, engineer=engineer, family=family, base=v1)
         devices = [enroll(world, f"fault-car-{index}") for index in range(K)]
         open_round(

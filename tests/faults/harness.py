@@ -51,13 +51,14 @@ REPO = Path(__file__).resolve().parents[2]
 SERVICES_SCRIPT = REPO / "scripts" / "services.sh"
 # A window of two devices' updates: the smallest that still sums more than one update.
 K = 2
-# How long an aggregation may run before the ingest worker's periodic check presumes it lost (its worker died):
-# the production default is hours; here a tiny model's aggregation takes a few seconds.
+# How long an aggregation may run before the deadline check (beat's aggregation-deadlines schedule) presumes it
+# lost (its worker died): the production default is hours; here a tiny model's aggregation takes a few seconds.
 AGGREGATION_TIMEOUT_S = 10
 TRIAL_TIMEOUT_S = 120.0
 READY_MARKERS = {
     "ingest-worker": "ingest worker consuming",
     "celery-worker": " ready.",
+    "celery-beat": "beat: Starting...",
     "relay": "outbox relay started",
 }
 T = TypeVar("T")
@@ -423,7 +424,8 @@ def worker_commands(python: str = sys.executable) -> dict[str, list[str]]:
             "--pool",
             "solo",
             "--queues",
-            "aggregation",
+            # schedules: the deadline check that presumes a killed aggregation lost (apps/schedules).
+            "aggregation,schedules",
             "--hostname",
             f"faults-{uuid.uuid4().hex[:8]}@%h",
             "--loglevel",
@@ -433,6 +435,8 @@ def worker_commands(python: str = sys.executable) -> dict[str, list[str]]:
             "--without-heartbeat",
         ],
     }
+    # Fires the deadline check every 5 s (the aggregation-deadlines schedule the migrations create).
+    commands["celery-beat"] = [python, "-m", "celery", "-A", "controlplane", "beat", "--loglevel", "INFO"]
     if relay_available():
         commands["relay"] = [python, "-m", "workers.relay", "--poll-interval", "0.2"]
     return commands

@@ -6,6 +6,10 @@ The offsets are committed only after the transaction has committed, so a worker 
 batch; the Update rows' unique update ids then turn the second pass into recorded duplicates, never a second apply.
 A message that makes the service raise something unexpected is recorded as refused and committed with the rest, so
 no message can stop the worker; only infrastructure errors (database, artifact store) leave the batch uncommitted.
+
+Windows that become ready without an arrival (a deadline passed) are not this loop's business: the periodic task
+`workers.schedules.close_due_windows_task` closes them, fired by `celery beat`, or in the embedded mode (no broker) by
+the schedule thread `main` starts beside the loop (docs/schedules.md).
 """
 
 import argparse
@@ -19,17 +23,17 @@ from dataclasses import dataclass, field
 from types import FrameType
 
 from django.conf import settings
-from django.utils import timezone
 
 from apps.federation.events import bus_settings
 from apps.federation.identity import refresh_crl_if_due
-from apps.federation.updates import Arrival, UpdateOutcome, enqueue_due_windows, submit_updates
+from apps.federation.updates import Arrival, UpdateOutcome, submit_updates
 from controlplane.metrics.exposition import serve_metrics
 from controlplane.metrics.families import record_outcome
 from controlplane.metrics.lag import ingest_collectors
 from fednested.messaging import Consumer, Message, Topic, UpdateEnvelope, make_bus
 from fednested.messaging.acls import INGEST_GROUP
 from fednested.observability.tracing import traced_batch
+from workers.schedules import start_schedule_thread
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +43,8 @@ DEFAULT_GROUP = INGEST_GROUP
 # offsets are committed — the window the at-least-once design must survive.
 CRASH_POINT_ENV = "FEDNESTED_INGEST_CRASH_POINT"
 CRASH_POINTS = ("after_db_commit",)
-# How often an idle worker looks for windows whose deadline passed or whose awaited candidate was decided.
-DEADLINE_CHECK_INTERVAL_S = 5.0
+# How often the loop asks whether the CRL is due to be signed again (at half its lifetime: a cheap file check).
+CRL_CHECK_INTERVAL_S = 5.0
 # Messages taken per batch: one transaction and one offset commit each. Large enough that the fixed cost of a batch
 # (its locks, window decision and commit round trips) is spread thin; small enough that a batch's transaction stays
 # short and a crash re-reads little (bench/ingest.py measures the effect: docs/benchmarks.md).
@@ -119,15 +123,15 @@ def run_ingest(
     """Consume until `stop` is set, `max_messages` were handled, or nothing arrived for `idle_exit_s` seconds.
 
     Per batch (up to `batch_size` messages: whatever has arrived once the first one is there, so a lone message is
-    never held back): `ingest_batch` (its committed transaction), then one offset commit. Between batches, windows
-    that became ready without an arrival get their aggregation task.
+    never held back): `ingest_batch` (its committed transaction), then one offset commit. Between batches, the CRL
+    is signed again when due.
     """
     if not 1 <= batch_size <= MAX_BATCH_SIZE:
         raise ValueError(f"batch_size must lie in [1, {MAX_BATCH_SIZE}], got {batch_size}")
     stats = IngestStats()
     stop = stop or threading.Event()
     last_message_at = time.monotonic()
-    last_deadline_check = 0.0
+    last_crl_check = 0.0
     while not stop.is_set() and (max_messages is None or stats.messages < max_messages):
         wanted = batch_size if max_messages is None else min(batch_size, max_messages - stats.messages)
         messages = consumer.consume(wanted, poll_timeout_s)
@@ -141,10 +145,9 @@ def run_ingest(
             last_message_at = time.monotonic()
         elif idle_exit_s is not None and time.monotonic() - last_message_at >= idle_exit_s:
             break
-        if time.monotonic() - last_deadline_check >= DEADLINE_CHECK_INTERVAL_S:
-            stats.aggregation_tasks.extend(enqueue_due_windows(timezone.now()))
+        if time.monotonic() - last_crl_check >= CRL_CHECK_INTERVAL_S:
             refresh_crl_if_due()
-            last_deadline_check = time.monotonic()
+            last_crl_check = time.monotonic()
     return stats
 
 
@@ -184,15 +187,23 @@ def main(argv: list[str]) -> int:
     if arguments.metrics_port:
         extra = ingest_collectors(bus_settings(), arguments.group)
         serve_metrics(arguments.metrics_port, settings.FEDNESTED_METRICS_ADDRESS, process="ingest worker", extra=extra)
-    with make_bus(bus_settings()) as bus, bus.consumer(arguments.group, [Topic.UPDATES]) as consumer:
-        logger.info("ingest worker consuming %s as group %s", Topic.UPDATES.value, arguments.group)
-        stats = run_ingest(
-            consumer,
-            stop=stop,
-            max_messages=arguments.max_messages,
-            idle_exit_s=arguments.idle_exit,
-            poll_timeout_s=arguments.poll_timeout,
-            batch_size=arguments.batch_size,
-        )
+    # Without a broker there is no `celery beat`: this process runs the schedule (deadlines, core updates, champion
+    # evaluations) in a thread, as it runs the jobs those create (apps/federation/jobs.py).
+    schedules = start_schedule_thread(stop) if settings.FEDNESTED_JOBS_IN_PROCESS else None
+    try:
+        with make_bus(bus_settings()) as bus, bus.consumer(arguments.group, [Topic.UPDATES]) as consumer:
+            logger.info("ingest worker consuming %s as group %s", Topic.UPDATES.value, arguments.group)
+            stats = run_ingest(
+                consumer,
+                stop=stop,
+                max_messages=arguments.max_messages,
+                idle_exit_s=arguments.idle_exit,
+                poll_timeout_s=arguments.poll_timeout,
+                batch_size=arguments.batch_size,
+            )
+    finally:
+        stop.set()
+        if schedules is not None:
+            schedules.join()
     logger.info("ingest worker stopped after %d messages: %s", stats.messages, stats.by_status)
     return 0

@@ -254,8 +254,18 @@ class TrainingTaskSerializer(serializers.ModelSerializer[TrainingTask]):
             "started_at",
             "finished_at",
             "error",
+            "policy_decisions",
         )
-        read_only_fields = ("id", "status", "created_by", "created_at", "started_at", "finished_at", "error")
+        read_only_fields = (
+            "id",
+            "status",
+            "created_by",
+            "created_at",
+            "started_at",
+            "finished_at",
+            "error",
+            "policy_decisions",
+        )
 
 
 class RejectionSerializer(serializers.Serializer[dict[str, str]]):

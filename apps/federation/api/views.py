@@ -66,6 +66,7 @@ from apps.federation.services import (
     store_update_payload,
 )
 from apps.federation.updates import submit_update
+from apps.governance.actors import Actor
 from apps.registry.storage import artifact_root
 from controlplane.metrics.families import record_outcome
 from controlplane.schema import wire_schema
@@ -160,7 +161,9 @@ class EdgeDeviceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewse
     def revoke(self, request: Request, client_id: str) -> Response:
         serializer = RevokeDeviceSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        device = revoke_device(self.get_object(), actor=request.user, reason=serializer.validated_data["reason"])
+        device = revoke_device(
+            self.get_object(), actor=Actor.of_request(request), reason=serializer.validated_data["reason"]
+        )
         return Response(EdgeDeviceSerializer(device).data)
 
 
@@ -184,7 +187,9 @@ class EnrollmentTokenViewSet(
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
         ttl = timedelta(seconds=data["ttl_seconds"]) if data["ttl_seconds"] else None
-        token, plaintext = issue_enrollment_token(actor=request.user, note=data["note"], domain=data["domain"], ttl=ttl)
+        token, plaintext = issue_enrollment_token(
+            actor=Actor.of_request(request), note=data["note"], domain=data["domain"], ttl=ttl
+        )
         body = dict(EnrollmentTokenSerializer(token).data)
         body["token"] = plaintext
         return Response(body, status=status.HTTP_201_CREATED)
@@ -249,7 +254,7 @@ class RoundViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Ge
             round_id=data.get("round_id"),
             mode=data.get("mode", RoundMode.ASYNC),
             cohort=data.get("cohort", []),
-            actor=request.user,
+            actor=Actor.of_request(request),
         )
         return Response(RoundSerializer(round_).data, status=status.HTTP_201_CREATED)
 
@@ -261,7 +266,7 @@ class RoundViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Ge
         data = serializer.validated_data
         round_ = close_round(
             self.get_object(),
-            actor=request.user,
+            actor=Actor.of_request(request),
             status=RoundStatus.CANCELLED if data["cancel"] else RoundStatus.CLOSED,
             reason=data["reason"],
         )
@@ -310,7 +315,7 @@ class TrainingTaskViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, view
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
         task = create_training_task(
-            kind=data["kind"], params=data.get("params", {}), round_=data.get("round"), actor=request.user
+            kind=data["kind"], params=data.get("params", {}), round_=data.get("round"), actor=Actor.of_request(request)
         )
         return Response(TrainingTaskSerializer(task).data, status=status.HTTP_201_CREATED)
 

@@ -2,7 +2,7 @@
 
 import django_filters
 
-from apps.governance.choices import ApprovalStatus
+from apps.governance.choices import ActorKind, ApprovalStatus
 from apps.governance.models import ApprovalRequest, AuditEvent
 from controlplane.parsers import UtcIsoDateTimeFilter
 
@@ -22,9 +22,10 @@ class AuditEventFilterSet(django_filters.FilterSet):  # type: ignore[misc]  # dj
     object_type = django_filters.CharFilter()
     object_id = django_filters.CharFilter()
     actor_label = django_filters.CharFilter()
+    actor_kind = django_filters.ChoiceFilter(choices=ActorKind.choices)
     created_after = UtcIsoDateTimeFilter(field_name="created_at", lookup_expr="gte")
     created_before = UtcIsoDateTimeFilter(field_name="created_at", lookup_expr="lt")
 
     class Meta:
         model = AuditEvent
-        fields = ("verb", "object_type", "object_id", "actor_label")
+        fields = ("verb", "object_type", "object_id", "actor_label", "actor_kind")

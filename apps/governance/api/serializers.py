@@ -147,6 +147,7 @@ class AuditEventSerializer(serializers.ModelSerializer[AuditEvent]):
             "id",
             "created_at",
             "actor_label",
+            "actor_kind",
             "verb",
             "object_type",
             "object_id",

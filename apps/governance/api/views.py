@@ -14,6 +14,7 @@ from rest_framework.response import Response
 
 from apps.accounts.choices import Role
 from apps.accounts.permissions import EVERY_ROLE_BUT_DEVICE
+from apps.governance.actors import Actor
 from apps.governance.api.filtersets import ApprovalRequestFilterSet, AuditEventFilterSet
 from apps.governance.api.serializers import (
     ApprovalRequestSerializer,
@@ -63,7 +64,7 @@ class ApprovalRequestViewSet(
         serializer = self.get_serializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
-        approval = request_approval(data["version"], actor=request.user, note=data.get("note", ""))
+        approval = request_approval(data["version"], actor=Actor.of_request(request), note=data.get("note", ""))
         return Response(ApprovalRequestSerializer(approval).data, status=status.HTTP_201_CREATED)
 
     @extend_schema(
@@ -79,7 +80,7 @@ class ApprovalRequestViewSet(
         serializer.is_valid(raise_exception=True)
         try:
             approval = approve_version(
-                self.get_object(), actor=request.user, reason=serializer.validated_data["reason"]
+                self.get_object(), actor=Actor.of_request(request), reason=serializer.validated_data["reason"]
             )
         except PromotionHeld as held:
             body = {"detail": str(held), "code": "gate_held", "version": held.version_id, **held.verdict.to_json()}
@@ -93,7 +94,7 @@ class ApprovalRequestViewSet(
         serializer = OverrideInputSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         override = request_gate_override(
-            self.get_object(), actor=request.user, reason=serializer.validated_data["reason"]
+            self.get_object(), actor=Actor.of_request(request), reason=serializer.validated_data["reason"]
         )
         return Response(GateOverrideSerializer(override).data, status=status.HTTP_201_CREATED)
 
@@ -106,7 +107,9 @@ class ApprovalRequestViewSet(
         override = get_object_or_404(
             GateOverride.objects.select_related("request__version"), request=self.get_object(), granted_at=None
         )
-        granted = grant_gate_override(override, actor=request.user, reason=serializer.validated_data["reason"])
+        granted = grant_gate_override(
+            override, actor=Actor.of_request(request), reason=serializer.validated_data["reason"]
+        )
         return Response(GateOverrideSerializer(granted).data)
 
     @extend_schema(request=DecisionInputSerializer, responses=ApprovalRequestSerializer)
@@ -114,7 +117,9 @@ class ApprovalRequestViewSet(
     def reject(self, request: Request, pk: str) -> Response:
         serializer = DecisionInputSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        approval = reject_version(self.get_object(), actor=request.user, reason=serializer.validated_data["reason"])
+        approval = reject_version(
+            self.get_object(), actor=Actor.of_request(request), reason=serializer.validated_data["reason"]
+        )
         return Response(ApprovalRequestSerializer(approval).data)
 
 
@@ -138,7 +143,7 @@ class AuditEventViewSet(viewsets.ReadOnlyModelViewSet[AuditEvent]):
         return audit_export_response(
             events,
             kind=kind,
-            actor=request.user,
+            actor=Actor.of_request(request),
             filters={key: str(value) for key, value in request.query_params.items()},
         )
 

@@ -71,6 +71,12 @@ class ModelVersionSerializer(serializers.ModelSerializer[ModelVersion]):
         "federation's noised aggregations). Null for versions not made by aggregation."
     )
 
+    mlflow = serializers.SerializerMethodField(
+        help_text="Where the MLflow mirror holds the version (docs/mlflow.md): the runs of the jobs that made or "
+        "evaluated it and its registered model version, with MLflow UI links when FEDNESTED_MLFLOW_UI_URL is set; "
+        "empty until the relay has delivered them."
+    )
+
     class Meta:
         model = ModelVersion
         fields = (
@@ -84,6 +90,7 @@ class ModelVersionSerializer(serializers.ModelSerializer[ModelVersion]):
             "artifacts",
             "aliases",
             "aggregation",
+            "mlflow",
             "created_by_label",
             "created_at",
         )
@@ -104,6 +111,42 @@ class ModelVersionSerializer(serializers.ModelSerializer[ModelVersion]):
     )
     def get_aggregation(self, version: ModelVersion) -> dict[str, Any] | None:
         return aggregation_evidence(version.manifest)
+
+    @extend_schema_field(
+        {
+            "type": "object",
+            "properties": {
+                "runs": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "properties": {
+                            "run_id": {"type": "string"},
+                            "task": {"type": "integer", "nullable": True},
+                            "kind": {"type": "string", "nullable": True},
+                            "url": {"type": "string", "nullable": True},
+                        },
+                        "required": ["run_id", "task", "kind", "url"],
+                    },
+                },
+                "model_version": {
+                    "type": "object",
+                    "nullable": True,
+                    "properties": {
+                        "model": {"type": "string"},
+                        "version": {"type": "string", "nullable": True},
+                        "url": {"type": "string", "nullable": True},
+                    },
+                    "required": ["model", "version", "url"],
+                },
+            },
+            "required": ["runs", "model_version"],
+        }
+    )
+    def get_mlflow(self, version: ModelVersion) -> dict[str, Any]:
+        from apps.governance.mlflow_sync import mlflow_links
+
+        return mlflow_links(version)
 
 
 class ArtifactInputSerializer(serializers.Serializer[dict[str, Any]]):

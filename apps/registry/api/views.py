@@ -25,6 +25,7 @@ from rest_framework.response import Response
 from apps.accounts.choices import Role
 from apps.accounts.permissions import EVERY_ROLE_BUT_DEVICE
 from apps.accounts.roles import role_of
+from apps.governance.actors import Actor
 from apps.registry.api.alias_representations import alias_representation
 from apps.registry.api.filtersets import ModelFamilyFilterSet, ModelVersionFilterSet
 from apps.registry.api.serializers import (
@@ -92,7 +93,7 @@ class ModelFamilyViewSet(
             architecture=data["architecture"],
             config=data.get("config") or {},
             description=data.get("description", ""),
-            actor=request.user,
+            actor=Actor.of_request(request),
         )
         return Response(ModelFamilySerializer(family).data, status=status.HTTP_201_CREATED)
 
@@ -157,7 +158,7 @@ class ModelVersionViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, view
             datasets=data["datasets"],
             runs=data["runs"],
             contributing_updates=data["contributing_updates"],
-            actor=request.user,
+            actor=Actor.of_request(request),
         )
         return Response(ModelVersionSerializer(self.get_queryset().get(pk=version.pk)).data, status=201)
 
@@ -307,5 +308,5 @@ class AliasViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Ge
             raise PermissionDenied("the champion alias moves only when an officer approves an approval request")
         serializer = AliasMoveSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        alias = move_alias(name=name, version=serializer.validated_data["version"], actor=request.user)
+        alias = move_alias(name=name, version=serializer.validated_data["version"], actor=Actor.of_request(request))
         return Response(AliasSerializer(self.get_queryset().get(pk=alias.pk)).data)

@@ -107,20 +107,21 @@ def test_an_aggregation_with_a_bad_round_or_params_is_a_400_naming_the_field(
     assert TrainingTask.objects.count() == before == 0
 
 
-def test_a_kind_that_no_worker_runs_is_refused(world: WorkerWorld, engineer: APIClient) -> None:
-    # core_update is in the wire schema, but nothing on the control plane runs it: a task would stay pending forever.
+def test_a_core_update_without_datasets_is_a_400_naming_the_param(world: WorkerWorld, engineer: APIClient) -> None:
+    # The rest of core_update's params and settings: tests/workers/test_core_update_task.py.
     response = post_task(engineer, {"kind": "core_update", "params": {}})
     assert response.status_code == 400
-    assert response.json()["kind"] == [
-        "no worker runs core_update tasks on this control plane: create one of expert_aggregation, evaluation"
+    assert response.json()["params"] == [
+        "datasets: required — Tier-1 JSONL datasets: paths inside the artifact store (relative or artifacts://), each "
+        "read only if the dataset policies (FEDNESTED_DATASET_POLICIES) allow the job's service principal."
     ]
     assert not TrainingTask.objects.exists()
-    assert TaskKind.CORE_UPDATE not in JOBS
 
 
 def test_every_job_kind_names_a_registered_worker_task() -> None:
     celery_app.loader.import_default_modules()
     assert {kind: job.task_name in celery_app.tasks for kind, job in JOBS.items()} == {
+        TaskKind.CORE_UPDATE: True,
         TaskKind.EXPERT_AGGREGATION: True,
         TaskKind.EVALUATION: True,
     }

@@ -100,6 +100,8 @@ def test_an_edited_payload_actor_action_or_time_is_detected_at_its_link(
         {"actor_label": "olivia-officer"},
         {"verb": "governance.approval.approved"},
         {"object_id": "42"},
+        {"object_type": "accounts.user"},
+        {"actor_kind": "person"},
     ]
     for edit in edits:
         target = events[2]
@@ -143,6 +145,35 @@ def test_reordered_events_are_detected(record: Callable[..., list[AuditEvent]]) 
     assert not report.ok
     assert report.broken_seq == 2
     assert report.broken_event_id == second.pk
+
+
+def test_an_event_moved_to_the_end_swapped_contents_and_the_first_event_deleted_are_detected(
+    record: Callable[..., list[AuditEvent]],
+) -> None:
+    events = record(5)
+    # An event moved after the last one: a gap where it was.
+    AuditEvent.objects.filter(pk=events[2].pk).update(seq=6)
+    report = verify_chain()
+    assert (report.ok, report.broken_seq) == (False, 3)
+    AuditEvent.objects.filter(pk=events[2].pk).update(seq=3)
+    assert verify_chain().ok
+
+    # Two events' contents swapped while each keeps its place and hashes: both links stop matching, the first named.
+    fields = ("actor_label", "actor_kind", "verb", "data", "created_at")
+    one, two = (AuditEvent.objects.filter(pk=e.pk).values(*fields).get() for e in (events[1], events[3]))
+    AuditEvent.objects.filter(pk=events[1].pk).update(**two)
+    AuditEvent.objects.filter(pk=events[3].pk).update(**one)
+    report = verify_chain()
+    assert (report.ok, report.broken_seq, report.broken_event_id) == (False, 2, events[1].pk)
+    AuditEvent.objects.filter(pk=events[1].pk).update(**one)
+    AuditEvent.objects.filter(pk=events[3].pk).update(**two)
+    assert verify_chain().ok
+
+    # The first link deleted: the chain must start at seq 1.
+    AuditEvent.objects.filter(pk=events[0].pk).delete()
+    report = verify_chain()
+    assert (report.ok, report.broken_seq, report.events) == (False, 1, 0)
+    assert "seq 1 is missing" in (report.broken or "")
 
 
 def _rewrite_chain() -> None:

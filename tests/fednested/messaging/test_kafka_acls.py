@@ -45,6 +45,7 @@ from fednested.messaging import (
 )
 from fednested.messaging.acls import (
     CONTROL_PLANE_PRINCIPAL,
+    DATAENGINE_GROUP,
     DEVICE_PRINCIPAL,
     EDGE_GROUP_PREFIX,
     INGEST_GROUP,
@@ -71,8 +72,12 @@ def test_federation_acls_are_exactly_what_the_producers_and_consumers_need() -> 
     literal, prefixed = Pattern.LITERAL, Pattern.PREFIXED
     read, write = Operation.READ, Operation.WRITE
     assert acls == [
+        KafkaAcl(control_plane, group, "fednested-dataengine", literal, read),
         KafkaAcl(control_plane, group, "fednested-ingest", literal, read),
         KafkaAcl(control_plane, topic, "staging.control.federation_rounds", literal, write),
+        KafkaAcl(control_plane, topic, "staging.tasks.training", literal, read),
+        KafkaAcl(control_plane, topic, "staging.tasks.training", literal, write),
+        KafkaAcl(control_plane, topic, "staging.telemetry.edge", literal, read),
         KafkaAcl(control_plane, topic, "staging.updates.experts.local", literal, read),
         KafkaAcl(device, group, "edge-", prefixed, read),
         KafkaAcl(device, topic, "staging.control.federation_rounds", literal, read),
@@ -86,6 +91,12 @@ def test_the_ingest_group_is_the_one_the_ingest_worker_joins() -> None:
     from workers.ingest.consumer import DEFAULT_GROUP
 
     assert INGEST_GROUP == DEFAULT_GROUP
+
+
+def test_the_dataengine_group_is_the_one_the_telemetry_worker_joins() -> None:
+    from workers.telemetry.consumer import DEFAULT_GROUP
+
+    assert DATAENGINE_GROUP == DEFAULT_GROUP
 
 
 def test_tls_settings_need_certificate_and_key_together_and_a_ca(tmp_path: Path) -> None:
@@ -280,7 +291,7 @@ def _first_error_code(consumer: RawConsumer) -> int:
 
 def test_a_device_cannot_use_topics_it_has_no_part_in(broker: TlsBroker, device: tuple[str, Identity]) -> None:
     client_id, identity = device
-    # tasks.training has no ACL at all: the broker hides it, and the bus says why it cannot be found.
+    # tasks.training is the control plane's alone: the broker hides it from devices, and the bus says why.
     denied = r"topic authorization failed for acl-\w+\.tasks\.training: the broker's ACLs"
     with make_bus(broker.settings(identity)) as bus, pytest.raises(BusError, match=denied):
         bus.consumer(f"{EDGE_GROUP_PREFIX}{client_id}", [Topic.TASKS])

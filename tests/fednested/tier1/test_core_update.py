@@ -427,3 +427,66 @@ def test_the_plan_resolves_frozen_gates_layers_and_expert_slices(world: dict[str
     ]
     assert plan.safeguards.fisher_path is None
     assert CoreUpdatePlan.from_json(plan.to_json()) == plan
+
+
+def test_cli_decides_each_dataset_by_policy_before_reading_it(world: dict[str, Any], tmp_path: Path) -> None:
+    """`core_update.dataset_policies` in the config: a denied dataset stops the run before any file is read (the
+    denied one does not even exist), naming the deciding policy; a policy file that is not Ranger JSON stops it too."""
+    store = tmp_path / "store"
+    (store / "datasets").mkdir(parents=True)
+    allowed = store / "datasets" / "tier1.jsonl"
+    allowed.write_bytes(world["data"].read_bytes())
+    policies = tmp_path / "policies.json"
+    policies.write_text(
+        json.dumps(
+            [
+                {
+                    "id": 3,
+                    "name": "tier1-read",
+                    "resources": {"dataset": {"values": ["/datasets"], "isRecursive": True}},
+                    "policyItems": [{"accesses": [{"type": "read"}], "users": ["svc-a"], "groups": ["ml"]}],
+                    "denyPolicyItems": [{"accesses": [{"type": "read"}], "users": ["svc-a"]}],
+                    "denyExceptions": [{"accesses": [{"type": "read"}], "roles": ["curator"]}],
+                }
+            ]
+        )
+    )
+
+    def run(principal: str, roles: list[str], files: list[Path]) -> Any:
+        config_path = tmp_path / "tier1.yaml"
+        config_path.write_text(
+            json.dumps(
+                {
+                    "kind": "tier1",
+                    "training": {"train_files": [str(path) for path in files], "max_steps": 1},
+                    "core_update": {
+                        "champion_dir": str(world["champion"]),
+                        "output_dir": str(tmp_path / "versions"),
+                        "dataset_policies": str(policies),
+                        "principal": principal,
+                        "principal_roles": roles,
+                        "fault_injection": {"rank": 3, "after_step": 0},  # refused right after the datasets
+                    },
+                    "storage": {"artifact_root": str(store), "checkpoint_dir": str(tmp_path / "runs")},
+                }
+            )
+        )
+        return CliRunner().invoke(app, ["tier1", "core-update", "--config", str(config_path)])
+
+    absent = store / "datasets" / "absent.jsonl"
+    denied = run("svc-a", [], [allowed, absent])
+    assert denied.exit_code == 1, denied.output
+    assert "dataset access denied before reading" in denied.stderr
+    assert "/datasets/tier1.jsonl: policy 3 'tier1-read' denyPolicyItems[0] denies read" in denied.stderr
+    assert "does not exist" not in denied.stderr
+    # svc-a as a curator: the deny exception lifts the deny, the allow item (its user) allows; the run goes on to
+    # the next check (the datasets were read), which refuses the fault injection's rank
+    excepted = run("svc-a", ["curator"], [allowed])
+    assert excepted.exit_code == 1, excepted.output
+    assert "fault_injection.rank 3 does not exist" in excepted.stderr
+    policies.write_text('{"policies": [{"name": "x", "policyItems": [{"accesses": [{"type": "delete"}]}]}]}')
+    broken = run("svc-a", [], [allowed])
+    assert broken.exit_code == 1
+    assert "core_update.dataset_policies:" in broken.stderr
+    assert "policies.json: $.policies[0].resources: expected an object, got null" in broken.stderr
+    assert _leftovers(tmp_path / "versions") == []

@@ -8,6 +8,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from apps.accounts.choices import Role
 from apps.accounts.services import create_user_with_role, issue_api_token
+from apps.governance.actors import Actor
 
 
 class Command(BaseCommand):
@@ -29,18 +30,17 @@ class Command(BaseCommand):
                 password = options["password_file"].read_text(encoding="utf-8").strip()
             except OSError as exc:
                 raise CommandError(f"--password-file {options['password_file']}: {exc}") from exc
-        label = "manage.py create_user"
+        command = Actor.automation("manage.py create_user")
         try:
             user = create_user_with_role(
                 username=options["username"],
                 role=options["role"],
                 email=options["email"],
                 password=password,
-                actor=None,
-                actor_label=label,
+                actor=command,
             )
             if options["token"]:
-                _, plaintext = issue_api_token(user, actor=None, actor_label=label, name=options["token"])
+                _, plaintext = issue_api_token(user, actor=command, name=options["token"])
         except ValidationError as exc:
             raise CommandError("; ".join(f"{k}: {' '.join(v)}" for k, v in exc.message_dict.items())) from exc
         self.stderr.write(f"created {user.username} with role {user.role}")
