@@ -103,6 +103,7 @@ def prepare(artifacts: Path, payload_path: Path, devices: int, runs: Sequence[st
     from apps.demo.bootstrap import BootstrapConfig, build_first_version, demo_corpus
     from apps.demo.run import register_first_version
     from apps.federation.services import issue_enrollment_token
+    from apps.governance.actors import Actor
     from apps.governance.services import approve_version, request_approval
     from apps.registry.api.serializers import AliasSerializer
     from apps.registry.models import Alias
@@ -112,8 +113,8 @@ def prepare(artifacts: Path, payload_path: Path, devices: int, runs: Sequence[st
     from fednested.models import build_model
 
     call_command("migrate", verbosity=0)
-    officer = create_user_with_role(username="olivia", role=Role.OFFICER, actor=None, actor_label="bench")
-    engineer = create_user_with_role(username="eric", role=Role.ENGINEER, actor=None, actor_label="bench")
+    officer = create_user_with_role(username="olivia", role=Role.OFFICER, actor=Actor.automation("bench"))
+    engineer = create_user_with_role(username="eric", role=Role.ENGINEER, actor=Actor.automation("bench"))
     config = BootstrapConfig(train_samples=8, heldout_samples=2, vocab_size=512, pretrain_steps=0)
     first = build_first_version(demo_corpus(config), config, artifacts / "versions" / "v1")
     version = register_first_version(first, engineer)

@@ -24,6 +24,7 @@ from apps.accounts.services import create_user_with_role, issue_api_token
 from apps.federation.choices import UpdateStatus
 from apps.federation.models import EdgeDevice, Round, Update
 from apps.federation.services import enroll_device, issue_enrollment_token, open_round
+from apps.governance.actors import Actor
 from apps.registry.choices import ArtifactPartition
 from apps.registry.models import ModelFamily, ModelVersion
 from apps.registry.services import ArtifactSpec, create_model_family, register_version
@@ -52,8 +53,8 @@ def _client(token: str) -> APIClient:
 
 
 def make_user(username: str, role: str) -> tuple[User, str]:
-    user = create_user_with_role(username=username, role=role, actor=None, actor_label="tests")
-    _, token = issue_api_token(user, actor=None, actor_label="tests", name="tests")
+    user = create_user_with_role(username=username, role=role, actor=Actor.automation("tests"))
+    _, token = issue_api_token(user, actor=Actor.automation("tests"), name="tests")
     return user, token
 
 
@@ -199,8 +200,7 @@ def version_factory(db: Any) -> Callable[..., ModelVersion]:
             parent=parent,
             datasets=["synthetic-automotive-v1"],
             runs=[f"run-{version_id}"],
-            actor=actor,
-            actor_label="tests" if actor is None else "",
+            actor=Actor.automation("tests") if actor is None else actor,
         )
 
     return build

@@ -64,6 +64,7 @@ from apps.federation.services import (
     revoke_device,
     store_update_payload,
 )
+from apps.governance.actors import Actor
 from apps.governance.choices import ApprovalStatus
 from apps.governance.models import ApprovalRequest, AuditEvent
 from apps.governance.services import approve_version, request_approval
@@ -307,10 +308,10 @@ def control_plane(transactional_db: Any, live_server: Any, settings: Any, tmp_pa
         "PYTHONPATH": os.pathsep.join([str(django_settings.BASE_DIR), *filter(None, [os.environ.get("PYTHONPATH")])]),
         "PYTHONUNBUFFERED": "1",
     }
-    officer = create_user_with_role(username="olivia", role=Role.OFFICER, actor=None, actor_label="e2e")
-    _, officer_token = issue_api_token(officer, actor=None, actor_label="e2e", name="e2e")
-    engineer = create_user_with_role(username="eric", role=Role.ENGINEER, actor=None, actor_label="e2e")
-    _, engineer_token = issue_api_token(engineer, actor=None, actor_label="e2e", name="e2e")
+    officer = create_user_with_role(username="olivia", role=Role.OFFICER, actor=Actor.automation("e2e"))
+    _, officer_token = issue_api_token(officer, actor=Actor.automation("e2e"), name="e2e")
+    engineer = create_user_with_role(username="eric", role=Role.ENGINEER, actor=Actor.automation("e2e"))
+    _, engineer_token = issue_api_token(engineer, actor=Actor.automation("e2e"), name="e2e")
     with running_haproxy(proxy_options, tmp_path / "haproxy") as proxy:
         plane = ControlPlane(
             root=tmp_path,

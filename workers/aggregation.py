@@ -31,7 +31,7 @@ from django.core.exceptions import ValidationError
 from django.db import InterfaceError, OperationalError, transaction
 from opentelemetry.trace import Span
 
-from apps.federation.choices import DeviceStatus, RoundStatus, TaskKind, TaskStatus, UpdateStatus
+from apps.federation.choices import DeviceStatus, RoundStatus, TaskKind, TaskStatus, UpdateStatus, task_run_ref
 from apps.federation.jobs import AggregationParams
 from apps.federation.models import Round, TrainingTask, Update
 from apps.federation.payloads import adapter_config_of, checked_payload_path
@@ -58,6 +58,7 @@ from apps.federation.services import (
     start_training_task,
 )
 from apps.federation.windows import buffered_updates, champion_version, round_settings, staleness_of
+from apps.governance.actors import Actor
 from apps.registry.models import ModelVersion
 from apps.registry.services import register_saved_version
 from apps.registry.storage import artifact_path, artifact_root, redact_store_paths
@@ -83,7 +84,7 @@ from fednested.observability.tracing import resumed_span
 
 logger = logging.getLogger(__name__)
 
-ACTOR_LABEL = "worker:aggregation"
+ACTOR = Actor.automation("worker:aggregation")
 # How many of a device's latest decided updates its reliability and its claim history are read from.
 HISTORY_LENGTH = 20
 # Updates whose traces the aggregation span links to, at most (the latest ones; the SDK keeps 128 links by default).
@@ -275,7 +276,7 @@ def _without_duplicates(contributions: list[Contribution], rejected: dict[str, s
             contribution.update,
             RejectionCode.DUPLICATE_UPDATE.value,
             f"at aggregation: its adapters are identical to {where}",
-            actor_label=ACTOR_LABEL,
+            actor=ACTOR,
         )
         rejected[contribution.update.update_id] = RejectionCode.DUPLICATE_UPDATE.value
     return kept
@@ -392,7 +393,7 @@ def aggregate_round(task: TrainingTask) -> AggregationOutcome | None:
         raise ValueError(f"task {task.pk}: an expert_aggregation task needs a round")
     # Read before the window is claimed, so that a bad row fails without holding the window.
     params = AggregationParams.of(task)
-    if not claim_round_for_aggregation(round_, actor_label=ACTOR_LABEL, task_pk=task.pk):
+    if not claim_round_for_aggregation(round_, actor=ACTOR, task_pk=task.pk):
         logger.info("round %s is %s; task %s leaves it alone", round_.round_id, round_.status, task.pk)
         return None
     _crash_if_asked("after_claim")
@@ -404,7 +405,7 @@ def aggregate_round(task: TrainingTask) -> AggregationOutcome | None:
         reopen_round_after_failure(
             round_,
             reason=redact_store_paths(f"task {task.pk}: {type(error).__name__}: {error}", artifact_root()),
-            actor_label=ACTOR_LABEL,
+            actor=ACTOR,
             task_pk=task.pk,
         )
         raise
@@ -437,7 +438,7 @@ def _aggregate_claimed_round(task: TrainingTask, round_: Round, params: Aggregat
         try:
             contributions.append(contribution_of(update, settings_=settings_, champion=champion, store=store))
         except UpdateRejected as rejection:
-            reject_update(update, rejection.code.value, f"at aggregation: {rejection.message}", actor_label=ACTOR_LABEL)
+            reject_update(update, rejection.code.value, f"at aggregation: {rejection.message}", actor=ACTOR)
             rejected[update.update_id] = rejection.code.value
     contributions = _without_duplicates(contributions, rejected)
     # Read once: the budget check and the candidate's ε both compose over it (one aggregation runs at a time).
@@ -449,15 +450,14 @@ def _aggregate_claimed_round(task: TrainingTask, round_: Round, params: Aggregat
                 contribution.update,
                 RejectionCode.PRIVACY_BUDGET_SPENT.value,
                 f"at aggregation: {privacy_refusal}",
-                actor_label=ACTOR_LABEL,
+                actor=ACTOR,
             )
             rejected[contribution.update.update_id] = RejectionCode.PRIVACY_BUDGET_SPENT.value
         with transaction.atomic():
             # The series stops here: every next window would be refused the same way until an operator acts.
             close_round(
                 round_,
-                actor=None,
-                actor_label=ACTOR_LABEL,
+                actor=ACTOR,
                 status=RoundStatus.CANCELLED,
                 reason=f"privacy budget: {privacy_refusal}; the series stops",
             )
@@ -466,12 +466,11 @@ def _aggregate_claimed_round(task: TrainingTask, round_: Round, params: Aggregat
         with transaction.atomic():
             close_round(
                 round_,
-                actor=None,
-                actor_label=ACTOR_LABEL,
+                actor=ACTOR,
                 status=RoundStatus.CANCELLED,
                 reason=f"no buffered update passed re-validation ({len(rejected)} rejected)",
             )
-            continue_series(round_, base_version=champion, actor_label=ACTOR_LABEL)
+            continue_series(round_, base_version=champion, actor=ACTOR)
         return AggregationOutcome(round_.round_id, None, (), rejected, {}, {})
     version_id = candidate_version_id(round_)
     if ModelVersion.objects.filter(version_id=version_id).exists():
@@ -603,30 +602,28 @@ def _register_candidate(
         version = register_saved_version(
             directory,
             family=champion.family,
-            actor=None,
-            actor_label=ACTOR_LABEL,
+            actor=ACTOR,
             parent=champion,
-            runs=[f"aggregation-task-{task.pk}"],
+            runs=[task_run_ref(TaskKind.EXPERT_AGGREGATION, task.pk)],
             contributing_updates=applied,
         )
         updates = [contribution.update for contribution in contributions]
-        mark_updates_applied(updates, version=version, actor_label=ACTOR_LABEL)
+        mark_updates_applied(updates, version=version, actor=ACTOR)
         for contribution in contributions:
             Update.objects.filter(pk=contribution.update.pk).update(
                 staleness=contribution.facts.staleness, content_digest=contribution.content_digest
             )
         close_round(
             round_,
-            actor=None,
-            actor_label=ACTOR_LABEL,
+            actor=ACTOR,
             reason=f"aggregated {len(applied)} updates onto {champion.version_id} into {version_id}",
         )
         Round.objects.filter(pk=round_.pk).update(candidate=version, record=record)
-        continue_series(round_, base_version=champion, actor_label=ACTOR_LABEL)
+        continue_series(round_, base_version=champion, actor=ACTOR)
         try:
             create_training_task(
                 kind=TaskKind.EVALUATION,
-                actor=None,
+                actor=Actor.automation(),
                 round_=round_,
                 params={"version_id": version_id},
             )
@@ -676,7 +673,7 @@ def aggregation_span(task: TrainingTask) -> AbstractContextManager[Span]:
 )
 def aggregate_round_task(task_pk: int) -> str | None:
     """Run TrainingTask `task_pk` (kind expert_aggregation); returns the candidate's version id, if one was made."""
-    if not start_training_task(task_pk, actor_label=ACTOR_LABEL):
+    if not start_training_task(task_pk, actor=ACTOR):
         logger.info("training task %s is not pending; another worker has it", task_pk)
         return None
     task = TrainingTask.objects.select_related("round__base_version__family").get(pk=task_pk)
@@ -686,8 +683,8 @@ def aggregate_round_task(task_pk: int) -> str | None:
     except Exception as error:
         # The task's error is shown through the API: files by their place in the store, not the server's path.
         message = redact_store_paths(f"{type(error).__name__}: {error}", artifact_root())
-        fail_training_task(task_pk, error=message, actor_label=ACTOR_LABEL)
+        fail_training_task(task_pk, error=message, actor=ACTOR)
         raise
     _crash_if_asked("after_register")
-    finish_training_task(task_pk, actor_label=ACTOR_LABEL)
+    finish_training_task(task_pk, actor=ACTOR)
     return outcome.version_id if outcome is not None else None

@@ -19,6 +19,7 @@ from apps.accounts.services import system_user
 from apps.federation.jobs import EvaluationParams, heldout_files
 from apps.federation.models import TrainingTask
 from apps.federation.services import fail_training_task, finish_training_task, start_training_task
+from apps.governance.actors import Actor
 from apps.governance.gate import gate_verdict
 from apps.governance.models import ApprovalRequest
 from apps.governance.services import REQUESTER_ROLES, request_approval
@@ -34,7 +35,7 @@ from fednested.evaluation.domains import DomainEval, EvalConfig, evaluate_domain
 from fednested.evaluation.forgetting import ForgettingReport, forgetting_report
 from fednested.observability.tracing import resumed_span
 
-ACTOR_LABEL = "worker:evaluation"
+ACTOR = Actor.automation("worker:evaluation")
 
 
 def heldout_sets(directory: Path) -> dict[str, list[Record]]:
@@ -156,8 +157,8 @@ def evaluate_candidate(task: TrainingTask) -> ApprovalRequest | None:
     report, sources = lineage_report(version, scores, parent_scores, records, config, heldout_uri)
     requester = approval_requester(task)
     with transaction.atomic():
-        record_version_evaluation(version, rows, actor_label=ACTOR_LABEL, heldout=heldout_uri)
-        record_forgetting_report(version, report, heldout=heldout_uri, actor_label=ACTOR_LABEL, scored=sources)
+        record_version_evaluation(version, rows, actor=ACTOR, heldout=heldout_uri)
+        record_forgetting_report(version, report, heldout=heldout_uri, actor=ACTOR, scored=sources)
         if version.status != VersionStatus.CANDIDATE:
             return None
         lines = [
@@ -166,7 +167,7 @@ def evaluate_candidate(task: TrainingTask) -> ApprovalRequest | None:
             for row in rows
         ]
         round_id = task.round.round_id if task.round is not None else None
-        note = f"Aggregated by {ACTOR_LABEL} from round {round_id}. Held-out: " + "; ".join(lines)
+        note = f"Aggregated by {ACTOR.label} from round {round_id}. Held-out: " + "; ".join(lines)
         if report.average_forgetting is not None:
             note += (
                 f". Average forgetting {report.average_forgetting:.4f} nats, backward transfer "
@@ -189,7 +190,7 @@ def evaluate_candidate(task: TrainingTask) -> ApprovalRequest | None:
 def evaluate_version_task(task_pk: int) -> int | None:
     """Run TrainingTask `task_pk` (kind evaluation); returns the approval request's pk (None: not this worker's, or
     a version that is no candidate)."""
-    if not start_training_task(task_pk, actor_label=ACTOR_LABEL):
+    if not start_training_task(task_pk, actor=ACTOR):
         return None
     task = TrainingTask.objects.select_related("round__opened_by").get(pk=task_pk)
     try:
@@ -199,7 +200,7 @@ def evaluate_version_task(task_pk: int) -> int | None:
     except Exception as error:
         # The task's error is shown through the API: files by their place in the store, not the server's path.
         message = redact_store_paths(f"{type(error).__name__}: {error}", artifact_root())
-        fail_training_task(task_pk, error=message, actor_label=ACTOR_LABEL)
+        fail_training_task(task_pk, error=message, actor=ACTOR)
         raise
-    finish_training_task(task_pk, actor_label=ACTOR_LABEL)
+    finish_training_task(task_pk, actor=ACTOR)
     return request.pk if request is not None else None

@@ -25,11 +25,12 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import InterfaceError, OperationalError, transaction
 
-from apps.federation.choices import TaskKind
+from apps.federation.choices import TaskKind, task_run_ref
 from apps.federation.jobs import CoreUpdateParams
 from apps.federation.models import TrainingTask
 from apps.federation.services import create_training_task, fail_training_task, finish_training_task, start_training_task
 from apps.federation.windows import champion_version
+from apps.governance.actors import Actor
 from apps.governance.audit import record_audit_event
 from apps.registry.models import ModelVersion
 from apps.registry.services import register_saved_version
@@ -42,7 +43,7 @@ from fednested.tier1.access import decide_dataset_access, require_allowed
 
 logger = logging.getLogger(__name__)
 
-ACTOR_LABEL = "worker:training"
+ACTOR = Actor.automation("worker:training")
 POLICY_DECISION_VERB = "governance.policy.decision"
 CORE_UPDATE_KIND = "core_update"
 # Where a core update's run folder (plan, rank logs, trained delta, metrics) is kept once it succeeded.
@@ -85,7 +86,7 @@ def record_policy_decisions(task_pk: int, decisions: list[Decision]) -> None:
     TrainingTask.objects.filter(pk=task_pk).update(policy_decisions=documents)
     task = TrainingTask.objects.get(pk=task_pk)
     for document in documents:
-        record_audit_event(actor=None, actor_label=ACTOR_LABEL, verb=POLICY_DECISION_VERB, target=task, data=document)
+        record_audit_event(actor=ACTOR, verb=POLICY_DECISION_VERB, target=task, data=document)
 
 
 def _checked_access(task: TrainingTask, datasets: list[Path], store: Path) -> None:
@@ -153,6 +154,7 @@ def core_update(task: TrainingTask) -> ModelVersion:
             edge_aggregates=[artifact_path(version.artifact_uri, store) for version in aggregates],
             version_id=version_id,
             parent_version=champion.version_id,
+            lineage_store=store,
         )
         version = _register_candidate(task, result, champion, store)
     finally:
@@ -175,7 +177,8 @@ def _register_candidate(
     """The one transaction that makes the candidate real: its folder moved into versions/, registered with its
     datasets and run, and an evaluation task created for it; the folder goes again if any of that fails."""
     directory = store / "versions" / result.version_id
-    # `artifacts://<path>#sha256=<hex>`: at most 200 characters, as a lineage edge holds (MAX_DATASET_PARAM_CHARS).
+    # `artifacts://<path>#sha256=<hex>` (the lineage names files store-relative: run_core_update's lineage_store):
+    # at most 200 characters, as a lineage edge holds (MAX_DATASET_PARAM_CHARS).
     datasets = [f"{entry['path']}#sha256={entry['sha256']}" for entry in result.lineage["datasets"]]
     with transaction.atomic():
         if directory.exists():
@@ -185,14 +188,15 @@ def _register_candidate(
             version = register_saved_version(
                 directory,
                 family=champion.family,
-                actor=None,
-                actor_label=ACTOR_LABEL,
+                actor=ACTOR,
                 parent=champion,
-                datasets=[redact_store_paths(ref, store) for ref in datasets],
-                runs=[f"core-update-task-{task.pk}"],
+                datasets=datasets,
+                runs=[task_run_ref(TaskKind.CORE_UPDATE, task.pk)],
             )
             try:
-                create_training_task(kind=TaskKind.EVALUATION, actor=None, params={"version_id": version.version_id})
+                create_training_task(
+                    kind=TaskKind.EVALUATION, actor=Actor.automation(), params={"version_id": version.version_id}
+                )
             except ValidationError as error:
                 # The candidate stands; only its evaluation cannot start (e.g. no held-out sets in the store yet).
                 logger.error(
@@ -217,7 +221,7 @@ def _register_candidate(
 )
 def run_core_update_task(task_pk: int) -> str | None:
     """Run TrainingTask `task_pk` (kind core_update); returns the candidate's version id (None: not this worker's)."""
-    if not start_training_task(task_pk, actor_label=ACTOR_LABEL):
+    if not start_training_task(task_pk, actor=ACTOR):
         logger.info("training task %s is not pending; another worker has it", task_pk)
         return None
     task = TrainingTask.objects.get(pk=task_pk)
@@ -227,7 +231,7 @@ def run_core_update_task(task_pk: int) -> str | None:
     except Exception as error:
         # Shown through the API: files by their place in the store, not the server's path; a rank's log tail kept.
         message = redact_store_paths(f"{type(error).__name__}: {error}", artifact_root())
-        fail_training_task(task_pk, error=message, actor_label=ACTOR_LABEL)
+        fail_training_task(task_pk, error=message, actor=ACTOR)
         raise
-    finish_training_task(task_pk, actor_label=ACTOR_LABEL)
+    finish_training_task(task_pk, actor=ACTOR)
     return str(version.version_id)

@@ -31,7 +31,7 @@ def _check_role(role: str) -> Role | str:
 
 @transaction.atomic
 def create_user_with_role(
-    *, username: str, role: str, actor: ActorLike, email: str = "", password: str | None = None, actor_label: str = ""
+    *, username: str, role: str, actor: ActorLike, email: str = "", password: str | None = None
 ) -> User:
     """A new active user with `role` ('' for none); without a password it can only authenticate with API tokens."""
     checked_role = _check_role(role)
@@ -44,9 +44,7 @@ def create_user_with_role(
         user.set_unusable_password()
     user.full_clean()
     user.save()
-    record_audit_event(
-        actor=actor, actor_label=actor_label, verb="accounts.user.created", target=user, data={"role": checked_role}
-    )
+    record_audit_event(actor=actor, verb="accounts.user.created", target=user, data={"role": checked_role})
     return user
 
 
@@ -64,7 +62,7 @@ def set_user_role(user: User, role: str, *, actor: ActorLike) -> User:
 
 
 @transaction.atomic
-def issue_api_token(user: User, *, actor: ActorLike, name: str, actor_label: str = "") -> tuple[ApiToken, str]:
+def issue_api_token(user: User, *, actor: ActorLike, name: str) -> tuple[ApiToken, str]:
     """A new API token for `user`: the row and the plaintext, which is never stored and cannot be shown again."""
     if not name.strip():
         raise ValidationError({"name": "an API token needs a name saying what it is for"})
@@ -74,7 +72,6 @@ def issue_api_token(user: User, *, actor: ActorLike, name: str, actor_label: str
     )
     record_audit_event(
         actor=actor,
-        actor_label=actor_label,
         verb="accounts.api_token.issued",
         target=token,
         data={"user": user.username, "name": token.name, "key_prefix": token.key_prefix},
@@ -83,14 +80,13 @@ def issue_api_token(user: User, *, actor: ActorLike, name: str, actor_label: str
 
 
 @transaction.atomic
-def revoke_api_token(token: ApiToken, *, actor: ActorLike, actor_label: str = "") -> bool:
+def revoke_api_token(token: ApiToken, *, actor: ActorLike) -> bool:
     """Revoke one token; False (and no audit row) when it was already revoked."""
     revoked = ApiToken.objects.filter(pk=token.pk, revoked_at__isnull=True).update(revoked_at=timezone.now())
     token.refresh_from_db(fields=["revoked_at"])
     if revoked:
         record_audit_event(
             actor=actor,
-            actor_label=actor_label,
             verb="accounts.api_token.revoked",
             target=token,
             data={"user": token.user.username, "key_prefix": token.key_prefix},
@@ -99,15 +95,13 @@ def revoke_api_token(token: ApiToken, *, actor: ActorLike, actor_label: str = ""
 
 
 @transaction.atomic
-def deactivate_user(user: User, *, actor: ActorLike, reason: str, actor_label: str = "") -> User:
+def deactivate_user(user: User, *, actor: ActorLike, reason: str) -> User:
     """Sign `user` out for good: inactive, every API token revoked."""
     User.objects.filter(pk=user.pk).update(is_active=False)
     user.refresh_from_db(fields=["is_active"])
     for token in ApiToken.objects.filter(user=user, revoked_at__isnull=True):
-        revoke_api_token(token, actor=actor, actor_label=actor_label)
-    record_audit_event(
-        actor=actor, actor_label=actor_label, verb="accounts.user.deactivated", target=user, data={"reason": reason}
-    )
+        revoke_api_token(token, actor=actor)
+    record_audit_event(actor=actor, verb="accounts.user.deactivated", target=user, data={"reason": reason})
     return user
 
 

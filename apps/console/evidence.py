@@ -7,12 +7,12 @@ lineage the aggregation worker recorded, audit events), so the page says what wa
 """
 
 import json
-import re
 from dataclasses import dataclass
 from typing import Any
 
 from django.db.models import Q
 
+from apps.federation.choices import TaskKind, parse_task_run_ref
 from apps.federation.models import TrainingTask, Update
 from apps.governance.models import AuditEvent
 from apps.registry.choices import LineageKind
@@ -22,8 +22,6 @@ from apps.registry.models import LineageEdge, ModelVersion, VersionEvaluation
 # promotions without a page that reads the whole history of a long-lived family.
 LINEAGE_CHART_DEPTH = 8
 POLICY_VERB_PREFIX = "governance.policy."
-# The run lineage edge a core-update job gives the version it registers (workers/training.py).
-CORE_UPDATE_RUN = re.compile(r"^core-update-task-(\d+)$")
 # Manifest keys the diff leaves out: they differ between any two versions by construction (ids, file digests, the
 # lineage shown in its own panels), so listing them would bury the configuration changes an officer looks for.
 DIFF_IGNORED_KEYS = frozenset({"version_id", "parent", "files", "lineage", "created_at", "manifest_sha256"})
@@ -120,13 +118,13 @@ def contributions(version: ModelVersion, update_ids: list[str]) -> list[Contribu
 def producing_tasks(version: ModelVersion) -> list[int]:
     """Primary keys of the training tasks that made `version`: those of the window whose candidate it is, the task
     its manifest lineage names (the aggregation job that wrote it), and the core-update job its run lineage edge
-    names (`core-update-task-<pk>`, workers/training.py)."""
+    names (`core-update-task-<pk>`, apps.federation.choices.task_run_ref)."""
     lineage = _mapping(_mapping(version.manifest).get("lineage"))
     named = [lineage["task"]] if isinstance(lineage.get("task"), int) else []
     for ref in LineageEdge.objects.filter(version=version, kind=LineageKind.RUN).values_list("source_ref", flat=True):
-        match = CORE_UPDATE_RUN.match(ref)
-        if match:
-            named.append(int(match.group(1)))
+        parsed = parse_task_run_ref(ref)
+        if parsed is not None and parsed[0] == TaskKind.CORE_UPDATE:
+            named.append(parsed[1])
     condition = Q(round__candidate=version) | Q(pk__in=named)
     return list(TrainingTask.objects.filter(condition).values_list("pk", flat=True))
 

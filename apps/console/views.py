@@ -22,6 +22,7 @@ from apps.console.evidence import config_diff, contributions, lineage_chart, pol
 from apps.console.forms import AuditFilterForm, DecisionForm, OverrideForm, UpdateFilterForm
 from apps.federation.choices import UpdateStatus
 from apps.federation.models import EdgeDevice, Round, Update
+from apps.governance.actors import Actor
 from apps.governance.choices import ApprovalStatus
 from apps.governance.export import audit_export_response
 from apps.governance.gate import GateVerdict, gate_verdict
@@ -312,7 +313,7 @@ def decide_approval(request: HttpRequest, request_pk: int) -> HttpResponse:
     decision, reason = form.cleaned_data["decision"], form.cleaned_data["reason"]
     decide = approve_version if decision == "approve" else reject_version
     try:
-        decide(approval, actor=request.user, reason=reason)
+        decide(approval, actor=Actor.of_request(request), reason=reason)
     except PermissionDenied as exc:
         return forbidden(request, f"Not decided: {exc}", back_url=version_url)
     except ValidationError as exc:
@@ -344,13 +345,13 @@ def gate_override(request: HttpRequest, request_pk: int) -> HttpResponse:
     step, reason = form.cleaned_data["step"], form.cleaned_data["reason"]
     try:
         if step == "request":
-            request_gate_override(approval, actor=request.user, reason=reason)
+            request_gate_override(approval, actor=Actor.of_request(request), reason=reason)
         else:
             waiting = GateOverride.objects.filter(request=approval, granted_at=None).select_related("request").first()
             if waiting is None:
                 messages.error(request, "Not granted: no override of this request is waiting for a grant.")
                 return HttpResponseRedirect(version_url, status=303)
-            grant_gate_override(waiting, actor=request.user, reason=reason)
+            grant_gate_override(waiting, actor=Actor.of_request(request), reason=reason)
     except PermissionDenied as exc:
         return forbidden(request, f"Override refused: {exc}", back_url=version_url)
     except ValidationError as exc:
@@ -417,6 +418,8 @@ def _filtered_events(form: AuditFilterForm) -> Any:
             events = events.filter(verb__icontains=data["verb"])
         if data["actor"]:
             events = events.filter(actor_label__icontains=data["actor"])
+        if data["actor_kind"]:
+            events = events.filter(actor_kind=data["actor_kind"])
         if data["object_type"]:
             events = events.filter(object_type=data["object_type"])
         if data["object_id"]:
@@ -449,4 +452,4 @@ def audit_export(request: HttpRequest, kind: str) -> HttpResponseBase:
             f"The filters are not valid: {form.errors.as_text()}", status=400, content_type="text/plain"
         )
     filters = {key: str(value) for key, value in request.GET.items() if key in form.fields and value}
-    return audit_export_response(_filtered_events(form), kind=kind, actor=request.user, filters=filters)
+    return audit_export_response(_filtered_events(form), kind=kind, actor=Actor.of_request(request), filters=filters)

@@ -6,8 +6,8 @@ candidate waits for approval, and its update is applied to the next champion wit
 then, rather than counting on it being slow, makes the story the same whatever the machine's load.
 
 Every state change goes through the apps' services, exactly as the API and the workers make them; the control
-plane's HTTP server, the ingest worker, the outbox relay and the devices are separate processes sharing the SQLite
-files. SIGTERM stops them all, as Ctrl-C does.
+plane's HTTP server, the ingest worker, the outbox relay, the data engine (telemetry consumer) and the devices are
+separate processes sharing the SQLite files. SIGTERM stops them all, as Ctrl-C does.
 """
 
 import json
@@ -31,6 +31,7 @@ from apps.accounts.choices import Role
 from apps.accounts.models import User
 from apps.accounts.services import create_user_with_role
 from apps.console.evaluation import domain_losses
+from apps.dataengine.models import DeviceSignal, TelemetryRejection
 from apps.demo.bootstrap import BootstrapConfig, FirstVersion, build_first_version, demo_corpus, heldout_by_domain
 from apps.demo.devices import DemoDevice, EdgeTrainingPlan, client_command, client_report, prepare_device
 from apps.demo.environment import DemoPaths
@@ -41,6 +42,7 @@ from apps.federation.choices import TaskKind, TaskStatus, UpdateStatus
 from apps.federation.models import EdgeDevice, Round, TrainingTask, Update
 from apps.federation.safeguards import write_safeguard_files
 from apps.federation.services import create_training_task, issue_enrollment_token, open_round
+from apps.governance.actors import Actor
 from apps.governance.choices import ApprovalStatus
 from apps.governance.gate import gate_verdict
 from apps.governance.models import ApprovalRequest
@@ -50,7 +52,11 @@ from apps.outbox.models import OutboxEvent
 from apps.registry.models import ModelVersion
 from apps.registry.services import create_model_family, register_saved_version
 from fednested.data import Record, write_jsonl
+from fednested.messaging import Topic
 
+# How long the summary waits for the data engine to store the devices' last telemetry reports (it reads them within
+# a poll or two of their arrival; the wait only covers the last ones, sent as the devices finished).
+SIGNALS_WAIT_S = 60.0
 # Domains the devices train on, in order: the first `devices` of them are used, one device each.
 DEVICE_DOMAINS = ("medical", "legal", "recipes", "telemetry", "code")
 FAMILY_NAME = "tiny-moe"
@@ -135,10 +141,10 @@ def create_cast() -> Cast:
     """An officer and an engineer with fresh random passwords (printed at the end, for signing in)."""
     passwords = [secrets.token_urlsafe(9) for _ in range(2)]
     officer = create_user_with_role(
-        username="olivia", role=Role.OFFICER, password=passwords[0], actor=None, actor_label="demo"
+        username="olivia", role=Role.OFFICER, password=passwords[0], actor=Actor.automation("demo")
     )
     engineer = create_user_with_role(
-        username="eric", role=Role.ENGINEER, password=passwords[1], actor=None, actor_label="demo"
+        username="eric", role=Role.ENGINEER, password=passwords[1], actor=Actor.automation("demo")
     )
     return Cast(officer=officer, officer_password=passwords[0], engineer=engineer, engineer_password=passwords[1])
 
@@ -185,6 +191,8 @@ class Demo:
         self.seen_updates: dict[str, str] = {}
         self.device_records: dict[str, list[Record]] = {}
         self.gate_outcomes: list[GateOutcome] = []
+        # Telemetry reports the devices say they delivered (their run reports): what the data engine must have read.
+        self.telemetry_delivered = 0
         self.url = ""
 
     # -- waiting ---------------------------------------------------------------------------------------------------
@@ -388,10 +396,23 @@ class Demo:
             cwd=Path(settings.BASE_DIR),
         )
         self.processes.append(relay)
+        # The data engine reads the devices' telemetry off the same embedded bus the ingest worker reads updates from
+        # (its own consumer group and offsets), and stores each report's per-domain figures as signals.
+        engine = start_process(
+            "data engine",
+            [sys.executable, "-m", "workers.telemetry", "--poll-timeout", "0.5"],
+            env=self.env,
+            log_path=self.paths.logs / "data-engine.log",
+            cwd=Path(settings.BASE_DIR),
+        )
+        self.processes.append(engine)
         wait_for_http(f"{self.url}/admin/login/", server, timeout_s=120)
         self.progress.step(f"Control plane serving at {self.url}/ (log: {server.log_path})")
         self.progress.step(f"Ingest worker consuming updates.experts.local (log: {worker.log_path})")
         self.progress.step(f"Outbox relay publishing control events as they commit (log: {relay.log_path})")
+        self.progress.step(
+            f"Data engine consuming {Topic.TELEMETRY.value} and {Topic.TASKS.value} (log: {engine.log_path})"
+        )
 
     def open_window(self, base: ModelVersion, cast: Cast) -> None:
         # EWC on the protected domains' Fisher, which every version ships (none protected: nothing to hold).
@@ -564,6 +585,7 @@ class Demo:
             if process.running or process.popen.returncode != 0:
                 raise process.failure("did not finish")
             report: dict[str, Any] = client_report(process.log_path) or {}
+            self.telemetry_delivered += int(report.get("telemetry_delivered", 0))
             self.progress.step(
                 f"  {client_id}: trained on {report.get('trained_on')}, delivered "
                 f"{len(report.get('updates_delivered', []))} updates, now on {report.get('current_version')}"
@@ -577,6 +599,30 @@ class Demo:
         device = next(device for device in self.devices if device.client_id == client_id)
         pending = device.state_dir / "spool" / "pending"
         return True if not pending.is_dir() or not any(pending.iterdir()) else None
+
+    def telemetry_reports_read(self) -> int:
+        """Telemetry reports the data engine has read: those stored as signals (one per report and domain) and those
+        it refused."""
+        stored = DeviceSignal.objects.values("report_sha256").distinct().count()
+        return stored + TelemetryRejection.objects.filter(where__startswith=Topic.TELEMETRY.value).count()
+
+    def signals_caught_up(self) -> None:
+        """Give the data engine a moment to read every telemetry report the devices delivered, then say what it
+        stored. Bounded, and never a failure: a report with no domain in it is read but stores nothing (docs/
+        data-engine.md), so the count cannot always reach the devices' own."""
+        deadline = time.monotonic() + min(self.options.step_timeout_s, SIGNALS_WAIT_S)
+        while self.telemetry_reports_read() < self.telemetry_delivered and time.monotonic() < deadline:
+            self.check_processes()
+            time.sleep(0.5)
+        signals = DeviceSignal.objects.all()
+        domains = sorted(set(signals.values_list("domain", flat=True)))
+        refused = TelemetryRejection.objects.count()
+        self.progress.step(
+            f"Data engine stored {signals.count()} signals (per-domain loss and tokens of each training run) from "
+            f"{signals.values('report_sha256').distinct().count()} of the {self.telemetry_delivered} telemetry reports "
+            f"the devices delivered, domains {', '.join(domains) or 'none'}; {refused} record(s) refused"
+            + (f" (why: {self.paths.logs / 'data-engine.log'}, admin: Data engine)" if refused else "")
+        )
 
     def mlflow_caught_up(self) -> None:
         """Wait for the relay to mirror every job and version into the demo's MLflow store (docs/mlflow.md), then
@@ -712,10 +758,11 @@ class Demo:
                     break
                 self.devices_on(version)
             self.finish_clients()
+            self.signals_caught_up()
             self.mlflow_caught_up()
             self.summary(cast)
             if self.options.serve:
-                self.progress.step("Serving until Ctrl-C or SIGTERM (the ingest worker and the relay keep running too)")
+                self.progress.step("Serving until Ctrl-C or SIGTERM (the workers and the relay keep running too)")
                 while True:
                     self.check_processes()
                     time.sleep(1.0)

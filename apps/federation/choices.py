@@ -1,5 +1,7 @@
 """Choices of the federation app: statuses of devices, rounds, tasks and updates."""
 
+import re
+
 from django.db import models
 
 
@@ -36,6 +38,35 @@ class TaskKind(models.TextChoices):
     CORE_UPDATE = "core_update", "Core update"
     EXPERT_AGGREGATION = "expert_aggregation", "Expert aggregation"
     EVALUATION = "evaluation", "Evaluation"
+
+
+# How a job's run is named wherever it is referred to: a version's RUN lineage edge (written by the workers), the
+# MLflow run mirroring it and the DataHub DataProcessInstance. Declared once so the three stay one name: the mirrors
+# find a version's producing job by parsing the edge its worker wrote.
+TASK_RUN_PREFIX: dict[str, str] = {
+    TaskKind.CORE_UPDATE: "core-update",
+    TaskKind.EXPERT_AGGREGATION: "aggregation",
+    TaskKind.EVALUATION: "evaluation",
+}
+TASK_RUN_REF = re.compile(rf"^({'|'.join(map(re.escape, TASK_RUN_PREFIX.values()))})-task-([0-9]{{1,18}})$")
+
+
+def task_run_ref(kind: str, pk: int) -> str:
+    """The run name of the task `pk` of `kind` ("<prefix>-task-<pk>", e.g. "core-update-task-7")."""
+    try:
+        return f"{TASK_RUN_PREFIX[kind]}-task-{pk}"
+    except KeyError:
+        raise ValueError(f"no run name for task kind {kind!r}: use one of {', '.join(TASK_RUN_PREFIX)}") from None
+
+
+def parse_task_run_ref(ref: str) -> tuple[TaskKind, int] | None:
+    """(kind, pk) of a run name `task_run_ref` made; None for any other name (a run no job of ours ran, such as the
+    bootstrap's). The pk is bounded to 18 digits so a hostile edge cannot make an integer the database refuses."""
+    match = TASK_RUN_REF.match(ref)
+    if match is None:
+        return None
+    kind = next(kind for kind, prefix in TASK_RUN_PREFIX.items() if prefix == match[1])
+    return TaskKind(kind), int(match[2])
 
 
 class TaskStatus(models.TextChoices):

@@ -21,7 +21,7 @@ from django.utils import timezone
 
 from apps.federation.choices import DeviceStatus
 from apps.federation.models import DeviceKey, EdgeDevice
-from apps.governance.actors import ActorLike
+from apps.governance.actors import Actor
 from apps.governance.audit import record_audit_event
 from fednested.identity.ca import CAError, CertificateAuthority, Revoked, certificate_pem
 from fednested.identity.keys import (
@@ -124,7 +124,7 @@ def live_certificate(device: EdgeDevice, serial_hex: str) -> bool:
 
 
 @transaction.atomic
-def renew_certificate(device: EdgeDevice, csr: str, *, actor: ActorLike) -> DeviceKey:
+def renew_certificate(device: EdgeDevice, csr: str, *, actor: Actor) -> DeviceKey:
     """A new certificate for an active device, for the key of `csr` (the same key, or a new one: key rotation).
 
     Earlier certificates stay valid until they expire, so envelopes signed and spooled before renewal still verify.
@@ -142,7 +142,6 @@ def renew_certificate(device: EdgeDevice, csr: str, *, actor: ActorLike) -> Devi
     key = register_device_key(device, request)
     record_audit_event(
         actor=actor,
-        actor_label=f"device:{device.client_id}",
         verb="federation.device.certificate_renewed",
         target=device,
         data={"client_id": device.client_id, "serial": key.serial, "fingerprint": key.fingerprint},

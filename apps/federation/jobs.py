@@ -34,6 +34,7 @@ from pydantic import ValidationError as PydanticValidationError
 from apps.federation.choices import RoundStatus, TaskKind
 from apps.federation.models import Round, TrainingTask
 from apps.federation.windows import champion_version
+from apps.governance.actors import Actor
 from apps.outbox.choices import OutboxKind
 from apps.outbox.handlers import Delivery, Undeliverable
 from apps.outbox.models import OutboxEvent
@@ -46,7 +47,7 @@ from fednested.observability.tracing import carry_context, inject_headers
 
 logger = logging.getLogger(__name__)
 
-ACTOR_LABEL = "system:jobs"
+ACTOR = Actor.automation("system:jobs")
 # Where an evaluation finds its held-out sets unless its params name another folder of the store.
 HELDOUT_FOLDER = "heldout"
 
@@ -365,7 +366,7 @@ def _fail(task_pk: int, message: str) -> None:
     from apps.federation.services import fail_training_task
 
     # A no-op when the task already recorded its own failure (it is no longer pending/running).
-    fail_training_task(task_pk, error=message, actor_label=ACTOR_LABEL)
+    fail_training_task(task_pk, error=message, actor=ACTOR)
 
 
 def _run_claimed(event_id: uuid.UUID, task_pk: int, name: str) -> None:

@@ -36,7 +36,7 @@ from apps.federation.models import DeviceKey, EdgeDevice, EnrollmentToken, Round
 from apps.federation.privacy import check_round_budget
 from apps.federation.safeguards import check_round_safeguards
 from apps.federation.windows import champion_version, round_settings, staleness_of
-from apps.governance.actors import ActorLike, as_actor
+from apps.governance.actors import Actor, ActorLike, as_actor
 from apps.governance.audit import record_audit_event, redact_for_storage
 from apps.governance.models import AuditEvent
 from apps.registry.choices import VersionStatus
@@ -69,10 +69,6 @@ def printable(text: str, limit: int) -> str:
     """`text` with control characters (NUL above all) shown as '?' and cut to `limit` characters."""
     cleaned = _UNPRINTABLE.sub("?", text)
     return cleaned if len(cleaned) <= limit else cleaned[: limit - 1] + "…"
-
-
-def device_actor_label(client_id: str) -> str:
-    return f"device:{client_id}"
 
 
 def device_username(client_id: str) -> str:
@@ -160,13 +156,12 @@ def _repeated_enrollment(
     key = DeviceKey.objects.filter(device=device, fingerprint=request.fingerprint, revoked_at__isnull=True).first()
     if key is None:
         return None
-    label = device_actor_label(client_id)
+    party = Actor.device(client_id)
     for earlier in ApiToken.objects.filter(user=device.user, name="enrollment", revoked_at__isnull=True):
-        revoke_api_token(earlier, actor=None, actor_label=label)
-    _, api_token = issue_api_token(device.user, actor=None, actor_label=label, name="enrollment")
+        revoke_api_token(earlier, actor=party)
+    _, api_token = issue_api_token(device.user, actor=party, name="enrollment")
     record_audit_event(
-        actor=None,
-        actor_label=label,
+        actor=party,
         verb="federation.device.enrollment_repeated",
         target=device,
         data={"client_id": client_id, "token_prefix": row.token_prefix, "fingerprint": key.fingerprint},
@@ -229,7 +224,7 @@ def enroll_device(
         if repeated is not None:
             return repeated
         raise _token_used(row)
-    label = device_actor_label(client_id)
+    party = Actor.device(client_id)
     try:
         with transaction.atomic():
             user = User(username=device_username(client_id), role=Role.DEVICE)
@@ -247,10 +242,9 @@ def enroll_device(
     except IntegrityError as exc:
         raise ValidationError({"client_id": f"client id {client_id!r} is already enrolled"}) from exc
     key = register_device_key(device, request, now=now)
-    _, api_token = issue_api_token(user, actor=None, actor_label=label, name="enrollment")
+    _, api_token = issue_api_token(user, actor=party, name="enrollment")
     record_audit_event(
-        actor=None,
-        actor_label=label,
+        actor=party,
         verb="federation.device.enrolled",
         target=device,
         data={
@@ -285,7 +279,7 @@ def revoke_device(device: EdgeDevice, *, actor: ActorLike, reason: str) -> EdgeD
             update,
             RejectionCode.REVOKED_CLIENT,
             f"device {device.client_id!r} was revoked before this update was aggregated: {printable(reason, 200)}",
-            actor_label=as_actor(actor).label,
+            actor=as_actor(actor),
         )
     record_audit_event(
         actor=actor,
@@ -342,8 +336,7 @@ def _record_reported_version(device: EdgeDevice, *, current_version: str, now: d
     device.current_version, device.last_seen = version, now
     if previous is None or previous.pk != version.pk:
         record_audit_event(
-            actor=device.user,
-            actor_label=device_actor_label(device.client_id),
+            actor=Actor.device(device.client_id, device.user),
             verb="federation.device.version_reported",
             target=device,
             data={
@@ -501,13 +494,12 @@ def _adopt_waiting_updates(round_: Round) -> list[str]:
 
 
 @transaction.atomic
-def adopt_waiting_updates(round_: Round, *, actor_label: str) -> list[str]:
+def adopt_waiting_updates(round_: Round, *, actor: Actor) -> list[str]:
     """Move the buffered updates that wait without a window into `round_` (as open_round does), audited."""
     adopted = _adopt_waiting_updates(round_)
     if adopted:
         record_audit_event(
-            actor=None,
-            actor_label=actor_label,
+            actor=actor,
             verb="federation.round.adopted",
             target=round_,
             data={"round_id": round_.round_id, "adopted": adopted},
@@ -515,7 +507,7 @@ def adopt_waiting_updates(round_: Round, *, actor_label: str) -> list[str]:
     return adopted
 
 
-def continue_series(round_: Round, *, base_version: ModelVersion, actor_label: str) -> Round | None:
+def continue_series(round_: Round, *, base_version: ModelVersion, actor: Actor) -> Round | None:
     """Open the next window of an asynchronous series (same K, config and window length) once `round_` has been
     aggregated or cancelled by aggregation, so updates keep arriving; None for a synchronous round. Call it in the
     transaction that closes `round_`."""
@@ -537,8 +529,7 @@ def continue_series(round_: Round, *, base_version: ModelVersion, actor_label: s
                 record=(current if isinstance(current, dict) else {}) | {"series_stopped": reason}
             )
             record_audit_event(
-                actor=None,
-                actor_label=actor_label,
+                actor=actor,
                 verb="federation.series.stopped",
                 target=round_,
                 data={"round_id": round_.round_id, "series": round_.series, "reason": reason},
@@ -562,8 +553,7 @@ def continue_series(round_: Round, *, base_version: ModelVersion, actor_label: s
     )
     adopted = _adopt_waiting_updates(successor)
     record_audit_event(
-        actor=None,
-        actor_label=actor_label,
+        actor=actor,
         verb="federation.round.opened",
         target=successor,
         data={
@@ -579,7 +569,7 @@ def continue_series(round_: Round, *, base_version: ModelVersion, actor_label: s
 
 
 @transaction.atomic
-def claim_round_for_aggregation(round_: Round, *, actor_label: str, task_pk: int | None = None) -> bool:
+def claim_round_for_aggregation(round_: Round, *, actor: Actor, task_pk: int | None = None) -> bool:
     """open → aggregating, once: True for the one caller that claimed it, False for everyone else. The claiming
     task is recorded, so only it can close or reopen the window (a task released as lost cannot)."""
     locked = Round.objects.select_for_update().get(pk=round_.pk)
@@ -591,8 +581,7 @@ def claim_round_for_aggregation(round_: Round, *, actor_label: str, task_pk: int
     round_.refresh_from_db(fields=["status", "record"])
     if claimed:
         record_audit_event(
-            actor=None,
-            actor_label=actor_label,
+            actor=actor,
             verb="federation.round.aggregating",
             target=round_,
             data={"task": task_pk},
@@ -601,7 +590,7 @@ def claim_round_for_aggregation(round_: Round, *, actor_label: str, task_pk: int
 
 
 @transaction.atomic
-def reopen_round_after_failure(round_: Round, *, reason: str, actor_label: str, task_pk: int | None = None) -> bool:
+def reopen_round_after_failure(round_: Round, *, reason: str, actor: Actor, task_pk: int | None = None) -> bool:
     """aggregating → open after a failed aggregation, so its buffered updates wait for the next attempt.
 
     False (and nothing changes) when the round is not aggregating, e.g. the failure came after it was closed, or
@@ -621,8 +610,7 @@ def reopen_round_after_failure(round_: Round, *, reason: str, actor_label: str, 
     round_.refresh_from_db(fields=["status", "record"])
     if reopened:
         record_audit_event(
-            actor=None,
-            actor_label=actor_label,
+            actor=actor,
             verb="federation.round.reopened",
             target=round_,
             data={"round_id": round_.round_id, "reason": reason[:2000]},
@@ -631,9 +619,7 @@ def reopen_round_after_failure(round_: Round, *, reason: str, actor_label: str, 
 
 
 @transaction.atomic
-def close_round(
-    round_: Round, *, actor: ActorLike, actor_label: str = "", status: str = RoundStatus.CLOSED, reason: str = ""
-) -> Round:
+def close_round(round_: Round, *, actor: ActorLike, status: str = RoundStatus.CLOSED, reason: str = "") -> Round:
     """Close (or cancel) an open or aggregating round."""
     if status not in (RoundStatus.CLOSED, RoundStatus.CANCELLED):
         raise ValidationError({"status": f"a round is closed as 'closed' or 'cancelled', not {status!r}"})
@@ -645,7 +631,6 @@ def close_round(
         raise ValidationError({"status": f"round {round_.round_id!r} is already {round_.status}"})
     record_audit_event(
         actor=actor,
-        actor_label=actor_label,
         verb=f"federation.round.{status}",
         target=round_,
         data={"round_id": round_.round_id, "reason": reason},
@@ -681,7 +666,7 @@ def create_training_task(
     return task
 
 
-def _move_task(task_pk: int, *, to: str, from_statuses: Sequence[str], actor_label: str, **fields: Any) -> bool:
+def _move_task(task_pk: int, *, to: str, from_statuses: Sequence[str], actor: Actor, **fields: Any) -> bool:
     error = fields.get("error", "")
     if error:
         # An error may quote a path, a host or a user's address: the task row keeps it redacted of PII; the audit
@@ -691,37 +676,37 @@ def _move_task(task_pk: int, *, to: str, from_statuses: Sequence[str], actor_lab
     if moved:
         task = TrainingTask.objects.get(pk=task_pk)
         data = {"kind": task.kind, "error": error}
-        record_audit_event(actor=None, actor_label=actor_label, verb=f"federation.task.{to}", target=task, data=data)
+        record_audit_event(actor=actor, verb=f"federation.task.{to}", target=task, data=data)
     return bool(moved)
 
 
 @transaction.atomic
-def start_training_task(task_pk: int, *, actor_label: str) -> bool:
+def start_training_task(task_pk: int, *, actor: Actor) -> bool:
     """pending → running; False when another worker already claimed it (the caller then does nothing)."""
     return _move_task(
         task_pk,
         to=TaskStatus.RUNNING,
         from_statuses=[TaskStatus.PENDING],
-        actor_label=actor_label,
+        actor=actor,
         started_at=timezone.now(),
     )
 
 
 @transaction.atomic
-def finish_training_task(task_pk: int, *, actor_label: str, error: str = "") -> bool:
+def finish_training_task(task_pk: int, *, actor: Actor, error: str = "") -> bool:
     """running → succeeded, or → failed with `error`."""
     return _move_task(
         task_pk,
         to=TaskStatus.FAILED if error else TaskStatus.SUCCEEDED,
         from_statuses=[TaskStatus.RUNNING],
-        actor_label=actor_label,
+        actor=actor,
         finished_at=timezone.now(),
         error=error,
     )
 
 
 @transaction.atomic
-def fail_training_task(task_pk: int, *, error: str, actor_label: str = "system") -> bool:
+def fail_training_task(task_pk: int, *, error: str, actor: Actor) -> bool:
     """pending/running → failed with `error` (e.g. the job could not even be started)."""
     if not error.strip():
         raise ValidationError({"error": "a failed task needs an error message"})
@@ -729,7 +714,7 @@ def fail_training_task(task_pk: int, *, error: str, actor_label: str = "system")
         task_pk,
         to=TaskStatus.FAILED,
         from_statuses=[TaskStatus.PENDING, TaskStatus.RUNNING],
-        actor_label=actor_label,
+        actor=actor,
         finished_at=timezone.now(),
         error=error,
     )
@@ -759,7 +744,7 @@ def record_refused_update(
     code: str,
     message: str,
     where: str,
-    actor_label: str,
+    actor: Actor,
     key: str | None = None,
     update_id: str | None = None,
     client_id: str | None = None,
@@ -783,13 +768,11 @@ def record_refused_update(
     data: dict[str, Any] = {"code": code, "message": message, "where": where, "key": key}
     if update_id is not None or client_id is not None:
         data |= {"update_id": update_id, "client_id": client_id}
-    return record_audit_event(
-        actor=None, actor_label=actor_label, verb="federation.update.refused", target=device, data=data
-    )
+    return record_audit_event(actor=actor, verb="federation.update.refused", target=device, data=data)
 
 
 def _move_update(
-    update: Update, *, to: str, from_statuses: Sequence[str], actor_label: str, data: dict[str, Any], **fields: Any
+    update: Update, *, to: str, from_statuses: Sequence[str], actor: Actor, data: dict[str, Any], **fields: Any
 ) -> Update:
     moved = Update.objects.filter(pk=update.pk, status__in=from_statuses).update(
         status=to, status_changed_at=timezone.now(), **fields
@@ -801,8 +784,7 @@ def _move_update(
             {"status": f"update {update.update_id} is {update.status}; only {'/'.join(from_statuses)} can become {to}"}
         )
     record_audit_event(
-        actor=None,
-        actor_label=actor_label,
+        actor=actor,
         verb=f"federation.update.{to}",
         target=update,
         data={"update_id": update.update_id, "from": previous, **data},
@@ -811,21 +793,21 @@ def _move_update(
 
 
 @transaction.atomic
-def mark_updates_applied(updates: Sequence[Update], *, version: ModelVersion, actor_label: str = "system") -> None:
+def mark_updates_applied(updates: Sequence[Update], *, version: ModelVersion, actor: Actor) -> None:
     """buffered → applied in `version`, for each of `updates`; all or nothing."""
     for update in updates:
         _move_update(
             update,
             to=UpdateStatus.APPLIED,
             from_statuses=[UpdateStatus.BUFFERED],
-            actor_label=actor_label,
+            actor=actor,
             data={"applied_in": version.version_id},
             applied_in=version,
         )
 
 
 @transaction.atomic
-def reject_update(update: Update, code: str, message: str, *, actor_label: str = "system") -> Update:
+def reject_update(update: Update, code: str, message: str, *, actor: Actor) -> Update:
     """Reject a buffered update (e.g. when aggregation re-checks it), with a machine code and a human message."""
     if not REJECTION_CODE_PATTERN.match(code):
         raise ValidationError({"code": f"rejection code {code!r} must be a lowercase identifier like 'stale_base'"})
@@ -835,7 +817,7 @@ def reject_update(update: Update, code: str, message: str, *, actor_label: str =
         update,
         to=UpdateStatus.REJECTED,
         from_statuses=[UpdateStatus.BUFFERED],
-        actor_label=actor_label,
+        actor=actor,
         data={"code": code, "message": message},
         rejection_code=code,
         # Stored redacted of PII; the audit event's copy is redacted (and counted) by record_audit_event.
@@ -1000,8 +982,7 @@ def _claim_payload(
                 os.replace(temporary, final)
                 _fsync_directory(final.parent)
                 record_audit_event(
-                    actor=device.user,
-                    actor_label=device_actor_label(device.client_id),
+                    actor=Actor.device(device.client_id, device.user),
                     verb="federation.update.payload_stored",
                     target=device,
                     data={"update_id": update_id, "uri": uri, "sha256": sha256, "bytes": size},

@@ -30,7 +30,6 @@ from apps.federation.services import (
     adopt_waiting_updates,
     continue_series,
     create_training_task,
-    device_actor_label,
     fail_training_task,
     record_refused_update,
     reopen_round_after_failure,
@@ -42,9 +41,9 @@ from apps.federation.windows import (
     version_manifest,
     window_readiness,
 )
+from apps.governance.actors import Actor
 from apps.governance.audit import record_audit_event, redact_for_storage
 from apps.governance.chain import schedule_seal
-from apps.governance.choices import ActorKind
 from apps.governance.models import AuditEvent
 from apps.registry.choices import CHAMPION_ALIAS
 from apps.registry.models import Alias, ModelVersion
@@ -138,7 +137,7 @@ def submit_update(
     envelope: UpdateEnvelope,
     *,
     where: str,
-    actor_label: str,
+    actor: Actor,
     sender: EdgeDevice | None = None,
     key: str | None = None,
     now: Callable[[], datetime] = timezone.now,
@@ -148,11 +147,11 @@ def submit_update(
     identifies it). Raises only when the control plane itself cannot go on (database or artifact store down), or on
     a defect of ours (the API answers 500; the bus entry `submit_updates` records it as a refusal instead)."""
     arrival = Arrival(where=where, key=key, envelope=envelope)
-    return _submit([arrival], actor_label=actor_label, sender=sender, now=now, contain_errors=False)[0]
+    return _submit([arrival], actor=actor, sender=sender, now=now, contain_errors=False)[0]
 
 
 def submit_updates(
-    arrivals: Sequence[Arrival], *, actor_label: str, now: Callable[[], datetime] = timezone.now
+    arrivals: Sequence[Arrival], *, actor: Actor, now: Callable[[], datetime] = timezone.now
 ) -> list[UpdateOutcome]:
     """The bus's entry: every arrival of a batch through the same checks as `submit_update`, then one transaction
     for the whole batch; returns one outcome per arrival, in order.
@@ -164,13 +163,13 @@ def submit_updates(
     envelope, each under its own savepoint. A defect of ours that one arrival triggers is recorded as its refusal.
     Raises only when the database or artifact store is unusable: then nothing of the batch is committed.
     """
-    return _submit(arrivals, actor_label=actor_label, sender=None, now=now, contain_errors=True)
+    return _submit(arrivals, actor=actor, sender=None, now=now, contain_errors=True)
 
 
 def _submit(
     arrivals: Sequence[Arrival],
     *,
-    actor_label: str,
+    actor: Actor,
     sender: EdgeDevice | None,
     now: Callable[[], datetime],
     contain_errors: bool,
@@ -186,7 +185,7 @@ def _submit(
             if not contain_errors:
                 raise
             steps.append(_contained(arrival, error))
-    outcomes = _record(steps, actor_label=actor_label, now=now, contain_errors=contain_errors)
+    outcomes = _record(steps, actor=actor, now=now, contain_errors=contain_errors)
     for outcome in outcomes:
         if outcome.status in ("refused", "rejected"):
             code = outcome.code.value if outcome.code is not None else "?"
@@ -599,7 +598,7 @@ def _check_payload(envelope: UpdateEnvelope, manifest: Manifest, config: RoundAg
 
 
 def _record(
-    steps: Sequence[_Step], *, actor_label: str, now: Callable[[], datetime], contain_errors: bool
+    steps: Sequence[_Step], *, actor: Actor, now: Callable[[], datetime], contain_errors: bool
 ) -> list[UpdateOutcome]:
     """The one short transaction of a batch: the Update rows (buffered or rejected) and their audit rows, the audit
     rows of refusals and resent envelopes, and the decision of each window that took updates."""
@@ -607,17 +606,17 @@ def _record(
     with transaction.atomic():
         checked = [(index, step) for index, step in enumerate(steps) if isinstance(step, _Checked)]
         if checked:
-            outcomes |= _record_checked(checked, actor_label=actor_label, now=now, contain_errors=contain_errors)
+            outcomes |= _record_checked(checked, actor=actor, now=now, contain_errors=contain_errors)
         for index, step in enumerate(steps):
             if isinstance(step, _Refused):
-                outcomes[index] = _refuse(step, actor_label=actor_label)
+                outcomes[index] = _refuse(step, actor=actor)
             elif isinstance(step, _Resent):
-                outcomes[index] = _resend(step.existing, where=step.arrival.where, actor_label=actor_label)
+                outcomes[index] = _resend(step.existing, where=step.arrival.where, actor=actor)
     return [outcomes[index] for index in range(len(steps))]
 
 
 def _record_checked(
-    checked: list[tuple[int, _Checked]], *, actor_label: str, now: Callable[[], datetime], contain_errors: bool
+    checked: list[tuple[int, _Checked]], *, actor: Actor, now: Callable[[], datetime], contain_errors: bool
 ) -> dict[int, UpdateOutcome]:
     # Locks in one order everywhere (the champion's alias, then the devices, then the window): enqueue_if_ready
     # takes the same.
@@ -660,7 +659,7 @@ def _record_checked(
         # Some row was refused (an update id recorded meanwhile, a value the database cannot store): write the
         # batch envelope by envelope, so that one bad envelope costs only itself.
         for index, item in checked:
-            outcomes[index] = _record_one(item, moment, actor_label=actor_label, contain_errors=contain_errors)
+            outcomes[index] = _record_one(item, moment, actor=actor, contain_errors=contain_errors)
     seen = sorted({item.device.pk for index, item in checked if outcomes[index].status in ("buffered", "rejected")})
     if seen:
         EdgeDevice.objects.filter(pk__in=seen).update(last_seen=moment)
@@ -723,11 +722,11 @@ def _audit_row(item: _Checked, update: Update) -> AuditEvent:
             data[REDACTED_KEY] = dict(redacted.entities)
     # The row record_audit_event(actor=device.user, target=update, ...) writes, unsaved, so a batch inserts all
     # of them in one statement.
-    user = item.device.user
+    party = Actor.device(item.device.client_id, item.device.user)
     return AuditEvent(
-        actor=user if user.is_authenticated else None,
-        actor_label=device_actor_label(item.device.client_id),
-        actor_kind=ActorKind.DEVICE,
+        actor=party.user,
+        actor_label=party.label,
+        actor_kind=party.kind,
         verb=f"federation.update.{update.status}",
         object_type=f"{Update._meta.app_label}.{Update._meta.model_name}",
         object_id=str(update.pk),
@@ -757,7 +756,7 @@ def _recorded(item: _Checked, update: Update) -> UpdateOutcome:
     )
 
 
-def _record_one(item: _Checked, moment: datetime, *, actor_label: str, contain_errors: bool) -> UpdateOutcome:
+def _record_one(item: _Checked, moment: datetime, *, actor: Actor, contain_errors: bool) -> UpdateOutcome:
     """One envelope's rows under a savepoint of their own (the batch's slow path)."""
     update_id, device, where = str(item.envelope.update_id), item.device, item.arrival.where
     try:
@@ -771,7 +770,7 @@ def _record_one(item: _Checked, moment: datetime, *, actor_label: str, contain_e
         # earlier envelope of this batch.
         existing = Update.objects.select_related("device", "round").get(update_id=update_id)
         if existing.device_id == device.pk and _same_content(existing, item.envelope):
-            return _resend(existing, where=where, actor_label=actor_label)
+            return _resend(existing, where=where, actor=actor)
         refusal = _Refused(
             item.arrival,
             RejectionCode.REPLAYED,
@@ -785,10 +784,10 @@ def _record_one(item: _Checked, moment: datetime, *, actor_label: str, contain_e
         if not contain_errors:
             raise
         refusal = _contained(item.arrival, error)
-    return _refuse(refusal, actor_label=actor_label)
+    return _refuse(refusal, actor=actor)
 
 
-def _refuse(refusal: _Refused, *, actor_label: str) -> UpdateOutcome:
+def _refuse(refusal: _Refused, *, actor: Actor) -> UpdateOutcome:
     record_refused_update(
         code=refusal.code.value,
         message=refusal.message,
@@ -796,7 +795,7 @@ def _refuse(refusal: _Refused, *, actor_label: str) -> UpdateOutcome:
         key=refusal.arrival.key,
         update_id=refusal.update_id,
         client_id=refusal.client_id,
-        actor_label=actor_label,
+        actor=actor,
     )
     return UpdateOutcome(
         where=refusal.arrival.where,
@@ -808,10 +807,9 @@ def _refuse(refusal: _Refused, *, actor_label: str) -> UpdateOutcome:
     )
 
 
-def _resend(existing: Update, *, where: str, actor_label: str) -> UpdateOutcome:
+def _resend(existing: Update, *, where: str, actor: Actor) -> UpdateOutcome:
     record_audit_event(
-        actor=None,
-        actor_label=actor_label,
+        actor=actor,
         verb="federation.update.resent",
         target=existing,
         data={"update_id": existing.update_id, "where": where, "status": existing.status},
@@ -850,7 +848,7 @@ def enqueue_if_ready(round_: Round, now: datetime) -> int | None:
             "(POST /api/v1/tasks/) or cancels the window",
         )
         if not Round.objects.filter(series=locked.series, status=RoundStatus.OPEN, sequence__gt=locked.sequence):
-            continue_series(locked, base_version=champion_version() or locked.base_version, actor_label="system")
+            continue_series(locked, base_version=champion_version() or locked.base_version, actor=Actor.automation())
         return None
     readiness = window_readiness(locked, round_settings(locked), now)
     _note_waiting(locked, readiness.waiting)
@@ -858,7 +856,7 @@ def enqueue_if_ready(round_: Round, now: datetime) -> int | None:
         return None
     task = create_training_task(
         kind=TaskKind.EXPERT_AGGREGATION,
-        actor=None,
+        actor=Actor.automation(),
         round_=locked,
         params={"round_id": locked.round_id, "trigger": readiness.trigger},
     )
@@ -880,22 +878,24 @@ def release_lost_aggregations(now: datetime) -> list[str]:
     for task in aggregations.filter(status=TaskStatus.RUNNING, started_at__lt=cutoff).select_related("round"):
         error = f"presumed lost: still running {timeout} s after it started at {task.started_at:%Y-%m-%d %H:%M:%S} UTC"
         with transaction.atomic():
-            if not fail_training_task(task.pk, error=error, actor_label="system"):
+            if not fail_training_task(task.pk, error=error, actor=Actor.automation()):
                 continue
             assert task.round is not None
             if reopen_round_after_failure(
-                task.round, reason=f"task {task.pk}: {error}", actor_label="system", task_pk=task.pk
+                task.round, reason=f"task {task.pk}: {error}", actor=Actor.automation(), task_pk=task.pk
             ):
                 reopened.append(task.round.round_id)
         logger.warning("aggregation task %s %s", task.pk, error)
     for task in aggregations.filter(status=TaskStatus.PENDING, created_at__lt=cutoff):
         error = f"presumed lost: not started {timeout} s after it was created (its message never reached a worker)"
-        if fail_training_task(task.pk, error=error, actor_label="system"):
+        if fail_training_task(task.pk, error=error, actor=Actor.automation()):
             logger.warning("aggregation task %s %s", task.pk, error)
     live = aggregations.filter(status__in=[TaskStatus.PENDING, TaskStatus.RUNNING]).values("round")
     for orphan in Round.objects.filter(status=RoundStatus.AGGREGATING).exclude(pk__in=live):
         with transaction.atomic():
-            if reopen_round_after_failure(orphan, reason="no aggregation task holds it any more", actor_label="system"):
+            if reopen_round_after_failure(
+                orphan, reason="no aggregation task holds it any more", actor=Actor.automation()
+            ):
                 reopened.append(orphan.round_id)
     return reopened
 
@@ -916,7 +916,7 @@ def enqueue_due_windows(now: datetime) -> list[int]:
     with transaction.atomic():
         oldest = _open_async(Round.objects.select_for_update()).order_by("opened_at", "id").first()
         if oldest is not None:
-            adopt_waiting_updates(oldest, actor_label="system")
+            adopt_waiting_updates(oldest, actor=Actor.automation())
     for round_ in Round.objects.filter(status=RoundStatus.OPEN).order_by("opened_at", "id"):
         try:
             with transaction.atomic():

@@ -2,8 +2,9 @@
 
 Services take it as `actor=` and the audit trail stores its kind and label (apps.governance.audit). Callers build it
 from what they know: a view from its request (`Actor.of_request`), a worker from its name (`Actor.automation`), the
-enrollment flow from the client id (`Actor.device`). `as_actor` is the one adapter from the older forms (a user or
-None plus an `actor_label` string) that call sites not yet migrated still pass.
+enrollment flow from the client id (`Actor.device`). `as_actor` is the one adapter for services that also accept a
+user account (the registry's, governance's, accounts' and the federation's operator services, called with a User by
+the demo, the admin and the tests) or None for the system.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ ANONYMOUS_LABEL = "anonymous"
 # Labels name a party, they do not describe it: printable, no line breaks (they are CSV cells and log fields).
 _LABEL = re.compile(r"^[^\x00-\x1f\x7f]{1,200}$")
 
-# What services still accept as `actor=` while call sites move to Actor (see `as_actor`).
+# What services that also take a user account accept as `actor=` (see `as_actor`).
 ActorLike: TypeAlias = "Actor | AbstractBaseUser | AnonymousUser | None"
 
 
@@ -95,17 +96,10 @@ class Actor:
         return cls.of_user(getattr(request, "user", None))
 
 
-def as_actor(actor: ActorLike, label: str = "") -> Actor:
-    """The one adapter from the forms services accepted before Actor: `actor` a user or None, and `label` (the
-    former `actor_label=`) naming the party instead. An Actor passes through; it may not be renamed."""
+def as_actor(actor: ActorLike) -> Actor:
+    """The acting party of an `actor=` that may be a user account: an Actor passes through, a user acts as what its
+    account is (`Actor.of_user`), and None (or a user that is not signed in) is the control plane itself (system)."""
     if isinstance(actor, Actor):
-        if label and label != actor.label:
-            raise ValueError(f"actor {actor.label!r} was given, and a second name {label!r}: pass one")
         return actor
     party = Actor.of_user(actor)
-    if party.kind != ActorKind.ANONYMOUS:
-        # Unchanged from before: a label given with a user renames the user in the trail.
-        return Actor(party.kind, label, party.user) if label else party
-    if label.startswith(DEVICE_PREFIX):
-        return Actor(ActorKind.DEVICE, label)
-    return Actor.automation(label or SYSTEM_LABEL)
+    return Actor.automation() if party.kind == ActorKind.ANONYMOUS else party

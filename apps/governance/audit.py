@@ -10,22 +10,11 @@ from typing import Any
 from django.conf import settings
 from django.db import models
 
-from apps.governance.actors import SYSTEM_LABEL, Actor, ActorLike, as_actor
+from apps.governance.actors import ActorLike, as_actor
 from apps.governance.chain import schedule_seal
-from apps.governance.choices import ActorKind
 from apps.governance.models import AuditEvent
 from apps.governance.signals import audit_recorded
 from fednested.governance.pii import Redacted, redact_payload, redactor_for
-
-SYSTEM_ACTOR = SYSTEM_LABEL
-
-
-def actor_label_for(actor: ActorLike, fallback: str = SYSTEM_ACTOR) -> str:
-    """How an actor is named in the trail: its label (a user's username), or `fallback` for system work."""
-    if isinstance(actor, Actor):
-        return actor.label
-    party = Actor.of_user(actor)
-    return fallback if party.kind == ActorKind.ANONYMOUS else party.label
 
 
 def redact_for_storage(text: str, *, where: str) -> Redacted:
@@ -46,16 +35,15 @@ def record_audit_event(
     verb: str,
     target: models.Model | None = None,
     data: dict[str, Any] | None = None,
-    actor_label: str = "",
     redacted: Mapping[str, int] = {},
 ) -> AuditEvent:
-    """Append one AuditEvent. `actor` is the acting party (apps.governance.actors.Actor); a user or None (system)
-    with `actor_label` naming it are still accepted, through `as_actor`, from call sites not yet moved to Actor.
+    """Append one AuditEvent. `actor` is the acting party (apps.governance.actors.Actor); a user account is
+    accepted too (services that take one pass it on) and stored as what it acts as.
 
     `data` is redacted of PII before the row is created, so the hash chain seals the redacted payload (redacting a
     sealed event would break its link); `redacted` are counts of redactions the caller already made.
     """
-    party = as_actor(actor, actor_label)
+    party = as_actor(actor)
     object_type = f"{target._meta.app_label}.{target._meta.model_name}" if target is not None else ""
     event = AuditEvent.objects.create(
         actor=party.user,

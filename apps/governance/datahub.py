@@ -16,7 +16,6 @@ import fcntl
 import json
 import logging
 import os
-import re
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 
-from apps.federation.choices import TaskKind, TaskStatus
+from apps.federation.choices import TaskKind, TaskStatus, parse_task_run_ref, task_run_ref
 from apps.federation.models import TrainingTask, Update
 from apps.governance.models import AuditEvent
 from apps.outbox.choices import OutboxKind
@@ -50,15 +49,6 @@ TASK_VERBS = frozenset(
 )
 # The environment (DataHub "fabric") every URN names.
 DATAHUB_ENV = "PROD"
-# How a job's run is named in lineage: "<prefix>-task-<pk>", as workers/aggregation.py and workers/training.py name
-# it in the lineage edges of the version they register (and the MLflow mirror names its runs): the same name here
-# makes the task and the edge one DataHub run.
-TASK_RUN_PREFIX: dict[str, str] = {
-    TaskKind.EXPERT_AGGREGATION: "aggregation",
-    TaskKind.CORE_UPDATE: "core-update",
-    TaskKind.EVALUATION: "evaluation",
-}
-TASK_RUN_REF = re.compile(r"^(aggregation|core-update|evaluation)-task-([0-9]{1,18})$")
 # A GMS answer no retry changes: the proposal itself is refused (malformed, too large, unprocessable). Any other
 # refusal (401/403 until the token is fixed, 404 until the URL is, 429, 5xx) is retried.
 PERMANENT_HTTP_STATUSES = frozenset({400, 413, 422})
@@ -83,7 +73,7 @@ def enqueue_datahub_sync(sender: object, *, event: AuditEvent, target: object = 
         key = version.version_id
     elif event.verb in TASK_VERBS and isinstance(target, TrainingTask):
         payload = {"task_pk": target.pk}
-        key = task_run_ref(target)
+        key = task_run_ref(target.kind, target.pk)
     else:
         return
     enqueue(OutboxKind.DATAHUB, payload={**payload, "audit_event": event.pk}, key=key)
@@ -92,18 +82,16 @@ def enqueue_datahub_sync(sender: object, *, event: AuditEvent, target: object = 
 # --- what the database says ------------------------------------------------------------------------------------------
 
 
-def task_run_ref(task: TrainingTask) -> str:
-    """The name of `task`'s run in lineage (and DataHub's DataProcessInstance id)."""
-    return f"{TASK_RUN_PREFIX.get(task.kind, task.kind)}-task-{task.pk}"
-
-
 def task_of_run(ref: str) -> TrainingTask | None:
     """The job a lineage run name refers to, or None for a run no job of ours ran (e.g. the bootstrap's)."""
-    match = TASK_RUN_REF.match(ref)
-    if match is None:
+    # A job's run is named by apps.federation.choices.task_run_ref (the workers' lineage edges, the MLflow runs and
+    # DataHub's DataProcessInstance ids are one name); a name whose kind is not the task's refers to no job of ours.
+    parsed = parse_task_run_ref(ref)
+    if parsed is None:
         return None
-    task = TrainingTask.objects.select_related("round", "created_by").filter(pk=int(match[2])).first()
-    return task if task is not None and task_run_ref(task) == ref else None
+    kind, pk = parsed
+    task = TrainingTask.objects.select_related("round", "created_by").filter(pk=pk).first()
+    return task if task is not None and task.kind == kind else None
 
 
 def _ms(moment: datetime) -> int:
@@ -157,7 +145,7 @@ def model_facts(version: ModelVersion) -> ModelFacts:
             .order_by("source_ref")
             .values_list("source_ref", flat=True)
         ),
-        evaluation_runs=[task_run_ref(task) for task in evaluations.order_by("pk")],
+        evaluation_runs=[task_run_ref(task.kind, task.pk) for task in evaluations.order_by("pk")],
     )
 
 
@@ -249,7 +237,7 @@ def proposals_for(payload: dict[str, Any]) -> list[MetadataChangeProposalWrapper
         task = TrainingTask.objects.filter(pk=payload["task_pk"]).first()
         if task is None:
             raise Undeliverable(f"DataHub row names training task {payload['task_pk']}, which does not exist")
-        refs, seeds = [task_run_ref(task)], []
+        refs, seeds = [task_run_ref(task.kind, task.pk)], []
     else:
         raise Undeliverable(f"DataHub row payload {sorted(payload)} names neither a version_id nor a task_pk")
     runs: list[RunFacts] = []

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 from django.conf import settings
 from django.db import transaction
 
-from apps.federation.choices import TaskKind, TaskStatus
+from apps.federation.choices import TaskKind, TaskStatus, parse_task_run_ref, task_run_ref
 from apps.federation.models import TrainingTask
 from apps.governance.actors import Actor
 from apps.governance.audit import record_audit_event
@@ -59,7 +59,7 @@ logger = logging.getLogger(__name__)
 # The value of FEDNESTED_MLFLOW_TRACKING_URI that turns the mirror off: no rows are written, none delivered.
 MLFLOW_OFF = "off"
 # Who the audit events of the mirror name.
-ACTOR_LABEL = "worker:mlflow-sync"
+ACTOR = Actor.automation("worker:mlflow-sync")
 # The changes MLflow mirrors, by audit verb (apps/federation/services.py, apps/registry/services.py).
 TASK_VERBS = frozenset(
     {f"federation.task.{status}" for status in (TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED)}
@@ -73,13 +73,6 @@ MODEL_VERSION_VERB = "governance.mlflow.model_version_registered"
 MLFLOW_LINK_VERBS = (RUN_LOGGED_VERB, MODEL_VERSION_VERB)
 OP_LOG_JOB_RUN = "log_job_run"
 OP_SYNC_VERSION = "sync_version"
-# How a job's run is named: "<prefix>-task-<pk>", the name the workers give it in a version's lineage edges
-# (workers/aggregation.py, workers/training.py), so a version's RUN edge and the MLflow run are one name.
-TASK_RUN_PREFIX: dict[str, str] = {
-    TaskKind.EXPERT_AGGREGATION: "aggregation",
-    TaskKind.CORE_UPDATE: "core-update",
-    TaskKind.EVALUATION: "evaluation",
-}
 RUN_STATUS: dict[str, str] = {
     TaskStatus.SUCCEEDED: "FINISHED",
     TaskStatus.FAILED: "FAILED",
@@ -250,13 +243,11 @@ class JobRun:
     made: tuple[ModelVersion, ...]  # the versions the job made
 
 
-def task_run_name(task: TrainingTask) -> str:
-    return f"{TASK_RUN_PREFIX.get(task.kind, task.kind)}-task-{task.pk}"
-
-
 def job_run(task: TrainingTask) -> JobRun:
     """The run of `task` as the database describes it now."""
-    name = task_run_name(task)
+    # The name the workers give the run in a version's lineage edges (apps.federation.choices.task_run_ref), so a
+    # version's RUN edge and the MLflow run are one name.
+    name = task_run_ref(task.kind, task.pk)
     params: dict[str, str] = {}
     _flatten("params", task.params, params)
     params["kind"] = task.kind
@@ -464,7 +455,7 @@ def _record_links(verb: str, versions: Iterable[ModelVersion], data: Mapping[str
             if any(isinstance(event.data, dict) and event.data.get(key) == data[key] for event in known):
                 continue
             record_audit_event(
-                actor=Actor.automation(ACTOR_LABEL),
+                actor=ACTOR,
                 verb=verb,
                 target=version,
                 data={"version_id": version.version_id, **data},
@@ -501,9 +492,9 @@ def producing_run_id(client: MlflowClient, version: ModelVersion) -> str | None:
     refs = version.lineage_edges.filter(kind=LineageKind.RUN).values_list("source_ref", flat=True)
     experiment = experiment_id(client)
     for ref in refs:
-        match = re.fullmatch(r"(?:aggregation|core-update)-task-([0-9]{1,18})", ref)
-        if match:
-            found = find_job_run_id(client, experiment, int(match.group(1)))
+        parsed = parse_task_run_ref(ref)
+        if parsed is not None and parsed[0] in (TaskKind.EXPERT_AGGREGATION, TaskKind.CORE_UPDATE):
+            found = find_job_run_id(client, experiment, parsed[1])
             if found is not None:
                 return found[0]
     return None

@@ -8,6 +8,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
+from apps.governance.actors import Actor
 from apps.governance.audit import record_audit_event
 from apps.governance.models import AuditEvent
 from apps.registry.choices import VersionStatus
@@ -63,7 +64,7 @@ def stored_losses(version: ModelVersion, heldout: str) -> dict[str, float] | Non
 
 @transaction.atomic
 def record_forgetting_report(
-    version: ModelVersion, report: Report, *, heldout: str, actor_label: str, scored: Mapping[str, str]
+    version: ModelVersion, report: Report, *, heldout: str, actor: Actor, scored: Mapping[str, str]
 ) -> ForgettingReport:
     """Store `report` as `version`'s forgetting report (replacing an earlier one); audited with its summary figures.
 
@@ -80,13 +81,12 @@ def record_forgetting_report(
             "average_forgetting": report.average_forgetting,
             "backward_transfer": report.backward_transfer,
             "heldout": heldout[:500],
-            "computed_by_label": actor_label,
+            "computed_by_label": actor.label,
             "computed_at": timezone.now(),
         },
     )
     record_audit_event(
-        actor=None,
-        actor_label=actor_label,
+        actor=actor,
         verb="registry.version.forgetting_reported",
         target=version,
         data={

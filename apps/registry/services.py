@@ -16,8 +16,8 @@ from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from apps.governance.actors import ActorLike, as_actor
-from apps.governance.audit import actor_label_for, record_audit_event
+from apps.governance.actors import Actor, ActorLike, as_actor
+from apps.governance.audit import record_audit_event
 from apps.registry.choices import ArtifactPartition, LineageKind, VersionStatus
 from apps.registry.models import Alias, LineageEdge, ModelFamily, ModelVersion, VersionArtifact, VersionEvaluation
 from apps.registry.storage import (
@@ -205,7 +205,6 @@ def register_version(
     artifacts: Sequence[ArtifactSpec],
     artifact_uri: str,
     actor: ActorLike,
-    actor_label: str = "",
     parent: ModelVersion | None = None,
     datasets: Iterable[str] = (),
     runs: Iterable[str] = (),
@@ -233,7 +232,7 @@ def register_version(
     if ModelVersion.objects.filter(version_id=version_id).exists():
         raise ValidationError({"version_id": f"version {version_id!r} already exists; versions are immutable"})
     artifact_uri = _checked_in_store(artifact_uri, artifacts)
-    user = as_actor(actor).user
+    party = as_actor(actor)
     try:
         with transaction.atomic():
             version = ModelVersion.objects.create(
@@ -244,8 +243,8 @@ def register_version(
                 manifest_sha256=registered_manifest_sha256(manifest, artifacts),
                 artifact_uri=artifact_uri,
                 status=VersionStatus.CANDIDATE,
-                created_by=user,
-                created_by_label=actor_label or actor_label_for(user),
+                created_by=party.user,
+                created_by_label=party.label,
             )
     except IntegrityError as exc:
         # Two registrations of one id raced; the other one won.
@@ -275,8 +274,7 @@ def register_version(
         edges.extend(LineageEdge(version=version, kind=kind, source_ref=str(ref)) for ref in dict.fromkeys(refs))
     LineageEdge.objects.bulk_create(edges)
     record_audit_event(
-        actor=actor,
-        actor_label=actor_label,
+        actor=party,
         verb="registry.version.registered",
         target=version,
         data={
@@ -329,7 +327,6 @@ def register_saved_version(
     *,
     family: ModelFamily,
     actor: ActorLike,
-    actor_label: str = "",
     parent: ModelVersion | None = None,
     datasets: Iterable[str] = (),
     runs: Iterable[str] = (),
@@ -361,7 +358,6 @@ def register_saved_version(
         artifacts=saved_version_artifacts(directory, manifest),
         artifact_uri=artifact_uri(relative),
         actor=actor,
-        actor_label=actor_label,
         parent=parent,
         datasets=datasets,
         runs=runs,
@@ -370,7 +366,7 @@ def register_saved_version(
 
 
 @transaction.atomic
-def set_version_status(version: ModelVersion, status: str, *, actor: ActorLike, actor_label: str = "") -> ModelVersion:
+def set_version_status(version: ModelVersion, status: str, *, actor: ActorLike) -> ModelVersion:
     """Change a version's lifecycle status (the only mutable thing about it)."""
     if status not in VersionStatus.values:
         raise ValidationError({"status": f"unknown version status {status!r}: use one of {VersionStatus.values}"})
@@ -382,7 +378,6 @@ def set_version_status(version: ModelVersion, status: str, *, actor: ActorLike, 
     version.status = status
     record_audit_event(
         actor=actor,
-        actor_label=actor_label,
         verb="registry.version.status_changed",
         target=version,
         data={"version_id": version.version_id, "from": old_status, "to": status},
@@ -391,7 +386,7 @@ def set_version_status(version: ModelVersion, status: str, *, actor: ActorLike, 
 
 
 @transaction.atomic
-def move_alias(*, name: str, version: ModelVersion, actor: ActorLike, actor_label: str = "") -> Alias:
+def move_alias(*, name: str, version: ModelVersion, actor: ActorLike) -> Alias:
     """Point alias `name` at `version` (creating the alias on first use); audited with the old and new target."""
     if not SLUG_PATTERN.match(name):
         raise ValidationError({"name": f"alias {name!r} must be a lowercase slug"})
@@ -406,7 +401,6 @@ def move_alias(*, name: str, version: ModelVersion, actor: ActorLike, actor_labe
         alias.save(update_fields=["version", "updated_by", "updated_at"])
     record_audit_event(
         actor=actor,
-        actor_label=actor_label,
         verb="registry.alias.moved",
         target=alias,
         data={"alias": name, "from": previous, "to": version.version_id},
@@ -471,8 +465,7 @@ def record_version_evaluation(
     version: ModelVersion,
     results: Sequence[DomainEvaluation],
     *,
-    actor_label: str,
-    actor: ActorLike = None,
+    actor: Actor,
     heldout: str = "",
 ) -> list[VersionEvaluation]:
     """Record a version's per-domain held-out scores (with its parent's, for before/after); audited.
@@ -480,15 +473,12 @@ def record_version_evaluation(
     The scores replace any earlier evaluation of the version: the rows always describe one run on one held-out
     set, so the before/after columns compare like with like. Earlier runs stay in the audit trail.
     """
-    if not actor_label.strip() and as_actor(actor).user is None:
-        raise ValidationError({"actor_label": "say who evaluated the version (e.g. 'worker:evaluation')"})
     version = ModelVersion.objects.select_for_update(of=("self",)).select_related("parent").get(pk=version.pk)
     parent = version.parent
     _check_evaluations(results, parent)
     previous = sorted(version.evaluations.values_list("domain", flat=True))
     version.evaluations.all().delete()
     now = timezone.now()
-    label = actor_label or actor_label_for(actor)
     rows = VersionEvaluation.objects.bulk_create(
         VersionEvaluation(
             version=version,
@@ -501,7 +491,7 @@ def record_version_evaluation(
             parent_loss=result.parent_loss,
             parent_perplexity=result.parent_perplexity,
             heldout=heldout[:500],
-            evaluated_by_label=label,
+            evaluated_by_label=actor.label,
             evaluated_at=now,
         )
         for result in sorted(results, key=lambda result: result.domain)
@@ -513,7 +503,6 @@ def record_version_evaluation(
     }
     record_audit_event(
         actor=actor,
-        actor_label=label,
         verb="registry.version.evaluated",
         target=version,
         data={

@@ -30,7 +30,7 @@ from fednested.data.packing import PackedBatch, iter_batches, pack_examples
 from fednested.data.tokenizer import load_tokenizer
 from fednested.partition import PartitionKind, partition_model
 from fednested.tier1.combine import CoreUpdateEtas, combine_core_update, edge_expert_delta
-from fednested.tier1.plan import CoreUpdatePlan, file_sha256
+from fednested.tier1.plan import CoreUpdatePlan, absolute_paths, file_sha256, store_references
 from fednested.tier1.safeguards import (
     CoreSafeguards,
     champion_snapshots,
@@ -320,6 +320,12 @@ def _write_candidate(
         "edge_aggregates": plan.edge_aggregates,
         "training": {key: metrics[key] for key in ("steps", "loss_first", "loss_last", "tokens")},
     }
+    if plan.lineage_roots:
+        # Run by the control plane: the manifest goes to devices, MLflow and DataHub, so files are named by their
+        # place in the store; the launcher refused any file outside it, so a path left here is a field it missed.
+        lineage = store_references(lineage, plan.lineage_roots)
+        if leaked := absolute_paths(lineage):
+            raise RuntimeError(f"the candidate's lineage would record server paths {leaked}; none is written")
     save_version(
         model,
         plan.version_dir,

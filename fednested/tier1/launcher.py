@@ -17,7 +17,7 @@ import sys
 import tempfile
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -34,10 +34,13 @@ from fednested.tier1.plan import (
     CorePlanError,
     CoreUpdatePlan,
     FaultPlan,
+    absolute_paths,
     build_deepspeed_config,
     inspect_dataset,
     plan_safeguards,
     resolve_precision,
+    store_references,
+    store_roots,
 )
 
 LOG_TAIL_LINES = 40
@@ -122,12 +125,17 @@ def prepare_plan(
     edge_base: Path | None,
     edge_aggregates: Sequence[Path],
     parent_version: str | None = None,
+    lineage_store: Path | None = None,
 ) -> CoreUpdatePlan:
     """Check every input of a core update (without launching anything) and resolve it into a plan.
 
     `parent_version` (default: the champion's) may name the last edge aggregate instead: the control plane trains the
     last core update's version and folds in the aggregates promoted since, and the candidate must descend from the
-    champion of the day (the newest of them) for the registry's line of promotions."""
+    champion of the day (the newest of them) for the registry's line of promotions.
+
+    `lineage_store` (the control plane's artifact store) makes the candidate's lineage name every file it read as
+    `artifacts://<path in the store>`; a file outside the store is then refused here, before anything runs, since
+    its path could only be recorded as the server's."""
     settings, training = config.core_update, config.training
     if settings.champion_dir is None:
         raise CorePlanError("core_update.champion_dir is not set: name the champion's version directory")
@@ -177,6 +185,18 @@ def prepare_plan(
     fault = settings.fault_injection
     if fault is not None and fault.rank >= training.ranks:
         raise CorePlanError(f"core_update.fault_injection.rank {fault.rank} does not exist ({training.ranks} ranks)")
+    roots = store_roots(lineage_store) if lineage_store is not None else []
+    if roots:
+        read = [str(Path(settings.champion_dir).resolve()), *(entry.path for entry in datasets)]
+        read += [str(edge_base.resolve())] if edge_base is not None else []
+        read += [str(aggregate["path"]) for aggregate in aggregates]
+        read += absolute_paths(asdict(safeguards)) if safeguards is not None else []
+        outside = absolute_paths(store_references(read, roots))
+        if outside:
+            raise CorePlanError(
+                f"{', '.join(outside)} lie(s) outside the artifact store {lineage_store}: the candidate's lineage "
+                "can only name files of the store; copy them into it"
+            )
     return CoreUpdatePlan(
         champion_dir=str(Path(settings.champion_dir).resolve()),
         champion_version=manifest.version_id,
@@ -205,6 +225,7 @@ def prepare_plan(
         edge_aggregates=aggregates,
         fault=FaultPlan(fault.rank, fault.after_step) if fault is not None else None,
         safeguards=safeguards,
+        lineage_roots=roots,
     )
 
 
@@ -215,14 +236,16 @@ def run_core_update(
     edge_aggregates: Sequence[Path] = (),
     version_id: str | None = None,
     parent_version: str | None = None,
+    lineage_store: Path | None = None,
 ) -> CoreUpdateResult:
     """Train the champion under DeepSpeed with `config.training.ranks` ranks and write the candidate version.
 
     `edge_base` is the version of the last core update and `edge_aggregates` the edge-aggregate versions applied
     since, oldest first; their expert deltas are folded in as dW_edges; `parent_version` is the candidate's parent
-    (the champion's by default, or the last of those aggregates: `prepare_plan`). Raises CoreUpdateError for a
-    refused plan (before anything starts) or a failed run (with the failing rank's log tail); nothing is left in the
-    output.
+    (the champion's by default, or the last of those aggregates: `prepare_plan`); `lineage_store`, the artifact
+    store whose files the lineage names store-relative (the control plane's job; `prepare_plan`). Raises
+    CoreUpdateError for a refused plan (before anything starts) or a failed run (with the failing rank's log tail);
+    nothing is left in the output.
     """
     settings = config.core_update
     vid = version_id or f"core-{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
@@ -244,6 +267,7 @@ def run_core_update(
                 edge_base=edge_base,
                 edge_aggregates=edge_aggregates,
                 parent_version=parent_version,
+                lineage_store=lineage_store,
             )
         except CorePlanError as error:
             raise CoreUpdateError(f"core update refused before training: {error}") from error

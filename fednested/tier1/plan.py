@@ -107,6 +107,10 @@ class CoreUpdatePlan:
     safeguards: SafeguardPlan | None = None
     # The candidate's parent: the champion (None), or the last edge aggregate folded in (launcher.prepare_plan).
     parent_version: str | None = None
+    # The artifact store's root (its absolute and resolved spellings) when the control plane runs the update: the
+    # candidate's lineage then names files as `artifacts://<path in the store>`, never by the server's absolute path
+    # (a manifest travels to devices, MLflow and DataHub). Empty for the CLI: its lineage keeps the paths it was given.
+    lineage_roots: list[str] = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -121,6 +125,39 @@ class CoreUpdatePlan:
             guards["frozen_slices"] = [(str(name), int(expert)) for name, expert in guards["frozen_slices"]]
             data["safeguards"] = SafeguardPlan(**guards)
         return cls(**data)
+
+
+# How a file of the artifact store is named outside the server (the control plane's registry rows write the same
+# form, apps/registry/storage.py): its path relative to the store's root, so no server path leaves the server.
+STORE_URI_PREFIX = "artifacts://"
+
+
+def store_roots(root: Path) -> list[str]:
+    """The spellings of the store's root a path may start with (as given and with symlinks resolved), longest first."""
+    return sorted({str(root.absolute()), str(root.resolve())} - {"/"}, key=len, reverse=True)
+
+
+def store_references(value: Any, roots: list[str]) -> Any:
+    """`value` (a lineage: dicts, lists, strings, numbers) with each string naming a file inside one of `roots` written
+    `artifacts://<path in the store>`; other values as they are."""
+    if isinstance(value, dict):
+        return {key: store_references(item, roots) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [store_references(item, roots) for item in value]
+    if isinstance(value, str):
+        for root in roots:
+            if value == root or value.startswith(root + "/"):
+                return STORE_URI_PREFIX + value[len(root) :].lstrip("/")
+    return value
+
+
+def absolute_paths(value: Any) -> list[str]:
+    """Every string in `value` that is an absolute filesystem path (what a lineage must not carry off the server)."""
+    if isinstance(value, dict):
+        return [path for item in value.values() for path in absolute_paths(item)]
+    if isinstance(value, (list, tuple)):
+        return [path for item in value for path in absolute_paths(item)]
+    return [value] if isinstance(value, str) and value.startswith("/") else []
 
 
 def file_sha256(path: Path) -> tuple[str, int]:

@@ -14,6 +14,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+from apps.governance.actors import Actor
 from apps.registry.models import ModelFamily, ModelVersion
 from apps.registry.services import register_version
 from tests.conftest import artifact_bytes, make_artifacts, make_manifest
@@ -54,8 +55,7 @@ def stored_version_factory(artifact_store: Path) -> Callable[..., ModelVersion]:
             parent=parent,
             datasets=["synthetic-automotive-v1"],
             runs=[f"run-{version_id}"],
-            actor=None,
-            actor_label="tests",
+            actor=Actor.automation("tests"),
         )
 
     return build

@@ -32,6 +32,7 @@ from apps.dataengine.services import Arrival, fire_trigger, record_telemetry, sa
 from apps.federation.choices import TaskKind
 from apps.federation.models import TrainingTask
 from apps.federation.services import issue_enrollment_token, open_round
+from apps.governance.actors import Actor
 from apps.governance.models import AuditEvent
 from apps.governance.services import request_approval
 from apps.registry.models import ModelVersion
@@ -76,7 +77,7 @@ def build_world(
     record_version_evaluation(
         v2,
         [DomainEvaluation(domain="automotive", loss=1.5, perplexity=4.48, tokens=512, records=8, parent_loss=1.75)],
-        actor_label="tests",
+        actor=Actor.automation("tests"),
     )
     window = open_round(
         base_version=v1, buffer_size_k=2, deadline_at=timezone.now() + timedelta(hours=1), actor=engineer

@@ -14,6 +14,7 @@ from django.urls import reverse
 
 from apps.dataengine.services import Arrival, fire_trigger, record_telemetry, save_rule
 from apps.federation.services import create_training_task, store_update_payload
+from apps.governance.actors import Actor
 from apps.governance.models import GateOverride
 from apps.governance.services import approve_version, request_approval
 from apps.registry.forgetting import record_forgetting_report
@@ -35,7 +36,7 @@ def test_every_admin_list_and_detail_page_renders(
     tmp_path: Path,
 ) -> None:
     v1 = version_factory(family_factory(), "tiny-moe-v1")
-    record_version_evaluation(v1, [DomainEvaluation("medical", 2.0, 7.39, 100)], actor_label="tests")
+    record_version_evaluation(v1, [DomainEvaluation("medical", 2.0, 7.39, 100)], actor=Actor.automation("tests"))
     store_update_payload(
         cast["device"].device,
         str(uuid.uuid4()),
@@ -52,7 +53,9 @@ def test_every_admin_list_and_detail_page_renders(
         parent="tiny-moe-v0",
         champions=["tiny-moe-v0"],
     )
-    record_forgetting_report(v1, report, heldout="heldout", actor_label="tests", scored={"tiny-moe-v0": "stored"})
+    record_forgetting_report(
+        v1, report, heldout="heldout", actor=Actor.automation("tests"), scored={"tiny-moe-v0": "stored"}
+    )
     approval = request_approval(v1, actor=cast["engineer"].user)
     # Asked and granted through the gate's services in tests/apps/governance; here only the admin pages are tried.
     GateOverride.objects.create(

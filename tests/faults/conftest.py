@@ -19,6 +19,7 @@ from django_celery_beat.models import IntervalSchedule, PeriodicTask
 from apps.accounts.choices import Role
 from apps.accounts.services import create_user_with_role
 from apps.federation.services import open_round
+from apps.governance.actors import Actor
 from apps.schedules.services import CLOSE_DUE_WINDOWS_TASK
 from fednested.messaging import KafkaBusSettings, TopicsConfig, bootstrap_topics
 from tests.faults.harness import (
@@ -88,8 +89,8 @@ def _running_system(root: Path, services: PrivateServices, template: BaseTemplat
         "OMP_NUM_THREADS": "1",
     }
     with override_settings(**overrides):
-        engineer = create_user_with_role(username="erin-engineer", role=Role.ENGINEER, actor=None, actor_label="faults")
-        officer = create_user_with_role(username="olivia-officer", role=Role.OFFICER, actor=None, actor_label="faults")
+        engineer = create_user_with_role(username="erin-engineer", role=Role.ENGINEER, actor=Actor.automation("faults"))
+        officer = create_user_with_role(username="olivia-officer", role=Role.OFFICER, actor=Actor.automation("faults"))
         family, v1 = register_base_version(store, engineer)
         # The deadline check the beat process fires (tests/faults/harness.py): every second, whatever a flush of the
         # test database left of the migration's default schedule.

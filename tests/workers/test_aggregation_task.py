@@ -17,6 +17,7 @@ from apps.federation.jobs import IN_PROCESS, AggregationParams
 from apps.federation.models import Round, TrainingTask, Update
 from apps.federation.services import claim_round_for_aggregation, create_training_task, start_training_task
 from apps.federation.updates import MAX_AUTOMATIC_AGGREGATION_ATTEMPTS, enqueue_due_windows
+from apps.governance.actors import Actor
 from apps.governance.models import ApprovalRequest, AuditEvent
 from apps.registry.choices import LineageKind
 from apps.registry.models import ModelVersion
@@ -189,8 +190,8 @@ def test_an_aggregation_whose_worker_died_is_released_after_the_timeout(
 ) -> None:
     round_, _, task = buffered_round
     # The worker claimed the task and the window, then stalled: both stay as it left them.
-    assert start_training_task(task.pk, actor_label="worker:aggregation")
-    assert claim_round_for_aggregation(round_, actor_label="worker:aggregation", task_pk=task.pk)
+    assert start_training_task(task.pk, actor=Actor.automation("worker:aggregation"))
+    assert claim_round_for_aggregation(round_, actor=Actor.automation("worker:aggregation"), task_pk=task.pk)
     settings.FEDNESTED_AGGREGATION_TIMEOUT_S = 600
     with django_capture_on_commit_callbacks(execute=False):
         assert enqueue_due_windows(timezone.now() + timedelta(minutes=5)) == []

@@ -23,6 +23,7 @@ from apps.registry.services import move_alias, register_saved_version
 from fednested.checkpoints import load_version, save_version
 from fednested.data import CorpusConfig, generate_corpus, write_jsonl
 from fednested.data.tokenizer import load_tokenizer
+from fednested.tier1.plan import absolute_paths
 from tests.federation_world import WorkerWorld
 from workers.training import POLICY_DECISION_VERB, core_update_version_id, run_core_update_task
 
@@ -148,6 +149,13 @@ def test_a_core_update_task_registers_a_candidate_with_its_lineage_and_evaluatio
     assert lineage["deepspeed"]["ranks"] == 2
     assert lineage["deepspeed"]["config"]["zero_optimization"]["stage"] == 2
     assert lineage["training"]["steps"] == 2
+    # The manifest travels to devices, MLflow and DataHub: files by their place in the store, no server path.
+    assert dataset["path"] == "artifacts://datasets/tier1.jsonl"
+    assert lineage["champion"]["path"] == "artifacts://versions/v1"
+    assert lineage["edge_base"] == "artifacts://versions/v1"
+    assert [entry["path"] for entry in lineage["edge_aggregates"]] == ["artifacts://versions/agg1"]
+    assert absolute_paths(candidate.manifest) == []
+    assert str(world.root.resolve()) not in json.dumps(candidate.manifest)
     edges = dict(candidate.lineage_edges.values_list("kind", "source_ref"))
     assert edges[LineageKind.DATASET] == f"artifacts://datasets/tier1.jsonl#sha256={dataset['sha256']}"
     assert edges[LineageKind.RUN] == f"core-update-task-{task_pk}"

@@ -13,6 +13,7 @@ from django.utils import timezone
 
 from apps.federation.choices import TaskKind
 from apps.federation.services import create_training_task, open_round
+from apps.governance.actors import Actor
 from apps.governance.models import ApprovalRequest, AuditEvent
 from apps.registry.choices import CHAMPION_ALIAS, VersionStatus
 from apps.registry.models import ForgettingReport, ModelVersion
@@ -74,17 +75,17 @@ def run_evaluation(world: WorkerWorld, version_id: str, capture: Any) -> Approva
 def line(world: WorkerWorld) -> dict[str, ModelVersion]:
     """v1 (champion once, with stored scores) → v2 (champion now) → v3 (a candidate)."""
     v1 = world.base
-    set_version_status(v1, VersionStatus.CHAMPION, actor=None, actor_label="tests")
+    set_version_status(v1, VersionStatus.CHAMPION, actor=Actor.automation("tests"))
     # Stored scores of v1 on the same held-out sets: figures no model gives, so their reuse shows in the report.
     record_version_evaluation(
         v1,
         [DomainEvaluation(domain=d, loss=loss, perplexity=None, tokens=10, records=1) for d, loss in STORED_V1.items()],
-        actor_label="tests",
+        actor=Actor.automation("tests"),
         heldout="artifacts://heldout",
     )
     v2 = derived_version(world, v1, "v2", shift=0.001)
-    set_version_status(v1, VersionStatus.ARCHIVED, actor=None, actor_label="tests")
-    set_version_status(v2, VersionStatus.CHAMPION, actor=None, actor_label="tests")
+    set_version_status(v1, VersionStatus.ARCHIVED, actor=Actor.automation("tests"))
+    set_version_status(v2, VersionStatus.CHAMPION, actor=Actor.automation("tests"))
     v3 = derived_version(world, v2, "v3", shift=0.002)
     return {"v1": v1, "v2": v2, "v3": v3}
 
@@ -152,7 +153,7 @@ def test_the_approval_note_says_when_the_gate_holds_the_candidate(
     gate.write_text(json.dumps({"protected": {"medical": {"max_increase_fraction": 0.5, "against": ["champion"]}}}))
     settings.FEDNESTED_PROMOTION_GATE = str(gate)
     # The champion alias on v1, whose stored medical loss (0.5) no real model of this size reaches.
-    move_alias(name=CHAMPION_ALIAS, version=line["v1"], actor=None, actor_label="tests")
+    move_alias(name=CHAMPION_ALIAS, version=line["v1"], actor=Actor.automation("tests"))
     request = run_evaluation(world, "v3", django_capture_on_commit_callbacks)
     medical = line["v3"].evaluations.get(domain="medical")
     assert medical.loss > 0.75

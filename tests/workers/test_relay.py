@@ -26,6 +26,7 @@ from apps.federation.choices import TaskKind, TaskStatus
 from apps.federation.events import bus_settings
 from apps.federation.models import TrainingTask
 from apps.federation.services import create_training_task
+from apps.governance.actors import Actor
 from apps.governance.models import AuditEvent
 from apps.governance.services import approve_version, request_approval
 from apps.outbox.choices import OutboxKind
@@ -92,7 +93,7 @@ def control_events(bus: KafkaBusSettings, *, expected: int) -> list[Message]:
 
 @pytest.fixture
 def officer() -> User:
-    return create_user_with_role(username="olga-officer", role=Role.OFFICER, actor=None, actor_label="tests")
+    return create_user_with_role(username="olga-officer", role=Role.OFFICER, actor=Actor.automation("tests"))
 
 
 @pytest.mark.django_db

@@ -27,6 +27,7 @@ from django.conf import settings
 from apps.federation.events import bus_settings
 from apps.federation.identity import refresh_crl_if_due
 from apps.federation.updates import Arrival, UpdateOutcome, submit_updates
+from apps.governance.actors import Actor
 from controlplane.metrics.exposition import serve_metrics
 from controlplane.metrics.families import record_outcome
 from controlplane.metrics.lag import ingest_collectors
@@ -37,7 +38,7 @@ from workers.schedules import start_schedule_thread
 
 logger = logging.getLogger(__name__)
 
-ACTOR_LABEL = "worker:ingest"
+ACTOR = Actor.automation("worker:ingest")
 DEFAULT_GROUP = INGEST_GROUP
 # Test hook: "after_db_commit" makes the worker SIGKILL itself after a batch's transaction committed and before its
 # offsets are committed — the window the at-least-once design must survive.
@@ -95,7 +96,7 @@ def ingest_batch(messages: Sequence[Message]) -> list[UpdateOutcome]:
     """
     with traced_batch(settings.FEDNESTED_BUS, INGEST_GROUP, Topic.UPDATES.value, messages) as batch:
         arrivals = [arrival_of(message, batch.traceparents[i]) for i, message in enumerate(messages)]
-        outcomes = submit_updates(arrivals, actor_label=ACTOR_LABEL)
+        outcomes = submit_updates(arrivals, actor=ACTOR)
         batch.record(outcomes)
     return outcomes
 

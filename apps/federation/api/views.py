@@ -152,7 +152,7 @@ class EdgeDeviceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewse
         device = requesting_device(request, "renews its certificate", for_client_id=client_id)
         serializer = CertificateRequestSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        key = renew_certificate(device, serializer.validated_data["csr"], actor=request.user)
+        key = renew_certificate(device, serializer.validated_data["csr"], actor=Actor.of_request(request))
         body = {"key": DeviceKeySerializer(key).data, "ca_certificate": ca_certificate_pem()}
         return Response(body, status=status.HTTP_201_CREATED)
 
@@ -364,7 +364,10 @@ class UpdateViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.G
         device = requesting_device(request, "submits updates")
         envelope = parse_update_envelope(serializer.validated_data)
         outcome = submit_update(
-            envelope, where="api:POST /api/v1/updates/", actor_label=f"device:{device.client_id}", sender=device
+            envelope,
+            where="api:POST /api/v1/updates/",
+            actor=Actor.device(device.client_id, device.user),
+            sender=device,
         )
         record_outcome(outcome, source="api")
         if outcome.status in ("buffered", "duplicate") and outcome.update_pk is not None:

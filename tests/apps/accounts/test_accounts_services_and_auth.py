@@ -21,6 +21,7 @@ from apps.accounts.services import (
     set_user_role,
 )
 from apps.accounts.tokens import secret_sha256
+from apps.governance.actors import Actor
 from apps.governance.models import AuditEvent
 
 pytestmark = pytest.mark.django_db
@@ -40,7 +41,7 @@ def test_role_of_each_kind_of_user() -> None:
 
 
 def test_create_user_is_audited_and_refuses_bad_roles_and_duplicates() -> None:
-    user = create_user_with_role(username="eve", role=Role.ENGINEER, actor=None, actor_label="tests")
+    user = create_user_with_role(username="eve", role=Role.ENGINEER, actor=Actor.automation("tests"))
     event = AuditEvent.objects.get(verb="accounts.user.created")
     assert (event.object_id, event.actor_label, event.data) == (str(user.pk), "tests", {"role": "engineer"})
     assert not user.has_usable_password()

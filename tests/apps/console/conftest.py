@@ -6,6 +6,7 @@ from typing import Any
 import pytest
 
 from apps.federation.services import reject_update
+from apps.governance.actors import Actor
 from apps.governance.services import request_approval
 from apps.registry.choices import CHAMPION_ALIAS, VersionStatus
 from apps.registry.models import ModelFamily, ModelVersion
@@ -45,8 +46,7 @@ def _register(
         artifact_uri=write_artifacts(version_id, artifacts),
         parent=parent,
         contributing_updates=updates,
-        actor=None,
-        actor_label="tests",
+        actor=Actor.automation("tests"),
     )
     record_version_evaluation(
         version,
@@ -62,7 +62,7 @@ def _register(
             )
             for domain, score in scores.items()
         ],
-        actor_label="worker:evaluation",
+        actor=Actor.automation("worker:evaluation"),
         heldout="artifacts://heldout",
     )
     return version
@@ -81,12 +81,12 @@ def scene(
         user.save()
     family = family_factory()
     v1 = _register(family, "v1", parent=None, scores=PARENT_SCORES, updates=[])
-    set_version_status(v1, VersionStatus.CHAMPION, actor=None, actor_label="tests")
-    move_alias(name=CHAMPION_ALIAS, version=v1, actor=None, actor_label="tests")
+    set_version_status(v1, VersionStatus.CHAMPION, actor=Actor.automation("tests"))
+    move_alias(name=CHAMPION_ALIAS, version=v1, actor=Actor.automation("tests"))
     device = cast["device"].device
     assert device is not None
     good, bad = make_update_row(device, "v1"), make_update_row(device, "v1")
-    reject_update(bad, "non_finite", "tensor 'lora_A.expert3' has 12 NaN values", actor_label="tests")
+    reject_update(bad, "non_finite", "tensor 'lora_A.expert3' has 12 NaN values", actor=Actor.automation("tests"))
     v2 = _register(family, "v2", parent=v1, scores=CANDIDATE_SCORES, updates=[good.update_id])
     approval = request_approval(v2, actor=cast["engineer"].user, note="round 1 of the demo")
     return {"v1": v1, "v2": v2, "approval": approval, "good": good, "bad": bad, "device": device, "password": PASSWORD}

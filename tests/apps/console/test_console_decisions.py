@@ -10,6 +10,7 @@ from django.test import Client
 from django.urls import reverse
 
 from apps.accounts.choices import Role
+from apps.governance.actors import Actor
 from apps.governance.choices import ApprovalStatus
 from apps.governance.models import ApprovalDecision, ApprovalRequest, AuditEvent
 from apps.registry.choices import CHAMPION_ALIAS, VersionStatus
@@ -53,7 +54,7 @@ def test_approving_a_rejected_candidate_is_refused(cast: dict[str, Member], scen
 def test_approving_a_superseded_candidate_is_refused(cast: dict[str, Member], scene: dict[str, Any]) -> None:
     # The request stayed pending while the version was set aside (archived): approving it now would move the
     # champion back to it.
-    set_version_status(scene["v2"], VersionStatus.ARCHIVED, actor=None, actor_label="tests")
+    set_version_status(scene["v2"], VersionStatus.ARCHIVED, actor=Actor.automation("tests"))
     page = _decide(_signed_in(cast["officer"]), scene["approval"], "approve").content.decode()
     assert "Not decided: version: version &#x27;v2&#x27; is archived; only a candidate can be approved" in page
     assert ApprovalRequest.objects.get(pk=scene["approval"].pk).status == ApprovalStatus.PENDING

@@ -11,6 +11,7 @@ from django.urls import reverse
 from apps.console.evidence import config_diff, contributions, lineage_chart, policy_decisions
 from apps.federation.choices import TaskKind
 from apps.federation.models import TrainingTask
+from apps.governance.actors import Actor
 from apps.governance.audit import record_audit_event
 from apps.governance.models import GateOverride
 from apps.registry.models import ModelVersion
@@ -65,8 +66,7 @@ def _aggregated_child(scene: dict[str, Any]) -> tuple[ModelVersion, TrainingTask
         artifact_uri=write_artifacts("v3", artifacts),
         parent=v2,
         contributing_updates=[fresh.update_id, stale.update_id],
-        actor=None,
-        actor_label="tests",
+        actor=Actor.automation("tests"),
     )
     record_version_evaluation(
         v3,
@@ -74,7 +74,7 @@ def _aggregated_child(scene: dict[str, Any]) -> tuple[ModelVersion, TrainingTask
             DomainEvaluation(domain="cooking", loss=2.2, perplexity=9.03, tokens=400, records=20),
             DomainEvaluation(domain="medical", loss=1.9, perplexity=6.69, tokens=400, records=20),
         ],
-        actor_label="worker:evaluation",
+        actor=Actor.automation("worker:evaluation"),
         heldout="artifacts://heldout",
     )
     return v3, task, [fresh.update_id, stale.update_id]
@@ -103,10 +103,9 @@ def test_policy_decisions_are_those_on_the_task_that_made_the_version(scene: dic
     v3, task, _ = _aggregated_child(scene)
     assert policy_decisions(v3) == []
     other = TrainingTask.objects.create(kind=TaskKind.CORE_UPDATE, params={})
-    record_audit_event(actor=None, actor_label="policy", verb="governance.policy.decision", target=other, data={})
+    record_audit_event(actor=Actor.automation("policy"), verb="governance.policy.decision", target=other, data={})
     decision = record_audit_event(
-        actor=None,
-        actor_label="policy",
+        actor=Actor.automation("policy"),
         verb="governance.policy.decision",
         target=task,
         data=POLICY_DECISION,
@@ -122,8 +121,7 @@ def test_policy_decisions_are_those_on_the_task_that_made_the_version(scene: dic
         artifact_uri=write_artifacts("v4", artifacts),
         parent=v3,
         runs=[f"core-update-task-{other.pk}"],
-        actor=None,
-        actor_label="tests",
+        actor=Actor.automation("tests"),
     )
     assert [event.object_id for event in policy_decisions(v4)] == [str(other.pk)]
 
@@ -143,8 +141,7 @@ def test_config_diff_lists_added_removed_and_changed_keys(scene: dict[str, Any])
 def test_the_candidate_page_shows_the_evidence(cast: dict[str, Member], scene: dict[str, Any]) -> None:
     _v3, task, (fresh, stale) = _aggregated_child(scene)
     record_audit_event(
-        actor=None,
-        actor_label="policy",
+        actor=Actor.automation("policy"),
         verb="governance.policy.decision",
         target=task,
         data=POLICY_DECISION,

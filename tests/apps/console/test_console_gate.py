@@ -10,6 +10,7 @@ from django.test import Client
 from django.urls import reverse
 
 from apps.accounts.choices import Role
+from apps.governance.actors import Actor
 from apps.governance.models import ApprovalRequest, AuditEvent
 from apps.registry.choices import CHAMPION_ALIAS, VersionStatus
 from apps.registry.forgetting import record_forgetting_report
@@ -110,7 +111,9 @@ def test_forgetting_report_is_drawn_as_inline_svg(cast: dict[str, Member], scene
         "v2": {domain: score["loss"] for domain, score in CANDIDATE_SCORES.items()},
     }
     report = forgetting_report(["v1", "v2"], losses, parent="v1", champions=["v1"])
-    record_forgetting_report(scene["v2"], report, heldout="artifacts://heldout", actor_label="tests", scored={})
+    record_forgetting_report(
+        scene["v2"], report, heldout="artifacts://heldout", actor=Actor.automation("tests"), scored={}
+    )
     page = _signed_in(cast["engineer"].user).get(reverse("console:version-detail", args=["v2"])).content.decode()
     section = page.split('data-testid="forgetting-report"')[1].split("</section>")[0]
     # cooking −0.6 (0 forgotten), legal +0.25, medical +0.001: mean forgetting (0 + 0.25 + 0.001) / 3.

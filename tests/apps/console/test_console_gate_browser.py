@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from apps.governance.actors import Actor
 from apps.governance.models import ApprovalRequest
 from apps.registry.choices import CHAMPION_ALIAS
 from apps.registry.forgetting import record_forgetting_report
@@ -42,7 +43,9 @@ def test_gated_candidate_in_the_browser(
         "v2": {domain: score["loss"] for domain, score in CANDIDATE_SCORES.items()},
     }
     report = forgetting_report(["v1", "v2"], losses, parent="v1", champions=["v1"])
-    record_forgetting_report(scene["v2"], report, heldout="artifacts://heldout", actor_label="tests", scored={})
+    record_forgetting_report(
+        scene["v2"], report, heldout="artifacts://heldout", actor=Actor.automation("tests"), scored={}
+    )
 
     officer = _sign_in(browser, live_server.url, "olivia-officer", scene["password"])
     requests: list[str] = []

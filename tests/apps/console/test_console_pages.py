@@ -1,5 +1,6 @@
 """Console pages through Django's test client: who sees what, what the pages show, and decisions via the services."""
 
+import json
 from typing import Any
 
 import pytest
@@ -10,6 +11,8 @@ from apps.accounts.choices import Role
 from apps.accounts.models import User
 from apps.console.evaluation import DomainComparison, domain_losses
 from apps.federation.models import EdgeDevice, Round, Update
+from apps.governance.actors import Actor
+from apps.governance.audit import record_audit_event
 from apps.governance.choices import ApprovalStatus
 from apps.governance.models import ApprovalRequest, AuditEvent
 from apps.governance.services import request_approval
@@ -195,6 +198,28 @@ def test_audit_log_is_for_officers(cast: dict[str, Member], scene: dict[str, Any
     assert "registry.alias.moved" not in html
 
 
+def test_audit_log_filters_by_actor_kind(cast: dict[str, Member], scene: dict[str, Any]) -> None:
+    record_audit_event(actor=Actor.automation("worker:console-test"), verb="tests.console.automation_acted")
+    record_audit_event(actor=Actor.device("car-0042"), verb="tests.console.device_acted")
+    client = _signed_in(cast["officer"])
+    automation = client.get(reverse("console:audit-log"), {"actor_kind": "automation"}).content.decode()
+    assert "tests.console.automation_acted" in automation
+    assert "tests.console.device_acted" not in automation
+    assert "governance.approval.requested" not in automation  # the engineer's, a person's
+    people = client.get(reverse("console:audit-log"), {"actor_kind": "person"}).content.decode()
+    assert "governance.approval.requested" in people
+    assert "tests.console." not in people
+    # The export takes the same filter: only the device's event, and the filter is named in the export's record.
+    export = client.get(reverse("console:audit-export-jsonl"), {"actor_kind": "device", "verb": "tests.console"})
+    lines = b"".join(export.streaming_content).decode().splitlines()
+    assert [json.loads(line)["verb"] for line in lines] == ["tests.console.device_acted"]
+    exported = AuditEvent.objects.filter(verb="governance.audit.exported").latest("id")
+    assert exported.data["filters"] == {"actor_kind": "device", "verb": "tests.console"}
+    refused = client.get(reverse("console:audit-log"), {"actor_kind": "robot"})
+    assert refused.status_code == 200
+    assert "Select a valid choice. robot is not one of the available choices." in refused.content.decode()
+
+
 def test_comparison_verdicts_follow_the_relative_change() -> None:
     better = DomainComparison("a", loss=1.0, parent_loss=2.0, perplexity=2.7, parent_perplexity=7.4)
     assert better.loss_delta == -1.0
@@ -224,7 +249,7 @@ def test_a_new_evaluation_replaces_the_old_and_unevaluated_versions_say_so(
     record_version_evaluation(
         v2,
         [DomainEvaluation(domain="cooking", loss=1.5, perplexity=4.48, tokens=100)],
-        actor_label="worker:evaluation",
+        actor=Actor.automation("worker:evaluation"),
     )
     assert domain_losses(v2) == {"cooking": 1.5}
     table = _signed_in(cast["officer"]).get(reverse("console:version-detail", args=["v2"])).content.decode()
@@ -246,6 +271,5 @@ def version_factory_free(parent: ModelVersion) -> ModelVersion:
         artifacts=artifacts,
         artifact_uri=write_artifacts("v3", artifacts),
         parent=parent,
-        actor=None,
-        actor_label="tests",
+        actor=Actor.automation("tests"),
     )

@@ -62,6 +62,8 @@ def test_demo_applies_a_stale_update_and_moves_every_device(tmp_path: Path) -> N
         "all 3 devices report demo.2-candidate as their current version",
         "Stale updates applied with their staleness weight: ",
         "governance officer  olivia / ",
+        "Data engine consuming telemetry.edge and tasks.training",
+        "Data engine stored ",
     ):
         assert line in output, line
     gate = output.split("Promotion gate (untrained domains telemetry, code may get at most 1.0 nats worse")[1]
@@ -81,6 +83,10 @@ def test_demo_applies_a_stale_update_and_moves_every_device(tmp_path: Path) -> N
             "where v.version_id = 'demo.2-candidate'"
         ).fetchone()
         lost = database.execute("select count(*) from federation_update where status = 'rejected'").fetchone()
+        signals = database.execute(
+            "select count(distinct report_sha256), count(distinct client_id), min(tokens) from dataengine_devicesignal"
+        ).fetchone()
+        refused = database.execute("select count(*) from dataengine_telemetryrejection").fetchone()
     # K = 2: two fresh updates make the first candidate; the late update on v1 (τ = 1 by then) and a fresh one on
     # demo-candidate make the second.
     assert applied == [("demo-candidate", 0, 2), ("demo.2-candidate", 0, 1), ("demo.2-candidate", 1, 1)]
@@ -95,4 +101,8 @@ def test_demo_applies_a_stale_update_and_moves_every_device(tmp_path: Path) -> N
         if '"training.finished"' in line
     ]
     assert len(finished) == 5
+    # The data engine stored each run's telemetry report (per-domain signals) from all three devices; none refused.
+    assert signals[:2] == (5, 3)
+    assert signals[2] > 0
+    assert refused == (0,)
     assert all(entry["ewc_penalty"] is not None for entry in finished)

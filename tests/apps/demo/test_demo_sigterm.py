@@ -53,7 +53,7 @@ def test_sigterm_stops_the_demo_and_every_process_it_started(tmp_path: Path) -> 
         # demo's own handling can stop them.
         children = psutil.Process(demo.pid).children(recursive=True)
         names = " ".join(" ".join(child.cmdline()) for child in children)
-        for part in ("runserver", "workers.ingest", "workers.relay", "run-client"):
+        for part in ("runserver", "workers.ingest", "workers.relay", "workers.telemetry", "run-client"):
             assert part in names, names
         started = time.monotonic()
         demo.send_signal(signal.SIGTERM)

@@ -15,10 +15,11 @@ from django.db import connection
 from rest_framework.test import APIClient
 
 from apps.accounts.services import issue_api_token
-from apps.federation.choices import RoundStatus, TaskKind, TaskStatus
+from apps.federation.choices import RoundStatus, TaskKind, TaskStatus, parse_task_run_ref, task_run_ref
 from apps.federation.jobs import IN_PROCESS, JOBS, AggregationParams, EvaluationParams, JobKind
 from apps.federation.models import Round, TrainingTask
 from apps.federation.services import close_round
+from apps.governance.actors import Actor
 from apps.governance.models import ApprovalRequest
 from controlplane.celery import app as celery_app
 from tests.federation_world import WorkerWorld
@@ -30,7 +31,7 @@ JOBS_TIMEOUT_S = 120.0
 
 @pytest.fixture
 def engineer(world: WorkerWorld) -> APIClient:
-    _, token = issue_api_token(world.engineer, actor=None, actor_label="tests", name="tests")
+    _, token = issue_api_token(world.engineer, actor=Actor.automation("tests"), name="tests")
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION=f"Token {token}")
     return client
@@ -116,6 +117,18 @@ def test_a_core_update_without_datasets_is_a_400_naming_the_param(world: WorkerW
         "read only if the dataset policies (FEDNESTED_DATASET_POLICIES) allow the job's service principal."
     ]
     assert not TrainingTask.objects.exists()
+
+
+def test_every_job_kind_has_a_run_name_that_parses_back_to_it() -> None:
+    """The run name the workers write in lineage is the one the MLflow and DataHub mirrors and the console parse."""
+    assert task_run_ref(TaskKind.CORE_UPDATE, 7) == "core-update-task-7"
+    assert task_run_ref(TaskKind.EXPERT_AGGREGATION, 12) == "aggregation-task-12"
+    assert {kind: parse_task_run_ref(task_run_ref(kind, 41)) for kind in JOBS} == {kind: (kind, 41) for kind in JOBS}
+    # Names no job of ours made: another prefix, a pk past the 18 digits a database integer holds, trailing text.
+    for foreign in ("bootstrap-task-1", "evaluation-task-" + "9" * 19, "core-update-task-3/x", "core-update-task-"):
+        assert parse_task_run_ref(foreign) is None, foreign
+    with pytest.raises(ValueError, match="no run name for task kind 'training'"):
+        task_run_ref("training", 1)
 
 
 def test_every_job_kind_names_a_registered_worker_task() -> None:

@@ -24,6 +24,7 @@ from apps.federation.services import (
     reopen_round_after_failure,
     revoke_device,
 )
+from apps.governance.actors import Actor
 from apps.governance.models import AuditEvent
 from apps.registry.models import ModelFamily, ModelVersion
 from controlplane.celery import app as celery_app
@@ -138,10 +139,15 @@ def test_rounds_are_opened_with_a_mode_that_fits_their_cohort(
 def test_a_failed_aggregation_reopens_its_round_once(engineer: User, base: ModelVersion) -> None:
     round_ = open_on(base, engineer, "round-1")
     with pytest.raises(ValidationError, match="say why"):
-        reopen_round_after_failure(round_, reason=" ", actor_label="worker:aggregation")
-    assert reopen_round_after_failure(round_, reason="not claimed", actor_label="worker:aggregation") is False
-    assert claim_round_for_aggregation(round_, actor_label="worker:aggregation") is True
-    assert reopen_round_after_failure(round_, reason="OSError: disk full", actor_label="worker:aggregation") is True
+        reopen_round_after_failure(round_, reason=" ", actor=Actor.automation("worker:aggregation"))
+    assert (
+        reopen_round_after_failure(round_, reason="not claimed", actor=Actor.automation("worker:aggregation")) is False
+    )
+    assert claim_round_for_aggregation(round_, actor=Actor.automation("worker:aggregation")) is True
+    assert (
+        reopen_round_after_failure(round_, reason="OSError: disk full", actor=Actor.automation("worker:aggregation"))
+        is True
+    )
     assert Round.objects.get(pk=round_.pk).status == RoundStatus.OPEN
     [event] = AuditEvent.objects.filter(verb="federation.round.reopened")
     assert (event.actor_label, event.data) == (
@@ -149,9 +155,9 @@ def test_a_failed_aggregation_reopens_its_round_once(engineer: User, base: Model
         {"round_id": "round-1", "reason": "OSError: disk full"},
     )
     # The round can be claimed again; once closed, a late failure report changes nothing.
-    assert claim_round_for_aggregation(round_, actor_label="worker:aggregation") is True
-    close_round(round_, actor=None, actor_label="worker:aggregation")
-    assert reopen_round_after_failure(round_, reason="late", actor_label="worker:aggregation") is False
+    assert claim_round_for_aggregation(round_, actor=Actor.automation("worker:aggregation")) is True
+    close_round(round_, actor=Actor.automation("worker:aggregation"))
+    assert reopen_round_after_failure(round_, reason="late", actor=Actor.automation("worker:aggregation")) is False
     assert Round.objects.get(pk=round_.pk).status == RoundStatus.CLOSED
 
 
@@ -166,7 +172,7 @@ def test_refused_envelopes_are_recorded_against_the_device_they_name(
         key="car-1",
         update_id="5b1b3c3e-0000-4000-8000-000000000001",
         client_id="car-1",
-        actor_label="worker:ingest",
+        actor=Actor.automation("worker:ingest"),
     )
     assert (event.verb, event.object_type, event.object_id) == (
         "federation.update.refused",
@@ -175,11 +181,14 @@ def test_refused_envelopes_are_recorded_against_the_device_they_name(
     )
     assert event.data["code"] == "bad_signature"
     anonymous = record_refused_update(
-        code="malformed", message="not JSON", where="updates.experts.local[0]@18", actor_label="worker:ingest"
+        code="malformed",
+        message="not JSON",
+        where="updates.experts.local[0]@18",
+        actor=Actor.automation("worker:ingest"),
     )
     assert (anonymous.object_type, anonymous.data["key"]) == ("", None)
     with pytest.raises(ValidationError, match="lowercase identifier"):
-        record_refused_update(code="Bad Code", message="x", where="w", actor_label="worker:ingest")
+        record_refused_update(code="Bad Code", message="x", where="w", actor=Actor.automation("worker:ingest"))
     assert AuditEvent.objects.filter(verb="federation.update.refused").count() == 2
 
 

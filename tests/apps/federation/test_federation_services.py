@@ -26,6 +26,7 @@ from apps.federation.services import (
     revoke_device,
     start_training_task,
 )
+from apps.governance.actors import Actor
 from apps.governance.models import AuditEvent
 from apps.registry.models import ModelFamily, ModelVersion
 
@@ -86,10 +87,10 @@ def test_round_lifecycle_claims_once_and_is_audited(engineer: User, base: ModelV
         "cohort": [],
         "adopted": [],
     }
-    assert claim_round_for_aggregation(round_, actor_label="worker:aggregation") is True
-    assert claim_round_for_aggregation(round_, actor_label="worker:aggregation-2") is False
+    assert claim_round_for_aggregation(round_, actor=Actor.automation("worker:aggregation")) is True
+    assert claim_round_for_aggregation(round_, actor=Actor.automation("worker:aggregation-2")) is False
     assert AuditEvent.objects.filter(verb="federation.round.aggregating").count() == 1
-    close_round(round_, actor=None, actor_label="worker:aggregation")
+    close_round(round_, actor=Actor.automation("worker:aggregation"))
     assert round_.status == RoundStatus.CLOSED
     assert round_.closed_at is not None
     with pytest.raises(ValidationError, match="already closed"):
@@ -169,11 +170,11 @@ def test_training_task_is_started_only_after_commit(
 
 def test_training_task_status_moves_once(engineer: User, base: ModelVersion) -> None:
     task = create_training_task(kind="expert_aggregation", actor=engineer, round_=open_on(base, engineer))
-    assert start_training_task(task.pk, actor_label="worker:training") is True
-    assert start_training_task(task.pk, actor_label="worker:training-2") is False
-    assert finish_training_task(task.pk, actor_label="worker:training") is True
+    assert start_training_task(task.pk, actor=Actor.automation("worker:training")) is True
+    assert start_training_task(task.pk, actor=Actor.automation("worker:training-2")) is False
+    assert finish_training_task(task.pk, actor=Actor.automation("worker:training")) is True
     assert TrainingTask.objects.get(pk=task.pk).status == TaskStatus.SUCCEEDED
-    assert fail_training_task(task.pk, error="late failure") is False
+    assert fail_training_task(task.pk, error="late failure", actor=Actor.automation()) is False
     verbs = list(
         AuditEvent.objects.filter(object_id=str(task.pk), object_type="federation.trainingtask").values_list(
             "verb", flat=True
@@ -212,14 +213,14 @@ def test_update_status_transitions_and_rejection_are_audited(
     device, _ = device_factory(engineer, "car-1")
     first, second = update_row_factory(device, "tiny-moe-v1"), update_row_factory(device, "tiny-moe-v1")
     v2 = version_factory(base.family, "tiny-moe-v2", parent=base)
-    mark_updates_applied([first], version=v2, actor_label="worker:aggregation")
+    mark_updates_applied([first], version=v2, actor=Actor.automation("worker:aggregation"))
     assert (first.status, first.applied_in) == (UpdateStatus.APPLIED, v2)
     with pytest.raises(ValidationError, match="is applied; only buffered can become rejected"):
-        reject_update(first, "stale_base", "too old")
+        reject_update(first, "stale_base", "too old", actor=Actor.automation())
     with pytest.raises(ValidationError, match="is applied; only buffered can become applied"):
-        mark_updates_applied([first], version=v2, actor_label="worker:aggregation")
+        mark_updates_applied([first], version=v2, actor=Actor.automation("worker:aggregation"))
 
-    reject_update(second, "non_finite", "expert 0.1 delta has NaN at row 3", actor_label="worker:ingest")
+    reject_update(second, "non_finite", "expert 0.1 delta has NaN at row 3", actor=Actor.automation("worker:ingest"))
     row = Update.objects.get(pk=second.pk)
     assert (row.status, row.rejection_code, row.rejection_message) == (
         "rejected",
@@ -233,7 +234,7 @@ def test_update_status_transitions_and_rejection_are_audited(
         "buffered",
     )
     with pytest.raises(ValidationError, match="lowercase identifier"):
-        reject_update(second, "Bad Code", "x")
+        reject_update(second, "Bad Code", "x", actor=Actor.automation())
     applied_verbs = AuditEvent.objects.filter(object_id=str(first.pk), object_type="federation.update").values_list(
         "verb", flat=True
     )

@@ -57,39 +57,37 @@ def test_a_user_acts_as_a_person_a_device_or_automation(cast: dict[str, Member])
 
 
 @pytest.mark.django_db
-def test_the_adapter_maps_the_older_forms_onto_one_actor(cast: dict[str, Member]) -> None:
-    officer = cast["officer"].user
+def test_the_adapter_maps_a_user_account_onto_its_actor(cast: dict[str, Member]) -> None:
+    officer, device = cast["officer"].user, cast["device"].user
     assert officer is not None
+    assert device is not None
     assert as_actor(None) == Actor.automation()
-    assert as_actor(None, "worker:ingest") == Actor.automation("worker:ingest")
-    assert as_actor(None, "device:car-0001") == Actor.device("car-0001")
-    assert as_actor(AnonymousUser(), "tests") == Actor.automation("tests")
+    assert as_actor(AnonymousUser()) == Actor.automation()
     assert as_actor(officer) == Actor.person(officer)
-    renamed = as_actor(officer, "olivia (admin page)")
-    assert (renamed.kind, renamed.label, renamed.user) == (ActorKind.PERSON, "olivia (admin page)", officer)
+    assert as_actor(device) == Actor.device("car-0001")
+    assert as_actor(device).user == device
     worker = Actor.automation("worker:evaluation")
     assert as_actor(worker) is worker
-    with pytest.raises(ValueError, match="pass one"):
-        as_actor(worker, "worker:other")
 
 
 @pytest.mark.django_db
 def test_events_store_the_kind_and_the_chain_covers_it(
     cast: dict[str, Member], django_capture_on_commit_callbacks: Capture
 ) -> None:
-    officer = cast["officer"].user
+    officer, device = cast["officer"].user, cast["device"].user
     assert officer is not None
+    assert device is not None
     parties = [Actor.person(officer), Actor.device("car-0001"), Actor.automation("worker:aggregation")]
     with django_capture_on_commit_callbacks(execute=True), transaction.atomic():
         events = [record_audit_event(actor=party, verb="tests.actor.acted") for party in parties]
-        # An older call site: user None plus a label, through the adapter.
-        events.append(record_audit_event(actor=None, actor_label="device:car-0002", verb="tests.actor.acted"))
+        # A service that takes a user account passes it on: stored as what the account acts as.
+        events.append(record_audit_event(actor=device, verb="tests.actor.acted"))
     stored = AuditEvent.objects.filter(verb="tests.actor.acted").order_by("id")
     assert [(e.actor_id, e.actor_label, e.actor_kind) for e in stored] == [
         (officer.pk, "olivia-officer", "person"),
         (None, "device:car-0001", "device"),
         (None, "worker:aggregation", "automation"),
-        (None, "device:car-0002", "device"),
+        (device.pk, "device:car-0001", "device"),
     ]
     assert verify_chain().ok
 

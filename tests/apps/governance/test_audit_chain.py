@@ -14,6 +14,7 @@ from django.db import connection, transaction
 from django.test import Client
 from typer.testing import CliRunner
 
+from apps.governance.actors import Actor
 from apps.governance.audit import record_audit_event
 from apps.governance.chain import (
     GENESIS_HASH,
@@ -48,8 +49,7 @@ def _record(capture: Capture, count: int, *, start: int = 0) -> list[AuditEvent]
         with capture(execute=True), transaction.atomic():
             events.append(
                 record_audit_event(
-                    actor=None,
-                    actor_label=f"worker:test-{index % 3}",
+                    actor=Actor.automation(f"worker:test-{index % 3}"),
                     verb="federation.update.recorded",
                     data={"index": index, "loss": 0.1 * index, "note": "naïve — ünïcode"},
                 )
@@ -81,7 +81,7 @@ def test_a_rolled_back_transaction_leaves_no_link_and_no_gap(record: Callable[..
 
     def roll_back() -> None:
         with transaction.atomic():
-            record_audit_event(actor=None, actor_label="worker:test", verb="never.committed")
+            record_audit_event(actor=Actor.automation("worker:test"), verb="never.committed")
             raise RuntimeError("roll back")
 
     with pytest.raises(RuntimeError):
@@ -268,9 +268,9 @@ def test_writers_committing_concurrently_get_one_unbroken_chain() -> None:
             for index in range(15):
                 with transaction.atomic():
                     record_audit_event(
-                        actor=None, actor_label=f"worker:{worker}", verb="test.concurrent", data={"i": index}
+                        actor=Actor.automation(f"worker:{worker}"), verb="test.concurrent", data={"i": index}
                     )
-                    record_audit_event(actor=None, actor_label=f"worker:{worker}", verb="test.concurrent.second")
+                    record_audit_event(actor=Actor.automation(f"worker:{worker}"), verb="test.concurrent.second")
         except BaseException as error:  # surfaced below: an exception in a thread would otherwise vanish
             errors.append(error)
         finally:

@@ -36,7 +36,7 @@ from django.utils import timezone
 
 from apps.accounts.choices import Role
 from apps.accounts.models import User
-from apps.federation.choices import TaskKind, UpdateStatus
+from apps.federation.choices import TaskKind, UpdateStatus, task_run_ref
 from apps.federation.models import TrainingTask, Update
 from apps.federation.services import (
     create_training_task,
@@ -44,7 +44,7 @@ from apps.federation.services import (
     mark_updates_applied,
     start_training_task,
 )
-from apps.governance.datahub import task_run_ref
+from apps.governance.actors import Actor
 from apps.governance.models import AuditEvent
 from apps.outbox.choices import OutboxKind
 from apps.outbox.handlers import Delivery
@@ -106,7 +106,7 @@ def world(
         for client_id, domain in (("car-0001", "automotive"), ("ward-0001", "medical"))
     ]
     task = create_training_task(kind=TaskKind.EXPERT_AGGREGATION, actor=engineer, round_=round_)
-    assert start_training_task(task.pk, actor_label="worker:aggregation")
+    assert start_training_task(task.pk, actor=Actor.automation("worker:aggregation"))
     # What workers/aggregation.py does once the aggregate is written: register the candidate with the run and the
     # applied updates as its lineage, mark the updates applied, finish the task.
     artifacts = make_artifacts("tiny-moe-v2")
@@ -117,13 +117,12 @@ def world(
         artifacts=artifacts,
         artifact_uri=write_artifacts("tiny-moe-v2", artifacts),
         parent=v1,
-        runs=[task_run_ref(task)],
+        runs=[task_run_ref(task.kind, task.pk)],
         contributing_updates=[update.update_id for update in updates],
-        actor=None,
-        actor_label="worker:aggregation",
+        actor=Actor.automation("worker:aggregation"),
     )
-    mark_updates_applied(updates, version=v2, actor_label="worker:aggregation")
-    assert finish_training_task(task.pk, actor_label="worker:aggregation")
+    mark_updates_applied(updates, version=v2, actor=Actor.automation("worker:aggregation"))
+    assert finish_training_task(task.pk, actor=Actor.automation("worker:aggregation"))
     task.refresh_from_db()
     return World(family, v1, v2, task, [Update.objects.get(pk=update.pk) for update in updates])
 
@@ -151,7 +150,7 @@ def latest_aspects(objects: list[dict[str, Any]]) -> dict[tuple[str, type], Any]
 def assert_dataset_run_model_lineage(aspects: dict[tuple[str, type], Any], world: World) -> None:
     """The aggregation run takes both updates (their domains as properties) and v1, and produces v2; v2 names the
     run; v1's training dataset feeds its bootstrap run, which produced v1."""
-    run = run_urn(task_run_ref(world.task))
+    run = run_urn(task_run_ref(world.task.kind, world.task.pk))
     v1 = model_urn(world.family.name, world.v1.version_id, ENV)
     v2 = model_urn(world.family.name, world.v2.version_id, ENV)
     update_urns = {dataset_urn(update.update_id, "update", ENV): update for update in world.updates}
@@ -392,21 +391,21 @@ def test_an_evaluation_run_is_a_downstream_job_of_the_version_it_scored_with_per
     task = create_training_task(
         kind=TaskKind.EVALUATION, actor=None, round_=world.task.round, params={"version_id": world.v2.version_id}
     )
-    assert start_training_task(task.pk, actor_label="worker:evaluation")
+    assert start_training_task(task.pk, actor=Actor.automation("worker:evaluation"))
     record_version_evaluation(
         world.v2,
         [
             DomainEvaluation(domain="automotive", loss=1.25, perplexity=3.49, tokens=512, parent_loss=1.5),
             DomainEvaluation(domain="medical", loss=2.0, perplexity=7.39, tokens=512, parent_loss=1.75),
         ],
-        actor_label="worker:evaluation",
+        actor=Actor.automation("worker:evaluation"),
     )
-    assert finish_training_task(task.pk, actor_label="worker:evaluation")
+    assert finish_training_task(task.pk, actor=Actor.automation("worker:evaluation"))
     only_datahub_rows_pending()
     with Delivery() as delivery:
         assert relay_batch(delivery).sent == 4
     aspects = latest_aspects(json.loads(settings.FEDNESTED_DATAHUB_FILE.read_text()))
-    evaluation = run_urn(task_run_ref(task))
+    evaluation = run_urn(task_run_ref(task.kind, task.pk))
     v2 = model_urn(world.family.name, world.v2.version_id, ENV)
     assert aspects[(v2, MLModelPropertiesClass)].downstreamJobs == [evaluation]
     assert [edge.destinationUrn for edge in aspects[(evaluation, DataProcessInstanceInputClass)].inputEdges] == [v2]

@@ -17,6 +17,7 @@ from apps.accounts.services import (
     set_user_role,
     system_user,
 )
+from apps.governance.actors import Actor
 from apps.governance.choices import ApprovalStatus
 from apps.governance.models import AuditEvent
 from apps.governance.services import approve_version, reject_version, request_approval
@@ -84,7 +85,7 @@ def test_an_impostor_account_with_the_system_name_is_refused() -> None:
 
 def test_the_system_role_has_no_api_rights(candidate: ModelVersion) -> None:
     # Even a token issued to it by mistake opens nothing but "who am I".
-    _, token = issue_api_token(system_user(), actor=None, actor_label="tests", name="mistake")
+    _, token = issue_api_token(system_user(), actor=Actor.automation("tests"), name="mistake")
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION=f"Token {token}")
     assert client.get("/api/v1/me/").json()["role"] == "system"

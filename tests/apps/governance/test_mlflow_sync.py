@@ -27,6 +27,7 @@ from apps.accounts.models import User
 from apps.federation.choices import TaskKind
 from apps.federation.models import Round, TrainingTask
 from apps.federation.services import finish_training_task, start_training_task
+from apps.governance.actors import Actor
 from apps.governance.chain import seal_pending, verify_chain
 from apps.governance.mlflow_sync import (
     MODEL_VERSION_VERB,
@@ -136,12 +137,12 @@ class Federation:
             "aggregation": {"weights": {self.updates[0]: 0.75, self.updates[1]: 0.25}},
         }
         Round.objects.filter(pk=self.round.pk).update(candidate=self.v2, record=self.record)
-        assert start_training_task(self.aggregation.pk, actor_label="worker:aggregation")
-        assert finish_training_task(self.aggregation.pk, actor_label="worker:aggregation")
+        assert start_training_task(self.aggregation.pk, actor=Actor.automation("worker:aggregation"))
+        assert finish_training_task(self.aggregation.pk, actor=Actor.automation("worker:aggregation"))
         self.evaluation = TrainingTask.objects.create(
             kind=TaskKind.EVALUATION, round=self.round, params={"version_id": self.v2.version_id}
         )
-        assert start_training_task(self.evaluation.pk, actor_label="worker:evaluation")
+        assert start_training_task(self.evaluation.pk, actor=Actor.automation("worker:evaluation"))
         record_version_evaluation(
             self.v2,
             [
@@ -150,10 +151,10 @@ class Federation:
                 ),
                 DomainEvaluation("medical", 2.0, 7.3891, 300, records=8, parent_loss=1.9, parent_perplexity=6.6859),
             ],
-            actor_label="worker:evaluation",
+            actor=Actor.automation("worker:evaluation"),
             heldout="heldout/",
         )
-        assert finish_training_task(self.evaluation.pk, actor_label="worker:evaluation")
+        assert finish_training_task(self.evaluation.pk, actor=Actor.automation("worker:evaluation"))
 
 
 @pytest.fixture

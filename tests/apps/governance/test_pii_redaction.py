@@ -17,6 +17,7 @@ from apps.federation.choices import TaskStatus, UpdateStatus
 from apps.federation.models import TrainingTask, Update
 from apps.federation.services import create_training_task, fail_training_task, reject_update
 from apps.federation.updates import Arrival, submit_updates
+from apps.governance.actors import Actor
 from apps.governance.audit import record_audit_event
 from apps.governance.chain import verify_chain
 from apps.governance.models import ApprovalDecision, ApprovalRequest, AuditEvent, GateOverride
@@ -85,8 +86,7 @@ def people(user_factory: Callable[[str, str], tuple[User, str]]) -> dict[str, Us
 def test_audit_data_is_redacted_before_the_row_is_sealed(django_capture_on_commit_callbacks: Any) -> None:
     with django_capture_on_commit_callbacks(execute=True), transaction.atomic():
         event = record_audit_event(
-            actor=None,
-            actor_label="tests",
+            actor=Actor.automation("tests"),
             verb="tests.pii.noted",
             data={"note": TEXT, "nested": {"to": [EMAIL, 7]}, "count": 3},
         )
@@ -106,7 +106,7 @@ def test_audit_data_is_redacted_before_the_row_is_sealed(django_capture_on_commi
 
 def test_with_redaction_off_audit_data_is_stored_as_given(settings: Any) -> None:
     settings.FEDNESTED_PII_REDACTION = RedactionConfig(enabled=False)
-    event = record_audit_event(actor=None, actor_label="tests", verb="tests.pii.noted", data={"note": TEXT})
+    event = record_audit_event(actor=Actor.automation("tests"), verb="tests.pii.noted", data={"note": TEXT})
     assert AuditEvent.objects.get(pk=event.pk).data == {"note": TEXT}
 
 
@@ -124,7 +124,7 @@ def test_a_refused_and_a_rejected_update_store_no_pii_from_the_device(world: Wor
             Arrival(where="fednested.updates[0]@1", problem=f"field 'note' is not allowed: {TEXT!r}"),
             Arrival(where="fednested.updates[0]@2", envelope=envelope),
         ],
-        actor_label="worker:ingest",
+        actor=Actor.automation("worker:ingest"),
     )
     assert [outcome.status for outcome in outcomes] == ["refused", "rejected"]
     refused = AuditEvent.objects.get(verb="federation.update.refused")
@@ -174,8 +174,8 @@ def test_gate_override_reasons_are_redacted(
 ) -> None:
     family = family_factory()
     v1 = version_factory(family, "v1")
-    set_version_status(v1, VersionStatus.CHAMPION, actor=None, actor_label="tests")
-    move_alias(name=CHAMPION_ALIAS, version=v1, actor=None, actor_label="tests")
+    set_version_status(v1, VersionStatus.CHAMPION, actor=Actor.automation("tests"))
+    move_alias(name=CHAMPION_ALIAS, version=v1, actor=Actor.automation("tests"))
     evaluate(v1, V1, None)
     v2 = version_factory(family, "v2", parent=v1)
     evaluate(v2, V2, V1)
@@ -204,7 +204,9 @@ def test_failed_task_errors_and_aggregation_rejections_are_redacted(
 ) -> None:
     round_ = world.open_round()
     task = create_training_task(kind="expert_aggregation", actor=world.engineer, round_=round_)
-    assert fail_training_task(task.pk, error=f"worker on {IPV4} could not mail {EMAIL}", actor_label="worker:x")
+    assert fail_training_task(
+        task.pk, error=f"worker on {IPV4} could not mail {EMAIL}", actor=Actor.automation("worker:x")
+    )
     failed = TrainingTask.objects.get(pk=task.pk)
     assert (failed.status, failed.error) == (TaskStatus.FAILED, "worker on <IP_ADDRESS> could not mail <EMAIL_ADDRESS>")
     event = AuditEvent.objects.get(verb="federation.task.failed", object_id=str(task.pk))
@@ -216,7 +218,7 @@ def test_failed_task_errors_and_aggregation_rejections_are_redacted(
 
     car = enroll(world, "car-b")
     update = update_row_factory(car.row, "v1")
-    reject_update(update, "non_finite", f"NaN in expert 0.1 from {IPV6}", actor_label="worker:aggregation")
+    reject_update(update, "non_finite", f"NaN in expert 0.1 from {IPV6}", actor=Actor.automation("worker:aggregation"))
     assert Update.objects.get(pk=update.pk).rejection_message == "NaN in expert 0.1 from <IP_ADDRESS>"
     rejected = AuditEvent.objects.get(verb="federation.update.rejected", object_id=str(update.pk))
     assert rejected.data[REDACTED_KEY] == {"IP_ADDRESS": 1}

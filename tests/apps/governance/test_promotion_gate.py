@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from apps.governance.actors import Actor
 from apps.governance.gate import (
     DomainThreshold,
     GateConfigError,
@@ -45,7 +46,7 @@ def evaluate(version: ModelVersion, losses: dict[str, float], parent: dict[str, 
             )
             for domain, loss in losses.items()
         ],
-        actor_label="tests",
+        actor=Actor.automation("tests"),
         heldout=HELDOUT,
     )
 
@@ -61,8 +62,8 @@ def held(
     """v1 champion, v2 its candidate with an approval the engineer asked for, and a gate protecting `code`."""
     family = family_factory()
     v1 = version_factory(family, "v1")
-    set_version_status(v1, VersionStatus.CHAMPION, actor=None, actor_label="tests")
-    move_alias(name=CHAMPION_ALIAS, version=v1, actor=None, actor_label="tests")
+    set_version_status(v1, VersionStatus.CHAMPION, actor=Actor.automation("tests"))
+    move_alias(name=CHAMPION_ALIAS, version=v1, actor=Actor.automation("tests"))
     evaluate(v1, V1, None)
     v2 = version_factory(family, "v2", parent=v1)
     evaluate(v2, V2, V1)
@@ -236,7 +237,9 @@ def test_an_override_of_a_candidate_the_gate_does_not_hold_is_refused(
 
 def test_forgetting_report_is_served_for_officers_and_engineers(cast: dict[str, Member], held: dict[str, Any]) -> None:
     report = forgetting_report(["v1", "v2"], {"v1": V1, "v2": V2}, parent="v1", champions=["v1"])
-    record_forgetting_report(held["v2"], report, heldout=HELDOUT, actor_label="tests", scored={"v1": "stored"})
+    record_forgetting_report(
+        held["v2"], report, heldout=HELDOUT, actor=Actor.automation("tests"), scored={"v1": "stored"}
+    )
     response = cast["engineer"].client.get("/api/v1/versions/v2/forgetting/")
     assert response.status_code == 200
     body = response.json()

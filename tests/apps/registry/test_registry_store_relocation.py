@@ -30,6 +30,7 @@ import pytest
 from django.conf import settings
 
 from apps.demo.environment import SERVICE_VARIABLES
+from apps.governance.actors import Actor
 
 pytestmark = pytest.mark.slow
 
@@ -66,11 +67,11 @@ def seed() -> None:
         "manifest.json": ArtifactPartition.MANIFEST,
     }
     users = {
-        role: create_user_with_role(username=f"{role}-1", role=role, actor=None, actor_label="seed")
+        role: create_user_with_role(username=f"{role}-1", role=role, actor=Actor.automation("seed"))
         for role in (Role.ENGINEER, Role.OFFICER)
     }
     tokens = {
-        role: issue_api_token(user, actor=None, actor_label="seed", name="seed")[1] for role, user in users.items()
+        role: issue_api_token(user, actor=Actor.automation("seed"), name="seed")[1] for role, user in users.items()
     }
     family = create_model_family(name="tiny-moe", architecture="MixtralForCausalLM", actor=users[Role.ENGINEER])
     files: dict[str, dict[str, str]] = {}
@@ -103,7 +104,7 @@ def seed() -> None:
     record_version_evaluation(
         parent,
         [DomainEvaluation(domain="medical", loss=2.5, perplexity=12.2, tokens=640, parent_loss=2.75)],
-        actor_label="worker:evaluation",
+        actor=Actor.automation("worker:evaluation"),
         heldout="artifacts://heldout",
     )
     champion = parent.parent

@@ -12,6 +12,7 @@ import pytest
 from django.apps import apps as django_apps
 from django.core.exceptions import ValidationError
 
+from apps.governance.actors import Actor
 from apps.governance.models import AuditEvent
 from apps.registry.choices import ArtifactPartition
 from apps.registry.models import ModelFamily, ModelVersion, VersionEvaluation
@@ -59,8 +60,7 @@ def register(family: ModelFamily, uri: str, artifacts: list[ArtifactSpec] | None
         manifest={"version_id": "v9"},
         artifacts=artifacts or [spec("core.safetensors", CORE), spec("gate.safetensors", GATE, ArtifactPartition.GATE)],
         artifact_uri=uri,
-        actor=None,
-        actor_label="tests",
+        actor=Actor.automation("tests"),
     )
 
 
@@ -231,12 +231,12 @@ def test_a_saved_version_is_registered_from_inside_the_store_only(
     outside = tmp_path / "elsewhere" / "v1"
     save_version(model, outside, version_id="v1", parent_version=None)
     with pytest.raises(ValidationError, match="'v1' lies outside the artifact store") as caught:
-        register_saved_version(outside, family=family, actor=None, actor_label="tests")
+        register_saved_version(outside, family=family, actor=Actor.automation("tests"))
     assert str(tmp_path) not in str(caught.value)
 
     inside = artifact_store / "versions" / "v1"
     save_version(model, inside, version_id="v1", parent_version=None)
-    version = register_saved_version(inside, family=family, actor=None, actor_label="tests")
+    version = register_saved_version(inside, family=family, actor=Actor.automation("tests"))
     assert version.artifact_uri == "artifacts://versions/v1"
     assert version.artifacts.count() == len(json.loads((inside / "manifest.json").read_text())["files"]) + 1
 
@@ -245,7 +245,7 @@ def test_a_saved_version_is_registered_from_inside_the_store_only(
     save_version(model, tampered, version_id="v2", parent_version=None)
     (tampered / "gate.safetensors").write_bytes(b"\0" * (tampered / "gate.safetensors").stat().st_size)
     with pytest.raises(ValidationError, match=r"versions/v2/gate.safetensors has sha256 [0-9a-f]{64} in the artifact"):
-        register_saved_version(tampered, family=family, actor=None, actor_label="tests")
+        register_saved_version(tampered, family=family, actor=Actor.automation("tests"))
 
 
 def test_public_locations_never_show_a_server_path(artifact_store: Path, tmp_path: Path) -> None:
@@ -281,8 +281,8 @@ def test_the_migration_rewrites_absolute_rows_inside_the_store_and_leaves_the_re
     ModelVersion.objects.filter(pk=relative.pk).update(artifact_uri="versions/v2")
     ModelVersion.objects.filter(pk=outside.pk).update(artifact_uri="file:///srv/old-store/versions/v3")
     scores = [DomainEvaluation(domain="medical", loss=1.0, perplexity=None, tokens=1)]
-    record_version_evaluation(current, scores, actor_label="tests", heldout=str(artifact_store / "heldout"))
-    record_version_evaluation(inside, scores, actor_label="tests", heldout="medical-set-v1")
+    record_version_evaluation(current, scores, actor=Actor.automation("tests"), heldout=str(artifact_store / "heldout"))
+    record_version_evaluation(inside, scores, actor=Actor.automation("tests"), heldout="medical-set-v1")
     migration = importlib.import_module("apps.registry.migrations.0003_store_relative_uris")
     migration.to_store_relative(django_apps, None)
     uris = dict(ModelVersion.objects.values_list("version_id", "artifact_uri"))

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from django.core.exceptions import ValidationError
 
+from apps.governance.actors import Actor
 from apps.governance.models import AuditEvent
 from apps.registry.choices import ArtifactPartition
 from apps.registry.models import ModelFamily, ModelVersion, VersionEvaluation
@@ -74,8 +75,7 @@ def stored_version(
         artifacts=specs,
         artifact_uri=f"artifacts://versions/{version_id}",
         parent=parent,
-        actor=None,
-        actor_label="tests",
+        actor=Actor.automation("tests"),
     )
 
 
@@ -232,7 +232,10 @@ def test_evaluations_are_recorded_audited_replaced_and_served(
 ) -> None:
     v2 = stored_version(store, champion.family, "v2", parent=champion)
     rows = record_version_evaluation(
-        v2, scores(medical=(2.5, 3.0), recipes=(3.25, 3.0)), actor_label="worker:evaluation", heldout="heldout/"
+        v2,
+        scores(medical=(2.5, 3.0), recipes=(3.25, 3.0)),
+        actor=Actor.automation("worker:evaluation"),
+        heldout="heldout/",
     )
     assert [(row.domain, row.loss, row.parent_loss, row.parent_version) for row in rows] == [
         ("medical", 2.5, 3.0, champion),
@@ -255,7 +258,7 @@ def test_evaluations_are_recorded_audited_replaced_and_served(
     assert cast["device"].client.get("/api/v1/versions/v2/evaluations/").status_code == 403
 
     # A second run replaces the first: the rows describe one run on one held-out set.
-    record_version_evaluation(v2, scores(legal=(1.5, 1.75)), actor_label="worker:evaluation")
+    record_version_evaluation(v2, scores(legal=(1.5, 1.75)), actor=Actor.automation("worker:evaluation"))
     assert list(v2.evaluations.values_list("domain", flat=True)) == ["legal"]
     assert AuditEvent.objects.filter(verb="registry.version.evaluated").latest("id").data["replaced_domains"] == [
         "medical",
@@ -281,13 +284,13 @@ def test_bad_evaluations_are_refused_naming_the_domain_and_nothing_is_written(
 ) -> None:
     v2 = stored_version(store, champion.family, "v2", parent=champion)
     with pytest.raises(ValidationError, match=message):
-        record_version_evaluation(v2, results, actor_label="worker:evaluation")
+        record_version_evaluation(v2, results, actor=Actor.automation("worker:evaluation"))
     assert not VersionEvaluation.objects.exists()
     assert not AuditEvent.objects.filter(verb="registry.version.evaluated").exists()
 
 
 def test_parent_scores_need_a_parent(champion: ModelVersion) -> None:
     with pytest.raises(ValidationError, match="parent scores given, but the version has no parent"):
-        record_version_evaluation(champion, scores(medical=(2.0, 2.5)), actor_label="worker:evaluation")
-    rows = record_version_evaluation(champion, scores(medical=(2.0, None)), actor_label="worker:evaluation")
+        record_version_evaluation(champion, scores(medical=(2.0, 2.5)), actor=Actor.automation("worker:evaluation"))
+    rows = record_version_evaluation(champion, scores(medical=(2.0, None)), actor=Actor.automation("worker:evaluation"))
     assert (rows[0].parent_loss, rows[0].parent_version) == (None, None)

@@ -24,7 +24,13 @@ from fednested.partition import partition_model
 from fednested.tier1 import CoreUpdateError, CoreUpdateEtas, CoreUpdateResult, combine_core_update, run_core_update
 from fednested.tier1.core_update import TRAINED_DELTA_NAME
 from fednested.tier1.launcher import prepare_plan
-from fednested.tier1.plan import CorePlanError, CoreUpdatePlan, build_deepspeed_config
+from fednested.tier1.plan import (
+    CorePlanError,
+    CoreUpdatePlan,
+    build_deepspeed_config,
+    store_references,
+    store_roots,
+)
 from fednested.training.safeguards import FISHER_FILE_NAME, fisher_shapes, save_fisher_file
 
 
@@ -427,6 +433,35 @@ def test_the_plan_resolves_frozen_gates_layers_and_expert_slices(world: dict[str
     ]
     assert plan.safeguards.fisher_path is None
     assert CoreUpdatePlan.from_json(plan.to_json()) == plan
+
+
+def test_a_plan_for_the_store_names_its_files_store_relative_and_refuses_files_outside(
+    world: dict[str, Any], tmp_path: Path
+) -> None:
+    config = _config(world, tmp_path)
+    store = world["champion"].parent
+    plan = prepare_plan(
+        config, staging=tmp_path, version_id="p", edge_base=None, edge_aggregates=[], lineage_store=store
+    )
+    assert plan.lineage_roots == store_roots(store)
+    champion = {"path": plan.champion_dir, "datasets": [entry.path for entry in plan.datasets], "steps": 3}
+    assert store_references(champion, plan.lineage_roots) == {
+        "path": "artifacts://champion",
+        "datasets": ["artifacts://data/tier1.jsonl"],
+        "steps": 3,
+    }
+    # A sibling folder whose name starts like the store's is not inside it.
+    assert store_references(f"{store}-old/x", plan.lineage_roots) == f"{store}-old/x"
+    assert CoreUpdatePlan.from_json(plan.to_json()) == plan
+    with pytest.raises(CorePlanError, match=r"lie\(s\) outside the artifact store") as caught:
+        prepare_plan(
+            config, staging=tmp_path, version_id="p", edge_base=None, edge_aggregates=[], lineage_store=tmp_path
+        )
+    assert str(world["data"]) in str(caught.value)
+    # The CLI (no store) keeps the paths it was given.
+    assert (
+        prepare_plan(config, staging=tmp_path, version_id="p", edge_base=None, edge_aggregates=[]).lineage_roots == []
+    )
 
 
 def test_cli_decides_each_dataset_by_policy_before_reading_it(world: dict[str, Any], tmp_path: Path) -> None:
